@@ -1,0 +1,451 @@
+#!/bin/sh
+# install.sh - install aion-connector: the binary, a starter config, a systemd unit.
+#
+# Idempotent: running it again replaces the binary and the unit when they
+# differ, and never touches an existing config file.
+#
+#   sh install.sh [--prefix DIR] [--binary PATH] [--config PATH] [--public] [--no-systemd]
+#
+# See `sh install.sh --help`.
+set -eu
+
+UNIT_PATH=/etc/systemd/system/aion-connector.service
+UNIT_NAME=aion-connector.service
+STATE_DIR=/var/lib/aion-connector
+WORKSPACE_DIR=$STATE_DIR/workspace
+MUSL_TARGET=x86_64-unknown-linux-musl
+
+PREFIX=/usr/local
+BINARY=
+CONFIG=/etc/aion-connector/aion.config.json
+SYSTEMD=yes
+PUBLIC=no
+
+BINARY_CHANGED=no
+UNIT_CHANGED=no
+
+usage() {
+	cat <<'EOF'
+Usage: sh install.sh [OPTIONS]
+
+Install aion-connector as PREFIX/bin/aion-connector (and its man page as
+PREFIX/share/man/man1/aion-connector.1), write a starter config unless one
+exists, and install a systemd unit.
+
+Options:
+  --prefix DIR     install prefix (default /usr/local); the binary goes to
+                   DIR/bin/aion-connector
+  --binary PATH    install this binary instead of building from this checkout
+  --config PATH    config file (default /etc/aion-connector/aion.config.json);
+                   an existing file is never modified
+  --public         in a new starter config, listen on 0.0.0.0 instead of
+                   127.0.0.1
+  --no-systemd     do not write or enable the systemd unit
+  -h, --help       show this help
+
+Without --binary the script runs `cargo build --release` in the checkout it
+lives in (for x86_64-unknown-linux-musl when that target is installed).
+If cargo is only on your user's PATH, build first and then run
+  sudo sh install.sh --binary target/x86_64-unknown-linux-musl/release/aion-connector
+EOF
+}
+
+say() {
+	printf 'install.sh: %s\n' "$*"
+}
+
+die() {
+	printf 'install.sh: error: %s\n' "$*" >&2
+	exit 1
+}
+
+usage_error() {
+	printf 'install.sh: %s\n' "$*" >&2
+	printf 'Try: sh install.sh --help\n' >&2
+	exit 2
+}
+
+# Make $1 absolute (relative to the current directory) and print it.
+absolute() {
+	case $1 in
+	/*) printf '%s\n' "$1" ;;
+	*) printf '%s/%s\n' "$(pwd)" "$1" ;;
+	esac
+}
+
+# Paths end up in a systemd ExecStart= line; keep them to plain characters.
+check_plain_path() {
+	case $2 in
+	*[[:space:]\"\'\\%\$]*)
+		usage_error "$1: paths with spaces, quotes, backslashes, % or \$ are not supported: $2"
+		;;
+	esac
+}
+
+parse_args() {
+	while [ $# -gt 0 ]; do
+		case $1 in
+		--prefix)
+			[ $# -ge 2 ] || usage_error "--prefix needs a directory"
+			PREFIX=$2
+			shift 2
+			;;
+		--prefix=*)
+			PREFIX=${1#--prefix=}
+			shift
+			;;
+		--binary)
+			[ $# -ge 2 ] || usage_error "--binary needs a path"
+			BINARY=$2
+			shift 2
+			;;
+		--binary=*)
+			BINARY=${1#--binary=}
+			shift
+			;;
+		--config)
+			[ $# -ge 2 ] || usage_error "--config needs a path"
+			CONFIG=$2
+			shift 2
+			;;
+		--config=*)
+			CONFIG=${1#--config=}
+			shift
+			;;
+		--public)
+			PUBLIC=yes
+			shift
+			;;
+		--no-systemd)
+			SYSTEMD=no
+			shift
+			;;
+		-h | --help)
+			usage
+			exit 0
+			;;
+		*)
+			usage_error "unknown argument: $1"
+			;;
+		esac
+	done
+
+	[ -n "$PREFIX" ] || usage_error "--prefix must not be empty"
+	[ -n "$CONFIG" ] || usage_error "--config must not be empty"
+	PREFIX=$(absolute "$PREFIX")
+	CONFIG=$(absolute "$CONFIG")
+	check_plain_path --prefix "$PREFIX"
+	check_plain_path --config "$CONFIG"
+	if [ -n "$BINARY" ]; then
+		BINARY=$(absolute "$BINARY")
+	fi
+}
+
+# The directory this script lives in (the checkout to build from).
+source_dir() {
+	case $0 in
+	*/*) script_dir=${0%/*} ;;
+	*) script_dir=. ;;
+	esac
+	(cd -- "$script_dir" && pwd -P)
+}
+
+# Build with cargo and set BINARY to the result.
+build_binary() {
+	src=$(source_dir)
+	[ -f "$src/Cargo.toml" ] || die "no Cargo.toml next to install.sh ($src); use --binary PATH"
+	command -v cargo >/dev/null 2>&1 ||
+		die "cargo not found on PATH; build first (cargo build --release) and use --binary PATH"
+
+	target=
+	if [ "$(uname -m)" = x86_64 ] && command -v rustc >/dev/null 2>&1; then
+		sysroot=$(rustc --print sysroot 2>/dev/null || true)
+		if [ -n "$sysroot" ] && [ -d "$sysroot/lib/rustlib/$MUSL_TARGET" ]; then
+			target=$MUSL_TARGET
+		fi
+	fi
+
+	target_dir=${CARGO_TARGET_DIR:-target}
+	case $target_dir in
+	/*) ;;
+	*) target_dir=$src/$target_dir ;;
+	esac
+
+	if [ -n "$target" ]; then
+		say "building in $src (cargo build --release --target $target)"
+		(cd -- "$src" && cargo build --release --target "$target")
+		BINARY=$target_dir/$target/release/aion-connector
+	else
+		say "building in $src (cargo build --release; the $MUSL_TARGET target is not installed)"
+		(cd -- "$src" && cargo build --release)
+		BINARY=$target_dir/release/aion-connector
+	fi
+}
+
+install_binary() {
+	if [ -z "$BINARY" ]; then
+		build_binary
+	fi
+	[ -f "$BINARY" ] || die "binary not found: $BINARY"
+
+	bindir=$PREFIX/bin
+	dest=$bindir/aion-connector
+	mkdir -p -- "$bindir"
+
+	if [ -f "$dest" ] && cmp -s -- "$BINARY" "$dest"; then
+		chmod 0755 "$dest"
+		say "binary unchanged: $dest"
+		return 0
+	fi
+
+	# Install next to the target and rename over it, so that a running
+	# binary is replaced atomically rather than rewritten in place.
+	tmp=$dest.new.$$
+	install -m 0755 "$BINARY" "$tmp"
+	mv -f -- "$tmp" "$dest"
+	BINARY_CHANGED=yes
+	say "installed $dest"
+}
+
+agent_description() {
+	case $1 in
+	claude) echo "Claude Code" ;;
+	codex) echo "Codex" ;;
+	pi) echo "Pi" ;;
+	opencode) echo "OpenCode" ;;
+	gemini) echo "Gemini" ;;
+	cursor) echo "Cursor" ;;
+	copilot) echo "Copilot" ;;
+	kiro) echo "Kiro" ;;
+	qwen) echo "Qwen" ;;
+	trae) echo "Trae" ;;
+	openclaw) echo "OpenClaw" ;;
+	droid) echo "Droid" ;;
+	kilocode) echo "Kilocode" ;;
+	kimi) echo "Kimi" ;;
+	qoder) echo "Qoder" ;;
+	iflow) echo "iFlow" ;;
+	*) echo "$1" ;;
+	esac
+}
+
+# Print the "agents" object body: the known agent CLIs found on PATH.
+agents_json() {
+	agents_sep=
+	for agent in claude codex pi opencode gemini cursor copilot kiro qwen trae \
+		openclaw droid kilocode kimi qoder iflow; do
+		if command -v "$agent" >/dev/null 2>&1; then
+			printf '%s\n        "%s": { "description": "%s" }' \
+				"$agents_sep" "$agent" "$(agent_description "$agent")"
+			agents_sep=,
+		fi
+	done
+}
+
+found_agents() {
+	found=
+	for agent in claude codex pi opencode gemini cursor copilot kiro qwen trae \
+		openclaw droid kilocode kimi qoder iflow; do
+		if command -v "$agent" >/dev/null 2>&1; then
+			found="$found $agent"
+		fi
+	done
+	printf '%s\n' "${found# }"
+}
+
+new_token() {
+	token=$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')
+	[ ${#token} -eq 64 ] || die "could not read a token from /dev/urandom"
+	printf '%s\n' "$token"
+}
+
+install_config() {
+	if [ -e "$CONFIG" ] || [ -L "$CONFIG" ]; then
+		[ -f "$CONFIG" ] || die "config path exists but is not a file: $CONFIG"
+		say "config kept: $CONFIG (existing file not modified)"
+		return 0
+	fi
+
+	config_dir=${CONFIG%/*}
+	[ -n "$config_dir" ] || config_dir=/
+	if [ ! -d "$config_dir" ]; then
+		# Only the config's own directory gets mode 0700; parents that have
+		# to be created get the usual mode, and existing ones are left alone.
+		parent=${config_dir%/*}
+		if [ -n "$parent" ]; then
+			mkdir -p -- "$parent"
+		fi
+		mkdir -m 0700 -- "$config_dir"
+		say "created $config_dir (mode 0700)"
+	fi
+
+	if [ "$PUBLIC" = yes ]; then
+		host=0.0.0.0
+	else
+		host=127.0.0.1
+	fi
+	agents=$(agents_json)
+	if [ -n "$agents" ]; then
+		agents="{$agents
+      }"
+	else
+		agents="{}"
+	fi
+
+	tmp=$CONFIG.new.$$
+	(
+		umask 077
+		token=$(new_token)
+		cat >"$tmp" <<EOF
+{
+  "port": 7777,
+  "host": "$host",
+  "projects": {
+    "default": {
+      "token": "$token",
+      "dir": "$WORKSPACE_DIR",
+      "agents": $agents
+    }
+  }
+}
+EOF
+	)
+	chmod 0600 "$tmp"
+	mv -f -- "$tmp" "$CONFIG"
+
+	say "wrote starter config: $CONFIG (mode 0600, host $host, port 7777, project \"default\")"
+	agent_list=$(found_agents)
+	if [ -n "$agent_list" ]; then
+		say "agents found on PATH: $agent_list"
+	else
+		say "no known agent CLI found on PATH; add agents to the config by hand"
+	fi
+	say "edit it: use your AION project id instead of \"default\" and make the token match AION's"
+}
+
+unit_text() {
+	cat <<EOF
+# Written by aion-connector's install.sh; rerunning it rewrites this file.
+# Local changes belong in a drop-in: systemctl edit aion-connector
+[Unit]
+Description=AION Connector
+Documentation=man:aion-connector(1)
+After=network-online.target
+Wants=network-online.target
+
+[Service]
+Type=simple
+ExecStart=$PREFIX/bin/aion-connector $CONFIG
+# Relative project dirs in the config resolve against this directory.
+StateDirectory=aion-connector
+StateDirectoryMode=0700
+WorkingDirectory=$STATE_DIR
+# Agents keep their logins and settings under HOME (as the Node original).
+Environment=HOME=/root
+Restart=always
+RestartSec=5
+KillMode=control-group
+TimeoutStopSec=20
+
+# Hardening. The connector and the agents it runs must write the project
+# dirs, which can be anywhere (/root, /home, /srv, /var/lib, ...), and the
+# agents write their own state under HOME. So ProtectSystem=full (read-only
+# /usr, /boot, /etc) rather than strict, and no ProtectHome=. Tighten with a
+# drop-in if your project dirs are known, e.g.
+#   ProtectSystem=strict
+#   ReadWritePaths=/srv/aion /root
+NoNewPrivileges=yes
+PrivateTmp=yes
+ProtectSystem=full
+ProtectKernelTunables=yes
+ProtectKernelModules=yes
+ProtectControlGroups=yes
+RestrictSUIDSGID=yes
+LockPersonality=yes
+RestrictRealtime=yes
+
+[Install]
+WantedBy=multi-user.target
+EOF
+}
+
+install_unit() {
+	if [ "$SYSTEMD" = no ]; then
+		say "systemd unit skipped (--no-systemd)"
+		return 0
+	fi
+	if ! command -v systemctl >/dev/null 2>&1; then
+		say "systemd unit skipped (no systemctl on this system)"
+		return 0
+	fi
+
+	unit_dir=${UNIT_PATH%/*}
+	[ -d "$unit_dir" ] || die "$unit_dir does not exist; use --no-systemd"
+	[ -w "$unit_dir" ] || die "cannot write $unit_dir (run as root, or use --no-systemd)"
+
+	tmp=$UNIT_PATH.new.$$
+	unit_text >"$tmp"
+	chmod 0644 "$tmp"
+	if [ -f "$UNIT_PATH" ] && cmp -s -- "$tmp" "$UNIT_PATH"; then
+		rm -f -- "$tmp"
+		say "systemd unit unchanged: $UNIT_PATH"
+	else
+		if [ -f "$UNIT_PATH" ]; then
+			say "systemd unit differs, replaced: $UNIT_PATH"
+		else
+			say "wrote systemd unit: $UNIT_PATH"
+		fi
+		mv -f -- "$tmp" "$UNIT_PATH"
+		UNIT_CHANGED=yes
+	fi
+
+	if [ ! -d /run/systemd/system ]; then
+		say "systemd is not running here; to start the service later run:"
+		say "  systemctl daemon-reload && systemctl enable --now $UNIT_NAME"
+		return 0
+	fi
+
+	was_active=no
+	if systemctl is-active --quiet "$UNIT_NAME"; then
+		was_active=yes
+	fi
+	systemctl daemon-reload
+	systemctl enable --now "$UNIT_NAME"
+	if [ "$was_active" = yes ] &&
+		{ [ "$BINARY_CHANGED" = yes ] || [ "$UNIT_CHANGED" = yes ]; }; then
+		systemctl restart "$UNIT_NAME"
+		say "restarted $UNIT_NAME (new binary or unit)"
+	elif [ "$was_active" = yes ]; then
+		say "$UNIT_NAME is enabled and already running"
+	else
+		say "enabled and started $UNIT_NAME"
+	fi
+	say "status: systemctl status $UNIT_NAME; logs: journalctl -u $UNIT_NAME -f"
+}
+
+# Install the man page when the checkout has one (also with --binary).
+install_manpage() {
+	page=$(source_dir)/man/aion-connector.1
+	if [ ! -f "$page" ]; then
+		return 0
+	fi
+	mandir=$PREFIX/share/man/man1
+	mkdir -p -- "$mandir"
+	if [ -f "$mandir/aion-connector.1" ] && cmp -s -- "$page" "$mandir/aion-connector.1"; then
+		say "man page unchanged: $mandir/aion-connector.1"
+		return 0
+	fi
+	install -m 0644 "$page" "$mandir/aion-connector.1"
+	say "installed $mandir/aion-connector.1"
+}
+
+main() {
+	parse_args "$@"
+	install_binary
+	install_manpage
+	install_config
+	install_unit
+	say "check the config with: $PREFIX/bin/aion-connector check $CONFIG"
+}
+
+main "$@"

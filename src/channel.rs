@@ -1,0 +1,394 @@
+//! Channel Protocol v1: the JSON-over-POST actions the platform sends. This
+//! file checks each request in the contract's order (method, JSON, version,
+//! token, project, action), answers with the baseline's byte-exact error
+//! bodies, dispatches the workspace actions, and logs one line per request,
+//! never a token.
+
+use crate::config::{Config, Limits, Project};
+use crate::git::{self, GitError, RepoSpec};
+use crate::http::{Handler, Request, Response};
+use crate::logging::info;
+use crate::workspace::{self, Refusal, Sensitive};
+use serde_json::{Map, Value, json};
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Instant;
+
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// A project as served: its config, its real root and its runtime state.
+pub struct ProjectState {
+    pub config: Project,
+    /// `dir`, created if missing and canonicalized at start.
+    pub root: PathBuf,
+    token_digest: [u8; 32],
+    sensitive: Sensitive,
+    /// The first repository this process synced: the default workspace.
+    first_synced: Mutex<Option<String>>,
+    /// Syncs of one project run one at a time.
+    sync_lock: Mutex<()>,
+}
+
+pub struct App {
+    projects: Vec<ProjectState>,
+    limits: Limits,
+    started: Instant,
+}
+
+impl App {
+    /// `roots[i]` is the canonical directory of `config.projects[i]`.
+    pub fn new(config: Config, roots: Vec<PathBuf>) -> App {
+        let projects = config
+            .projects
+            .into_iter()
+            .zip(roots)
+            .map(|(p, root)| ProjectState {
+                token_digest: Sha256::digest(p.token.0.as_bytes()).into(),
+                sensitive: Sensitive::new(&p.sensitive),
+                root,
+                config: p,
+                first_synced: Mutex::new(None),
+                sync_lock: Mutex::new(()),
+            })
+            .collect();
+        App { projects, limits: config.limits, started: Instant::now() }
+    }
+
+    /// The project whose token this is. Every project's digest is compared in
+    /// full, so neither timing nor length tells anything about a token.
+    fn authenticate(&self, token: &str) -> Option<&ProjectState> {
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let mut found = None;
+        for p in &self.projects {
+            let diff = p.token_digest.iter().zip(digest).fold(0u8, |acc, (a, b)| acc | (a ^ b));
+            if std::hint::black_box(diff) == 0 {
+                found = Some(p);
+            }
+        }
+        found
+    }
+}
+
+/// What a request came to, for its log line.
+struct Outcome<'a> {
+    action: String,
+    project: &'a str,
+    resp: Response,
+}
+
+impl Handler for App {
+    fn handle(&self, req: &Request) -> Response {
+        let t0 = Instant::now();
+        let out = self.dispatch(req);
+        info!(
+            "{} project={} status={} ms={:.2} peer={}",
+            out.action,
+            out.project,
+            out.resp.status,
+            t0.elapsed().as_secs_f64() * 1e3,
+            req.peer
+        );
+        out.resp
+    }
+}
+
+fn err(status: u16, reason: &str) -> Response {
+    Response::error(status, reason)
+}
+
+/// `{"error","detail"}` in that order (json! would sort the keys).
+#[derive(serde::Serialize)]
+struct ErrorDetail<'a> {
+    error: &'a str,
+    detail: String,
+}
+
+fn detail(status: u16, reason: &str, detail: impl Into<String>) -> Response {
+    let body = ErrorDetail { error: reason, detail: detail.into() };
+    Response { status, body: serde_json::to_vec(&body).expect("answers serialize") }
+}
+
+#[derive(serde::Serialize)]
+struct Pong {
+    ok: bool,
+    v: u8,
+    version: &'static str,
+    uptime: u64,
+}
+
+#[derive(serde::Serialize)]
+struct AgentEntry<'a> {
+    name: &'a str,
+    description: &'a str,
+}
+
+fn ok<T: serde::Serialize>(value: &T) -> Response {
+    Response { status: 200, body: serde_json::to_vec(value).expect("answers serialize") }
+}
+
+/// An action name fit for a log line (it comes from the client).
+fn loggable(action: &str) -> String {
+    let clean =
+        action.len() <= 40 && action.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_');
+    if clean && !action.is_empty() { action.to_string() } else { "?".into() }
+}
+
+impl App {
+    fn dispatch(&self, req: &Request) -> Outcome<'_> {
+        let mut out = Outcome { action: "-".into(), project: "-", resp: err(500, "internal error") };
+        let path = req.target.split('?').next().unwrap_or("");
+        if req.method == "GET" && path == "/healthz" {
+            out.action = "healthz".into();
+            out.resp = Response::json(200, &json!({ "ok": true }));
+            return out;
+        }
+        if req.method != "POST" {
+            out.resp = err(405, "POST only");
+            return out;
+        }
+        let body: Value = match serde_json::from_slice(&req.body) {
+            Ok(v @ Value::Object(_)) => v,
+            _ => {
+                out.resp = err(400, "invalid json");
+                return out;
+            }
+        };
+        match body.get("v") {
+            None | Some(Value::Null) => {}
+            Some(Value::Number(n)) if n.as_f64().is_some_and(|v| v <= 1.0) => {}
+            Some(v) => {
+                out.resp = Response::json(400, &json!({ "error": "version", "min": v }));
+                return out;
+            }
+        }
+        let Some(project) = body.get("token").and_then(Value::as_str).and_then(|t| self.authenticate(t))
+        else {
+            out.resp = err(403, "unauthorized");
+            return out;
+        };
+        out.project = &project.config.id;
+        let empty = Map::new();
+        let payload = match body.get("payload") {
+            None | Some(Value::Null) => &empty,
+            Some(Value::Object(m)) => m,
+            Some(_) => {
+                out.resp = detail(400, "bad payload", "payload must be an object");
+                return out;
+            }
+        };
+        if let Some(p) = payload.get("project")
+            && p.as_str() != Some(project.config.id.as_str())
+        {
+            out.resp = err(403, "token/project mismatch");
+            return out;
+        }
+        let action = body.get("action").and_then(Value::as_str).unwrap_or("");
+        out.action = loggable(action);
+        let args = Payload(payload);
+        out.resp = match self.act(project, action, &args) {
+            Ok(resp) | Err(resp) => resp,
+        };
+        out
+    }
+
+    fn act(&self, p: &ProjectState, action: &str, args: &Payload<'_>) -> Result<Response, Response> {
+        Ok(match action {
+            "ping" => {
+                ok(&Pong { ok: true, v: 1, version: VERSION, uptime: self.started.elapsed().as_secs() })
+            }
+            "agents" => {
+                let agents: Vec<AgentEntry<'_>> = p
+                    .config
+                    .agents
+                    .iter()
+                    .map(|a| AgentEntry { name: &a.name, description: &a.description })
+                    .collect();
+                ok(&json!({ "agents": agents }))
+            }
+            "workspaces" => {
+                let list: Vec<Value> = workspace::list(&p.root)
+                    .into_iter()
+                    .map(|(name, path)| json!({ "name": name, "path": path.display().to_string() }))
+                    .collect();
+                ok(&json!({ "list": list }))
+            }
+            "files.tree" => {
+                let root = self.workspace(p, args)?;
+                let sub = args.string("path")?;
+                let listing = match sub {
+                    Some(s) => workspace::resolve(&root, s, &p.sensitive).map(|r| r.rel).map_err(refusal)?,
+                    None => String::new(),
+                };
+                let git_listing = git::ls_files(&root, &listing, self.limits.git);
+                ok(&workspace::tree(&root, sub, &p.sensitive, git_listing).map_err(refusal)?)
+            }
+            "files.read" => {
+                let root = self.workspace(p, args)?;
+                let path = args.required("path")?;
+                ok(&workspace::read(&root, path, &p.sensitive).map_err(refusal)?)
+            }
+            "git.status" => {
+                let root = self.workspace(p, args)?;
+                ok(&git::status(&root, self.limits.git).map_err(git_error)?)
+            }
+            "git.diff" => {
+                let root = self.workspace(p, args)?;
+                let paths = args.strings("paths")?;
+                for path in &paths {
+                    workspace::check_pathspec(&root, path, &p.sensitive).map_err(refusal)?;
+                }
+                let (diff, truncated) =
+                    git::diff(&root, &paths, &p.config.sensitive, self.limits.git).map_err(git_error)?;
+                if truncated {
+                    ok(&json!({ "diff": diff, "truncated": true }))
+                } else {
+                    ok(&json!({ "diff": diff }))
+                }
+            }
+            "repos.sync" => self.sync(p, args)?,
+            "invoke" | "stop" | "terminal.spawn" | "terminal.input" | "terminal.output"
+            | "terminal.resize" | "terminal.close" => err(501, "not implemented"),
+            _ => err(400, "unknown action"),
+        })
+    }
+
+    /// The payload's `workspace`, else the first repo synced, else the first
+    /// listed, else the project dir.
+    fn workspace(&self, p: &ProjectState, args: &Payload<'_>) -> Result<PathBuf, Response> {
+        if let Some(name) = args.string("workspace")? {
+            return workspace::named(&p.root, name).map_err(refusal);
+        }
+        let first = p.first_synced.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some(path) = first.and_then(|name| workspace::named(&p.root, &name).ok()) {
+            return Ok(path);
+        }
+        Ok(workspace::list(&p.root)
+            .into_iter()
+            .next()
+            .map(|(_, path)| path)
+            .unwrap_or_else(|| p.root.clone()))
+    }
+
+    fn sync(&self, p: &ProjectState, args: &Payload<'_>) -> Result<Response, Response> {
+        let Some(Value::Array(items)) = args.0.get("repos") else {
+            return Err(detail(400, "bad payload", "payload.repos must be an array"));
+        };
+        let mut specs = Vec::with_capacity(items.len());
+        for (i, item) in items.iter().enumerate() {
+            let Value::Object(m) = item else {
+                return Err(detail(400, "bad payload", format!("payload.repos[{i}] must be an object")));
+            };
+            let field = |k: &str| -> Result<Option<String>, Response> {
+                match m.get(k) {
+                    None | Some(Value::Null) => Ok(None),
+                    Some(Value::String(s)) => Ok(Some(s.clone())),
+                    Some(_) => {
+                        Err(detail(400, "bad payload", format!("payload.repos[{i}].{k} must be a string")))
+                    }
+                }
+            };
+            let need = |v: Option<String>, k: &str| {
+                v.ok_or_else(|| detail(400, "bad payload", format!("payload.repos[{i}].{k} is required")))
+            };
+            let spec = RepoSpec {
+                name: need(field("name")?, "name")?,
+                url: need(field("url")?, "url")?,
+                branch: field("branch")?,
+                token: field("token")?.filter(|t| !t.is_empty()),
+            };
+            git::check_spec(&spec, p.config.allow_file_urls)
+                .map_err(|why| detail(400, "bad payload", why))?;
+            specs.push(spec);
+        }
+        let _one_at_a_time = p.sync_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let results: Vec<git::SyncResult> = specs
+            .iter()
+            .map(|spec| git::sync(&p.root, spec, p.config.allow_file_urls, self.limits.git))
+            .collect();
+        if let Some(first_ok) = results.iter().find(|r| r.ok) {
+            let mut first = p.first_synced.lock().unwrap_or_else(|e| e.into_inner());
+            first.get_or_insert_with(|| first_ok.name.clone());
+        }
+        match results.iter().find(|r| !r.ok) {
+            None => Ok(ok(&json!({ "ok": true, "repos": results }))),
+            Some(failed) => {
+                let why = format!("{}: {}", failed.name, failed.error.as_deref().unwrap_or("failed"));
+                #[derive(serde::Serialize)]
+                struct Failed<'a> {
+                    error: &'static str,
+                    detail: String,
+                    repos: &'a [git::SyncResult],
+                }
+                let body = Failed { error: "sync failed", detail: why, repos: &results };
+                Ok(Response { status: 422, body: serde_json::to_vec(&body).expect("answers serialize") })
+            }
+        }
+    }
+}
+
+fn refusal(r: Refusal) -> Response {
+    match r {
+        Refusal::Traversal => err(403, "path traversal"),
+        Refusal::Denied => err(403, "denied"),
+        Refusal::NotFound => err(404, "not found"),
+        Refusal::NotAFile => err(400, "not a file"),
+        Refusal::NotADirectory => err(400, "not a directory"),
+        Refusal::UnknownWorkspace => err(404, "unknown workspace"),
+        Refusal::Io(msg) => detail(500, "io error", msg),
+    }
+}
+
+fn git_error(e: GitError) -> Response {
+    match e {
+        GitError::NotARepository => err(400, "not a git repository"),
+        GitError::TimedOut => err(504, "git timed out"),
+        GitError::Failed(msg) => detail(500, "git failed", msg),
+    }
+}
+
+/// Typed access to the payload; a wrong type is a 400 naming the key.
+struct Payload<'a>(&'a Map<String, Value>);
+
+impl Payload<'_> {
+    fn string(&self, key: &str) -> Result<Option<&str>, Response> {
+        match self.0.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(_) => Err(detail(400, "bad payload", format!("payload.{key} must be a string"))),
+        }
+    }
+
+    fn required(&self, key: &str) -> Result<&str, Response> {
+        self.string(key)?.ok_or_else(|| detail(400, "bad payload", format!("payload.{key} is required")))
+    }
+
+    fn strings(&self, key: &str) -> Result<Vec<String>, Response> {
+        match self.0.get(key) {
+            None | Some(Value::Null) => Ok(Vec::new()),
+            Some(Value::Array(items)) => {
+                items.iter().map(|v| v.as_str().map(str::to_string)).collect::<Option<Vec<_>>>().ok_or_else(
+                    || detail(400, "bad payload", format!("payload.{key} must be an array of strings")),
+                )
+            }
+            Some(_) => Err(detail(400, "bad payload", format!("payload.{key} must be an array of strings"))),
+        }
+    }
+}
+
+/// Creates each project dir if missing and returns the canonical roots.
+pub fn prepare_roots(config: &Config) -> Result<Vec<PathBuf>, crate::error::Error> {
+    config
+        .projects
+        .iter()
+        .map(|p| {
+            let fail = |source| crate::error::Error::ProjectDir {
+                project: p.id.clone(),
+                path: p.dir.clone(),
+                source,
+            };
+            std::fs::create_dir_all(&p.dir).map_err(fail)?;
+            Path::new(&p.dir).canonicalize().map_err(fail)
+        })
+        .collect()
+}

@@ -1,0 +1,138 @@
+//! The command line: `aion-connector [CONFIG]` serves push mode (the Node
+//! original's CLI), `check [CONFIG]` validates a config. Later subcommands
+//! (`poll`, `lease`) slot in beside `check`.
+
+use crate::channel::{self, App};
+use crate::config;
+use crate::error::Error;
+use crate::logging::{info, warn};
+use crate::{http, shutdown, starter};
+use std::ffi::OsString;
+use std::io::Write;
+use std::net::{TcpListener, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+const DEFAULT_CONFIG: &str = "aion.config.json";
+
+const HELP: &str = "\
+aion-connector — serve AI coding agents from this machine (Channel Protocol v1)
+
+Usage:
+  aion-connector [CONFIG]          serve push mode (HTTP on the config's host:port)
+  aion-connector check [CONFIG]    validate CONFIG and name every problem
+  aion-connector --help | --version
+
+CONFIG defaults to ./aion.config.json. If it is not given and that file does
+not exist, a starter config (fresh token, mode 0600) is written there and
+served on 127.0.0.1:7777.
+
+Options:
+  -h, --help       print this help and exit
+  -V, --version    print the version and exit
+
+Exit status: 0 ok (or stopped by SIGINT/SIGTERM), 1 runtime error,
+2 usage or config error. See aion-connector(1).
+";
+
+pub fn run(args: Vec<OsString>) -> Result<i32, Error> {
+    let args: Vec<String> = args
+        .into_iter()
+        .map(|a| a.into_string().map_err(|a| Error::Usage(format!("argument {a:?} is not UTF-8"))))
+        .collect::<Result<_, _>>()?;
+    let words: Vec<&str> = args.iter().map(String::as_str).collect();
+    match words.as_slice() {
+        ["-h" | "--help" | "help", ..] => {
+            print!("{HELP}");
+            Ok(0)
+        }
+        ["-V" | "--version", ..] => {
+            println!("aion-connector {}", channel::VERSION);
+            Ok(0)
+        }
+        ["check"] => check(Path::new(DEFAULT_CONFIG)),
+        ["check", path] if !path.starts_with('-') => check(Path::new(path)),
+        ["check", ..] => Err(Error::Usage("usage: aion-connector check [CONFIG]".into())),
+        [] => serve(None),
+        [path] if !path.starts_with('-') => serve(Some(PathBuf::from(path))),
+        [flag] => Err(Error::Usage(format!("unknown option {flag}"))),
+        _ => Err(Error::Usage("too many arguments".into())),
+    }
+}
+
+fn check(path: &Path) -> Result<i32, Error> {
+    let (config, warnings) = config::load(path)?;
+    for w in &warnings {
+        eprintln!("warning: {}: {w}", path.display());
+    }
+    let path_var = std::env::var_os("PATH").unwrap_or_default();
+    for p in &config.projects {
+        for a in &p.agents {
+            if !starter::on_path(&path_var, &a.name) {
+                eprintln!("note: projects.{}.agents.{}: `{}` is not on PATH", p.id, a.name, a.name);
+            }
+        }
+    }
+    if !starter::on_path(&path_var, "git") {
+        eprintln!("note: git is not on PATH: repos.sync, git.* and files.tree in repositories will fail");
+    }
+    println!("ok: {}: {} project(s)", path.display(), config.projects.len());
+    Ok(0)
+}
+
+fn serve(explicit: Option<PathBuf>) -> Result<i32, Error> {
+    // First, before any other thread exists: every thread inherits the mask.
+    let shutdown = shutdown::install().map_err(|source| Error::Io { what: "signal setup", source })?;
+    raise_fd_limit();
+    let path = match explicit {
+        Some(path) => path,
+        None => {
+            let path = PathBuf::from(DEFAULT_CONFIG);
+            if !path.exists() {
+                let agents = starter::write(&path)?;
+                let shown = std::fs::canonicalize(&path).unwrap_or_else(|_| path.clone());
+                info!(
+                    "no config found: wrote a starter config to {} (mode 0600; the token is in it), agents on PATH: {}",
+                    shown.display(),
+                    if agents.is_empty() { "none".to_string() } else { agents.join(", ") }
+                );
+            }
+            path
+        }
+    };
+    let (config, warnings) = config::load(&path)?;
+    for w in warnings {
+        warn!("config: {w}");
+    }
+    let roots = channel::prepare_roots(&config)?;
+    let addr = format!("{}:{}", config.host, config.port);
+    let bind_err = |source| Error::Bind { addr: addr.clone(), source };
+    let addrs: Vec<_> = (config.host.as_str(), config.port).to_socket_addrs().map_err(bind_err)?.collect();
+    let listener = TcpListener::bind(addrs.as_slice()).map_err(bind_err)?;
+    let local = listener.local_addr().map_err(bind_err)?;
+    let limits = config.limits.clone();
+    let projects = config.projects.len();
+    let app = Arc::new(App::new(config, roots));
+    {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "listening on {local}");
+        let _ = out.flush();
+    }
+    info!("aion-connector {} serving {projects} project(s) from {}", channel::VERSION, path.display());
+    http::serve(listener, limits, Arc::clone(&shutdown), app)
+        .map_err(|source| Error::Io { what: "serving", source })?;
+    info!("stopped");
+    Ok(0)
+}
+
+/// Each connection and each git run holds descriptors: lift the soft limit
+/// to the hard one (capped) so the connection cap, not EMFILE, is what binds.
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let want = hard.min(65_536);
+        if want > soft {
+            let _ = setrlimit(Resource::RLIMIT_NOFILE, want, hard);
+        }
+    }
+}

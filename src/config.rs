@@ -1,0 +1,483 @@
+//! The config file: the Node original's `aion.config.json` (port, host,
+//! projects → token, dir, agents → description) read unchanged, plus our
+//! additions (`limits`, per-project `sensitive` and `allowFileUrls`).
+//!
+//! The file is parsed into an order-keeping JSON tree first, so that agents keep
+//! the order the user wrote them in, duplicate keys are caught, and every
+//! problem can be named by its JSON path (`projects.a.token: missing`). All
+//! problems are collected, not just the first.
+
+use crate::error::Error;
+use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// A validated config.
+#[derive(Debug)]
+pub struct Config {
+    pub host: String,
+    pub port: u16,
+    pub limits: Limits,
+    pub projects: Vec<Project>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub body_bytes: usize,
+    pub header_bytes: usize,
+    pub connections: usize,
+    pub idle: Duration,
+    pub request: Duration,
+    pub git: Duration,
+    pub shutdown: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            body_bytes: 1 << 20,
+            header_bytes: 16 << 10,
+            connections: 512,
+            idle: Duration::from_secs(30),
+            request: Duration::from_secs(30),
+            git: Duration::from_secs(300),
+            shutdown: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Project {
+    pub id: String,
+    pub token: Secret,
+    /// As written, made absolute against the working directory (the original's rule).
+    pub dir: PathBuf,
+    pub agents: Vec<Agent>,
+    /// Extra deny patterns on top of the built-in sensitive-file list.
+    pub sensitive: Vec<String>,
+    pub allow_file_urls: bool,
+}
+
+#[derive(Debug)]
+pub struct Agent {
+    pub name: String,
+    pub description: String,
+}
+
+/// A token. Its `Debug` never shows the value, so it cannot reach a log by accident.
+pub struct Secret(pub String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(…)")
+    }
+}
+
+/// Reads and validates `path`; warnings (unknown keys) come back beside the config.
+pub fn load(path: &Path) -> Result<(Config, Vec<String>), Error> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| Error::ConfigRead { path: path.to_path_buf(), source })?;
+    let cwd = std::env::current_dir().map_err(|source| Error::Io { what: "current directory", source })?;
+    parse(&text, &cwd).map_err(|problems| Error::Config { path: path.to_path_buf(), problems })
+}
+
+/// Parses config text; relative project dirs are joined to `cwd`.
+pub fn parse(text: &str, cwd: &Path) -> Result<(Config, Vec<String>), Vec<String>> {
+    let root: Json = serde_json::from_str(text).map_err(|e| vec![format!("invalid JSON: {e}")])?;
+    let mut c = Checker::default();
+    let config = c.config(&root, cwd);
+    match config {
+        Some(config) if c.problems.is_empty() => Ok((config, c.warnings)),
+        _ => Err(c.problems),
+    }
+}
+
+#[derive(Default)]
+struct Checker {
+    problems: Vec<String>,
+    warnings: Vec<String>,
+}
+
+impl Checker {
+    fn problem(&mut self, path: &str, msg: impl fmt::Display) {
+        self.problems.push(format!("{path}: {msg}"));
+    }
+
+    /// The object at `path`, with unknown keys warned about and duplicates refused.
+    fn object<'a>(&mut self, v: &'a Json, path: &str, known: &[&str]) -> Option<&'a [(String, Json)]> {
+        let Json::Obj(fields) = v else {
+            self.problem(path, format!("expected an object, found {}", v.kind()));
+            return None;
+        };
+        for (i, (k, _)) in fields.iter().enumerate() {
+            if fields[..i].iter().any(|(prev, _)| prev == k) {
+                self.problem(&join(path, k), "duplicate key");
+            } else if !known.is_empty() && !known.contains(&k.as_str()) {
+                self.warnings.push(format!("unknown key {} (ignored)", join(path, k)));
+            }
+        }
+        Some(fields)
+    }
+
+    fn string(&mut self, v: &Json, path: &str) -> Option<String> {
+        match v {
+            Json::Str(s) => Some(s.clone()),
+            other => {
+                self.problem(path, format!("expected a string, found {}", other.kind()));
+                None
+            }
+        }
+    }
+
+    fn integer(&mut self, v: &Json, path: &str, min: u64, max: u64) -> Option<u64> {
+        match v {
+            Json::Num(n) if n.as_u64().is_some_and(|n| (min..=max).contains(&n)) => n.as_u64(),
+            other => {
+                self.problem(path, format!("expected an integer {min}-{max}, found {}", other.show()));
+                None
+            }
+        }
+    }
+
+    fn config(&mut self, root: &Json, cwd: &Path) -> Option<Config> {
+        let fields = self.object(root, "", &["port", "host", "projects", "limits"])?;
+        let mut config =
+            Config { host: "0.0.0.0".into(), port: 7777, limits: Limits::default(), projects: Vec::new() };
+        let mut saw_projects = false;
+        for (key, v) in fields {
+            match key.as_str() {
+                "port" => {
+                    if let Some(p) = self.integer(v, "port", 0, 65535) {
+                        config.port = p as u16;
+                    }
+                }
+                "host" => match self.string(v, "host") {
+                    Some(h) if h.trim().is_empty() => self.problem("host", "must not be empty"),
+                    Some(h) => config.host = h,
+                    None => {}
+                },
+                "limits" => self.limits(v, &mut config.limits),
+                "projects" => {
+                    saw_projects = true;
+                    config.projects = self.projects(v, cwd);
+                }
+                _ => {}
+            }
+        }
+        if !saw_projects {
+            self.problem("projects", "missing (an object of project id → {token, dir, agents})");
+        }
+        Some(config)
+    }
+
+    fn limits(&mut self, v: &Json, limits: &mut Limits) {
+        let known = [
+            "bodyBytes",
+            "headerBytes",
+            "connections",
+            "idleSeconds",
+            "requestSeconds",
+            "gitSeconds",
+            "shutdownSeconds",
+        ];
+        let Some(fields) = self.object(v, "limits", &known) else { return };
+        for (key, v) in fields {
+            let path = join("limits", key);
+            let secs = |n: u64| Duration::from_secs(n);
+            match key.as_str() {
+                "bodyBytes" => {
+                    set(&mut limits.body_bytes, self.integer(v, &path, 1, 1 << 30), |n| n as usize)
+                }
+                "headerBytes" => {
+                    set(&mut limits.header_bytes, self.integer(v, &path, 1024, 1 << 20), |n| n as usize)
+                }
+                "connections" => {
+                    set(&mut limits.connections, self.integer(v, &path, 1, 100_000), |n| n as usize)
+                }
+                "idleSeconds" => set(&mut limits.idle, self.integer(v, &path, 1, 86_400), secs),
+                "requestSeconds" => set(&mut limits.request, self.integer(v, &path, 1, 86_400), secs),
+                "gitSeconds" => set(&mut limits.git, self.integer(v, &path, 1, 86_400), secs),
+                "shutdownSeconds" => set(&mut limits.shutdown, self.integer(v, &path, 0, 3_600), secs),
+                _ => {}
+            }
+        }
+    }
+
+    fn projects(&mut self, v: &Json, cwd: &Path) -> Vec<Project> {
+        let Some(fields) = self.object(v, "projects", &[]) else { return Vec::new() };
+        let mut projects: Vec<Project> = Vec::new();
+        // Tokens seen so far, also of projects that fail for another reason.
+        let mut tokens: Vec<(&str, &str)> = Vec::new();
+        for (id, v) in fields {
+            let path = join("projects", id);
+            if id.is_empty() {
+                self.problem(&path, "a project id must not be empty");
+            }
+            if let Json::Obj(f) = v
+                && let Some((_, Json::Str(token))) = f.iter().find(|(k, _)| k == "token")
+            {
+                if let Some((first, _)) = tokens.iter().find(|(_, t)| t == token) {
+                    let msg = format!("same token as projects.{first} (tokens must be unique)");
+                    self.problem(&join(&path, "token"), msg);
+                }
+                tokens.push((id, token));
+            }
+            if let Some(project) = self.project(id, v, &path, cwd) {
+                projects.push(project);
+            }
+        }
+        if fields.is_empty() {
+            self.problem("projects", "no project configured");
+        }
+        projects
+    }
+
+    fn project(&mut self, id: &str, v: &Json, path: &str, cwd: &Path) -> Option<Project> {
+        let known = ["token", "dir", "agents", "sensitive", "allowFileUrls"];
+        let fields = self.object(v, path, &known)?;
+        let get = |k: &str| fields.iter().find(|(key, _)| key == k).map(|(_, v)| v);
+        let (token, dir) = (join(path, "token"), join(path, "dir"));
+        let token = match get("token") {
+            None => {
+                self.problem(&token, "missing");
+                None
+            }
+            Some(v) => match self.string(v, &token) {
+                Some(t) if t.is_empty() => {
+                    self.problem(&token, "must not be empty");
+                    None
+                }
+                t => t,
+            },
+        };
+        let dir = match get("dir") {
+            None => {
+                self.problem(&dir, "missing");
+                None
+            }
+            Some(v) => match self.string(v, &dir) {
+                Some(d) if d.is_empty() => {
+                    self.problem(&dir, "must not be empty");
+                    None
+                }
+                d => d.map(|d| cwd.join(d)),
+            },
+        };
+        let agents = get("agents").map(|v| self.agents(v, &join(path, "agents"))).unwrap_or_default();
+        let sensitive =
+            get("sensitive").map(|v| self.patterns(v, &join(path, "sensitive"))).unwrap_or_default();
+        let allow_file_urls = match get("allowFileUrls") {
+            None => false,
+            Some(Json::Bool(b)) => *b,
+            Some(other) => {
+                let msg = format!("expected true or false, found {}", other.kind());
+                self.problem(&join(path, "allowFileUrls"), msg);
+                false
+            }
+        };
+        Some(Project {
+            id: id.to_string(),
+            token: Secret(token?),
+            dir: dir?,
+            agents,
+            sensitive,
+            allow_file_urls,
+        })
+    }
+
+    fn agents(&mut self, v: &Json, path: &str) -> Vec<Agent> {
+        let Some(fields) = self.object(v, path, &[]) else { return Vec::new() };
+        let mut agents = Vec::new();
+        for (name, v) in fields {
+            let apath = join(path, name);
+            if !valid_agent_name(name) {
+                self.problem(
+                    &apath,
+                    "an agent name is a command name: letters, digits, '.', '_', '-', not starting with '-'",
+                );
+                continue;
+            }
+            let Some(fields) = self.object(v, &apath, &["description"]) else { continue };
+            let description = match fields.iter().find(|(k, _)| k == "description") {
+                Some((_, v)) => self.string(v, &join(&apath, "description")).unwrap_or_default(),
+                None => String::new(),
+            };
+            agents.push(Agent { name: name.clone(), description });
+        }
+        agents
+    }
+
+    fn patterns(&mut self, v: &Json, path: &str) -> Vec<String> {
+        let Json::Arr(items) = v else {
+            self.problem(path, format!("expected an array of patterns, found {}", v.kind()));
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            let ipath = format!("{path}[{i}]");
+            match self.string(item, &ipath) {
+                Some(p) if p.trim_matches('/').is_empty() => self.problem(&ipath, "empty pattern"),
+                Some(p) => out.push(p),
+                None => {}
+            }
+        }
+        out
+    }
+}
+
+fn set<T>(slot: &mut T, value: Option<u64>, f: impl FnOnce(u64) -> T) {
+    if let Some(v) = value {
+        *slot = f(v);
+    }
+}
+
+fn join(path: &str, key: &str) -> String {
+    if path.is_empty() { key.to_string() } else { format!("{path}.{key}") }
+}
+
+pub fn valid_agent_name(name: &str) -> bool {
+    !name.is_empty()
+        && !name.starts_with('-')
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
+/// JSON kept in document order (serde_json's map would sort it).
+#[derive(Debug)]
+pub enum Json {
+    Null,
+    Bool(bool),
+    Num(serde_json::Number),
+    Str(String),
+    Arr(Vec<Json>),
+    Obj(Vec<(String, Json)>),
+}
+
+impl Json {
+    fn kind(&self) -> &'static str {
+        match self {
+            Json::Null => "null",
+            Json::Bool(_) => "a boolean",
+            Json::Num(_) => "a number",
+            Json::Str(_) => "a string",
+            Json::Arr(_) => "an array",
+            Json::Obj(_) => "an object",
+        }
+    }
+
+    /// The value itself for scalars (never used for tokens), the kind otherwise.
+    fn show(&self) -> String {
+        match self {
+            Json::Num(n) => n.to_string(),
+            Json::Bool(b) => b.to_string(),
+            other => other.kind().to_string(),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Json {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Json;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("JSON")
+            }
+            fn visit_unit<E>(self) -> Result<Json, E> {
+                Ok(Json::Null)
+            }
+            fn visit_bool<E>(self, b: bool) -> Result<Json, E> {
+                Ok(Json::Bool(b))
+            }
+            fn visit_u64<E>(self, n: u64) -> Result<Json, E> {
+                Ok(Json::Num(n.into()))
+            }
+            fn visit_i64<E>(self, n: i64) -> Result<Json, E> {
+                Ok(Json::Num(n.into()))
+            }
+            fn visit_f64<E: de::Error>(self, n: f64) -> Result<Json, E> {
+                serde_json::Number::from_f64(n).map(Json::Num).ok_or_else(|| E::custom("bad number"))
+            }
+            fn visit_str<E>(self, s: &str) -> Result<Json, E> {
+                Ok(Json::Str(s.to_string()))
+            }
+            fn visit_string<E>(self, s: String) -> Result<Json, E> {
+                Ok(Json::Str(s))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut a: A) -> Result<Json, A::Error> {
+                let mut items = Vec::new();
+                while let Some(item) = a.next_element()? {
+                    items.push(item);
+                }
+                Ok(Json::Arr(items))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<Json, A::Error> {
+                let mut fields = Vec::new();
+                while let Some((k, v)) = a.next_entry()? {
+                    fields.push((k, v));
+                }
+                Ok(Json::Obj(fields))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(text: &str) -> Result<(Config, Vec<String>), Vec<String>> {
+        parse(text, Path::new("/srv"))
+    }
+
+    #[test]
+    fn the_originals_file_is_accepted_and_keeps_agent_order() {
+        let (c, warnings) = check(
+            r#"{"port":7777,"projects":{"p":{"token":"t","dir":"./projects/p",
+               "agents":{"pi":{"description":"Pi"},"claude":{"description":"Claude"}}}}}"#,
+        )
+        .unwrap();
+        assert!(warnings.is_empty());
+        assert_eq!(c.host, "0.0.0.0");
+        let p = &c.projects[0];
+        assert_eq!(p.dir, Path::new("/srv/./projects/p"));
+        let names: Vec<_> = p.agents.iter().map(|a| a.name.as_str()).collect();
+        assert_eq!(names, ["pi", "claude"]);
+    }
+
+    #[test]
+    fn every_problem_is_named_by_its_path() {
+        let problems = check(
+            r#"{"port":"x","projects":{"a":{"dir":"d"},"b":{"token":"t","dir":1,"agents":[]},
+               "c":{"token":"t","dir":"d"},"d":{"token":"t","dir":"d","agents":{"x y":{}}}}}"#,
+        )
+        .unwrap_err();
+        let want = [
+            "port: expected an integer 0-65535, found a string",
+            "projects.a.token: missing",
+            "projects.b.dir: expected a string, found a number",
+            "projects.b.agents: expected an object, found an array",
+            "projects.c.token: same token as projects.",
+            "projects.d.agents.x y: an agent name",
+        ];
+        for w in want {
+            assert!(problems.iter().any(|p| p.starts_with(w)), "{w:?} not in {problems:#?}");
+        }
+    }
+
+    #[test]
+    fn unknown_keys_warn_and_duplicates_fail() {
+        let (_, warnings) = check(r#"{"projects":{"a":{"token":"t","dir":"d","colour":1}}}"#).unwrap();
+        assert_eq!(warnings, ["unknown key projects.a.colour (ignored)"]);
+        let problems =
+            check(r#"{"projects":{"a":{"token":"t","dir":"d"},"a":{"token":"u","dir":"d"}}}"#).unwrap_err();
+        assert_eq!(problems[0], "projects.a: duplicate key");
+    }
+
+    #[test]
+    fn secrets_do_not_debug_print() {
+        let (c, _) = check(r#"{"projects":{"a":{"token":"hunter2","dir":"d"}}}"#).unwrap();
+        assert!(!format!("{c:?}").contains("hunter2"));
+    }
+}

@@ -1,0 +1,26 @@
+//! aion-connector: one static binary that turns a Linux box into a server for AI
+//! coding agents. `main` only maps the outcome of [`cli::run`] to an exit code;
+//! everything else lives in one module per concern.
+
+mod channel;
+mod cli;
+mod config;
+mod error;
+mod git;
+mod http;
+mod logging;
+mod proc;
+mod shutdown;
+mod starter;
+mod workspace;
+
+fn main() {
+    let code = match cli::run(std::env::args_os().skip(1).collect()) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("aion-connector: {err}");
+            err.exit_code()
+        }
+    };
+    std::process::exit(code);
+}

@@ -1,0 +1,212 @@
+//! Child processes that cannot outlive their owner. Every child is the leader
+//! of its own process group; when it ends (or is killed) whatever is left of
+//! the group is killed before the leader is reaped, so the group id cannot have
+//! been reused in between. `run` is the bounded "run a command, collect its
+//! output" used for git; agent runs (a later issue) build on [`Group`].
+
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use std::io::{self, Read};
+use std::os::fd::AsFd;
+use std::os::unix::process::CommandExt;
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// A spawned child leading its own process group. Dropping it kills the group.
+pub struct Group {
+    child: std::process::Child,
+    status: Option<ExitStatus>,
+}
+
+impl Group {
+    pub fn spawn(cmd: &mut Command) -> io::Result<Group> {
+        let child = cmd.process_group(0).spawn()?;
+        Ok(Group { child, status: None })
+    }
+
+    pub fn child(&mut self) -> &mut std::process::Child {
+        &mut self.child
+    }
+
+    /// Sends `sig` to the whole group (nothing once the leader is reaped).
+    pub fn signal(&self, sig: Signal) {
+        if self.status.is_none() {
+            let _ = killpg(Pid::from_raw(self.child.id() as i32), sig);
+        }
+    }
+
+    /// Waits until the leader exits or `deadline` passes (None: it is still running).
+    /// Once the leader has exited, the rest of its group is killed and it is reaped.
+    pub fn wait_until(&mut self, deadline: Instant) -> io::Result<Option<ExitStatus>> {
+        let mut nap = Duration::from_micros(200);
+        loop {
+            if let Some(status) = self.status {
+                return Ok(Some(status));
+            }
+            if self.leader_exited()? {
+                self.signal(Signal::SIGKILL);
+                self.status = Some(self.child.wait()?);
+                continue;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(None);
+            }
+            std::thread::sleep(nap.min(deadline - now));
+            nap = (nap * 2).min(Duration::from_millis(20));
+        }
+    }
+
+    /// Whether the leader has exited, without reaping it where the OS allows.
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    fn leader_exited(&mut self) -> io::Result<bool> {
+        use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid};
+        let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT;
+        match waitid(Id::Pid(Pid::from_raw(self.child.id() as i32)), flags) {
+            Ok(WaitStatus::StillAlive) => Ok(false),
+            Ok(_) => Ok(true),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Elsewhere (macOS) the leader is reaped here, so the group kill that
+    /// follows races with pid reuse for a few microseconds.
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    fn leader_exited(&mut self) -> io::Result<bool> {
+        match self.child.try_wait()? {
+            Some(status) => {
+                self.status = Some(status);
+                let _ = killpg(Pid::from_raw(self.child.id() as i32), Signal::SIGKILL);
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+}
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        if self.status.is_none() {
+            self.signal(Signal::SIGKILL);
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// What a bounded run produced.
+pub struct Output {
+    /// None when the run was killed for its timeout.
+    pub status: Option<ExitStatus>,
+    pub stdout: Vec<u8>,
+    /// stdout went past the cap; the rest was read and dropped.
+    pub truncated: bool,
+    /// The first 64 KiB of stderr.
+    pub stderr: Vec<u8>,
+}
+
+impl Output {
+    pub fn success(&self) -> bool {
+        self.status.is_some_and(|s| s.success())
+    }
+}
+
+const STDERR_CAP: usize = 64 << 10;
+
+/// Runs `cmd` with stdin from /dev/null, collecting up to `cap` bytes of stdout,
+/// and kills its whole group if it is not done within `timeout`.
+pub fn run(cmd: &mut Command, timeout: Duration, cap: usize) -> io::Result<Output> {
+    let deadline = Instant::now() + timeout;
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut group = Group::spawn(cmd)?;
+    let mut stdout = group.child().stdout.take().expect("stdout is piped");
+    let mut stderr = group.child().stderr.take().expect("stderr is piped");
+    let mut out = Output { status: None, stdout: Vec::new(), truncated: false, stderr: Vec::new() };
+    let (mut out_open, mut err_open) = (true, true);
+    let mut chunk = vec![0u8; 64 << 10];
+    while out_open || err_open {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
+        if left.is_zero() {
+            group.signal(Signal::SIGKILL);
+            return Ok(out);
+        }
+        let (ready_out, ready_err) = {
+            use nix::poll::{PollFd, PollFlags, poll};
+            let mut fds = [
+                PollFd::new(stdout.as_fd(), if out_open { PollFlags::POLLIN } else { PollFlags::empty() }),
+                PollFd::new(stderr.as_fd(), if err_open { PollFlags::POLLIN } else { PollFlags::empty() }),
+            ];
+            match poll(&mut fds, ms) {
+                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+            let ready = |fd: &PollFd| fd.revents().is_some_and(|r| !r.is_empty());
+            (ready(&fds[0]), ready(&fds[1]))
+        };
+        if ready_out {
+            let n = stdout.read(&mut chunk)?;
+            out_open = n > 0;
+            let room = cap.saturating_sub(out.stdout.len());
+            out.truncated |= n > room;
+            out.stdout.extend_from_slice(&chunk[..n.min(room)]);
+        }
+        if ready_err {
+            let n = stderr.read(&mut chunk)?;
+            err_open = n > 0;
+            let room = STDERR_CAP.saturating_sub(out.stderr.len());
+            out.stderr.extend_from_slice(&chunk[..n.min(room)]);
+        }
+    }
+    out.status = group.wait_until(deadline)?;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn collects_output_and_status() {
+        let out = run(
+            Command::new("sh").args(["-c", "echo hi; echo oops >&2; exit 3"]),
+            Duration::from_secs(5),
+            1024,
+        )
+        .unwrap();
+        assert_eq!(out.stdout, b"hi\n");
+        assert_eq!(out.stderr, b"oops\n");
+        assert_eq!(out.status.unwrap().code(), Some(3));
+    }
+
+    #[test]
+    fn caps_stdout_and_reads_to_the_end() {
+        let out =
+            run(Command::new("sh").args(["-c", "head -c 100000 /dev/zero"]), Duration::from_secs(5), 10)
+                .unwrap();
+        assert_eq!(out.stdout.len(), 10);
+        assert!(out.truncated && out.success());
+    }
+
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn a_timeout_kills_the_whole_group() {
+        let dir = std::env::temp_dir().join(format!("aion-proc-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let pidfile = dir.join("pid");
+        // The grandchild keeps the pipes open and would outlive a plain kill of sh.
+        let script = format!("sleep 30 & echo $! > {}; wait", pidfile.display());
+        let t = Instant::now();
+        let out = run(Command::new("sh").args(["-c", &script]), Duration::from_millis(300), 1024).unwrap();
+        assert!(out.status.is_none());
+        assert!(t.elapsed() < Duration::from_secs(5));
+        let pid: i32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while nix::sys::signal::kill(Pid::from_raw(pid), None).is_ok() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // The grandchild is a child of init now (or a zombie of sh, reaped by init).
+        let alive = std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z "));
+        assert!(!alive, "grandchild {pid} survived the timeout");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}

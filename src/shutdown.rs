@@ -1,0 +1,59 @@
+//! Orderly shutdown. SIGINT and SIGTERM are blocked in every thread and taken
+//! by one signal thread with `sigwait`, which sets the shutdown flag and wakes
+//! the accept loop through a socket pair. A second SIGINT exits at once.
+
+use crate::logging::{info, warn};
+use nix::sys::signal::{SigSet, Signal};
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+pub struct Shutdown {
+    flag: AtomicBool,
+    wake_tx: UnixStream,
+    /// Readable once shutdown has begun; the accept loop polls it beside the listener.
+    pub wake_rx: UnixStream,
+}
+
+impl Shutdown {
+    pub fn requested(&self) -> bool {
+        self.flag.load(Ordering::SeqCst)
+    }
+
+    pub fn trigger(&self) {
+        self.flag.store(true, Ordering::SeqCst);
+        let _ = (&self.wake_tx).write(&[1]);
+    }
+}
+
+/// Blocks the signals in the calling thread (call it before any other thread
+/// starts, so all inherit the mask) and starts the signal thread.
+/// `std::process::Command` resets the mask in children, so they still get signals.
+pub fn install() -> std::io::Result<Arc<Shutdown>> {
+    let (wake_tx, wake_rx) = UnixStream::pair()?;
+    wake_tx.set_nonblocking(true)?;
+    let shutdown = Arc::new(Shutdown { flag: AtomicBool::new(false), wake_tx, wake_rx });
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGINT);
+    set.add(Signal::SIGTERM);
+    set.thread_block().map_err(std::io::Error::from)?;
+    let s = Arc::clone(&shutdown);
+    std::thread::Builder::new().name("signals".into()).stack_size(64 << 10).spawn(move || {
+        loop {
+            let Ok(sig) = set.wait() else { continue };
+            if s.requested() {
+                // A second Ctrl-C means "now"; a repeated SIGTERM (some
+                // supervisors signal the whole group) changes nothing.
+                if sig == Signal::SIGINT {
+                    warn!("second {sig}: exiting now");
+                    std::process::exit(130);
+                }
+                continue;
+            }
+            info!("{sig}: shutting down");
+            s.trigger();
+        }
+    })?;
+    Ok(shutdown)
+}
