@@ -368,12 +368,16 @@ pub fn sync(project_root: &Path, spec: &RepoSpec, allow_file: bool, timeout: Dur
     };
     let deadline = Instant::now() + timeout;
     let at = |cwd| Git { cwd, deadline, token: spec.token.as_deref(), allow_file };
-    let outcome = if !target.exists() {
+    let meta = target.symlink_metadata();
+    let outcome = if meta.is_err() {
         clone(&at(project_root), spec, &target)
-    } else if target.join(".git").exists() {
+    } else if meta.is_ok_and(|m| m.is_dir()) && target.join(".git").exists() {
         update(&at(&target), spec)
     } else {
-        Err(GitError::Failed(format!("{} exists and is not a git repository", spec.name)))
+        Err(GitError::Failed(format!(
+            "{} exists and is not a git repository (symlinks are not followed)",
+            spec.name
+        )))
     };
     match outcome {
         Ok(action) => {

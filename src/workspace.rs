@@ -118,9 +118,18 @@ pub fn resolve(root: &Path, asked: &str, sensitive: &Sensitive) -> Result<Resolv
     if sensitive.matches(asked) {
         return Err(Refusal::Denied);
     }
-    let real = match root.join(asked).canonicalize() {
+    let joined = root.join(asked);
+    let real = match joined.canonicalize() {
         Ok(real) => real,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(Refusal::NotFound),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            // Missing inside, or missing behind a symlink that leads out? The
+            // deepest part that exists tells; no probing of outside files.
+            let existing = joined.ancestors().skip(1).find_map(|a| a.canonicalize().ok());
+            return match existing.and_then(|e| inside(root, &e)) {
+                Some(_) => Err(Refusal::NotFound),
+                None => Err(Refusal::Traversal),
+            };
+        }
         Err(e) => return Err(Refusal::Io(e.to_string())),
     };
     let rel = inside(root, &real).ok_or(Refusal::Traversal)?;
@@ -147,7 +156,8 @@ fn inside(root: &Path, path: &Path) -> Option<String> {
     Some(parts.join("/"))
 }
 
-/// Git repositories directly under the project dir, by name.
+/// Git repositories directly under the project dir, by name. A symlink is
+/// never a workspace: it could lead anywhere.
 pub fn list(project_root: &Path) -> Vec<(String, PathBuf)> {
     let Ok(entries) = std::fs::read_dir(project_root) else { return Vec::new() };
     let mut out: Vec<(String, PathBuf)> = entries
@@ -155,7 +165,8 @@ pub fn list(project_root: &Path) -> Vec<(String, PathBuf)> {
         .filter_map(|e| {
             let name = e.file_name().into_string().ok()?;
             let path = e.path();
-            (path.is_dir() && path.join(".git").exists()).then_some((name, path))
+            let real_dir = e.file_type().is_ok_and(|t| t.is_dir());
+            (real_dir && path.join(".git").exists()).then_some((name, path))
         })
         .collect();
     out.sort();
@@ -169,6 +180,7 @@ pub fn named(project_root: &Path, name: &str) -> Result<PathBuf, Refusal> {
         && name != "."
         && name != ".."
         && !name.contains(['/', '\0'])
+        && project_root.join(name).symlink_metadata().is_ok_and(|m| m.is_dir())
         && project_root.join(name).join(".git").exists();
     if !single {
         return Err(Refusal::UnknownWorkspace);
