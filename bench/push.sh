@@ -1,0 +1,369 @@
+#!/usr/bin/env bash
+# bench/push.sh: push-mode figures for aion-connector (size, memory, startup,
+# throughput). See bench/README.md for what each figure means.
+#
+# Usage: bench/push.sh            (from anywhere; about 30-40 s after the build)
+# Env:   BENCH_BIN=path           skip the build, measure this binary
+#        BENCH_RUNS=50            exec->first-ping runs
+#        BENCH_DURATION=10        wrk seconds
+#        BENCH_IDLE_CONNS=300     idle keep-alive connections
+#        BENCH_REFERENCE=auto     auto: nginx reference run if nginx is found; 0: skip
+#        BENCH_NGINX=path         nginx binary for the reference (default: nginx on PATH)
+#        PYTHON=python3
+#
+# Only 127.0.0.1 is ever contacted. Every server started here is stopped on exit.
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(cd "$HERE/.." && pwd)
+TARGET=x86_64-unknown-linux-musl
+RUNS=${BENCH_RUNS:-50}
+DURATION=${BENCH_DURATION:-10}
+IDLE_CONNS=${BENCH_IDLE_CONNS:-300}
+REFERENCE=${BENCH_REFERENCE:-auto}
+PY=${PYTHON:-python3}
+HELPER="$HERE/pushbench.py"
+LUA="$HERE/ping.lua"
+
+for v in RUNS DURATION IDLE_CONNS; do
+    if ! [[ ${!v} =~ ^[0-9]+$ ]] || (( ${!v} < 1 )); then
+        echo "push.sh: BENCH_$v must be a positive integer" >&2
+        exit 2
+    fi
+done
+(( DURATION <= 60 )) || { echo "push.sh: BENCH_DURATION is capped at 60 s" >&2; exit 2; }
+
+TMP=$(mktemp -d "${TMPDIR:-/tmp}/aion-bench.XXXXXX")
+PIDS=()
+NOTES=()
+
+log() { printf '[bench] %s\n' "$*" >&2; }
+note() { NOTES+=("$*"); log "NOTE: $*"; }
+die() { log "FATAL: $*"; exit 1; }
+
+# alive PID: the process exists and is not a zombie (kill -0 is true for zombies).
+alive() {
+    local state
+    [[ -r /proc/$1/stat ]] || return 1
+    read -r _ _ state _ <"/proc/$1/stat" 2>/dev/null || return 1
+    [[ $state != Z ]]
+}
+
+# stop PID: SIGTERM, up to 5 s, then SIGKILL; sets STOP_CODE and STOP_MS.
+stop() {
+    local pid=$1 i t0 t1
+    STOP_CODE=-
+    STOP_MS=-
+    t0=$(date +%s%N)
+    kill -TERM "$pid" 2>/dev/null || true
+    for ((i = 0; i < 100; i++)); do
+        alive "$pid" || break
+        sleep 0.05
+    done
+    if alive "$pid"; then
+        kill -KILL "$pid" 2>/dev/null || true
+        note "pid $pid ignored SIGTERM for 5 s, killed"
+    fi
+    STOP_CODE=0
+    wait "$pid" 2>/dev/null || STOP_CODE=$?
+    t1=$(date +%s%N)
+    STOP_MS=$(( (t1 - t0) / 1000000 ))
+}
+
+cleanup() {
+    local pid
+    for pid in "${PIDS[@]}"; do
+        if alive "$pid"; then
+            kill -TERM "$pid" 2>/dev/null || true
+        fi
+    done
+    for pid in "${PIDS[@]}"; do
+        local i
+        for ((i = 0; i < 40; i++)); do
+            alive "$pid" || break
+            sleep 0.05
+        done
+        if alive "$pid"; then
+            kill -KILL "$pid" 2>/dev/null || true
+        fi
+    done
+    rm -rf "$TMP"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+kv() { # kv FILE KEY -> value of KEY=value in FILE, or "-"
+    local line
+    line=$(grep -m1 "^$2=" "$1" 2>/dev/null || true)
+    if [[ -n $line ]]; then printf '%s' "${line#*=}"; else printf -- '-'; fi
+}
+rss_kb() { awk '/^VmRSS:/{print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
+hwm_kb() { awk '/^VmHWM:/{print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
+threads() { awk '/^Threads:/{print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
+mib() { awk -v k="$1" 'BEGIN{ if (k ~ /^[0-9]+$/) printf "%.1f MiB", k/1024; else printf "-" }'; }
+
+# ---------------------------------------------------------------- 0. tools
+command -v "$PY" >/dev/null || die "$PY not found"
+command -v file >/dev/null || die "file(1) not found"
+if ! command -v wrk >/dev/null; then
+    log "wrk missing: apt-get install -y wrk"
+    if ! timeout 300 apt-get install -y wrk >"$TMP/apt.log" 2>&1; then
+        note "wrk could not be installed; throughput figures skipped"
+    fi
+fi
+
+# ---------------------------------------------------------------- 1. build
+BUILD_KIND=""
+if [[ -n ${BENCH_BIN:-} ]]; then
+    BIN_BUILT=$BENCH_BIN
+    BUILD_KIND="given (BENCH_BIN)"
+    [[ -x $BIN_BUILT ]] || die "BENCH_BIN=$BIN_BUILT is not executable"
+else
+    if ! rustup target list --installed 2>/dev/null | grep -qx "$TARGET"; then
+        log "rustup target add $TARGET"
+        timeout 600 rustup target add "$TARGET" >&2 || log "rustup target add failed"
+    fi
+    log "cargo build --release --target $TARGET"
+    if (cd "$ROOT" && timeout 900 cargo build --release --target "$TARGET") >"$TMP/build.log" 2>&1; then
+        BIN_BUILT="$ROOT/target/$TARGET/release/aion-connector"
+        BUILD_KIND="musl static ($TARGET)"
+    else
+        tail -n 8 "$TMP/build.log" >&2
+        note "musl build failed: FALLBACK to the host release build (not a static binary)"
+        log "cargo build --release"
+        if ! (cd "$ROOT" && timeout 900 cargo build --release) >"$TMP/build.log" 2>&1; then
+            tail -n 20 "$TMP/build.log" >&2
+            die "host release build failed too"
+        fi
+        BIN_BUILT="$ROOT/target/release/aion-connector"
+        BUILD_KIND="host release (FALLBACK, musl build failed)"
+    fi
+fi
+
+SIZE_BUILT=$(stat -c %s "$BIN_BUILT")
+FILE_BUILT=$(file -b "$BIN_BUILT")
+BIN="$TMP/aion-connector"
+cp "$BIN_BUILT" "$BIN"
+STRIP_NOTE="as built (already stripped)"
+if [[ $FILE_BUILT == *"not stripped"* ]]; then
+    strip "$BIN"
+    STRIP_NOTE="stripped copy; as built: $SIZE_BUILT bytes (Cargo profile does not strip)"
+fi
+SIZE=$(stat -c %s "$BIN")
+FILE_OUT=$(file -b "$BIN")
+STATIC=no
+if [[ $FILE_OUT == *"statically linked"* || $FILE_OUT == *"static-pie linked"* ]]; then
+    STATIC=yes
+else
+    note "binary is NOT statically linked: $FILE_OUT"
+fi
+VERSION=$("$BIN" --version 2>/dev/null | head -n1 || true)
+
+# ---------------------------------------------------------------- config
+TOKEN=$(od -An -N32 -tx1 /dev/urandom | tr -d ' \n')
+mkdir -p "$TMP/ws"
+CONFIG="$TMP/aion.config.json"
+cat >"$CONFIG" <<EOF
+{"port":0,"host":"127.0.0.1","projects":{"bench":{"token":"$TOKEN","dir":"$TMP/ws","agents":{"claude":{"description":"Claude Code"}}}}}
+EOF
+chmod 600 "$CONFIG"
+
+# start_server NAME: start $BIN with $CONFIG in $TMP; sets SRV_PID and SRV_ADDR.
+start_server() {
+    local name=$1 i line=""
+    (cd "$TMP" && exec "$BIN" "$CONFIG") >"$TMP/$name.out" 2>"$TMP/$name.err" &
+    SRV_PID=$!
+    PIDS+=("$SRV_PID")
+    for ((i = 0; i < 100; i++)); do
+        if [[ -s $TMP/$name.out ]] && (( $(wc -l <"$TMP/$name.out") >= 1 )); then
+            IFS= read -r line <"$TMP/$name.out"
+            break
+        fi
+        alive "$SRV_PID" || break
+        sleep 0.05
+    done
+    if [[ $line != "listening on "* ]]; then
+        tail -n 5 "$TMP/$name.err" >&2 || true
+        die "server $name did not print 'listening on ADDR' (first line: '${line}')"
+    fi
+    SRV_ADDR=${line#listening on }
+    [[ $SRV_ADDR == 127.0.0.1:* ]] || die "server $name listens on $SRV_ADDR, expected 127.0.0.1:PORT"
+}
+
+# log_check NAME LABEL: count per-request log lines, non-200 ones, WARN/ERROR lines.
+log_check() {
+    local f="$TMP/$1.err" total non200 warn
+    total=$(grep -c 'status=' "$f" || true)
+    non200=$(grep 'status=' "$f" | grep -vc 'status=200' || true)
+    warn=$(grep -cE '\[(WARN|ERROR)\]' "$f" || true)
+    LOG_SUMMARY="$total request lines, $non200 non-200, $warn WARN/ERROR"
+    if (( non200 > 0 )); then
+        note "$2: $non200 non-200 request log lines, e.g.: $(grep 'status=' "$f" | grep -v 'status=200' | head -n 1)"
+    fi
+    if (( warn > 0 )); then
+        note "$2: $warn WARN/ERROR log lines, e.g.: $(grep -E '\[(WARN|ERROR)\]' "$f" | head -n 1)"
+    fi
+}
+
+# ---------------------------------------------------------------- 2. idle RSS
+log "idle RSS (server A, one ping)"
+start_server a
+A_PID=$SRV_PID
+A_ADDR=$SRV_ADDR
+"$PY" "$HELPER" ping "$A_ADDR" "$TOKEN" 1 >"$TMP/ping.kv"
+[[ $(kv "$TMP/ping.kv" ping_statuses) == 200x1 ]] \
+    || note "first ping answered $(kv "$TMP/ping.kv" ping_statuses) (expected 200x1)"
+sleep 0.2
+IDLE_RSS=$(rss_kb "$A_PID")
+IDLE_THREADS=$(threads "$A_PID")
+
+# ---------------------------------------------------------------- 3. exec -> first ping
+log "exec -> first answered ping, $RUNS runs"
+"$PY" "$HELPER" startup "$BIN" "$CONFIG" "$RUNS" >"$TMP/startup.kv" 2>"$TMP/startup.err" || true
+if [[ -s $TMP/startup.err ]]; then
+    note "startup runs reported: $(head -n 3 "$TMP/startup.err" | tr '\n' ' ')"
+fi
+(( $(kv "$TMP/startup.kv" startup_failures) == 0 )) 2>/dev/null \
+    || note "startup: $(kv "$TMP/startup.kv" startup_failures) failed runs"
+(( $(kv "$TMP/startup.kv" startup_non200) == 0 )) 2>/dev/null \
+    || note "startup: $(kv "$TMP/startup.kv" startup_non200) non-200 answers"
+[[ $(kv "$TMP/startup.kv" sigterm_bad_exit) == none ]] \
+    || note "SIGTERM exit codes other than 0 in startup runs: $(kv "$TMP/startup.kv" sigterm_bad_exit)"
+
+# ---------------------------------------------------------------- 4. wrk keep-alive
+WRK_DONE=no
+LOAD_PEAK=0
+LOAD_HWM=0
+if command -v wrk >/dev/null; then
+    log "wrk -t2 -c16 -d${DURATION}s --latency (ping, keep-alive)"
+    AION_TOKEN=$TOKEN timeout $((DURATION + 20)) \
+        wrk -t2 -c16 -d"${DURATION}s" --latency -s "$LUA" "http://$A_ADDR/" >"$TMP/wrk.txt" 2>&1 &
+    WRK_PID=$!
+    PIDS+=("$WRK_PID")
+    for ((i = 0; i < (DURATION + 20) * 10; i++)); do
+        alive "$WRK_PID" || break
+        r=$(rss_kb "$A_PID")
+        (( r > LOAD_PEAK )) && LOAD_PEAK=$r
+        sleep 0.1
+    done
+    WRK_CODE=0
+    wait "$WRK_PID" || WRK_CODE=$?
+    (( WRK_CODE == 0 )) || note "wrk exited with code $WRK_CODE"
+    LOAD_HWM=$(hwm_kb "$A_PID")
+    alive "$A_PID" || note "server A died during the wrk run"
+    "$PY" "$HELPER" wrk "$TMP/wrk.txt" >"$TMP/wrk.kv"
+    WRK_DONE=yes
+    log "wrk output:"
+    sed 's/^/    /' "$TMP/wrk.txt" >&2
+    [[ $(kv "$TMP/wrk.kv" wrk_non2xx) == 0 ]] \
+        || note "wrk: $(kv "$TMP/wrk.kv" wrk_non2xx) non-2xx/3xx responses"
+    [[ $(kv "$TMP/wrk.kv" wrk_socket_errors) == none ]] \
+        || note "wrk socket errors: $(kv "$TMP/wrk.kv" wrk_socket_errors)"
+fi
+AFTER_LOAD_RSS=$(rss_kb "$A_PID")
+stop "$A_PID"
+A_STOP="exit $STOP_CODE in ${STOP_MS} ms"
+[[ $STOP_CODE == 0 ]] || note "server A: SIGTERM after load gave exit code $STOP_CODE"
+log_check a "server A (idle + wrk)"
+A_LOG=$LOG_SUMMARY
+
+# ---------------------------------------------------------------- 5. idle connections
+log "$IDLE_CONNS idle keep-alive connections (server B)"
+start_server b
+B_PID=$SRV_PID
+"$PY" "$HELPER" idle "$SRV_ADDR" "$TOKEN" "$B_PID" "$IDLE_CONNS" >"$TMP/idle.kv" 2>"$TMP/idle.err" || true
+[[ -s $TMP/idle.err ]] && note "idle helper: $(head -n 3 "$TMP/idle.err" | tr '\n' ' ')"
+[[ $(kv "$TMP/idle.kv" idle_conns_answered) == "$IDLE_CONNS" ]] \
+    || note "idle: only $(kv "$TMP/idle.kv" idle_conns_answered)/$IDLE_CONNS connections got their ping answered"
+[[ $(kv "$TMP/idle.kv" idle_conns_still_open) == "$IDLE_CONNS" ]] \
+    || note "idle: $(kv "$TMP/idle.kv" idle_conns_still_open)/$IDLE_CONNS connections still open after the fresh pings"
+[[ $(kv "$TMP/idle.kv" idle_errors) == none ]] || note "idle errors: $(kv "$TMP/idle.kv" idle_errors)"
+stop "$B_PID"
+[[ $STOP_CODE == 0 ]] || note "server B: SIGTERM gave exit code $STOP_CODE"
+log_check b "server B (idle connections)"
+B_LOG=$LOG_SUMMARY
+
+# ---------------------------------------------------------------- 6. reference (optional)
+NGINX=${BENCH_NGINX:-$(command -v nginx || true)}
+REF="skipped (no nginx: put it on PATH or set BENCH_NGINX)"
+[[ $REFERENCE == 0 ]] && REF="skipped (BENCH_REFERENCE=0)"
+if [[ $REFERENCE != 0 && -n $NGINX && -x $NGINX ]] && command -v wrk >/dev/null; then
+    log "reference: nginx returning a fixed 200 (2 workers), same wrk run"
+    PORT=$("$PY" "$HELPER" freeport)
+    mkdir -p "$TMP/nginx"
+    cat >"$TMP/nginx/nginx.conf" <<EOF
+daemon off;
+worker_processes 2;
+pid $TMP/nginx/nginx.pid;
+error_log $TMP/nginx/error.log;
+events { worker_connections 1024; }
+http {
+    access_log off;
+    client_body_temp_path $TMP/nginx/body;
+    proxy_temp_path $TMP/nginx/proxy;
+    fastcgi_temp_path $TMP/nginx/fastcgi;
+    uwsgi_temp_path $TMP/nginx/uwsgi;
+    scgi_temp_path $TMP/nginx/scgi;
+    server {
+        listen 127.0.0.1:$PORT;
+        location / { default_type application/json; return 200 '{"ok":true,"v":1}'; }
+    }
+}
+EOF
+    "$NGINX" -p "$TMP/nginx" -c "$TMP/nginx/nginx.conf" >"$TMP/nginx/out" 2>&1 &
+    NGX_PID=$!
+    PIDS+=("$NGX_PID")
+    for ((i = 0; i < 50; i++)); do
+        "$PY" "$HELPER" ping "127.0.0.1:$PORT" x 1 >"$TMP/ngx.kv" 2>/dev/null || true
+        [[ $(kv "$TMP/ngx.kv" ping_statuses) == 200x1 ]] && break
+        alive "$NGX_PID" || break
+        sleep 0.1
+    done
+    if [[ $(kv "$TMP/ngx.kv" ping_statuses) == 200x1 ]]; then
+        AION_TOKEN=x timeout $((DURATION + 20)) \
+            wrk -t2 -c16 -d"${DURATION}s" --latency -s "$LUA" "http://127.0.0.1:$PORT/" >"$TMP/ref.txt" 2>&1 || true
+        "$PY" "$HELPER" wrk "$TMP/ref.txt" >"$TMP/ref.kv"
+        REF="$(kv "$TMP/ref.kv" wrk_rps) req/s, p50 $(kv "$TMP/ref.kv" wrk_p50_ms) ms, p99 $(kv "$TMP/ref.kv" wrk_p99_ms) ms"
+    else
+        REF="skipped (nginx did not start: $(head -n 1 "$TMP/nginx/out" "$TMP/nginx/error.log" 2>/dev/null | tr '\n' ' '))"
+    fi
+    stop "$NGX_PID"
+fi
+
+# ---------------------------------------------------------------- summary
+row() { printf '%-40s %s\n' "$1" "$2"; }
+s=$TMP/startup.kv
+w=$TMP/wrk.kv
+d=$TMP/idle.kv
+echo
+echo "aion-connector push bench  ($(date -u +%Y-%m-%dT%H:%M:%SZ), $(nproc) cores, ${VERSION:-version unknown})"
+printf '%s\n' "--------------------------------------------------------------------------------------------"
+row "build" "$BUILD_KIND"
+row "1. binary size" "$SIZE bytes ($(awk -v b="$SIZE" 'BEGIN{printf "%.2f MB, %.2f MiB", b/1e6, b/1048576}')), $STRIP_NOTE"
+row "   file" "$FILE_OUT"
+row "   static" "$STATIC"
+row "2. idle RSS after 1 ping" "$IDLE_RSS kB ($(mib "$IDLE_RSS")), $IDLE_THREADS threads"
+row "3. exec -> first answered ping" "median $(kv "$s" startup_median_ms) ms, p90 $(kv "$s" startup_p90_ms) ms (min $(kv "$s" startup_min_ms), max $(kv "$s" startup_max_ms); n=$(kv "$s" startup_runs), failed $(kv "$s" startup_failures))"
+row "   exec -> 'listening on' line" "median $(kv "$s" startup_line_median_ms) ms"
+row "   SIGTERM -> exit (idle server)" "median $(kv "$s" sigterm_median_ms) ms, non-zero exits: $(kv "$s" sigterm_bad_exit)"
+if [[ $WRK_DONE == yes ]]; then
+    row "4. ping keep-alive (wrk -t2 -c16 ${DURATION}s)" "$(kv "$w" wrk_rps) req/s, p50 $(kv "$w" wrk_p50_ms) ms, p99 $(kv "$w" wrk_p99_ms) ms"
+    row "   requests / non-2xx / socket errors" "$(kv "$w" wrk_requests) / $(kv "$w" wrk_non2xx) / $(kv "$w" wrk_socket_errors)"
+    row "   RSS under load" "peak sampled VmRSS $LOAD_PEAK kB ($(mib "$LOAD_PEAK")), VmHWM $LOAD_HWM kB ($(mib "$LOAD_HWM"))"
+    row "   RSS after load (idle again)" "$AFTER_LOAD_RSS kB ($(mib "$AFTER_LOAD_RSS"))"
+else
+    row "4. ping keep-alive (wrk)" "skipped (no wrk)"
+fi
+row "   server A log / shutdown" "$A_LOG; SIGTERM: $A_STOP"
+row "5. RSS with $IDLE_CONNS idle conns" "$(kv "$d" idle_rss_kb) kB ($(mib "$(kv "$d" idle_rss_kb)")), $(kv "$d" idle_threads) threads (before: $(kv "$d" idle_rss_before_kb) kB, $(kv "$d" idle_threads_before) threads)"
+row "   conns opened / answered / still open" "$(kv "$d" idle_conns_opened) / $(kv "$d" idle_conns_answered) ($(kv "$d" idle_conns_statuses)) / $(kv "$d" idle_conns_still_open)"
+row "   fresh ping while they are open" "median $(kv "$d" idle_fresh_ping_median_ms) ms, max $(kv "$d" idle_fresh_ping_max_ms) ms ($(kv "$d" idle_fresh_statuses))"
+row "   server B log" "$B_LOG"
+row "6. reference (nginx fixed 200, same wrk)" "$REF"
+printf '%s\n' "--------------------------------------------------------------------------------------------"
+if (( ${#NOTES[@]} )); then
+    echo "problems / notes:"
+    printf '  - %s\n' "${NOTES[@]}"
+else
+    echo "problems / notes: none"
+fi
