@@ -1,19 +1,20 @@
 //! Channel Protocol v1: the JSON-over-POST actions the platform sends. This
 //! file checks each request in the contract's order (method, JSON, version,
 //! token, project, action), answers with the baseline's byte-exact error
-//! bodies, dispatches the workspace actions, and logs one line per request,
-//! never a token.
+//! bodies, dispatches the workspace actions and agent runs, and logs one line
+//! per request, never a token.
 
 use crate::config::{Config, Limits, Project};
-use crate::git::{self, GitError, RepoSpec};
+use crate::git::{self, GitError, RepoSpec, SyncResult};
 use crate::http::{Handler, Request, Response};
 use crate::logging::info;
+use crate::runs::{Delivery, Invoke, Refused, Runs};
 use crate::workspace::{self, Refusal, Sensitive};
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
-use std::time::Instant;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -30,20 +31,30 @@ pub struct ProjectState {
     sync_lock: Mutex<()>,
 }
 
-pub struct App {
-    projects: Vec<ProjectState>,
-    limits: Limits,
-    started: Instant,
+impl ProjectState {
+    /// Syncs `specs` one project-wide sync at a time; the first repository
+    /// synced becomes the default workspace.
+    pub fn sync_all(&self, specs: &[RepoSpec], timeout: Duration) -> Vec<SyncResult> {
+        let _one_at_a_time = self.sync_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let results: Vec<SyncResult> = specs
+            .iter()
+            .map(|spec| git::sync(&self.root, spec, self.config.allow_file_urls, timeout))
+            .collect();
+        if let Some(first_ok) = results.iter().find(|r| r.ok) {
+            let mut first = self.first_synced.lock().unwrap_or_else(|e| e.into_inner());
+            first.get_or_insert_with(|| first_ok.name.clone());
+        }
+        results
+    }
 }
 
-impl App {
-    /// `roots[i]` is the canonical directory of `config.projects[i]`.
-    pub fn new(config: Config, roots: Vec<PathBuf>) -> App {
-        let projects = config
-            .projects
-            .into_iter()
-            .zip(roots)
-            .map(|(p, root)| ProjectState {
+/// The projects of `config`; `roots[i]` is the canonical dir of project i.
+pub fn projects(config: &mut Config, roots: Vec<PathBuf>) -> Vec<Arc<ProjectState>> {
+    std::mem::take(&mut config.projects)
+        .into_iter()
+        .zip(roots)
+        .map(|(p, root)| {
+            Arc::new(ProjectState {
                 token_digest: Sha256::digest(p.token.0.as_bytes()).into(),
                 sensitive: Sensitive::new(&p.sensitive),
                 root,
@@ -51,13 +62,36 @@ impl App {
                 first_synced: Mutex::new(None),
                 sync_lock: Mutex::new(()),
             })
-            .collect();
-        App { projects, limits: config.limits, started: Instant::now() }
+        })
+        .collect()
+}
+
+/// Signs push-mode posts with the token of the project they belong to.
+pub struct ProjectKeys(pub Vec<Arc<ProjectState>>);
+
+impl crate::outbox::Signer for ProjectKeys {
+    fn headers(&self, key: &str, body: &[u8]) -> Option<Vec<(String, String)>> {
+        let p = self.0.iter().find(|p| p.config.id == key)?;
+        let sig = crate::signing::sha256_hex(p.config.token.0.as_bytes(), &[body]);
+        Some(vec![("X-Aion-Signature".into(), sig)])
+    }
+}
+
+pub struct App {
+    projects: Vec<Arc<ProjectState>>,
+    limits: Limits,
+    started: Instant,
+    runs: Arc<Runs>,
+}
+
+impl App {
+    pub fn new(projects: Vec<Arc<ProjectState>>, limits: Limits, runs: Arc<Runs>) -> App {
+        App { projects, limits, started: Instant::now(), runs }
     }
 
     /// The project whose token this is. Every project's digest is compared in
     /// full, so neither timing nor length tells anything about a token.
-    fn authenticate(&self, token: &str) -> Option<&ProjectState> {
+    fn authenticate(&self, token: &str) -> Option<&Arc<ProjectState>> {
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         let mut found = None;
         for p in &self.projects {
@@ -106,7 +140,7 @@ struct ErrorDetail<'a> {
 
 fn detail(status: u16, reason: &str, detail: impl Into<String>) -> Response {
     let body = ErrorDetail { error: reason, detail: detail.into() };
-    Response { status, body: serde_json::to_vec(&body).expect("answers serialize") }
+    Response::json(status, &body)
 }
 
 #[derive(serde::Serialize)]
@@ -124,7 +158,7 @@ struct AgentEntry<'a> {
 }
 
 fn ok<T: serde::Serialize>(value: &T) -> Response {
-    Response { status: 200, body: serde_json::to_vec(value).expect("answers serialize") }
+    Response::json(200, value)
 }
 
 /// An action name fit for a log line (it comes from the client).
@@ -192,7 +226,7 @@ impl App {
         out
     }
 
-    fn act(&self, p: &ProjectState, action: &str, args: &Payload<'_>) -> Result<Response, Response> {
+    fn act(&self, p: &Arc<ProjectState>, action: &str, args: &Payload<'_>) -> Result<Response, Response> {
         Ok(match action {
             "ping" => {
                 ok(&Pong { ok: true, v: 1, version: VERSION, uptime: self.started.elapsed().as_secs() })
@@ -247,8 +281,14 @@ impl App {
                 }
             }
             "repos.sync" => self.sync(p, args)?,
-            "invoke" | "stop" | "terminal.spawn" | "terminal.input" | "terminal.output"
-            | "terminal.resize" | "terminal.close" => err(501, "not implemented"),
+            "invoke" => self.invoke(p, args)?,
+            "stop" => {
+                let session = args.string("session")?.unwrap_or("default");
+                let stopping = self.runs.stop(&p.config.id, session);
+                ok(&json!({ "ok": true, "stopping": stopping }))
+            }
+            "terminal.spawn" | "terminal.input" | "terminal.output" | "terminal.resize"
+            | "terminal.close" => err(501, "not implemented"),
             _ => err(400, "unknown action"),
         })
     }
@@ -271,45 +311,11 @@ impl App {
     }
 
     fn sync(&self, p: &ProjectState, args: &Payload<'_>) -> Result<Response, Response> {
-        let Some(Value::Array(items)) = args.0.get("repos") else {
-            return Err(detail(400, "bad payload", "payload.repos must be an array"));
+        let specs = match args.0.get("repos") {
+            Some(Value::Array(items)) => repo_specs(items, p.config.allow_file_urls)?,
+            _ => return Err(detail(400, "bad payload", "payload.repos must be an array")),
         };
-        let mut specs = Vec::with_capacity(items.len());
-        for (i, item) in items.iter().enumerate() {
-            let Value::Object(m) = item else {
-                return Err(detail(400, "bad payload", format!("payload.repos[{i}] must be an object")));
-            };
-            let field = |k: &str| -> Result<Option<String>, Response> {
-                match m.get(k) {
-                    None | Some(Value::Null) => Ok(None),
-                    Some(Value::String(s)) => Ok(Some(s.clone())),
-                    Some(_) => {
-                        Err(detail(400, "bad payload", format!("payload.repos[{i}].{k} must be a string")))
-                    }
-                }
-            };
-            let need = |v: Option<String>, k: &str| {
-                v.ok_or_else(|| detail(400, "bad payload", format!("payload.repos[{i}].{k} is required")))
-            };
-            let spec = RepoSpec {
-                name: need(field("name")?, "name")?,
-                url: need(field("url")?, "url")?,
-                branch: field("branch")?,
-                token: field("token")?.filter(|t| !t.is_empty()),
-            };
-            git::check_spec(&spec, p.config.allow_file_urls)
-                .map_err(|why| detail(400, "bad payload", why))?;
-            specs.push(spec);
-        }
-        let _one_at_a_time = p.sync_lock.lock().unwrap_or_else(|e| e.into_inner());
-        let results: Vec<git::SyncResult> = specs
-            .iter()
-            .map(|spec| git::sync(&p.root, spec, p.config.allow_file_urls, self.limits.git))
-            .collect();
-        if let Some(first_ok) = results.iter().find(|r| r.ok) {
-            let mut first = p.first_synced.lock().unwrap_or_else(|e| e.into_inner());
-            first.get_or_insert_with(|| first_ok.name.clone());
-        }
+        let results = p.sync_all(&specs, self.limits.git);
         match results.iter().find(|r| !r.ok) {
             None => Ok(ok(&json!({ "ok": true, "repos": results }))),
             Some(failed) => {
@@ -318,13 +324,117 @@ impl App {
                 struct Failed<'a> {
                     error: &'static str,
                     detail: String,
-                    repos: &'a [git::SyncResult],
+                    repos: &'a [SyncResult],
                 }
                 let body = Failed { error: "sync failed", detail: why, repos: &results };
-                Ok(Response { status: 422, body: serde_json::to_vec(&body).expect("answers serialize") })
+                Ok(Response::json(422, &body))
             }
         }
     }
+
+    /// Checks an invoke synchronously, then starts its run and answers at once
+    /// (or with the run's live NDJSON stream).
+    fn invoke(&self, p: &Arc<ProjectState>, args: &Payload<'_>) -> Result<Response, Response> {
+        let agent = args.string("agent")?.unwrap_or("");
+        if !p.config.agents.iter().any(|a| a.name == agent) {
+            return Err(err(400, "unknown agent"));
+        }
+        let prompt = args.string("prompt")?.unwrap_or("");
+        if prompt.trim().is_empty() {
+            return Err(err(400, "empty prompt"));
+        }
+        let session = args.string("session")?.unwrap_or("default");
+        if session.is_empty()
+            || session.len() > 200
+            || session.starts_with('-')
+            || session.chars().any(char::is_control)
+        {
+            return Err(detail(
+                400,
+                "bad payload",
+                "payload.session must be 1-200 characters, not starting with '-'",
+            ));
+        }
+        let model = args.string("model")?;
+        if model.is_some_and(|m| m.is_empty() || m.starts_with('-') || m.chars().any(char::is_control)) {
+            return Err(detail(400, "bad payload", "payload.model must not be empty or start with '-'"));
+        }
+        let callback = args.string("callback")?;
+        if let Some(url) = callback {
+            let lower = url.to_ascii_lowercase();
+            if !(lower.starts_with("http://") || lower.starts_with("https://"))
+                || url.chars().any(char::is_whitespace)
+            {
+                return Err(detail(
+                    400,
+                    "bad payload",
+                    "payload.callback must be an http:// or https:// URL",
+                ));
+            }
+        }
+        let repos = match args.0.get("repos") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Array(items)) => repo_specs(items, p.config.allow_file_urls)?,
+            Some(_) => return Err(detail(400, "bad payload", "payload.repos must be an array")),
+        };
+        let live = callback.is_none() && args.0.get("stream") == Some(&Value::Bool(true));
+        let invoke = Invoke {
+            agent: agent.to_string(),
+            prompt: prompt.to_string(),
+            session: session.to_string(),
+            model: model.map(str::to_string),
+            callback: callback.map(str::to_string),
+            token: args.string("token")?.unwrap_or("").to_string(),
+            repos,
+        };
+        let (delivery, lines) = if invoke.callback.is_some() {
+            (Delivery::Callback, None)
+        } else if live {
+            let (tx, rx) = crossbeam_channel::bounded(256);
+            (Delivery::Live(tx), Some(rx))
+        } else {
+            (Delivery::Nowhere, None)
+        };
+        match self.runs.start(Arc::clone(p), invoke, delivery) {
+            Err(Refused::Busy) => Err(err(409, "session busy")),
+            Err(Refused::TooMany) => Err(err(429, "too many runs")),
+            Ok(()) => Ok(match lines {
+                Some(rx) => Response::ndjson(rx),
+                None => ok(&json!({ "ok": true, "sessionId": session })),
+            }),
+        }
+    }
+}
+
+/// `payload.repos` validated into specs (400 naming the first problem).
+fn repo_specs(items: &[Value], allow_file: bool) -> Result<Vec<RepoSpec>, Response> {
+    let mut specs = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        let Value::Object(m) = item else {
+            return Err(detail(400, "bad payload", format!("payload.repos[{i}] must be an object")));
+        };
+        let field = |k: &str| -> Result<Option<String>, Response> {
+            match m.get(k) {
+                None | Some(Value::Null) => Ok(None),
+                Some(Value::String(s)) => Ok(Some(s.clone())),
+                Some(_) => {
+                    Err(detail(400, "bad payload", format!("payload.repos[{i}].{k} must be a string")))
+                }
+            }
+        };
+        let need = |v: Option<String>, k: &str| {
+            v.ok_or_else(|| detail(400, "bad payload", format!("payload.repos[{i}].{k} is required")))
+        };
+        let spec = RepoSpec {
+            name: need(field("name")?, "name")?,
+            url: need(field("url")?, "url")?,
+            branch: field("branch")?,
+            token: field("token")?.filter(|t| !t.is_empty()),
+        };
+        git::check_spec(&spec, allow_file).map_err(|why| detail(400, "bad payload", why))?;
+        specs.push(spec);
+    }
+    Ok(specs)
 }
 
 fn refusal(r: Refusal) -> Response {

@@ -6,12 +6,15 @@ use crate::channel::{self, App};
 use crate::config;
 use crate::error::Error;
 use crate::logging::{info, warn};
+use crate::outbox::Outbox;
+use crate::runs::{self, Runs};
 use crate::{http, shutdown, starter};
 use std::ffi::OsString;
 use std::io::Write;
 use std::net::{TcpListener, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 const DEFAULT_CONFIG: &str = "aion.config.json";
 
@@ -100,27 +103,44 @@ fn serve(explicit: Option<PathBuf>) -> Result<i32, Error> {
             path
         }
     };
-    let (config, warnings) = config::load(&path)?;
+    let (mut config, warnings) = config::load(&path)?;
     for w in warnings {
         warn!("config: {w}");
     }
     let roots = channel::prepare_roots(&config)?;
+    let projects = channel::projects(&mut config, roots);
+    let state = runs::state_dir(config.state_dir.as_deref());
+    let signer = Arc::new(channel::ProjectKeys(projects.clone()));
+    let outbox = Outbox::open(&state.join("outbox"), signer, config.limits.delivery)
+        .map_err(|source| Error::StateDir { path: state.clone(), source })?;
     let addr = format!("{}:{}", config.host, config.port);
     let bind_err = |source| Error::Bind { addr: addr.clone(), source };
     let addrs: Vec<_> = (config.host.as_str(), config.port).to_socket_addrs().map_err(bind_err)?.collect();
     let listener = TcpListener::bind(addrs.as_slice()).map_err(bind_err)?;
     let local = listener.local_addr().map_err(bind_err)?;
     let limits = config.limits.clone();
-    let projects = config.projects.len();
-    let app = Arc::new(App::new(config, roots));
+    let count = projects.len();
+    let runs = Runs::new(Arc::clone(&outbox), limits.clone());
+    let app = Arc::new(App::new(projects, limits.clone(), Arc::clone(&runs)));
     {
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "listening on {local}");
         let _ = out.flush();
     }
-    info!("aion-connector {} serving {projects} project(s) from {}", channel::VERSION, path.display());
-    http::serve(listener, limits, Arc::clone(&shutdown), app)
-        .map_err(|source| Error::Io { what: "serving", source })?;
+    info!("aion-connector {} serving {count} project(s) from {}", channel::VERSION, path.display());
+    let deadline = std::cell::Cell::new(None);
+    http::serve(listener, limits.clone(), Arc::clone(&shutdown), app, || {
+        deadline.set(Some(Instant::now() + limits.shutdown));
+        runs.stop_all();
+    })
+    .map_err(|source| Error::Io { what: "serving", source })?;
+    // Runs post their closing events; the outbox gets the rest of the time.
+    let deadline = deadline.get().unwrap_or_else(|| Instant::now() + limits.shutdown);
+    let left = runs.wait_idle(deadline.max(Instant::now() + limits.stop_grace + Duration::from_secs(3)));
+    if left > 0 {
+        warn!("{left} run(s) did not end in time");
+    }
+    outbox.drain(deadline);
     info!("stopped");
     Ok(0)
 }

@@ -20,6 +20,8 @@ pub struct Config {
     pub port: u16,
     pub limits: Limits,
     pub projects: Vec<Project>,
+    /// Where undelivered posts wait (see `outbox`); None: the default chain.
+    pub state_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -31,6 +33,16 @@ pub struct Limits {
     pub request: Duration,
     pub git: Duration,
     pub shutdown: Duration,
+    /// Concurrent agent runs per project.
+    pub runs_per_project: usize,
+    /// A run is stopped after this (an agent's `timeout` overrides it).
+    pub run: Duration,
+    /// Output kept per run; past it a marker line and the rest is dropped.
+    pub run_output_bytes: u64,
+    /// How long an undelivered post is retried before its stream is dropped.
+    pub delivery: Duration,
+    /// Between SIGTERM and SIGKILL when a run is stopped.
+    pub stop_grace: Duration,
 }
 
 impl Default for Limits {
@@ -43,6 +55,11 @@ impl Default for Limits {
             request: Duration::from_secs(30),
             git: Duration::from_secs(300),
             shutdown: Duration::from_secs(10),
+            runs_per_project: 4,
+            run: Duration::from_secs(3600),
+            run_output_bytes: 64 << 20,
+            delivery: Duration::from_secs(86_400),
+            stop_grace: Duration::from_secs(5),
         }
     }
 }
@@ -63,6 +80,13 @@ pub struct Project {
 pub struct Agent {
     pub name: String,
     pub description: String,
+    /// argv template replacing the acpx command; `{prompt}`, `{session}`,
+    /// `{model}` and `{agent}` are replaced inside each element.
+    pub command: Option<Vec<String>>,
+    /// One-shot `acpx … exec` instead of a persistent acpx session.
+    pub exec: bool,
+    pub timeout: Option<Duration>,
+    pub env: Vec<(String, String)>,
 }
 
 /// A token. Its `Debug` never shows the value, so it cannot reach a log by accident.
@@ -141,9 +165,14 @@ impl Checker {
     }
 
     fn config(&mut self, root: &Json, cwd: &Path) -> Option<Config> {
-        let fields = self.object(root, "", &["port", "host", "projects", "limits"])?;
-        let mut config =
-            Config { host: "0.0.0.0".into(), port: 7777, limits: Limits::default(), projects: Vec::new() };
+        let fields = self.object(root, "", &["port", "host", "projects", "limits", "stateDir"])?;
+        let mut config = Config {
+            host: "0.0.0.0".into(),
+            port: 7777,
+            limits: Limits::default(),
+            projects: Vec::new(),
+            state_dir: None,
+        };
         let mut saw_projects = false;
         for (key, v) in fields {
             match key.as_str() {
@@ -158,6 +187,10 @@ impl Checker {
                     None => {}
                 },
                 "limits" => self.limits(v, &mut config.limits),
+                "stateDir" => match self.string(v, "stateDir") {
+                    Some(d) if d.is_empty() => self.problem("stateDir", "must not be empty"),
+                    d => config.state_dir = d.map(|d| cwd.join(d)),
+                },
                 "projects" => {
                     saw_projects = true;
                     config.projects = self.projects(v, cwd);
@@ -180,6 +213,11 @@ impl Checker {
             "requestSeconds",
             "gitSeconds",
             "shutdownSeconds",
+            "runsPerProject",
+            "runSeconds",
+            "runOutputBytes",
+            "deliverySeconds",
+            "stopGraceSeconds",
         ];
         let Some(fields) = self.object(v, "limits", &known) else { return };
         for (key, v) in fields {
@@ -199,6 +237,15 @@ impl Checker {
                 "requestSeconds" => set(&mut limits.request, self.integer(v, &path, 1, 86_400), secs),
                 "gitSeconds" => set(&mut limits.git, self.integer(v, &path, 1, 86_400), secs),
                 "shutdownSeconds" => set(&mut limits.shutdown, self.integer(v, &path, 0, 3_600), secs),
+                "runsPerProject" => {
+                    set(&mut limits.runs_per_project, self.integer(v, &path, 1, 1_000), |n| n as usize)
+                }
+                "runSeconds" => set(&mut limits.run, self.integer(v, &path, 1, 7 * 86_400), secs),
+                "runOutputBytes" => {
+                    set(&mut limits.run_output_bytes, self.integer(v, &path, 1024, 1 << 40), |n| n)
+                }
+                "deliverySeconds" => set(&mut limits.delivery, self.integer(v, &path, 1, 30 * 86_400), secs),
+                "stopGraceSeconds" => set(&mut limits.stop_grace, self.integer(v, &path, 0, 600), secs),
                 _ => {}
             }
         }
@@ -298,14 +345,67 @@ impl Checker {
                 );
                 continue;
             }
-            let Some(fields) = self.object(v, &apath, &["description"]) else { continue };
-            let description = match fields.iter().find(|(k, _)| k == "description") {
-                Some((_, v)) => self.string(v, &join(&apath, "description")).unwrap_or_default(),
-                None => String::new(),
-            };
-            agents.push(Agent { name: name.clone(), description });
+            if let Some(agent) = self.agent(name, v, &apath) {
+                agents.push(agent);
+            }
         }
         agents
+    }
+
+    fn agent(&mut self, name: &str, v: &Json, path: &str) -> Option<Agent> {
+        let known = ["description", "command", "mode", "timeout", "env"];
+        let fields = self.object(v, path, &known)?;
+        let mut agent = Agent {
+            name: name.to_string(),
+            description: String::new(),
+            command: None,
+            exec: false,
+            timeout: None,
+            env: Vec::new(),
+        };
+        for (key, v) in fields {
+            let kpath = join(path, key);
+            match key.as_str() {
+                "description" => agent.description = self.string(v, &kpath).unwrap_or_default(),
+                "command" => match v {
+                    Json::Arr(items) if !items.is_empty() => {
+                        let argv: Vec<String> = items
+                            .iter()
+                            .enumerate()
+                            .filter_map(|(i, item)| self.string(item, &format!("{kpath}[{i}]")))
+                            .collect();
+                        if argv.first().is_none_or(String::is_empty) {
+                            self.problem(&kpath, "the program (first element) must not be empty");
+                        }
+                        agent.command = Some(argv);
+                    }
+                    _ => self.problem(&kpath, "expected a non-empty array of strings (an argv template)"),
+                },
+                "mode" => match self.string(v, &kpath).as_deref() {
+                    Some("session") => agent.exec = false,
+                    Some("exec") => agent.exec = true,
+                    Some(other) => {
+                        self.problem(&kpath, format!("expected \"session\" or \"exec\", found {other:?}"))
+                    }
+                    None => {}
+                },
+                "timeout" => agent.timeout = self.integer(v, &kpath, 1, 7 * 86_400).map(Duration::from_secs),
+                "env" => {
+                    if let Some(vars) = self.object(v, &kpath, &[]) {
+                        for (k, val) in vars {
+                            let vpath = join(&kpath, k);
+                            if k.is_empty() || k.contains(['=', '\0']) {
+                                self.problem(&vpath, "not a valid environment variable name");
+                            } else if let Some(val) = self.string(val, &vpath) {
+                                agent.env.push((k.clone(), val));
+                            }
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        Some(agent)
     }
 
     fn patterns(&mut self, v: &Json, path: &str) -> Vec<String> {
@@ -469,6 +569,15 @@ mod tests {
     #[test]
     fn unknown_keys_warn_and_duplicates_fail() {
         let (_, warnings) = check(r#"{"projects":{"a":{"token":"t","dir":"d","colour":1}}}"#).unwrap();
+        let agent = r#"{"projects":{"a":{"token":"t","dir":"d","agents":{"x":{"command":["my-cli","{prompt}"],
+            "mode":"exec","timeout":60,"env":{"K":"v"}}}}}}"#;
+        let (c, w) = check(agent).unwrap();
+        assert!(w.is_empty(), "{w:?}");
+        let a = &c.projects[0].agents[0];
+        assert_eq!(a.command.as_deref(), Some(&["my-cli".to_string(), "{prompt}".to_string()][..]));
+        assert!(a.exec && a.timeout == Some(Duration::from_secs(60)) && a.env == [("K".into(), "v".into())]);
+        let bad = r#"{"projects":{"a":{"token":"t","dir":"d","agents":{"x":{"command":[],"mode":"x"}}}}}"#;
+        assert_eq!(check(bad).unwrap_err().len(), 2);
         assert_eq!(warnings, ["unknown key projects.a.colour (ignored)"]);
         let problems =
             check(r#"{"projects":{"a":{"token":"t","dir":"d"},"a":{"token":"u","dir":"d"}}}"#).unwrap_err();

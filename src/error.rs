@@ -20,6 +20,8 @@ pub enum Error {
     Bind { addr: String, source: io::Error },
     /// A project directory could not be created.
     ProjectDir { project: String, path: PathBuf, source: io::Error },
+    /// The state directory (undelivered posts) cannot be used.
+    StateDir { path: PathBuf, source: io::Error },
     /// Any other I/O failure while running.
     Io { what: &'static str, source: io::Error },
 }
@@ -29,9 +31,11 @@ impl Error {
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::Usage(_) | Error::ConfigRead { .. } | Error::Config { .. } => 2,
-            Error::StarterWrite { .. } | Error::Bind { .. } | Error::ProjectDir { .. } | Error::Io { .. } => {
-                1
-            }
+            Error::StarterWrite { .. }
+            | Error::Bind { .. }
+            | Error::ProjectDir { .. }
+            | Error::StateDir { .. }
+            | Error::Io { .. } => 1,
         }
     }
 }
@@ -59,6 +63,11 @@ impl fmt::Display for Error {
             Error::ProjectDir { project, path, source } => {
                 write!(f, "projects.{project}.dir: cannot create {}: {source}", path.display())
             }
+            Error::StateDir { path, source } => write!(
+                f,
+                "state directory {}: {source} (set \"stateDir\" in the config to a writable directory)",
+                path.display()
+            ),
             Error::Io { what, source } => write!(f, "{what}: {source}"),
         }
     }

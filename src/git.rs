@@ -185,6 +185,33 @@ pub fn parse_status(out: &str) -> Vec<Change> {
     changes
 }
 
+/// The commit checked out, if `dir` is a repository with one.
+pub fn head(dir: &Path, timeout: Duration) -> Option<String> {
+    dir.join(".git").exists().then_some(())?;
+    let out = local(dir, timeout).ok(&["rev-parse", "--verify", "-q", "HEAD"]).ok()?;
+    Some(out.trim().to_string()).filter(|h| !h.is_empty())
+}
+
+/// Files touched by the commits between `from` and `to` (renames: new path).
+pub fn committed(dir: &Path, from: &str, to: &str, timeout: Duration) -> Vec<Change> {
+    let range = format!("{from}..{to}");
+    let Ok(out) = local(dir, timeout).ok(&["diff", "--name-status", "-z", "-M", &range, "--"]) else {
+        return Vec::new();
+    };
+    let mut fields = out.split('\0').filter(|f| !f.is_empty());
+    let mut changes = Vec::new();
+    while let Some(status) = fields.next() {
+        let mut path = fields.next();
+        if status.starts_with(['R', 'C']) {
+            path = fields.next(); // old path, then new
+        }
+        if let Some(path) = path {
+            changes.push(Change { status: status[..1].to_string(), path: path.to_string() });
+        }
+    }
+    changes
+}
+
 /// Tracked plus untracked-but-not-ignored files under `sub` ("" for all).
 pub fn ls_files(dir: &Path, sub: &str, timeout: Duration) -> Option<Vec<String>> {
     dir.join(".git").exists().then_some(())?;
@@ -261,6 +288,7 @@ pub fn diff(
 // ---- repos.sync ----
 
 /// One repository to sync, as validated from the payload.
+#[derive(Clone)]
 pub struct RepoSpec {
     pub name: String,
     pub url: String,

@@ -34,15 +34,24 @@ impl Request {
     }
 }
 
-/// A JSON answer.
+/// A JSON answer, or a stream of NDJSON lines sent chunked as they come.
 pub struct Response {
     pub status: u16,
     pub body: Vec<u8>,
+    /// When set, the answer is `application/x-ndjson`, chunked, one chunk per
+    /// line received, ended when the sender is dropped. The connection thread
+    /// owns this receiver; if the client goes away it is dropped, which the
+    /// sender sees.
+    pub lines: Option<crossbeam_channel::Receiver<Vec<u8>>>,
 }
 
 impl Response {
-    pub fn json(status: u16, body: &serde_json::Value) -> Response {
-        Response { status, body: serde_json::to_vec(body).expect("a JSON value serializes") }
+    pub fn json(status: u16, body: &impl serde::Serialize) -> Response {
+        Response { status, body: serde_json::to_vec(body).expect("answers serialize"), lines: None }
+    }
+
+    pub fn ndjson(lines: crossbeam_channel::Receiver<Vec<u8>>) -> Response {
+        Response { status: 200, body: Vec::new(), lines: Some(lines) }
     }
 
     /// `{"error":"<reason>"}`, byte for byte.
@@ -74,6 +83,7 @@ pub fn serve(
     limits: Limits,
     shutdown: Arc<Shutdown>,
     handler: Arc<dyn Handler>,
+    on_shutdown: impl FnOnce(),
 ) -> io::Result<()> {
     listener.set_nonblocking(true)?;
     let shared = Arc::new(Shared {
@@ -112,6 +122,8 @@ pub fn serve(
         }
     }
     drop(listener);
+    // Long answers (live runs) end when their runs are stopped.
+    on_shutdown();
     // Idle keep-alive connections end now; busy ones finish their request.
     for (_, fd) in shared.idle.lock().unwrap_or_else(|p| p.into_inner()).drain() {
         let _ = nix::sys::socket::shutdown(fd, nix::sys::socket::Shutdown::Read);
@@ -150,7 +162,7 @@ fn accept(shared: &Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
 fn refuse(stream: TcpStream, reason: &str) {
     let _ = stream.set_nonblocking(true);
     let resp = Response::error(503, reason);
-    let _ = (&stream).write_all(&head(&resp, false, true));
+    let _ = (&stream).write_all(&encode(&resp, false));
     let _ = stream.shutdown(std::net::Shutdown::Write);
 }
 
@@ -203,7 +215,7 @@ impl Conn<'_> {
                     if status != 408 || !self.buf.is_empty() {
                         warn!("http status={status} peer={} ({reason})", self.peer);
                     }
-                    let _ = self.stream.write_all(&head(&Response::error(status, reason), false, true));
+                    let _ = self.stream.write_all(&encode(&Response::error(status, reason), false));
                     self.linger();
                     return;
                 }
@@ -216,7 +228,11 @@ impl Conn<'_> {
                 }
             };
             let keep_alive = keep_alive && !self.shared.shutdown.requested();
-            if self.stream.write_all(&head(&resp, keep_alive, true)).is_err() || !keep_alive {
+            let written = match resp.lines {
+                Some(ref lines) => self.stream_lines(lines),
+                None => self.stream.write_all(&encode(&resp, keep_alive)),
+            };
+            if written.is_err() || !keep_alive {
                 let _ = self.stream.shutdown(std::net::Shutdown::Write);
                 return;
             }
@@ -224,6 +240,22 @@ impl Conn<'_> {
                 self.buf = Vec::new(); // an idle connection holds no buffer
             }
         }
+    }
+
+    /// A chunked NDJSON answer, one chunk per line, as the lines come. The
+    /// connection stays usable afterwards.
+    fn stream_lines(&mut self, lines: &crossbeam_channel::Receiver<Vec<u8>>) -> io::Result<()> {
+        self.stream.write_all(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nTransfer-Encoding: chunked\r\nCache-Control: no-cache\r\n\r\n",
+        )?;
+        for line in lines {
+            let mut chunk = Vec::with_capacity(line.len() + 16);
+            let _ = write!(chunk, "{:x}\r\n", line.len());
+            chunk.extend_from_slice(&line);
+            chunk.extend_from_slice(b"\r\n");
+            self.stream.write_all(&chunk)?;
+        }
+        self.stream.write_all(b"0\r\n\r\n")
     }
 
     /// After an error answer: stop sending, then read and drop what the client is
@@ -401,7 +433,7 @@ impl Conn<'_> {
 }
 
 /// The status line, headers and body of a JSON answer as one buffer (one write).
-fn head(resp: &Response, keep_alive: bool, with_body: bool) -> Vec<u8> {
+fn encode(resp: &Response, keep_alive: bool) -> Vec<u8> {
     let mut out = Vec::with_capacity(160 + resp.body.len());
     let _ = write!(
         out,
@@ -411,9 +443,7 @@ fn head(resp: &Response, keep_alive: bool, with_body: bool) -> Vec<u8> {
         resp.body.len(),
         if keep_alive { "keep-alive" } else { "close" }
     );
-    if with_body {
-        out.extend_from_slice(&resp.body);
-    }
+    out.extend_from_slice(&resp.body);
     out
 }
 
@@ -428,6 +458,7 @@ fn reason(status: u16) -> &'static str {
         409 => "Conflict",
         413 => "Payload Too Large",
         422 => "Unprocessable Entity",
+        429 => "Too Many Requests",
         431 => "Request Header Fields Too Large",
         500 => "Internal Server Error",
         501 => "Not Implemented",

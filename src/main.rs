@@ -4,13 +4,17 @@
 
 mod channel;
 mod cli;
+mod client;
 mod config;
 mod error;
 mod git;
 mod http;
 mod logging;
+mod outbox;
 mod proc;
+mod runs;
 mod shutdown;
+mod signing;
 mod starter;
 mod workspace;
 

@@ -2,51 +2,98 @@
 //! of its own process group; when it ends (or is killed) whatever is left of
 //! the group is killed before the leader is reaped, so the group id cannot have
 //! been reused in between. `run` is the bounded "run a command, collect its
-//! output" used for git; agent runs (a later issue) build on [`Group`].
+//! output" used for git; agent runs build on [`Group`] and [`sweep`].
 
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use std::io::{self, Read};
 use std::os::fd::AsFd;
 use std::os::unix::process::CommandExt;
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::{ChildStderr, ChildStdout, Command, ExitStatus, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// A spawned child leading its own process group. Dropping it kills the group.
+/// A spawned child leading its own process group. It can be shared: one
+/// thread waits while another signals. Dropping it kills the group.
 pub struct Group {
-    child: std::process::Child,
-    status: Option<ExitStatus>,
+    child: Mutex<std::process::Child>,
+    pid: i32,
+    /// Set once the leader is reaped; signals stop then (the id may be reused).
+    status: Mutex<Option<ExitStatus>>,
 }
 
 impl Group {
     pub fn spawn(cmd: &mut Command) -> io::Result<Group> {
         let child = cmd.process_group(0).spawn()?;
-        Ok(Group { child, status: None })
+        let pid = child.id() as i32;
+        Ok(Group { child: Mutex::new(child), pid, status: Mutex::new(None) })
     }
 
-    pub fn child(&mut self) -> &mut std::process::Child {
-        &mut self.child
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    pub fn take_stdout(&self) -> Option<ChildStdout> {
+        lock(&self.child).stdout.take()
+    }
+
+    pub fn take_stderr(&self) -> Option<ChildStderr> {
+        lock(&self.child).stderr.take()
     }
 
     /// Sends `sig` to the whole group (nothing once the leader is reaped).
     pub fn signal(&self, sig: Signal) {
-        if self.status.is_none() {
-            let _ = killpg(Pid::from_raw(self.child.id() as i32), sig);
+        let status = lock(&self.status);
+        if status.is_none() {
+            let _ = killpg(Pid::from_raw(self.pid), sig);
         }
     }
 
-    /// Waits until the leader exits or `deadline` passes (None: it is still running).
-    /// Once the leader has exited, the rest of its group is killed and it is reaped.
-    pub fn wait_until(&mut self, deadline: Instant) -> io::Result<Option<ExitStatus>> {
+    /// Once the leader has exited: kill what is left of its group, then reap it.
+    fn reap(&self) -> io::Result<ExitStatus> {
+        let mut status = lock(&self.status);
+        if let Some(s) = *status {
+            return Ok(s);
+        }
+        let _ = killpg(Pid::from_raw(self.pid), Signal::SIGKILL);
+        let s = lock(&self.child).wait()?;
+        *status = Some(s);
+        Ok(s)
+    }
+
+    /// Waits for the leader to exit, however long it takes.
+    pub fn wait(&self) -> io::Result<ExitStatus> {
+        #[cfg(any(target_os = "linux", target_os = "android"))]
+        {
+            use nix::sys::wait::{Id, WaitPidFlag, waitid};
+            let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT;
+            loop {
+                match waitid(Id::Pid(Pid::from_raw(self.pid)), flags) {
+                    Err(nix::errno::Errno::EINTR) => continue,
+                    Err(nix::errno::Errno::ECHILD) if lock(&self.status).is_some() => break,
+                    Err(e) => return Err(e.into()),
+                    Ok(_) => break,
+                }
+            }
+            self.reap()
+        }
+        #[cfg(not(any(target_os = "linux", target_os = "android")))]
+        loop {
+            if let Some(s) = self.wait_until(Instant::now() + Duration::from_millis(50))? {
+                return Ok(s);
+            }
+        }
+    }
+
+    /// Waits until the leader exits or `deadline` passes (None: still running).
+    pub fn wait_until(&self, deadline: Instant) -> io::Result<Option<ExitStatus>> {
         let mut nap = Duration::from_micros(200);
         loop {
-            if let Some(status) = self.status {
+            if let Some(status) = *lock(&self.status) {
                 return Ok(Some(status));
             }
             if self.leader_exited()? {
-                self.signal(Signal::SIGKILL);
-                self.status = Some(self.child.wait()?);
-                continue;
+                return self.reap().map(Some);
             }
             let now = Instant::now();
             if now >= deadline {
@@ -59,10 +106,10 @@ impl Group {
 
     /// Whether the leader has exited, without reaping it where the OS allows.
     #[cfg(any(target_os = "linux", target_os = "android"))]
-    fn leader_exited(&mut self) -> io::Result<bool> {
+    fn leader_exited(&self) -> io::Result<bool> {
         use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid};
         let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT;
-        match waitid(Id::Pid(Pid::from_raw(self.child.id() as i32)), flags) {
+        match waitid(Id::Pid(Pid::from_raw(self.pid)), flags) {
             Ok(WaitStatus::StillAlive) => Ok(false),
             Ok(_) => Ok(true),
             Err(e) => Err(e.into()),
@@ -72,11 +119,12 @@ impl Group {
     /// Elsewhere (macOS) the leader is reaped here, so the group kill that
     /// follows races with pid reuse for a few microseconds.
     #[cfg(not(any(target_os = "linux", target_os = "android")))]
-    fn leader_exited(&mut self) -> io::Result<bool> {
-        match self.child.try_wait()? {
-            Some(status) => {
-                self.status = Some(status);
-                let _ = killpg(Pid::from_raw(self.child.id() as i32), Signal::SIGKILL);
+    fn leader_exited(&self) -> io::Result<bool> {
+        let reaped = lock(&self.child).try_wait()?;
+        match reaped {
+            Some(s) => {
+                let _ = killpg(Pid::from_raw(self.pid), Signal::SIGKILL);
+                *lock(&self.status) = Some(s);
                 Ok(true)
             }
             None => Ok(false),
@@ -86,10 +134,67 @@ impl Group {
 
 impl Drop for Group {
     fn drop(&mut self) {
-        if self.status.is_none() {
+        if lock(&self.status).is_none() {
             self.signal(Signal::SIGKILL);
-            let _ = self.child.wait();
+            let _ = self.reap();
         }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Kills every process that carries `marker` (`NAME=value`) in its
+/// environment: descendants that left the group with setsid, such as acpx's
+/// queue owner. Linux only (it reads /proc); elsewhere it finds nothing.
+pub fn sweep(marker: &str, grace: Duration) -> usize {
+    let found = marked(marker);
+    for pid in &found {
+        let _ = nix::sys::signal::kill(Pid::from_raw(*pid), Signal::SIGTERM);
+    }
+    let deadline = Instant::now() + grace;
+    let mut left = found.clone();
+    while !left.is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+        left.retain(|pid| alive(*pid));
+    }
+    for pid in left {
+        let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+    }
+    found.len()
+}
+
+#[cfg(target_os = "linux")]
+fn marked(marker: &str) -> Vec<i32> {
+    let me = std::process::id() as i32;
+    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&pid| pid != me)
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/environ"))
+                .is_ok_and(|env| env.split(|&b| b == 0).any(|var| var == marker.as_bytes()))
+        })
+        .collect()
+}
+
+#[cfg(not(target_os = "linux"))]
+fn marked(_marker: &str) -> Vec<i32> {
+    Vec::new()
+}
+
+/// Alive and not a zombie.
+fn alive(pid: i32) -> bool {
+    #[cfg(target_os = "linux")]
+    {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .is_ok_and(|s| s.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z')))
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        nix::sys::signal::kill(Pid::from_raw(pid), None).is_ok()
     }
 }
 
@@ -117,9 +222,9 @@ const STDERR_CAP: usize = 64 << 10;
 pub fn run(cmd: &mut Command, timeout: Duration, cap: usize) -> io::Result<Output> {
     let deadline = Instant::now() + timeout;
     cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    let mut group = Group::spawn(cmd)?;
-    let mut stdout = group.child().stdout.take().expect("stdout is piped");
-    let mut stderr = group.child().stderr.take().expect("stderr is piped");
+    let group = Group::spawn(cmd)?;
+    let mut stdout = group.take_stdout().expect("stdout is piped");
+    let mut stderr = group.take_stderr().expect("stderr is piped");
     let mut out = Output { status: None, stdout: Vec::new(), truncated: false, stderr: Vec::new() };
     let (mut out_open, mut err_open) = (true, true);
     let mut chunk = vec![0u8; 64 << 10];

@@ -222,7 +222,8 @@ fn bad_payload_type_is_400_with_detail() {
 fn not_implemented_actions_are_501() {
     let tmp = TempDir::new("n501");
     let srv = start_basic(&tmp);
-    for action in ["invoke", "stop", "terminal.spawn"] {
+    for action in ["terminal.spawn", "terminal.input", "terminal.output", "terminal.resize", "terminal.close"]
+    {
         let (status, text) = srv.post(&request_body(TOKEN, action, json!({})));
         assert_eq!(status, 501, "{action}: {text}");
         assert_eq!(text, r#"{"error":"not implemented"}"#, "{action}");

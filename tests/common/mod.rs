@@ -106,6 +106,8 @@ pub struct Spawned {
 pub fn spawn(args: &[&str], cwd: &Path, env: &[(&str, &str)]) -> Spawned {
     let mut cmd = Command::new(BIN);
     cmd.args(args).current_dir(cwd).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    // The outbox spool (state dir) stays inside the test's own directory.
+    cmd.env("XDG_STATE_HOME", cwd.join("state")).env_remove("STATE_DIRECTORY");
     for (k, v) in env {
         cmd.env(k, v);
     }

@@ -1,0 +1,354 @@
+//! Ordered, signed, at-least-once delivery of posts to a platform, surviving
+//! outages and restarts. One design for push-mode runs and poll-mode sessions.
+//!
+//! A *stream* (one run) is an append-only spool file, `<id>.q`, one JSON record
+//! per line, and a delivery thread that reads it from the offset kept in
+//! `<id>.pos` and posts one record at a time, in order. The file is the queue:
+//! memory stays flat however long the platform is down, and what was not
+//! delivered is still there after a restart, when [`Outbox::open`] resumes it.
+//! A stream whose writer died before its final post (a crash) is closed on
+//! resume with the fallback post kept in `<id>.close`.
+//!
+//! Failures (no connection, timeout, 408, 429, 5xx) are retried with
+//! exponential backoff and jitter for `window`; another status is logged and
+//! that post skipped. Posts are signed when sent, by the [`Signer`], so a
+//! timestamped signature is fresh after an outage and no key is written to disk.
+
+use crate::client::{Answer, Client};
+use crate::logging::{error, info, warn};
+use serde::{Deserialize, Serialize};
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufRead, BufReader, Seek, SeekFrom, Write};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// Headers for a post, computed when it is sent. None: the key is gone (a
+/// project removed from the config since the post was queued); it is skipped.
+pub trait Signer: Send + Sync {
+    fn headers(&self, key: &str, body: &[u8]) -> Option<Vec<(String, String)>>;
+}
+
+/// One post as spooled.
+#[derive(Serialize, Deserialize, Clone)]
+pub struct Record {
+    pub url: String,
+    /// Names the signing key (a project id); never the key itself.
+    pub key: String,
+    pub seq: u64,
+    /// The closing post of its stream.
+    #[serde(rename = "final")]
+    pub last: bool,
+    /// The exact body bytes that are signed and sent.
+    pub body: String,
+}
+
+/// What closes a stream whose writer vanished: its `body` is a JSON object
+/// that gets `"seq"` added.
+#[derive(Serialize, Deserialize)]
+pub struct Fallback {
+    pub url: String,
+    pub key: String,
+    pub body: serde_json::Map<String, serde_json::Value>,
+}
+
+pub struct Outbox {
+    dir: PathBuf,
+    client: Client,
+    signer: Arc<dyn Signer>,
+    window: Duration,
+    /// Delivery threads still running.
+    active: AtomicUsize,
+    /// Set at shutdown: retries stop at this instant, leaving the spool for the next start.
+    deadline: Mutex<Option<Instant>>,
+}
+
+/// The writing end of a stream, owned by the run that produces its posts.
+pub struct Stream {
+    file: File,
+    state: Arc<StreamState>,
+}
+
+/// Shared by a stream's writer and its delivery thread.
+struct StreamState {
+    /// Bytes appended so far, and whether the writer is done.
+    progress: Mutex<(u64, bool)>,
+    more: Condvar,
+}
+
+impl Outbox {
+    /// Opens (creating, mode 0700) the spool directory and resumes every
+    /// stream left there by an earlier process.
+    pub fn open(dir: &Path, signer: Arc<dyn Signer>, window: Duration) -> io::Result<Arc<Outbox>> {
+        std::fs::create_dir_all(dir)?;
+        std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+        let outbox = Arc::new(Outbox {
+            dir: dir.to_path_buf(),
+            client: Client::new(Duration::from_secs(15)),
+            signer,
+            window,
+            active: AtomicUsize::new(0),
+            deadline: Mutex::new(None),
+        });
+        let mut leftovers: Vec<String> = std::fs::read_dir(dir)?
+            .filter_map(Result::ok)
+            .filter_map(|e| e.file_name().into_string().ok()?.strip_suffix(".q").map(str::to_string))
+            .collect();
+        leftovers.sort();
+        for id in leftovers {
+            match outbox.resume(&id) {
+                Ok(n) => info!("outbox: resuming {id} ({n} post(s) spooled)"),
+                Err(e) => error!("outbox: cannot resume {id}: {e}"),
+            }
+        }
+        Ok(outbox)
+    }
+
+    fn path(&self, id: &str, ext: &str) -> PathBuf {
+        self.dir.join(format!("{id}.{ext}"))
+    }
+
+    /// Starts a stream: its spool file, its fallback close, its delivery thread.
+    pub fn stream(self: &Arc<Self>, id: &str, fallback: &Fallback) -> io::Result<Stream> {
+        let mut close = private_file(&self.path(id, "close"), true)?;
+        close.write_all(&serde_json::to_vec(fallback)?)?;
+        let file = private_file(&self.path(id, "q"), true)?;
+        let state = Arc::new(StreamState { progress: Mutex::new((0, false)), more: Condvar::new() });
+        self.spawn(id.to_string(), Arc::clone(&state))?;
+        Ok(Stream { file, state })
+    }
+
+    /// Re-delivers a spooled stream, first closing it if its writer never did.
+    fn resume(self: &Arc<Self>, id: &str) -> io::Result<usize> {
+        let q = self.path(id, "q");
+        let records = read_records(&q)?;
+        let count = records.len();
+        let mut file = OpenOptions::new().append(true).open(&q)?;
+        if !records.last().is_some_and(|r| r.last) {
+            // The writer died mid-stream (a crash): close the stream for it.
+            let fallback: Option<Fallback> =
+                std::fs::read(self.path(id, "close")).ok().and_then(|b| serde_json::from_slice(&b).ok());
+            if let Some(mut f) = fallback {
+                let seq = records.last().map_or(0, |r| r.seq + 1);
+                f.body.insert("seq".into(), seq.into());
+                let body = serde_json::to_string(&f.body)?;
+                append(&mut file, &Record { url: f.url, key: f.key, seq, last: true, body })?;
+            }
+        }
+        let len = file.metadata()?.len();
+        let state = Arc::new(StreamState { progress: Mutex::new((len, true)), more: Condvar::new() });
+        self.spawn(id.to_string(), state)?;
+        Ok(count)
+    }
+
+    fn spawn(self: &Arc<Self>, id: String, state: Arc<StreamState>) -> io::Result<()> {
+        let outbox = Arc::clone(self);
+        self.active.fetch_add(1, Ordering::SeqCst);
+        let spawned =
+            std::thread::Builder::new().name(format!("outbox-{id}")).stack_size(256 << 10).spawn(move || {
+                if let Err(e) = outbox.deliver_stream(&id, &state) {
+                    error!("outbox: stream {id}: {e}");
+                }
+                outbox.active.fetch_sub(1, Ordering::SeqCst);
+            });
+        if spawned.is_err() {
+            self.active.fetch_sub(1, Ordering::SeqCst);
+        }
+        spawned.map(|_| ())
+    }
+
+    /// At shutdown: lets delivery go on until `deadline`, then returns; what is
+    /// left stays spooled for the next start.
+    pub fn drain(&self, deadline: Instant) {
+        *self.deadline.lock().unwrap_or_else(|p| p.into_inner()) = Some(deadline);
+        while self.active.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let left = self.active.load(Ordering::SeqCst);
+        if left > 0 {
+            warn!(
+                "outbox: {left} stream(s) not fully delivered; kept in {} for the next start",
+                self.dir.display()
+            );
+        }
+    }
+
+    fn stopping(&self) -> bool {
+        self.deadline.lock().unwrap_or_else(|p| p.into_inner()).is_some_and(|d| Instant::now() >= d)
+    }
+
+    /// The delivery thread of one stream.
+    fn deliver_stream(&self, id: &str, state: &StreamState) -> io::Result<()> {
+        let q = self.path(id, "q");
+        let pos_file = private_file(&self.path(id, "pos"), false)?;
+        let mut pos = {
+            let mut b = [0u8; 8];
+            pos_file.read_exact_at(&mut b, 0).map(|_| u64::from_le_bytes(b)).unwrap_or(0)
+        };
+        let mut reader = BufReader::new(File::open(&q)?);
+        reader.seek(SeekFrom::Start(pos))?;
+        let mut line = Vec::new();
+        loop {
+            // Wait until a whole record is there (or the stream is over).
+            let n = reader.read_until(b'\n', &mut line)?;
+            if !line.ends_with(b"\n") {
+                let guard = state.progress.lock().unwrap_or_else(|p| p.into_inner());
+                let (written, done) = *guard;
+                if written > pos + line.len() as u64 || n > 0 {
+                    continue;
+                }
+                if done {
+                    break; // the writer ended without a final post: nothing more will come
+                }
+                let _unused = state.more.wait_timeout(guard, Duration::from_secs(1));
+                continue;
+            }
+            let record: Record = match serde_json::from_slice(&line) {
+                Ok(r) => r,
+                Err(e) => {
+                    error!("outbox: {id}: unreadable record at {pos}: {e}; skipped");
+                    pos += line.len() as u64;
+                    line.clear();
+                    continue;
+                }
+            };
+            match self.deliver(id, &record) {
+                Delivery::Done => {}
+                Delivery::Interrupted => return Ok(()), // shutdown: resume next start
+                Delivery::GaveUp => {
+                    error!(
+                        "outbox: {id}: no delivery to {} for {:?}; dropping the rest of this stream",
+                        crate::git::redact_userinfo(&record.url),
+                        self.window
+                    );
+                    break;
+                }
+            }
+            pos += line.len() as u64;
+            line.clear();
+            pos_file.write_all_at(&pos.to_le_bytes(), 0)?;
+            if record.last {
+                break;
+            }
+        }
+        for ext in ["q", "pos", "close"] {
+            let _ = std::fs::remove_file(self.path(id, ext));
+        }
+        Ok(())
+    }
+
+    /// Posts one record until it is accepted, refused for good, or the window closes.
+    fn deliver(&self, id: &str, record: &Record) -> Delivery {
+        let started = Instant::now();
+        let mut backoff = Duration::from_millis(250);
+        let mut failures = 0u32;
+        loop {
+            let Some(headers) = self.signer.headers(&record.key, record.body.as_bytes()) else {
+                warn!(
+                    "outbox: {id}: seq {} has no signing key ({}) any more; skipped",
+                    record.seq, record.key
+                );
+                return Delivery::Done;
+            };
+            let wait = match self.client.post(&record.url, &headers, record.body.as_bytes()) {
+                Answer::Status { status, .. } if (200..300).contains(&status) => {
+                    if failures > 0 {
+                        info!("outbox: {id}: delivered again after {failures} failed attempt(s)");
+                    }
+                    return Delivery::Done;
+                }
+                Answer::Status { status, retry_after, .. }
+                    if status == 408 || status == 429 || status >= 500 =>
+                {
+                    if failures == 0 {
+                        warn!("outbox: {id}: callback answered {status}; retrying");
+                    }
+                    retry_after.map(|r| r.min(Duration::from_secs(300)))
+                }
+                Answer::Status { status, .. } => {
+                    warn!("outbox: {id}: callback refused seq {} with {status}; skipped", record.seq);
+                    return Delivery::Done;
+                }
+                Answer::Failed(e) => {
+                    if failures == 0 {
+                        warn!("outbox: {id}: {}; retrying", crate::git::redact_userinfo(&e));
+                    }
+                    None
+                }
+            };
+            failures += 1;
+            if started.elapsed() >= self.window {
+                return Delivery::GaveUp;
+            }
+            let pause = wait.unwrap_or_else(|| jitter(backoff));
+            backoff = (backoff * 2).min(Duration::from_secs(30));
+            let until = Instant::now() + pause;
+            while Instant::now() < until {
+                if self.stopping() {
+                    return Delivery::Interrupted;
+                }
+                std::thread::sleep((until - Instant::now()).min(Duration::from_millis(100)));
+            }
+            if self.stopping() {
+                return Delivery::Interrupted;
+            }
+        }
+    }
+}
+
+enum Delivery {
+    Done,
+    GaveUp,
+    Interrupted,
+}
+
+impl Stream {
+    /// Appends one post; its delivery thread picks it up at once.
+    pub fn push(&mut self, record: &Record) -> io::Result<()> {
+        let written = append(&mut self.file, record)?;
+        let mut progress = self.state.progress.lock().unwrap_or_else(|p| p.into_inner());
+        progress.0 += written;
+        progress.1 |= record.last;
+        self.state.more.notify_one();
+        Ok(())
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        let mut progress = self.state.progress.lock().unwrap_or_else(|p| p.into_inner());
+        progress.1 = true;
+        self.state.more.notify_one();
+    }
+}
+
+/// One record, one line, one write: the reader never sees half of it twice.
+fn append(file: &mut File, record: &Record) -> io::Result<u64> {
+    let mut line = serde_json::to_vec(record)?;
+    line.push(b'\n');
+    file.write_all(&line)?;
+    Ok(line.len() as u64)
+}
+
+fn read_records(path: &Path) -> io::Result<Vec<Record>> {
+    let reader = BufReader::new(File::open(path)?);
+    Ok(reader.split(b'\n').filter_map(Result::ok).filter_map(|l| serde_json::from_slice(&l).ok()).collect())
+}
+
+fn private_file(path: &Path, append: bool) -> io::Result<File> {
+    OpenOptions::new().create(true).read(true).write(!append).append(append).mode(0o600).open(path)
+}
+
+/// ±25% around `d`, so that many streams do not retry in step.
+fn jitter(d: Duration) -> Duration {
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().subsec_nanos();
+    let mut x = u64::from(nanos) ^ 0x9E37_79B9_7F4A_7C15;
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    let factor = 0.75 + (x % 1000) as f64 / 2000.0;
+    d.mul_f64(factor)
+}
