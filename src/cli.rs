@@ -69,15 +69,41 @@ fn check(path: &Path) -> Result<i32, Error> {
         eprintln!("warning: {}: {w}", path.display());
     }
     let path_var = std::env::var_os("PATH").unwrap_or_default();
+    let mut uses_acpx = false;
     for p in &config.projects {
         for a in &p.agents {
-            if !starter::on_path(&path_var, &a.name) {
-                eprintln!("note: projects.{}.agents.{}: `{}` is not on PATH", p.id, a.name, a.name);
+            let at = format!("projects.{}.agents.{}", p.id, a.name);
+            match &a.command {
+                Some(argv) if !argv[0].contains('/') && !starter::on_path(&path_var, &argv[0]) => {
+                    eprintln!("note: {at}.command: `{}` is not on PATH", argv[0]);
+                }
+                Some(_) => {}
+                None => {
+                    uses_acpx = true;
+                    if !starter::on_path(&path_var, &a.name) {
+                        eprintln!(
+                            "note: {at}: `{}` is not on PATH (acpx may still find its ACP adapter)",
+                            a.name
+                        );
+                    }
+                }
             }
         }
     }
-    if !starter::on_path(&path_var, "git") {
-        eprintln!("note: git is not on PATH: repos.sync, git.* and files.tree in repositories will fail");
+    if uses_acpx {
+        match tool_version("acpx") {
+            Some(v) => eprintln!("note: acpx {v}"),
+            None => eprintln!(
+                "note: acpx is not on PATH: invoke will fail (npm install -g acpx; it needs Node.js 22+)"
+            ),
+        }
+        match tool_version("node") {
+            Some(v) if node_major(&v).is_some_and(|m| m < 22) => {
+                eprintln!("note: node {v} is older than the Node.js 22 that acpx 0.19 needs")
+            }
+            Some(_) => {}
+            None => eprintln!("note: node is not on PATH: acpx needs Node.js 22+"),
+        }
     }
     println!("ok: {}: {} project(s)", path.display(), config.projects.len());
     Ok(0)
@@ -143,6 +169,18 @@ fn serve(explicit: Option<PathBuf>) -> Result<i32, Error> {
     outbox.drain(deadline);
     info!("stopped");
     Ok(0)
+}
+
+/// `TOOL --version`'s first line (bounded: 10 s), or None if it cannot run.
+fn tool_version(tool: &str) -> Option<String> {
+    let mut cmd = std::process::Command::new(tool);
+    cmd.arg("--version");
+    let out = crate::proc::run(&mut cmd, Duration::from_secs(10), 4096).ok().filter(|o| o.success())?;
+    Some(String::from_utf8_lossy(&out.stdout).lines().next()?.trim().to_string())
+}
+
+fn node_major(version: &str) -> Option<u32> {
+    version.trim_start_matches('v').split('.').next()?.parse().ok()
 }
 
 /// Each connection and each git run holds descriptors: lift the soft limit
