@@ -444,18 +444,32 @@ impl<'a> Run<'a> {
             .take_stderr()
             .map(|err| std::thread::Builder::new().stack_size(128 << 10).spawn(move || tail(err, 8 << 10)));
         let mut transcript = Transcript::default();
-        if let Some(out) = group.take_stdout() {
-            self.pump(out, &mut transcript);
-        }
-        let status = group.wait();
-        let _ = control_tx.send(Control::Exited);
-        if let Ok(handle) = controller {
-            let _ = handle.join();
-        }
-        let swept = proc::sweep(&marker, Duration::from_secs(2));
-        if swept > 0 {
-            info!("run {}: ended {swept} process(es) it left behind", self.invoke.session);
-        }
+        let cap = limits.run_output_bytes;
+        let (events, lines, session) = (&mut self.events, &mut self.lines, self.invoke.session.as_str());
+        let status = std::thread::scope(|scope| {
+            // The pump reads stdout on its own thread: a process that escaped the
+            // group (a detached daemon) may hold the pipe open after the agent
+            // exits, and only the sweep below ends it.
+            if let Some(out) = group.take_stdout() {
+                let transcript = &mut transcript;
+                let pump = std::thread::Builder::new()
+                    .stack_size(256 << 10)
+                    .spawn_scoped(scope, move || pump(out, events, transcript, lines, cap, session));
+                if let Err(e) = pump {
+                    error!("run {session}: cannot start its output thread: {e}");
+                }
+            }
+            let status = group.wait();
+            let _ = control_tx.send(Control::Exited);
+            if let Ok(handle) = controller {
+                let _ = handle.join();
+            }
+            let swept = proc::sweep(&marker, Duration::from_secs(2));
+            if swept > 0 {
+                info!("run {session}: ended {swept} process(es) it left behind");
+            }
+            status
+        });
         let stderr_tail = stderr.and_then(|h| h.ok()).and_then(|h| h.join().ok()).unwrap_or_default();
         let cut = *cut.lock().unwrap_or_else(|p| p.into_inner());
         self.finish(cut, status, &transcript, &stderr_tail, &cwd, head_at_start.as_deref(), &argv[0])
@@ -469,42 +483,6 @@ impl<'a> Run<'a> {
             Ok(out) if out.success() => Ok(()),
             Ok(out) if out.status.is_none() => Err("acpx sessions ensure timed out".into()),
             Ok(out) => Err(format!("acpx sessions ensure failed: {}", last_words(&out.stderr))),
-        }
-    }
-
-    /// Reads the agent's stdout line by line into events, up to the output cap.
-    fn pump(&mut self, out: std::process::ChildStdout, transcript: &mut Transcript) {
-        let cap = self.runs.limits.run_output_bytes;
-        let mut reader = BufReader::with_capacity(64 << 10, out);
-        let mut line = Vec::new();
-        let mut sent: u64 = 0;
-        let mut capped = false;
-        loop {
-            line.clear();
-            match read_line(&mut reader, &mut line, 1 << 20) {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {}
-            }
-            while line.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
-                line.pop();
-            }
-            let text = String::from_utf8_lossy(&line);
-            transcript.feed(&text);
-            self.lines += 1;
-            if capped {
-                continue;
-            }
-            sent += line.len() as u64 + 1;
-            if sent > cap {
-                capped = true;
-                let marker = format!(
-                    "[aion-connector] output limit of {cap} bytes reached; the rest of this run's output is dropped"
-                );
-                warn!("run {}: output limit of {cap} bytes reached", self.invoke.session);
-                self.events.output(&marker);
-                continue;
-            }
-            self.events.output(&text);
         }
     }
 
@@ -548,6 +526,47 @@ impl<'a> Run<'a> {
         let changed = changes(cwd, head_at_start, self.runs.limits.git);
         self.events.complete(transcript.summary(), &changed);
         format!("complete ({} changed)", changed.len())
+    }
+}
+
+/// Reads the agent's stdout line by line into events, up to the output cap.
+fn pump(
+    out: std::process::ChildStdout,
+    events: &mut Events,
+    transcript: &mut Transcript,
+    lines: &mut u64,
+    cap: u64,
+    session: &str,
+) {
+    let mut reader = BufReader::with_capacity(64 << 10, out);
+    let mut line = Vec::new();
+    let mut sent: u64 = 0;
+    let mut capped = false;
+    loop {
+        line.clear();
+        match read_line(&mut reader, &mut line, 1 << 20) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+        while line.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+            line.pop();
+        }
+        let text = String::from_utf8_lossy(&line);
+        transcript.feed(&text);
+        *lines += 1;
+        if capped {
+            continue;
+        }
+        sent += line.len() as u64 + 1;
+        if sent > cap {
+            capped = true;
+            warn!("run {session}: output limit of {cap} bytes reached");
+            events.output(&format!(
+                "[aion-connector] output limit of {cap} bytes reached; the rest of this run's output is dropped"
+            ));
+            continue;
+        }
+        events.output(&text);
     }
 }
 
@@ -636,13 +655,13 @@ fn spawn_error(program: &str, e: &std::io::Error) -> String {
 /// or (the original's default) a persistent acpx session, first ensured.
 fn commands(agent: &Agent, inv: &Invoke) -> (Option<Vec<String>>, Vec<String>) {
     if let Some(template) = &agent.command {
-        let fill = |s: &String| {
-            s.replace("{prompt}", &inv.prompt)
-                .replace("{session}", &inv.session)
-                .replace("{model}", inv.model.as_deref().unwrap_or(""))
-                .replace("{agent}", &agent.name)
-        };
-        return (None, template.iter().map(fill).collect());
+        let vars = [
+            ("prompt", inv.prompt.as_str()),
+            ("session", inv.session.as_str()),
+            ("model", inv.model.as_deref().unwrap_or("")),
+            ("agent", agent.name.as_str()),
+        ];
+        return (None, template.iter().map(|t| fill(t, &vars)).collect());
     }
     let mut argv: Vec<String> = ["acpx", "--format", "json", "--approve-all"].map(String::from).to_vec();
     if let Some(model) = &inv.model {
@@ -657,6 +676,32 @@ fn commands(agent: &Agent, inv: &Invoke) -> (Option<Vec<String>>, Vec<String>) {
     let ensure =
         ["acpx", &agent.name, "sessions", "ensure", "--name", &inv.session].map(String::from).to_vec();
     (Some(ensure), argv)
+}
+
+/// Replaces `{name}` placeholders in one pass: text that comes in through a
+/// value (a prompt mentioning `{session}`) is never expanded again.
+fn fill(template: &str, vars: &[(&str, &str)]) -> String {
+    let mut out = String::with_capacity(template.len());
+    let mut rest = template;
+    while let Some(open) = rest.find('{') {
+        out.push_str(&rest[..open]);
+        let after = &rest[open + 1..];
+        let hit = after
+            .find('}')
+            .and_then(|close| vars.iter().find(|(k, _)| *k == &after[..close]).map(|(_, v)| (close, *v)));
+        match hit {
+            Some((close, value)) => {
+                out.push_str(value);
+                rest = &after[close + 1..];
+            }
+            None => {
+                out.push('{');
+                rest = after;
+            }
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 fn acpx_cancel(agent: &Agent, session: &str) -> Vec<String> {
@@ -750,6 +795,12 @@ mod tests {
             got.push(String::from_utf8(line.clone()).unwrap());
         }
         assert_eq!(got, ["xxxxxx", "xxxx\n", "short\n"]);
+    }
+
+    #[test]
+    fn templates_fill_in_one_pass() {
+        let vars = [("prompt", "say {session} {x}"), ("session", "S")];
+        assert_eq!(fill("-p={prompt}|{session}|{other}|{", &vars), "-p=say {session} {x}|S|{other}|{");
     }
 
     #[test]

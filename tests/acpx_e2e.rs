@@ -1,0 +1,216 @@
+//! End to end with the real acpx 0.19.1 (on Node 22) driving the mock ACP
+//! agent tests/fixtures/mock-acp-agent.js. acpx and Node come from
+//! tests/fixtures/install-acpx.sh (npm), cached in target/acpx-e2e (or
+//! $AION_E2E_DIR); the test installs them when they are missing.
+
+mod common;
+
+use common::*;
+use serde_json::{Value, json};
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const TOKEN: &str = "e2e-project-token-41f0c2d9a8b7";
+const INVOKE_TOKEN: &str = "e2e-invoke-token-77aa";
+
+/// Node's and acpx's bin dirs, installing them first if needed.
+fn acpx_bins() -> (PathBuf, PathBuf) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let script = root.join("tests/fixtures/install-acpx.sh");
+    let mut cmd = Command::new("sh");
+    cmd.arg(&script).current_dir(root);
+    if std::env::var_os("AION_E2E_DIR").is_none() {
+        cmd.env("AION_E2E_DIR", root.join("target/acpx-e2e"));
+    }
+    let out = cmd.output().expect("run tests/fixtures/install-acpx.sh");
+    if !out.status.success() {
+        panic!(
+            "tests/fixtures/install-acpx.sh could not install acpx 0.19.1 and Node.js 22 ({}):\n{}\n\
+             It needs npm and the npm registry: install Node.js with npm (Debian/Ubuntu: \
+             `apt-get install -y npm`; macOS: `brew install node`), or put an installed copy in \
+             target/acpx-e2e (or $AION_E2E_DIR), then run the test again.",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let mut lines = stdout.lines().map(PathBuf::from);
+    let (node, acpx) = (lines.next().unwrap(), lines.next().unwrap());
+    assert!(node.join("node").exists() && acpx.join("acpx").exists(), "{stdout}");
+    (node, acpx)
+}
+
+/// The AION_RUN_ID of every live process started with HOME=`home` (ours).
+fn run_ids_under(home: &Path) -> BTreeSet<String> {
+    let want = format!("HOME={}", home.display());
+    let mut ids = BTreeSet::new();
+    for entry in std::fs::read_dir("/proc").unwrap().filter_map(Result::ok) {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
+        if !alive(pid) {
+            continue;
+        }
+        let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else { continue };
+        let vars: Vec<&[u8]> = env.split(|&b| b == 0).collect();
+        if !vars.contains(&want.as_bytes()) {
+            continue;
+        }
+        for v in vars {
+            if let Some(id) = v.strip_prefix(b"AION_RUN_ID=") {
+                ids.insert(String::from_utf8_lossy(id).into_owned());
+            }
+        }
+    }
+    ids
+}
+
+fn outputs(bodies: &[Value]) -> Vec<Value> {
+    bodies[..bodies.len() - 1]
+        .iter()
+        .map(|b| {
+            let text = b["text"].as_str().unwrap_or_else(|| panic!("not an output: {b}"));
+            serde_json::from_str(text).unwrap_or_else(|e| panic!("output is not JSON ({e}): {text}"))
+        })
+        .collect()
+}
+
+/// The ACP session id of the run's session/prompt request.
+fn acp_session(lines: &[Value]) -> String {
+    let prompt = lines.iter().find(|l| l["method"] == "session/prompt").expect("a session/prompt request");
+    prompt["params"]["sessionId"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn real_acpx_runs_the_mock_agent_continues_its_session_and_cancels() {
+    let t0 = Instant::now();
+    let (node_bin, acpx_bin) = acpx_bins();
+    let dir = TempDir::new("acpx-e2e");
+    let home = dir.join("home");
+    let agent = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/mock-acp-agent.js");
+    write(
+        home.join(".acpx/config.json"),
+        json!({"agents": {"mock": {"command": format!("node {}", agent.display())}}}).to_string(),
+    );
+    let proj = dir.join("proj");
+    std::fs::create_dir_all(&proj).unwrap();
+    let cfg = dir.join("aion.config.json");
+    let config = json!({
+        "port": 0, "host": "127.0.0.1",
+        "limits": {"stopGraceSeconds": 10},
+        "projects": {"p": {"token": TOKEN, "dir": proj, "agents": {"mock": {"description": "Mock ACP agent"}}}}
+    });
+    std::fs::write(&cfg, config.to_string()).unwrap();
+    let path = format!(
+        "{}:{}:{}",
+        node_bin.display(),
+        acpx_bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let home_s = home.display().to_string();
+    let server =
+        Server::start_args(&[cfg.to_str().unwrap()], dir.path(), &[("PATH", &path), ("HOME", &home_s)]);
+    let platform = Platform::start();
+    let invoke = |prompt: &str| {
+        let payload = json!({"agent": "mock", "prompt": prompt, "session": "e2e", "callback": platform.url(), "token": INVOKE_TOKEN});
+        let (status, v) = server.call(TOKEN, "invoke", payload);
+        assert_eq!((status, v), (200, json!({"ok": true, "sessionId": "e2e"})));
+    };
+    let closed = |n: usize| {
+        // The delivered posts of the n-th run (0-based) of the session, once closed.
+        let posts = poll_within(Duration::from_secs(60), "the run to close", || {
+            let all = platform.delivered();
+            let ends: Vec<usize> =
+                all.iter().enumerate().filter(|(_, p)| p.closes()).map(|(i, _)| i).collect();
+            let end = *ends.get(n)?;
+            let start = if n == 0 { 0 } else { ends[n - 1] + 1 };
+            Some(all[start..=end].to_vec())
+        });
+        check_run(&posts, TOKEN)
+    };
+
+    // 1. A first prompt: the output is acpx's JSON-RPC traffic; the summary the agent's message.
+    let prompt = r#"hello "e2e" $(touch pwned) --flag"#;
+    invoke(prompt);
+    let first = closed(0);
+    let last = first.last().unwrap();
+    assert_eq!(last["summary"], format!("echo: {prompt}"), "{first:?}");
+    assert_eq!(last["changed"], json!([]));
+    assert_eq!(last["token"], INVOKE_TOKEN);
+    let lines = outputs(&first);
+    assert!(lines.iter().all(|l| l["jsonrpc"] == "2.0"), "{lines:?}");
+    assert!(lines.iter().any(|l| l["result"]["stopReason"] == "end_turn"));
+    let session = acp_session(&lines);
+    assert!(!proj.join("pwned").exists());
+    eprintln!("first run closed after {:?}", t0.elapsed());
+
+    // 2. The same session continues: acpx loads the ACP session it created.
+    invoke("second");
+    let second = closed(1);
+    assert_eq!(second.last().unwrap()["summary"], "echo: second");
+    let lines = outputs(&second);
+    let load = lines.iter().find(|l| l["method"] == "session/load");
+    assert!(
+        load.is_some_and(|l| l["params"]["sessionId"] == session.as_str()) || acp_session(&lines) == session,
+        "the second run did not continue ACP session {session}: {lines:?}"
+    );
+    assert_eq!(acp_session(&lines), session);
+    eprintln!("second run closed after {:?}", t0.elapsed());
+
+    // 3. A slow prompt, stopped: acpx cancel ends the turn at once.
+    invoke("slow please");
+    poll_within(Duration::from_secs(30), "the first tick", || {
+        platform
+            .delivered()
+            .iter()
+            .any(|p| p.json()["text"].as_str().is_some_and(|t| t.contains("tick 0")))
+            .then_some(())
+    });
+    let ids = run_ids_under(&home);
+    assert!(!ids.is_empty(), "no process of the run carries AION_RUN_ID");
+    let stopped_at = Instant::now();
+    let (status, v) = server.call(TOKEN, "stop", json!({"session": "e2e"}));
+    assert_eq!((status, v), (200, json!({"ok": true, "stopping": true})));
+    let third = closed(2);
+    let took = stopped_at.elapsed();
+    assert_eq!(third.last().unwrap()["error"], "stopped");
+    let lines = outputs(&third);
+    let ticks = lines
+        .iter()
+        .filter(|l| l["params"]["update"]["content"]["text"].as_str().is_some_and(|t| t.starts_with("tick ")))
+        .count();
+    assert!(ticks < 50, "the turn was not cancelled: all {ticks} ticks streamed");
+    assert!(
+        took < Duration::from_secs(5),
+        "stop took {took:?}: acpx cancel did not end the run (stopGraceSeconds is 10)"
+    );
+    for id in &ids {
+        let marker = format!("AION_RUN_ID={id}");
+        assert!(
+            eventually(Duration::from_secs(3), || marked_processes(&marker).is_empty()),
+            "processes of run {id} survived: {:?}",
+            marked_processes(&marker)
+        );
+    }
+    assert!(run_ids_under(&home).is_empty(), "left behind: {:?}", run_ids_under(&home));
+    let err = server.stderr();
+    assert!(!err.contains(TOKEN) && !err.contains(INVOKE_TOKEN), "a token is in stderr:\n{err}");
+    eprintln!("e2e done after {:?}; stop took {took:?} ({ticks} ticks)", t0.elapsed());
+    drop(server);
+    // Hygiene: nothing of ours may outlive the test.
+    for pid in marked_processes(&format!("HOME={}", home.display())) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+    }
+}
+
+/// `poll` with its own deadline.
+fn poll_within<T>(within: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(start.elapsed() < within, "timed out after {within:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
