@@ -37,38 +37,8 @@ TMP=$(mktemp -d "${TMPDIR:-/tmp}/aion-bench.XXXXXX")
 PIDS=()
 NOTES=()
 
-log() { printf '[bench] %s\n' "$*" >&2; }
-note() { NOTES+=("$*"); log "NOTE: $*"; }
-die() { log "FATAL: $*"; exit 1; }
-
-# alive PID: the process exists and is not a zombie (kill -0 is true for zombies).
-alive() {
-    local state
-    [[ -r /proc/$1/stat ]] || return 1
-    read -r _ _ state _ <"/proc/$1/stat" 2>/dev/null || return 1
-    [[ $state != Z ]]
-}
-
-# stop PID: SIGTERM, up to 5 s, then SIGKILL; sets STOP_CODE and STOP_MS.
-stop() {
-    local pid=$1 i t0 t1
-    STOP_CODE=-
-    STOP_MS=-
-    t0=$(date +%s%N)
-    kill -TERM "$pid" 2>/dev/null || true
-    for ((i = 0; i < 100; i++)); do
-        alive "$pid" || break
-        sleep 0.05
-    done
-    if alive "$pid"; then
-        kill -KILL "$pid" 2>/dev/null || true
-        note "pid $pid ignored SIGTERM for 5 s, killed"
-    fi
-    STOP_CODE=0
-    wait "$pid" 2>/dev/null || STOP_CODE=$?
-    t1=$(date +%s%N)
-    STOP_MS=$(( (t1 - t0) / 1000000 ))
-}
+# shellcheck source=bench/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 cleanup() {
     local pid

@@ -3,8 +3,13 @@
 //! read of each answer; TLS through rustls on Linux, the system's on macOS.
 //! Redirects are not followed: a signed post goes where it was addressed.
 
+use std::collections::HashMap;
 use std::io::Read;
-use std::time::Duration;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+use ureq::unversioned::resolver::{DefaultResolver, ResolvedSocketAddrs, Resolver};
+use ureq::unversioned::transport::{DefaultConnector, NextTimeout};
 
 pub struct Client {
     agent: ureq::Agent,
@@ -28,7 +33,8 @@ impl Client {
             .max_idle_connections_per_host(4)
             .user_agent(concat!("aion-connector/", env!("CARGO_PKG_VERSION")))
             .build();
-        Client { agent: config.into() }
+        let agent = ureq::Agent::with_parts(config, DefaultConnector::new(), CachingResolver::default());
+        Client { agent }
     }
 
     pub fn post(&self, url: &str, headers: &[(String, String)], body: &[u8]) -> Answer {
@@ -55,5 +61,41 @@ fn finish(result: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> Answ
             Answer::Status { status, retry_after }
         }
         Err(e) => Answer::Failed(e.to_string()),
+    }
+}
+
+/// ureq looks a host up before every request, on a thread of its own when a
+/// timeout is set: one thread per post, measured as most of a post's CPU.
+/// IP literals need no lookup; names are looked up once a minute.
+#[derive(Debug, Default)]
+struct CachingResolver {
+    inner: DefaultResolver,
+    cache: Mutex<HashMap<String, (Instant, ResolvedSocketAddrs)>>,
+}
+
+const RESOLVE_TTL: Duration = Duration::from_secs(60);
+
+impl Resolver for CachingResolver {
+    fn resolve(
+        &self,
+        uri: &ureq::http::Uri,
+        config: &ureq::config::Config,
+        timeout: NextTimeout,
+    ) -> Result<ResolvedSocketAddrs, ureq::Error> {
+        let host = uri.host().unwrap_or("").trim_start_matches('[').trim_end_matches(']');
+        let port = uri.port_u16().unwrap_or(if uri.scheme_str() == Some("https") { 443 } else { 80 });
+        if let Ok(ip) = host.parse::<IpAddr>() {
+            let mut addrs = self.empty();
+            addrs.push(SocketAddr::new(ip, port));
+            return Ok(addrs);
+        }
+        let key = format!("{host}:{port}");
+        let cached = self.cache.lock().unwrap_or_else(|p| p.into_inner()).get(&key).cloned();
+        if let Some((_, addrs)) = cached.filter(|(at, _)| at.elapsed() < RESOLVE_TTL) {
+            return Ok(addrs);
+        }
+        let addrs = self.inner.resolve(uri, config, timeout)?;
+        self.cache.lock().unwrap_or_else(|p| p.into_inner()).insert(key, (Instant::now(), addrs.clone()));
+        Ok(addrs)
     }
 }

@@ -10,7 +10,7 @@
 //! resume with the fallback post kept in `<id>.close`.
 //!
 //! Failures (no connection, timeout, 408, 429, 5xx) are retried with
-//! exponential backoff and jitter for `window`; another status is logged and
+//! exponential backoff (250 ms doubling to 10 s) and jitter for `window`; another status is logged and
 //! that post skipped. Posts are signed when sent, by the [`Signer`], so a
 //! timestamped signature is fresh after an outage and no key is written to disk.
 
@@ -283,7 +283,7 @@ impl Outbox {
                 return Delivery::GaveUp;
             }
             let pause = wait.unwrap_or_else(|| jitter(backoff));
-            backoff = (backoff * 2).min(Duration::from_secs(30));
+            backoff = (backoff * 2).min(Duration::from_secs(10));
             let until = Instant::now() + pause;
             while Instant::now() < until {
                 if self.stopping() {

@@ -1,0 +1,38 @@
+# shellcheck shell=bash
+# Shared by the bench scripts (sourced): logging and process helpers.
+# shellcheck disable=SC2034 # STOP_CODE and STOP_MS are read by the callers
+# The caller defines the array NOTES before sourcing.
+
+log() { printf '[bench] %s\n' "$*" >&2; }
+note() { NOTES+=("$*"); log "NOTE: $*"; }
+die() { log "FATAL: $*"; exit 1; }
+
+# alive PID: the process exists and is not a zombie (kill -0 is true for zombies).
+alive() {
+    local state
+    [[ -r /proc/$1/stat ]] || return 1
+    read -r _ _ state _ <"/proc/$1/stat" 2>/dev/null || return 1
+    [[ $state != Z ]]
+}
+
+# stop PID [SECONDS]: SIGTERM, up to SECONDS (default 5), then SIGKILL;
+# sets STOP_CODE and STOP_MS.
+stop() {
+    local pid=$1 wait_s=${2:-5} i t0 t1
+    STOP_CODE=-
+    STOP_MS=-
+    t0=$(date +%s%N)
+    kill -TERM "$pid" 2>/dev/null || true
+    for ((i = 0; i < wait_s * 20; i++)); do
+        alive "$pid" || break
+        sleep 0.05
+    done
+    if alive "$pid"; then
+        kill -KILL "$pid" 2>/dev/null || true
+        note "pid $pid ignored SIGTERM for $wait_s s, killed"
+    fi
+    STOP_CODE=0
+    wait "$pid" 2>/dev/null || STOP_CODE=$?
+    t1=$(date +%s%N)
+    STOP_MS=$(( (t1 - t0) / 1000000 ))
+}

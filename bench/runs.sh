@@ -1,0 +1,364 @@
+#!/usr/bin/env bash
+# bench/runs.sh: agent-run figures for aion-connector (callback throughput,
+# line latency, memory through a callback outage, run start-up cost).
+# See bench/README.md for what each figure means.
+#
+# Usage: bench/runs.sh            (from anywhere; about 2.5 min after the build)
+# Env:   BENCH_BIN=path           skip the build, measure this binary
+#        BENCH_LINES=10000        lines of the burst run (figure 1)
+#        BENCH_PACED_LINES=1000   lines of the paced run (figure 2)
+#        BENCH_PACED_US=1000      microseconds between paced lines
+#        BENCH_STARTUP_RUNS=30    invokes per mode for the start-up figure
+#        OUTAGE_SECONDS=60        how long the callback is down (figure 3)
+#        OUTAGE_RATE=2000         agent lines per second during the outage
+#        PYTHON=python3
+#
+# Only 127.0.0.1 is ever contacted. Every process started here is stopped on exit.
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(cd "$HERE/.." && pwd)
+TARGET=x86_64-unknown-linux-musl
+LINES=${BENCH_LINES:-10000}
+PACED_LINES=${BENCH_PACED_LINES:-1000}
+PACED_US=${BENCH_PACED_US:-1000}
+STARTUP_RUNS=${BENCH_STARTUP_RUNS:-30}
+OUTAGE_SECONDS=${OUTAGE_SECONDS:-60}
+OUTAGE_RATE=${OUTAGE_RATE:-2000}
+PY=${PYTHON:-python3}
+HELPER="$HERE/runsbench.py"
+FAKE="$HERE/fake-acpx"
+
+for v in LINES PACED_LINES PACED_US STARTUP_RUNS OUTAGE_SECONDS OUTAGE_RATE; do
+    if ! [[ ${!v} =~ ^[0-9]+$ ]] || (( ${!v} < 1 )); then
+        echo "runs.sh: $v must be a positive integer" >&2
+        exit 2
+    fi
+done
+(( LINES <= 1000000 )) || { echo "runs.sh: BENCH_LINES is capped at 1000000" >&2; exit 2; }
+(( PACED_LINES * PACED_US <= 60000000 )) || { echo "runs.sh: the paced run is capped at 60 s" >&2; exit 2; }
+(( STARTUP_RUNS <= 200 )) || { echo "runs.sh: BENCH_STARTUP_RUNS is capped at 200" >&2; exit 2; }
+(( OUTAGE_SECONDS >= 2 && OUTAGE_SECONDS <= 600 )) || { echo "runs.sh: OUTAGE_SECONDS must be 2-600" >&2; exit 2; }
+(( OUTAGE_RATE <= 100000 )) || { echo "runs.sh: OUTAGE_RATE is capped at 100000" >&2; exit 2; }
+[[ -x $FAKE ]] || { echo "runs.sh: $FAKE is not executable" >&2; exit 2; }
+
+TMP=$(mktemp -d "${TMPDIR:-/tmp}/aion-runs.XXXXXX")
+# Every fake acpx (and the emitter it execs) inherits this through the connector,
+# so that cleanup can find them by their environment, by pid.
+MARK="AION_BENCH_MARK=$TMP"
+PIDS=()
+NOTES=()
+
+# shellcheck source=bench/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+# marked: pids of processes whose environment carries $MARK (fake acpx, emitters).
+marked() {
+    local env pid
+    for env in /proc/[0-9]*/environ; do
+        pid=${env#/proc/}
+        pid=${pid%/environ}
+        if { tr '\0' '\n' <"$env"; } 2>/dev/null | grep -qxF -- "$MARK"; then
+            printf '%s\n' "$pid"
+        fi
+    done
+}
+
+cleanup() {
+    local pid i
+    for pid in "${PIDS[@]}"; do
+        if alive "$pid"; then
+            kill -TERM "$pid" 2>/dev/null || true
+        fi
+    done
+    for pid in "${PIDS[@]}"; do
+        for ((i = 0; i < 100; i++)); do
+            alive "$pid" || break
+            sleep 0.05
+        done
+        if alive "$pid"; then
+            kill -KILL "$pid" 2>/dev/null || true
+        fi
+    done
+    for pid in $(marked); do
+        kill -KILL "$pid" 2>/dev/null || true
+    done
+    rm -rf "$TMP"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+kv() { # kv FILE KEY -> value of KEY=value in FILE, or "-"
+    local line
+    line=$(grep -m1 "^$2=" "$1" 2>/dev/null || true)
+    if [[ -n $line ]]; then printf '%s' "${line#*=}"; else printf -- '-'; fi
+}
+rss_kb() { awk '/^VmRSS:/{print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
+threads() { awk '/^Threads:/{print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
+mib() { awk -v k="$1" 'BEGIN{ if (k ~ /^[0-9]+$/) printf "%.1f MiB", k/1024; else printf "-" }'; }
+mb() { awk -v b="$1" 'BEGIN{ if (b ~ /^[0-9]+$/) printf "%.1f MB", b/1e6; else printf "-" }'; }
+
+# expect FILE KEY VALUE LABEL: note when KEY in FILE is not VALUE.
+expect() {
+    local got
+    got=$(kv "$1" "$2")
+    [[ $got == "$3" ]] || note "$4: $2=$got (expected $3)"
+}
+
+# ---------------------------------------------------------------- 0. tools
+command -v "$PY" >/dev/null || die "$PY not found"
+"$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))' || die "$PY is older than 3.11"
+# The interpreter itself (not a pyenv shim) for the fake agent, whose start-up is in figure 1.
+PYBIN=$("$PY" -c 'import sys; print(sys.executable)')
+
+# ---------------------------------------------------------------- 1. build
+if [[ -n ${BENCH_BIN:-} ]]; then
+    BIN=$BENCH_BIN
+    BUILD_KIND="given (BENCH_BIN)"
+    [[ -x $BIN ]] || die "BENCH_BIN=$BIN is not executable"
+else
+    if ! rustup target list --installed 2>/dev/null | grep -qx "$TARGET"; then
+        log "rustup target add $TARGET"
+        timeout 600 rustup target add "$TARGET" >&2 || log "rustup target add failed"
+    fi
+    log "cargo build --release --target $TARGET"
+    if (cd "$ROOT" && timeout 900 cargo build --release --target "$TARGET") >"$TMP/build.log" 2>&1; then
+        BIN="$ROOT/target/$TARGET/release/aion-connector"
+        BUILD_KIND="musl static ($TARGET)"
+    else
+        tail -n 8 "$TMP/build.log" >&2
+        note "musl build failed: FALLBACK to the host release build (not a static binary)"
+        log "cargo build --release"
+        if ! (cd "$ROOT" && timeout 900 cargo build --release) >"$TMP/build.log" 2>&1; then
+            tail -n 20 "$TMP/build.log" >&2
+            die "host release build failed too"
+        fi
+        BIN="$ROOT/target/release/aion-connector"
+        BUILD_KIND="host release (FALLBACK, musl build failed)"
+    fi
+fi
+cp "$BIN" "$TMP/aion-connector"
+BIN="$TMP/aion-connector"
+VERSION=$("$BIN" --version 2>/dev/null | head -n1 || true)
+
+# ---------------------------------------------------------------- config, fake acpx
+mkdir -p "$TMP/bin" "$TMP/ws"
+ln -s "$FAKE" "$TMP/bin/acpx"
+TOKEN=$(od -An -N32 -tx1 /dev/urandom | tr -d ' \n')
+export AION_TOKEN=$TOKEN  # for the helper only; never in argv
+
+# write_config NAME AGENT_JSON: $TMP/NAME.json with its own stateDir $TMP/NAME-state.
+# shutdownSeconds 3, stopGraceSeconds 1: a connector stopped during the outage (Ctrl-C)
+# ends its run (the fake ignores `acpx cancel`) and gives up delivering within the 5 s
+# that cleanup waits before SIGKILL.
+write_config() {
+    cat >"$TMP/$1.json" <<EOF
+{"port":0,"host":"127.0.0.1","stateDir":"$TMP/$1-state","limits":{"shutdownSeconds":3,"stopGraceSeconds":1},"projects":{"bench":{"token":"$TOKEN","dir":"$TMP/ws","agents":{"pi":$2}}}}
+EOF
+    chmod 600 "$TMP/$1.json"
+}
+
+# start_server NAME: start $BIN with $TMP/NAME.json in $TMP, fake acpx first on PATH;
+# sets SRV_PID and SRV_ADDR.
+start_server() {
+    local name=$1 i line=""
+    (cd "$TMP" && exec env PATH="$TMP/bin:$PATH" "$MARK" AION_BENCH_STARTS="$TMP/starts.txt" \
+        AION_BENCH_PY="$PYBIN" AION_TOKEN= \
+        "$BIN" "$TMP/$name.json") >"$TMP/$name.out" 2>"$TMP/$name.err" &
+    SRV_PID=$!
+    PIDS+=("$SRV_PID")
+    for ((i = 0; i < 100; i++)); do
+        if [[ -s $TMP/$name.out ]]; then
+            IFS= read -r line <"$TMP/$name.out" || true
+            [[ $line == *:* ]] && break
+        fi
+        alive "$SRV_PID" || break
+        sleep 0.05
+    done
+    if [[ $line != "listening on "* ]]; then
+        tail -n 5 "$TMP/$name.err" >&2 || true
+        die "server $name did not print 'listening on ADDR' (first line: '${line}')"
+    fi
+    SRV_ADDR=${line#listening on }
+    [[ $SRV_ADDR == 127.0.0.1:* ]] || die "server $name listens on $SRV_ADDR, expected 127.0.0.1:PORT"
+}
+
+# helper NAME ARGS...: run the Python helper in the background (so that a signal
+# reaches the trap at once), output in $TMP/NAME.kv and $TMP/NAME.herr.
+helper() {
+    local name=$1 code=0
+    shift
+    "$PY" "$HELPER" "$@" >"$TMP/$name.kv" 2>"$TMP/$name.herr" &
+    local hp=$!
+    PIDS+=("$hp")
+    wait "$hp" || code=$?
+    (( code == 0 )) || note "helper $name exited with code $code: $(tail -n 3 "$TMP/$name.herr" | tr '\n' ' ')"
+    if (( code == 0 )) && [[ -s $TMP/$name.herr ]]; then
+        note "helper $name said: $(head -n 3 "$TMP/$name.herr" | tr '\n' ' ')"
+    fi
+}
+
+# log_check NAME LABEL [ALLOWED_WARN_REGEX]: WARN/ERROR lines and run outcomes in a server log.
+log_check() {
+    local f="$TMP/$1.err" warn allowed runs errors
+    warn=$(grep -cE '\[(WARN|ERROR)\]' "$f" || true)
+    allowed=0
+    if [[ -n ${3:-} ]]; then
+        allowed=$(grep -E '\[(WARN|ERROR)\]' "$f" | grep -cE "$3" || true)
+    fi
+    runs=$(grep -c '\] run .* ended: ' "$f" || true)
+    errors=$(grep -c '\] run .* ended: error' "$f" || true)
+    LOG_SUMMARY="$runs runs ended ($errors with an error), $warn WARN/ERROR ($allowed expected)"
+    if (( warn > allowed )); then
+        note "$2: $((warn - allowed)) unexpected WARN/ERROR log lines, e.g.: $(grep -E '\[(WARN|ERROR)\]' "$f" | { if [[ -n ${3:-} ]]; then grep -vE "$3"; else cat; fi; } | head -n 1)"
+    fi
+    if (( errors > 0 )); then
+        note "$2: $errors runs ended with an error, e.g.: $(grep '\] run .* ended: error' "$f" | head -n 1)"
+    fi
+}
+
+# check_run FILE PREFIX LABEL LINES: the order/completeness checks of one run.
+check_run() {
+    local f=$1 p=$2 l=$3 n=$4
+    expect "$f" "${p}completed" yes "$l"
+    expect "$f" "${p}posts" $((n + 2)) "$l"  # N lines, the result line, complete
+    expect "$f" "${p}missing_lines" 0 "$l"
+    expect "$f" "${p}seq_in_order" yes "$l"
+    expect "$f" "${p}seq_dups" 0 "$l"
+    expect "$f" "${p}line_misorder" 0 "$l"
+    expect "$f" "${p}final_last" yes "$l"
+    expect "$f" "${p}finals" 1 "$l"
+    expect "$f" "${p}final_kind" complete "$l"
+    expect "$f" "${p}bad_signatures" 0 "$l"
+    expect "$f" "${p}bad_token_echo" 0 "$l"
+    expect "$f" "${p}other_paths" 0 "$l"
+}
+order_summary() { # order_summary FILE PREFIX
+    local f=$1 p=$2
+    printf 'posts %s, seq 0..%s in order: %s, complete last: %s (%s), lost lines %s, dups %s, bad sig %s, conns %s' \
+        "$(kv "$f" "${p}posts")" "$(( $(kv "$f" "${p}posts") - 1 ))" "$(kv "$f" "${p}seq_in_order")" \
+        "$(kv "$f" "${p}final_last")" "$(kv "$f" "${p}final_kind")" "$(kv "$f" "${p}missing_lines")" \
+        "$(kv "$f" "${p}seq_dups")" "$(kv "$f" "${p}bad_signatures")" "$(kv "$f" "${p}connections")"
+}
+
+# ---------------------------------------------------------------- server A: burst, paced, start-up (session)
+write_config a '{"description":"Pi"}'
+write_config b '{"description":"Pi","mode":"exec"}'
+write_config c '{"description":"Pi"}'
+
+log "server A (session mode)"
+start_server a
+A_PID=$SRV_PID
+A_ADDR=$SRV_ADDR
+sleep 0.2
+IDLE_RSS=$(rss_kb "$A_PID")
+IDLE_THREADS=$(threads "$A_PID")
+
+log "1. burst: $LINES lines -> local callback"
+helper burst burst "$A_ADDR" "$A_PID" "$LINES"
+check_run "$TMP/burst.kv" burst_ "burst" "$LINES"
+
+log "2. paced: $PACED_LINES lines, one every $PACED_US us"
+helper paced paced "$A_ADDR" "$A_PID" "$PACED_LINES" "$PACED_US"
+check_run "$TMP/paced.kv" paced_ "paced" "$PACED_LINES"
+
+log "4a. start-up, session mode, $STARTUP_RUNS invokes"
+helper st_session startup "$A_ADDR" "$STARTUP_RUNS" "$TMP/starts.txt" session
+expect "$TMP/st_session.kv" startup_failures none "start-up (session)"
+A_RSS_END=$(rss_kb "$A_PID")
+A_THREADS_END=$(threads "$A_PID")
+stop "$A_PID" 15
+A_STOP="exit $STOP_CODE in ${STOP_MS} ms"
+[[ $STOP_CODE == 0 ]] || note "server A: SIGTERM gave exit code $STOP_CODE"
+log_check a "server A (burst, paced, start-up)"
+A_LOG=$LOG_SUMMARY
+
+# ---------------------------------------------------------------- server B: start-up (exec)
+log "4b. start-up, exec mode, $STARTUP_RUNS invokes"
+start_server b
+B_PID=$SRV_PID
+helper st_exec startup "$SRV_ADDR" "$STARTUP_RUNS" "$TMP/starts.txt" exec
+expect "$TMP/st_exec.kv" startup_failures none "start-up (exec)"
+stop "$B_PID" 15
+[[ $STOP_CODE == 0 ]] || note "server B: SIGTERM gave exit code $STOP_CODE"
+log_check b "server B (exec start-up)"
+B_LOG=$LOG_SUMMARY
+
+log "reference: the callback server alone, Python keep-alive client, 10000 posts"
+helper reference reference 10000
+
+log "4c. baseline: Python Popen -> fake acpx start, $STARTUP_RUNS runs"
+helper spawn spawn "$FAKE" "$STARTUP_RUNS" "$TMP/spawn-starts.txt"
+
+# ---------------------------------------------------------------- server C: outage
+log "3. callback down for ${OUTAGE_SECONDS}s, agent printing $OUTAGE_RATE lines/s"
+start_server c
+C_PID=$SRV_PID
+helper outage outage "$SRV_ADDR" "$C_PID" "$TMP/c-state" "$OUTAGE_SECONDS" "$OUTAGE_RATE"
+O="$TMP/outage.kv"
+OUT_LINES=$(kv "$O" outage_lines)
+if [[ $OUT_LINES =~ ^[0-9]+$ ]]; then
+    check_run "$O" outage_ "outage" "$OUT_LINES"
+fi
+expect "$O" outage_spool_after_files 0 "outage"
+O_MIN=$(kv "$O" outage_rss_min_kb)
+O_MAX=$(kv "$O" outage_rss_max_kb)
+O_H1=$(kv "$O" outage_rss_max_first_half_kb)
+O_H2=$(kv "$O" outage_rss_max_second_half_kb)
+if [[ $O_H1 =~ ^[0-9]+$ && $O_H2 =~ ^[0-9]+$ ]] && (( O_H2 > O_H1 + 1024 )); then
+    note "outage: RSS grew from max $O_H1 kB (first half) to $O_H2 kB (second half)"
+fi
+stop "$C_PID" 15
+C_STOP="exit $STOP_CODE in ${STOP_MS} ms"
+[[ $STOP_CODE == 0 ]] || note "server C: SIGTERM gave exit code $STOP_CODE"
+log_check c "server C (outage)" 'outbox: .*(Connection refused|connect|retrying)'
+C_LOG=$LOG_SUMMARY
+
+left=$(marked | wc -l)
+(( left == 0 )) || note "$left fake acpx / emitter processes still alive after the runs"
+
+# ---------------------------------------------------------------- table
+row() { printf '%-44s %s\n' "$1" "$2"; }
+B="$TMP/burst.kv"
+P="$TMP/paced.kv"
+S="$TMP/st_session.kv"
+E="$TMP/st_exec.kv"
+W="$TMP/spawn.kv"
+echo
+echo "aion-connector agent-run bench ($VERSION, $(uname -m), $(nproc) cores)"
+printf '%s\n' "--------------------------------------------------------------------------------------------"
+row "build" "$BUILD_KIND"
+row "idle RSS (server A, before any run)" "$IDLE_RSS kB ($(mib "$IDLE_RSS")), $IDLE_THREADS threads"
+row "1. burst: $LINES lines -> callback" "total $(kv "$B" burst_total_s) s invoke -> complete received, $(kv "$B" burst_posts_per_s) posts/s"
+row "   first post / agent print time" "first post $(kv "$B" burst_first_post_ms) ms after invoke; agent printed all lines in $(kv "$B" burst_agent_print_ms) ms; delivery $(kv "$B" burst_delivery_posts_per_s) posts/s"
+row "   order" "$(order_summary "$B" burst_)"
+row "   connector CPU (user+sys)" "$(kv "$B" burst_cpu_ms) ms for $(kv "$B" burst_posts) posts ($(awk -v c="$(kv "$B" burst_cpu_ms)" -v n="$(kv "$B" burst_posts)" 'BEGIN{ if (n > 0 && c ~ /^[0-9]+$/) printf "%.0f us/post", c * 1000 / n; else printf "-" }'))"
+row "   reference: callback server alone" "$(kv "$TMP/reference.kv" ref_posts_per_s) posts/s (Python keep-alive client, one in flight, $(kv "$TMP/reference.kv" ref_errors) errors)"
+row "   RSS (20 ms samples)" "before $(kv "$B" burst_rss_before_kb) kB, peak $(kv "$B" burst_rss_peak_kb) kB ($(mib "$(kv "$B" burst_rss_peak_kb)")), VmHWM $(kv "$B" burst_hwm_kb) kB, after $(kv "$B" burst_rss_after_kb) kB, $(kv "$B" burst_threads_peak) threads peak"
+row "2. latency line printed -> POST received" ""
+row "   burst ($LINES lines, queueing)" "p50 $(kv "$B" burst_lat_p50_ms) ms, p99 $(kv "$B" burst_lat_p99_ms) ms, max $(kv "$B" burst_lat_max_ms) ms"
+row "   paced ($PACED_LINES lines, 1 per $PACED_US us)" "p50 $(kv "$P" paced_lat_p50_ms) ms, p99 $(kv "$P" paced_lat_p99_ms) ms, max $(kv "$P" paced_lat_max_ms) ms, min $(kv "$P" paced_lat_min_ms) ms"
+row "   paced order" "$(order_summary "$P" paced_)"
+row "3. callback down ${OUTAGE_SECONDS} s, $OUTAGE_RATE lines/s" "$(kv "$O" outage_lines) lines; RSS (0.5 s samples, $(kv "$O" outage_rss_samples)) min $O_MIN kB, max $O_MAX kB ($(mib "$O_MAX")); first half max $O_H1, second half max $O_H2 kB"
+row "   spool under stateDir/outbox" "$(kv "$O" outage_spool_bytes) bytes ($(mb "$(kv "$O" outage_spool_bytes)")) at the end of the outage, files: $(kv "$O" outage_spool_files); VmHWM $(kv "$O" outage_hwm_kb) kB, $(kv "$O" outage_threads_max) threads max"
+row "   callback back up" "first post $(kv "$O" outage_first_post_after_up_s) s after, complete $(kv "$O" outage_final_after_up_s) s after; drain $(kv "$O" outage_drain_s) s at $(kv "$O" outage_drain_posts_per_s) posts/s, CPU $(kv "$O" outage_drain_cpu_ms) ms, RSS max $(kv "$O" outage_drain_rss_max_kb) kB"
+row "   order after the outage" "$(order_summary "$O" outage_)"
+row "   spool after the drain" "$(kv "$O" outage_spool_after_files) files, $(kv "$O" outage_spool_after_bytes) bytes; RSS after $(kv "$O" outage_rss_after_kb) kB"
+row "4. invoke -> acpx main exec start" "($STARTUP_RUNS runs each; median / p90 / max ms)"
+row "   session mode (ensure first)" "$(kv "$S" startup_main_median_ms) / $(kv "$S" startup_main_p90_ms) / $(kv "$S" startup_main_max_ms)"
+row "     invoke -> ensure exec start" "$(kv "$S" startup_ensure_median_ms) / $(kv "$S" startup_ensure_p90_ms) / $(kv "$S" startup_ensure_max_ms)"
+row "     ensure start -> main start" "$(kv "$S" startup_ensure_to_main_median_ms) / $(kv "$S" startup_ensure_to_main_p90_ms) / $(kv "$S" startup_ensure_to_main_max_ms)"
+row "   exec mode (no ensure)" "$(kv "$E" startup_main_median_ms) / $(kv "$E" startup_main_p90_ms) / $(kv "$E" startup_main_max_ms)"
+row "   invoke answer (session / exec)" "$(kv "$S" startup_answer_median_ms) / $(kv "$E" startup_answer_median_ms) ms median"
+row "   invoke -> complete received (s / e)" "$(kv "$S" startup_complete_median_ms) / $(kv "$E" startup_complete_median_ms) ms median"
+row "   baseline: Python Popen -> fake start" "$(kv "$W" spawn_main_median_ms) / $(kv "$W" spawn_main_p90_ms) / $(kv "$W" spawn_main_max_ms)"
+row "   failures (session / exec)" "$(kv "$S" startup_failures) / $(kv "$E" startup_failures)"
+row "server logs A / B / C" "$A_LOG / $B_LOG / $C_LOG"
+row "shutdown A / C" "$A_STOP / $C_STOP; RSS at the end of A: $A_RSS_END kB, $A_THREADS_END threads"
+printf '%s\n' "--------------------------------------------------------------------------------------------"
+if (( ${#NOTES[@]} )); then
+    echo "problems / notes:"
+    printf '  - %s\n' "${NOTES[@]}"
+else
+    echo "problems / notes: none"
+fi
