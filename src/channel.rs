@@ -9,6 +9,7 @@ use crate::git::{self, GitError, RepoSpec, SyncResult};
 use crate::http::{Handler, Request, Response};
 use crate::logging::info;
 use crate::runs::{Delivery, Invoke, Refused, Runs};
+use crate::terminal::{self, Terminals};
 use crate::workspace::{self, Refusal, Sensitive};
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
@@ -82,11 +83,17 @@ pub struct App {
     limits: Limits,
     started: Instant,
     runs: Arc<Runs>,
+    terminals: Arc<Terminals>,
 }
 
 impl App {
-    pub fn new(projects: Vec<Arc<ProjectState>>, limits: Limits, runs: Arc<Runs>) -> App {
-        App { projects, limits, started: Instant::now(), runs }
+    pub fn new(
+        projects: Vec<Arc<ProjectState>>,
+        limits: Limits,
+        runs: Arc<Runs>,
+        terminals: Arc<Terminals>,
+    ) -> App {
+        App { projects, limits, started: Instant::now(), runs, terminals }
     }
 
     /// The project whose token this is. Every project's digest is compared in
@@ -176,6 +183,11 @@ impl App {
             out.action = "healthz".into();
             out.resp = Response::json(200, &json!({ "ok": true }));
             return out;
+        }
+        if req.method == "GET"
+            && req.header("upgrade").is_some_and(|u| u.to_ascii_lowercase().contains("websocket"))
+        {
+            return self.websocket(req);
         }
         if req.method != "POST" {
             out.resp = err(405, "POST only");
@@ -287,10 +299,101 @@ impl App {
                 let stopping = self.runs.stop(&p.config.id, session);
                 ok(&json!({ "ok": true, "stopping": stopping }))
             }
-            "terminal.spawn" | "terminal.input" | "terminal.output" | "terminal.resize"
-            | "terminal.close" => err(501, "not implemented"),
+            "terminal.spawn" => {
+                let (cols, rows) =
+                    (args.dimension("cols")?.unwrap_or(80), args.dimension("rows")?.unwrap_or(24));
+                let term = self.terminals.open(p, None, true, cols, rows).map_err(terminal_refused)?;
+                ok(&json!({ "ok": true, "sessionId": term.id() }))
+            }
+            "terminal.input" => {
+                let term = self.http_terminal(p, args)?;
+                let data = args.string("data")?.unwrap_or("");
+                term.input(data.as_bytes()).map_err(|e| detail(500, "terminal failed", e.to_string()))?;
+                ok(&json!({ "ok": true }))
+            }
+            "terminal.output" => {
+                let term = self.http_terminal(p, args)?;
+                let (data, alive, dropped) = self.terminals.drain(&term);
+                #[derive(serde::Serialize)]
+                struct Output {
+                    ok: bool,
+                    data: String,
+                    alive: bool,
+                    #[serde(skip_serializing_if = "is_zero")]
+                    dropped: u64,
+                }
+                ok(&Output { ok: true, data, alive, dropped })
+            }
+            "terminal.resize" => {
+                let term = self.http_terminal(p, args)?;
+                let need = |k| {
+                    args.dimension(k)?
+                        .ok_or_else(|| detail(400, "bad payload", format!("payload.{k} is required")))
+                };
+                let (cols, rows) = (need("cols")?, need("rows")?);
+                term.resize(cols, rows).map_err(|e| detail(500, "terminal failed", e.to_string()))?;
+                ok(&json!({ "ok": true }))
+            }
+            "terminal.close" => {
+                let term = self.http_terminal(p, args)?;
+                self.terminals.close(&term);
+                ok(&json!({ "ok": true }))
+            }
             _ => err(400, "unknown action"),
         })
+    }
+
+    fn http_terminal(&self, p: &ProjectState, args: &Payload<'_>) -> Result<Arc<terminal::Term>, Response> {
+        let id = args.string("sessionId")?.unwrap_or("");
+        self.terminals.find_http(&p.config.id, id).ok_or_else(|| err(404, "no session"))
+    }
+
+    /// `GET /ws?token=…[&session=ID][&encoding=text][&cols=C&rows=R]`: checks
+    /// the token and the upgrade headers, and the project's terminal limit,
+    /// all before the 101.
+    fn websocket(&self, req: &Request) -> Outcome<'_> {
+        let mut out =
+            Outcome { action: "terminal.ws".into(), project: "-", resp: err(500, "internal error") };
+        let query = parse_query(req.target.split_once('?').map_or("", |(_, q)| q));
+        let get = |k: &str| query.iter().find(|(name, _)| name == k).map(|(_, v)| v.as_str());
+        let Some(project) = get("token").and_then(|t| self.authenticate(t)) else {
+            out.resp = err(403, "unauthorized");
+            return out;
+        };
+        out.project = &project.config.id;
+        let header_has =
+            |h: &str, word: &str| req.header(h).is_some_and(|v| v.to_ascii_lowercase().contains(word));
+        let key = req.header("sec-websocket-key").map(str::trim).filter(|k| !k.is_empty());
+        let Some(key) = key.filter(|_| {
+            header_has("connection", "upgrade") && req.header("sec-websocket-version") == Some("13")
+        }) else {
+            out.resp = err(400, "bad websocket upgrade");
+            return out;
+        };
+        let session = get("session");
+        if session.is_some_and(|s| s.is_empty() || s.len() > 128 || s.chars().any(char::is_control)) {
+            out.resp = detail(400, "bad payload", "session must be 1-128 characters");
+            return out;
+        }
+        let dim = |k| get(k).and_then(|v| v.parse::<u16>().ok()).filter(|n| (1..=10_000).contains(n));
+        let (cols, rows) = (dim("cols").unwrap_or(80), dim("rows").unwrap_or(24));
+        let text = get("encoding") == Some("text");
+        let existing = session.and_then(|s| self.terminals.find_session(&project.config.id, s));
+        let (term, replay) = match existing {
+            Some(term) => (term, true),
+            None => match self.terminals.open(project, session, false, cols, rows) {
+                Ok(term) => (term, false),
+                Err(refused) => {
+                    out.resp = terminal_refused(refused);
+                    return out;
+                }
+            },
+        };
+        let (terminals, key) = (Arc::clone(&self.terminals), key.to_string());
+        out.resp = Response::upgrade(Box::new(move |stream| {
+            terminals.serve_socket(term, stream, &key, text, replay)
+        }));
+        out
     }
 
     /// The payload's `workspace`, else the first repo synced, else the first
@@ -437,6 +540,47 @@ fn repo_specs(items: &[Value], allow_file: bool) -> Result<Vec<RepoSpec>, Respon
     Ok(specs)
 }
 
+fn terminal_refused(r: terminal::Refused) -> Response {
+    match r {
+        terminal::Refused::TooMany => err(429, "too many terminals"),
+        terminal::Refused::Spawn(msg) => detail(500, "terminal failed", msg),
+    }
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// `a=1&b=x%20y` → pairs, percent-decoded (`+` is a space).
+fn parse_query(q: &str) -> Vec<(String, String)> {
+    let decode = |s: &str| {
+        let bytes = s.as_bytes();
+        let hex = |j: usize| bytes.get(j).and_then(|b| (*b as char).to_digit(16));
+        let mut out = Vec::with_capacity(bytes.len());
+        let mut i = 0;
+        while i < bytes.len() {
+            match (bytes[i], hex(i + 1), hex(i + 2)) {
+                (b'%', Some(hi), Some(lo)) => {
+                    out.push((hi * 16 + lo) as u8);
+                    i += 3;
+                    continue;
+                }
+                (b'+', _, _) => out.push(b' '),
+                (b, _, _) => out.push(b),
+            }
+            i += 1;
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    q.split('&')
+        .filter(|kv| !kv.is_empty())
+        .map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            (decode(k), decode(v))
+        })
+        .collect()
+}
+
 fn refusal(r: Refusal) -> Response {
     match r {
         Refusal::Traversal => err(403, "path traversal"),
@@ -473,6 +617,18 @@ impl Payload<'_> {
         self.string(key)?.ok_or_else(|| detail(400, "bad payload", format!("payload.{key} is required")))
     }
 
+    /// A terminal dimension: an integer 1-10000.
+    fn dimension(&self, key: &str) -> Result<Option<u16>, Response> {
+        match self.0.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => {
+                v.as_u64().filter(|n| (1..=10_000).contains(n)).map(|n| Some(n as u16)).ok_or_else(|| {
+                    detail(400, "bad payload", format!("payload.{key} must be an integer 1-10000"))
+                })
+            }
+        }
+    }
+
     fn strings(&self, key: &str) -> Result<Vec<String>, Response> {
         match self.0.get(key) {
             None | Some(Value::Null) => Ok(Vec::new()),
@@ -501,4 +657,14 @@ pub fn prepare_roots(config: &Config) -> Result<Vec<PathBuf>, crate::error::Erro
             Path::new(&p.dir).canonicalize().map_err(fail)
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn queries_decode() {
+        let q = super::parse_query("token=a%2Bb%3D&session=my+id&x&bad=%zz%4");
+        let want = [("token", "a+b="), ("session", "my id"), ("x", ""), ("bad", "%zz%4")];
+        assert_eq!(q, want.map(|(k, v)| (k.to_string(), v.to_string())));
+    }
 }

@@ -8,6 +8,7 @@ use crate::error::Error;
 use crate::logging::{info, warn};
 use crate::outbox::Outbox;
 use crate::runs::{self, Runs};
+use crate::terminal::Terminals;
 use crate::{http, shutdown, starter};
 use std::ffi::OsString;
 use std::io::Write;
@@ -147,7 +148,8 @@ fn serve(explicit: Option<PathBuf>) -> Result<i32, Error> {
     let limits = config.limits.clone();
     let count = projects.len();
     let runs = Runs::new(Arc::clone(&outbox), limits.clone());
-    let app = Arc::new(App::new(projects, limits.clone(), Arc::clone(&runs)));
+    let terminals = Terminals::new(limits.clone());
+    let app = Arc::new(App::new(projects, limits.clone(), Arc::clone(&runs), Arc::clone(&terminals)));
     {
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "listening on {local}");
@@ -158,6 +160,7 @@ fn serve(explicit: Option<PathBuf>) -> Result<i32, Error> {
     http::serve(listener, limits.clone(), Arc::clone(&shutdown), app, || {
         deadline.set(Some(Instant::now() + limits.shutdown));
         runs.stop_all();
+        terminals.close_all();
     })
     .map_err(|source| Error::Io { what: "serving", source })?;
     // Runs post their closing events; the outbox gets the rest of the time.
@@ -166,6 +169,7 @@ fn serve(explicit: Option<PathBuf>) -> Result<i32, Error> {
     if left > 0 {
         warn!("{left} run(s) did not end in time");
     }
+    terminals.finish();
     outbox.drain(deadline);
     info!("stopped");
     Ok(0)

@@ -43,6 +43,14 @@ pub struct Limits {
     pub delivery: Duration,
     /// Between SIGTERM and SIGKILL when a run is stopped.
     pub stop_grace: Duration,
+    /// Live terminals per project (WebSocket and HTTP together).
+    pub terminals_per_project: usize,
+    /// A terminal with no input or output this long is hung up.
+    pub terminal_idle: Duration,
+    /// A `?session=` terminal without a socket is kept this long for a reattach.
+    pub terminal_detach: Duration,
+    /// How often an idle WebSocket is pinged; silence for twice that ends it.
+    pub ws_ping: Duration,
 }
 
 impl Default for Limits {
@@ -60,6 +68,10 @@ impl Default for Limits {
             run_output_bytes: 64 << 20,
             delivery: Duration::from_secs(86_400),
             stop_grace: Duration::from_secs(5),
+            terminals_per_project: 16,
+            terminal_idle: Duration::from_secs(3600),
+            terminal_detach: Duration::from_secs(300),
+            ws_ping: Duration::from_secs(30),
         }
     }
 }
@@ -218,6 +230,10 @@ impl Checker {
             "runOutputBytes",
             "deliverySeconds",
             "stopGraceSeconds",
+            "terminalsPerProject",
+            "terminalIdleSeconds",
+            "terminalDetachSeconds",
+            "wsPingSeconds",
         ];
         let Some(fields) = self.object(v, "limits", &known) else { return };
         for (key, v) in fields {
@@ -246,6 +262,16 @@ impl Checker {
                 }
                 "deliverySeconds" => set(&mut limits.delivery, self.integer(v, &path, 1, 30 * 86_400), secs),
                 "stopGraceSeconds" => set(&mut limits.stop_grace, self.integer(v, &path, 0, 600), secs),
+                "terminalsPerProject" => {
+                    set(&mut limits.terminals_per_project, self.integer(v, &path, 1, 10_000), |n| n as usize)
+                }
+                "terminalIdleSeconds" => {
+                    set(&mut limits.terminal_idle, self.integer(v, &path, 1, 30 * 86_400), secs)
+                }
+                "terminalDetachSeconds" => {
+                    set(&mut limits.terminal_detach, self.integer(v, &path, 0, 7 * 86_400), secs)
+                }
+                "wsPingSeconds" => set(&mut limits.ws_ping, self.integer(v, &path, 1, 3_600), secs),
                 _ => {}
             }
         }

@@ -43,15 +43,29 @@ pub struct Response {
     /// owns this receiver; if the client goes away it is dropped, which the
     /// sender sees.
     pub lines: Option<crossbeam_channel::Receiver<Vec<u8>>>,
+    /// When set, nothing is written: the connection (after its request) is
+    /// handed to this, on the connection's thread (the WebSocket terminal).
+    pub upgrade: Option<Upgrade>,
 }
+
+pub type Upgrade = Box<dyn FnOnce(TcpStream) + Send>;
 
 impl Response {
     pub fn json(status: u16, body: &impl serde::Serialize) -> Response {
-        Response { status, body: serde_json::to_vec(body).expect("answers serialize"), lines: None }
+        Response {
+            status,
+            body: serde_json::to_vec(body).expect("answers serialize"),
+            lines: None,
+            upgrade: None,
+        }
     }
 
     pub fn ndjson(lines: crossbeam_channel::Receiver<Vec<u8>>) -> Response {
-        Response { status: 200, body: Vec::new(), lines: Some(lines) }
+        Response { status: 200, body: Vec::new(), lines: Some(lines), upgrade: None }
+    }
+
+    pub fn upgrade(take_over: Upgrade) -> Response {
+        Response { status: 101, body: Vec::new(), lines: None, upgrade: Some(take_over) }
     }
 
     /// `{"error":"<reason>"}`, byte for byte.
@@ -227,6 +241,13 @@ impl Conn<'_> {
                     Response::error(500, "internal error")
                 }
             };
+            if let Some(take_over) = resp.upgrade {
+                if let Ok(stream) = self.stream.try_clone() {
+                    let _ = self.stream.set_read_timeout(None);
+                    take_over(stream);
+                }
+                return;
+            }
             let keep_alive = keep_alive && !self.shared.shutdown.requested();
             let written = match resp.lines {
                 Some(ref lines) => self.stream_lines(lines),

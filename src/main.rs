@@ -12,11 +12,14 @@ mod http;
 mod logging;
 mod outbox;
 mod proc;
+mod pty;
 mod runs;
 mod shutdown;
 mod signing;
 mod starter;
+mod terminal;
 mod workspace;
+mod ws;
 
 fn main() {
     let code = match cli::run(std::env::args_os().skip(1).collect()) {

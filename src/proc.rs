@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 /// A spawned child leading its own process group. It can be shared: one
 /// thread waits while another signals. Dropping it kills the group.
 pub struct Group {
-    child: Mutex<std::process::Child>,
+    /// None for a child forked elsewhere (the PTY) and adopted by pid.
+    child: Mutex<Option<std::process::Child>>,
     pid: i32,
     /// Set once the leader is reaped; signals stop then (the id may be reused).
     status: Mutex<Option<ExitStatus>>,
@@ -26,7 +27,13 @@ impl Group {
     pub fn spawn(cmd: &mut Command) -> io::Result<Group> {
         let child = cmd.process_group(0).spawn()?;
         let pid = child.id() as i32;
-        Ok(Group { child: Mutex::new(child), pid, status: Mutex::new(None) })
+        Ok(Group { child: Mutex::new(Some(child)), pid, status: Mutex::new(None) })
+    }
+
+    /// Takes charge of a child this process forked itself, which leads its
+    /// own process group (a PTY's shell, after setsid).
+    pub fn adopt(pid: i32) -> Group {
+        Group { child: Mutex::new(None), pid, status: Mutex::new(None) }
     }
 
     pub fn pid(&self) -> i32 {
@@ -34,11 +41,11 @@ impl Group {
     }
 
     pub fn take_stdout(&self) -> Option<ChildStdout> {
-        lock(&self.child).stdout.take()
+        lock(&self.child).as_mut()?.stdout.take()
     }
 
     pub fn take_stderr(&self) -> Option<ChildStderr> {
-        lock(&self.child).stderr.take()
+        lock(&self.child).as_mut()?.stderr.take()
     }
 
     /// Sends `sig` to the whole group (nothing once the leader is reaped).
@@ -56,7 +63,10 @@ impl Group {
             return Ok(s);
         }
         let _ = killpg(Pid::from_raw(self.pid), Signal::SIGKILL);
-        let s = lock(&self.child).wait()?;
+        let s = match lock(&self.child).as_mut() {
+            Some(child) => child.wait()?,
+            None => raw_wait(self.pid, false)?.expect("a blocking wait returns a status"),
+        };
         *status = Some(s);
         Ok(s)
     }
@@ -120,7 +130,10 @@ impl Group {
     /// follows races with pid reuse for a few microseconds.
     #[cfg(not(any(target_os = "linux", target_os = "android")))]
     fn leader_exited(&self) -> io::Result<bool> {
-        let reaped = lock(&self.child).try_wait()?;
+        let reaped = match lock(&self.child).as_mut() {
+            Some(child) => child.try_wait()?,
+            None => raw_wait(self.pid, true)?,
+        };
         match reaped {
             Some(s) => {
                 let _ = killpg(Pid::from_raw(self.pid), Signal::SIGKILL);
@@ -138,6 +151,22 @@ impl Drop for Group {
             self.signal(Signal::SIGKILL);
             let _ = self.reap();
         }
+    }
+}
+
+/// waitpid on exactly this pid (never -1: other owners' children stay theirs).
+fn raw_wait(pid: i32, nohang: bool) -> io::Result<Option<ExitStatus>> {
+    use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+    use std::os::unix::process::ExitStatusExt;
+    let flags = nohang.then_some(WaitPidFlag::WNOHANG);
+    loop {
+        return match waitpid(Pid::from_raw(pid), flags) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => Err(e.into()),
+            Ok(WaitStatus::Exited(_, code)) => Ok(Some(ExitStatus::from_raw((code & 0xff) << 8))),
+            Ok(WaitStatus::Signaled(_, sig, _)) => Ok(Some(ExitStatus::from_raw(sig as i32))),
+            Ok(_) => Ok(None),
+        };
     }
 }
 

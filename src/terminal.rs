@@ -1,0 +1,508 @@
+//! Terminals: a shell on a PTY per terminal, reached over the WebSocket
+//! (`GET /ws?token=…`) or the HTTP `terminal.*` actions. A WebSocket terminal
+//! opened with `?session=ID` outlives a dropped socket for a while and a later
+//! connect with the same ID (and a token of the same project) reattaches,
+//! first replaying the last 64 KiB; without `session` it ends with its socket.
+//!
+//! Threads of a terminal: the PTY reader (copies output into the ring and to
+//! the attached socket's writer through a small bounded channel, so a slow
+//! client stops the reading: flow control), the waiter (reaps the shell, ends
+//! what it left, tells the socket), and per attached socket a frame reader
+//! (the HTTP connection's own thread) and a frame writer. One reaper thread
+//! ends detached, idle and exited terminals.
+
+use crate::channel::ProjectState;
+use crate::config::Limits;
+use crate::logging::{info, warn};
+use crate::proc;
+use crate::pty::{Pty, Spawn};
+use crate::ws::{self, In, Out};
+use crossbeam_channel::{RecvTimeoutError, Sender};
+use nix::sys::signal::Signal;
+use std::collections::{HashMap, VecDeque};
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+const REPLAY_BYTES: usize = 64 << 10;
+const HTTP_BUFFER_BYTES: usize = 1 << 20;
+const HTTP_KEEP_AFTER_EXIT: Duration = Duration::from_secs(30);
+const HANGUP_GRACE: Duration = Duration::from_secs(2);
+
+/// Bytes kept, oldest dropped first, with a count of what was dropped.
+struct Ring {
+    bytes: VecDeque<u8>,
+    cap: usize,
+    dropped: u64,
+}
+
+impl Ring {
+    fn push(&mut self, data: &[u8]) {
+        let skipped = data.len().saturating_sub(self.cap);
+        let data = &data[skipped..];
+        let over = (self.bytes.len() + data.len()).saturating_sub(self.cap);
+        self.bytes.drain(..over);
+        self.dropped += (skipped + over) as u64;
+        self.bytes.extend(data);
+    }
+}
+
+struct State {
+    ring: Ring,
+    /// The writer of the socket attached now, with its attach number.
+    attached: Option<(u64, Sender<Out>)>,
+    exit_code: Option<i32>,
+    exited_at: Option<Instant>,
+    reader_done: bool,
+    last_activity: Instant,
+    detached_at: Option<Instant>,
+    hangup_at: Option<Instant>,
+    /// A UTF-8 sequence split across two `terminal.output` drains.
+    carry: Vec<u8>,
+}
+
+pub struct Term {
+    id: String,
+    project: String,
+    /// The client-chosen ID that lets a WebSocket reattach.
+    session: Option<String>,
+    http: bool,
+    pty: Pty,
+    state: Mutex<State>,
+    changed: Condvar,
+}
+
+impl Term {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn marker(&self) -> String {
+        format!("AION_TERMINAL_ID={}", self.id)
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub fn input(&self, bytes: &[u8]) -> std::io::Result<()> {
+        self.lock().last_activity = Instant::now();
+        self.pty.write(bytes)
+    }
+
+    pub fn resize(&self, cols: u16, rows: u16) -> std::io::Result<()> {
+        self.pty.resize(cols, rows)
+    }
+
+    pub fn alive(&self) -> bool {
+        self.lock().exit_code.is_none()
+    }
+
+    /// SIGHUP to the shell's process group; the reaper sends SIGKILL after a grace.
+    fn hang_up(&self) {
+        let mut st = self.lock();
+        if st.exit_code.is_none() && st.hangup_at.is_none() {
+            st.hangup_at = Some(Instant::now());
+            drop(st);
+            self.pty.group.signal(Signal::SIGHUP);
+        }
+    }
+}
+
+pub enum Refused {
+    TooMany,
+    Spawn(String),
+}
+
+pub struct Terminals {
+    limits: Limits,
+    all: Mutex<HashMap<String, Arc<Term>>>,
+    next: AtomicU64,
+    attaches: AtomicU64,
+}
+
+impl Terminals {
+    pub fn new(limits: Limits) -> Arc<Terminals> {
+        let terms = Arc::new(Terminals {
+            limits,
+            all: Mutex::new(HashMap::new()),
+            next: AtomicU64::new(0),
+            attaches: AtomicU64::new(0),
+        });
+        let reaper = Arc::clone(&terms);
+        let _ = std::thread::Builder::new()
+            .name("terminal-reaper".into())
+            .stack_size(128 << 10)
+            .spawn(move || reaper.reap_forever());
+        terms
+    }
+
+    fn all(&self) -> MutexGuard<'_, HashMap<String, Arc<Term>>> {
+        self.all.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A live WebSocket terminal of `project` opened under `session`.
+    pub fn find_session(&self, project: &str, session: &str) -> Option<Arc<Term>> {
+        self.all()
+            .values()
+            .find(|t| t.project == project && t.session.as_deref() == Some(session) && t.alive())
+            .cloned()
+    }
+
+    /// An HTTP terminal of `project` by its id.
+    pub fn find_http(&self, project: &str, id: &str) -> Option<Arc<Term>> {
+        self.all().get(id).filter(|t| t.http && t.project == project).cloned()
+    }
+
+    /// Whether `project` may open one more terminal.
+    pub fn room(&self, project: &str) -> bool {
+        self.all().values().filter(|t| t.project == project && t.alive()).count()
+            < self.limits.terminals_per_project
+    }
+
+    /// Starts a shell on a new PTY in the project dir.
+    pub fn open(
+        &self,
+        project: &ProjectState,
+        session: Option<&str>,
+        http: bool,
+        cols: u16,
+        rows: u16,
+    ) -> Result<Arc<Term>, Refused> {
+        if !self.room(&project.config.id) {
+            return Err(Refused::TooMany);
+        }
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        let id = format!("t{}-{n}-{:x}", std::process::id(), nonce());
+        let shell =
+            std::env::var("SHELL").ok().filter(|s| s.starts_with('/')).unwrap_or_else(|| "/bin/sh".into());
+        let env = shell_env(&id);
+        let args = vec!["-l".to_string()];
+        let spec = Spawn { program: &shell, args: &args, cwd: &project.root, env: &env, cols, rows };
+        let pty = Pty::spawn(&spec).map_err(|e| Refused::Spawn(format!("cannot start {shell}: {e}")))?;
+        let cap = if http { HTTP_BUFFER_BYTES } else { REPLAY_BYTES };
+        let term = Arc::new(Term {
+            id: id.clone(),
+            project: project.config.id.clone(),
+            session: session.map(str::to_string),
+            http,
+            pty,
+            state: Mutex::new(State {
+                ring: Ring { bytes: VecDeque::new(), cap, dropped: 0 },
+                attached: None,
+                exit_code: None,
+                exited_at: None,
+                reader_done: false,
+                last_activity: Instant::now(),
+                detached_at: None,
+                hangup_at: None,
+                carry: Vec::new(),
+            }),
+            changed: Condvar::new(),
+        });
+        let reader = term.pty.reader().map_err(|e| Refused::Spawn(e.to_string()))?;
+        let t = Arc::clone(&term);
+        let spawned_reader =
+            std::thread::Builder::new().stack_size(128 << 10).spawn(move || copy_output(&t, reader));
+        let t = Arc::clone(&term);
+        let spawned_waiter = std::thread::Builder::new().stack_size(128 << 10).spawn(move || wait_shell(&t));
+        if spawned_reader.is_err() || spawned_waiter.is_err() {
+            term.pty.group.signal(Signal::SIGKILL);
+            return Err(Refused::Spawn("cannot start the terminal's threads".into()));
+        }
+        info!(
+            "terminal {id} project={} opened ({}, pid {})",
+            project.config.id,
+            if http { "http" } else { "websocket" },
+            term.pty.group.pid()
+        );
+        self.all().insert(id, Arc::clone(&term));
+        Ok(term)
+    }
+
+    /// Ends an HTTP terminal (`terminal.close`).
+    pub fn close(&self, term: &Term) {
+        term.hang_up();
+    }
+
+    /// Shutdown: every shell gets SIGHUP (the reaper follows up with SIGKILL).
+    pub fn close_all(&self) {
+        let terms: Vec<Arc<Term>> = self.all().values().cloned().collect();
+        for t in terms {
+            t.hang_up();
+        }
+    }
+
+    /// At the end of shutdown: what ignored the SIGHUP of `close_all` is
+    /// killed, with everything it started, so no shell outlives the connector.
+    pub fn finish(&self) {
+        let deadline = Instant::now() + HANGUP_GRACE;
+        let terms: Vec<Arc<Term>> = self.all().values().cloned().collect();
+        while terms.iter().any(|t| t.alive()) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        for t in terms.iter().filter(|t| t.alive()) {
+            t.pty.group.signal(Signal::SIGKILL);
+            proc::sweep(&t.marker(), Duration::ZERO);
+        }
+    }
+
+    /// `terminal.output`: what was buffered since the last call.
+    pub fn drain(&self, term: &Term) -> (String, bool, u64) {
+        let mut st = term.lock();
+        st.last_activity = Instant::now();
+        let bytes: Vec<u8> = st.ring.bytes.drain(..).collect();
+        let dropped = std::mem::take(&mut st.ring.dropped);
+        let mut carry = std::mem::take(&mut st.carry);
+        let text = ws::utf8_chunk(&mut carry, &bytes);
+        st.carry = carry;
+        (text, st.exit_code.is_none(), dropped)
+    }
+
+    /// Serves an upgraded connection on `term` until the socket or the shell ends.
+    pub fn serve_socket(&self, term: Arc<Term>, mut stream: TcpStream, key: &str, text: bool, replay: bool) {
+        let head = format!(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
+            ws::accept_key(key)
+        );
+        if stream.write_all(head.as_bytes()).is_err() {
+            return;
+        }
+        let ping = self.limits.ws_ping;
+        let (tx, rx) = crossbeam_channel::bounded::<Out>(4);
+        let Ok((mut reader, mut writer)) =
+            ws::split(stream, tx.clone(), text, ping * 2 + Duration::from_secs(5))
+        else {
+            return;
+        };
+        let attach = self.attaches.fetch_add(1, Ordering::Relaxed);
+        let (snapshot, exited) = {
+            let mut st = term.lock();
+            if let Some((_, previous)) = st.attached.replace((attach, tx.clone())) {
+                // Another socket had it: that one is closed, this one takes over.
+                let _ = previous.try_send(Out::Close(4000));
+            }
+            st.detached_at = None;
+            st.last_activity = Instant::now();
+            let snapshot: Vec<u8> = if replay { st.ring.bytes.iter().copied().collect() } else { Vec::new() };
+            (snapshot, st.exit_code.is_some())
+        };
+        if exited {
+            let _ = tx.try_send(Out::Close(1000));
+        }
+        drop(tx);
+        let reader_finished = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            let writer_thread = std::thread::Builder::new().stack_size(128 << 10).spawn_scoped(scope, || {
+                if !snapshot.is_empty() && writer.send(Out::Data(snapshot)).is_err() {
+                    writer.shutdown();
+                    return;
+                }
+                let mut closed = false;
+                loop {
+                    let out = match rx.recv_timeout(ping) {
+                        Ok(out) => out,
+                        Err(RecvTimeoutError::Timeout) => {
+                            if writer.ping().is_err() {
+                                break;
+                            }
+                            continue;
+                        }
+                        Err(RecvTimeoutError::Disconnected) => break,
+                    };
+                    closed = matches!(out, Out::Close(_));
+                    if writer.send(out).is_err() || closed {
+                        break;
+                    }
+                }
+                if closed {
+                    // Give the client a moment to answer the close, then end it.
+                    let until = Instant::now() + Duration::from_secs(3);
+                    while !reader_finished.load(Ordering::SeqCst) && Instant::now() < until {
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                }
+                writer.shutdown();
+            });
+            while let Some(msg) = reader.next() {
+                let result = match msg {
+                    In::Binary(bytes) => term.input(&bytes),
+                    In::Text(text) => match parse_resize(&text) {
+                        Some((cols, rows)) => term.resize(cols, rows),
+                        None => term.input(text.as_bytes()),
+                    },
+                };
+                if result.is_err() {
+                    break;
+                }
+            }
+            reader_finished.store(true, Ordering::SeqCst);
+            // The socket is done: detach so the PTY reader stops feeding it.
+            {
+                let mut st = term.lock();
+                if st.attached.as_ref().is_some_and(|(n, _)| *n == attach) {
+                    st.attached = None;
+                    st.detached_at = Some(Instant::now());
+                }
+            }
+            drop(reader); // its sender clone: the writer's channel can now close
+            if let Ok(handle) = writer_thread {
+                let _ = handle.join();
+            }
+        });
+        if term.session.is_none() {
+            term.hang_up(); // the original's behaviour: the shell ends with its socket
+        }
+    }
+
+    /// Once a second: SIGKILL what ignored SIGHUP, end detached and idle
+    /// terminals, forget exited ones.
+    fn reap_forever(&self) {
+        loop {
+            std::thread::sleep(Duration::from_secs(1));
+            let now = Instant::now();
+            let terms: Vec<Arc<Term>> = self.all().values().cloned().collect();
+            let mut forget = Vec::new();
+            for t in terms {
+                let st = t.lock();
+                let keep_exited = if t.http { HTTP_KEEP_AFTER_EXIT } else { Duration::ZERO };
+                if st.exited_at.is_some_and(|at| now - at >= keep_exited) && st.attached.is_none() {
+                    forget.push(t.id.clone());
+                    continue;
+                }
+                if st.exit_code.is_some() {
+                    continue;
+                }
+                let hung_up_long_ago = st.hangup_at.is_some_and(|at| now - at >= HANGUP_GRACE);
+                let detached_too_long =
+                    st.detached_at.is_some_and(|at| now - at >= self.limits.terminal_detach);
+                let idle_too_long = now - st.last_activity >= self.limits.terminal_idle;
+                drop(st);
+                if hung_up_long_ago {
+                    t.pty.group.signal(Signal::SIGKILL);
+                } else if detached_too_long || idle_too_long {
+                    let why = if detached_too_long { "detached" } else { "idle" };
+                    info!("terminal {} project={}: {why} too long, hanging up", t.id, t.project);
+                    t.hang_up();
+                }
+            }
+            let mut all = self.all();
+            for id in forget {
+                all.remove(&id);
+            }
+        }
+    }
+}
+
+/// The PTY reader thread: output into the ring and to the attached socket.
+/// Sending blocks while the socket's writer is behind, and then nothing more
+/// is read from the PTY: the shell waits instead of memory growing.
+fn copy_output(term: &Term, mut master: std::fs::File) {
+    let mut buf = vec![0u8; 16 << 10];
+    loop {
+        let n = match master.read(&mut buf) {
+            Ok(0) | Err(_) => break, // EIO once every holder of the slave is gone
+            Ok(n) => n,
+        };
+        let to = {
+            let mut st = term.lock();
+            st.ring.push(&buf[..n]);
+            st.last_activity = Instant::now();
+            st.attached.as_ref().map(|(_, tx)| tx.clone())
+        };
+        if let Some(tx) = to {
+            let _ = tx.send(Out::Data(buf[..n].to_vec()));
+        }
+    }
+    term.lock().reader_done = true;
+    term.changed.notify_all();
+}
+
+/// The waiter thread: reaps the shell (that child only), ends what it left
+/// behind, lets the last output through, then closes the socket with 1000.
+fn wait_shell(term: &Term) {
+    let code = match term.pty.group.wait() {
+        Ok(status) => status
+            .code()
+            .unwrap_or_else(|| 128 + std::os::unix::process::ExitStatusExt::signal(&status).unwrap_or(0)),
+        Err(e) => {
+            warn!("terminal {}: cannot wait for its shell: {e}", term.id);
+            -1
+        }
+    };
+    proc::sweep(&term.marker(), HANGUP_GRACE);
+    let mut st = term.lock();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while !st.reader_done && Instant::now() < deadline {
+        st = term
+            .changed
+            .wait_timeout(st, Duration::from_millis(100))
+            .map(|(g, _)| g)
+            .unwrap_or_else(|p| p.into_inner().0);
+    }
+    st.exit_code = Some(code);
+    st.exited_at = Some(Instant::now());
+    let attached = st.attached.take();
+    drop(st);
+    info!("terminal {} project={}: shell exited ({code})", term.id, term.project);
+    if let Some((_, tx)) = attached {
+        let _ = tx.send_timeout(Out::Close(1000), Duration::from_secs(5));
+    }
+}
+
+/// `{"type":"resize","cols":C,"rows":R}`, as the original's client sends it.
+fn parse_resize(text: &str) -> Option<(u16, u16)> {
+    if !text.starts_with('{') || !text.contains("resize") {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_str(text).ok()?;
+    if v.get("type")?.as_str()? != "resize" {
+        return None;
+    }
+    let dim = |k| v.get(k)?.as_u64().filter(|n| (1..=10_000).contains(n)).map(|n| n as u16);
+    Some((dim("cols")?, dim("rows")?))
+}
+
+/// The connector's environment for the shell, without the connector's own
+/// secrets (poll mode's token) and internal variables, with TERM set and the
+/// terminal's marker, by which what it leaves behind is found at the end.
+fn shell_env(id: &str) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = std::env::vars()
+        .filter(|(k, _)| k != "AGENT_TOKEN" && !k.starts_with("AION_") && k != "TERM")
+        .collect();
+    env.push(("TERM".into(), "xterm-256color".into()));
+    env.push(("COLORTERM".into(), "truecolor".into()));
+    env.push(("AION_TERMINAL_ID".into(), id.into()));
+    env
+}
+
+fn nonce() -> u64 {
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    (t.as_nanos() as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ring_keeps_the_newest_and_counts_the_rest() {
+        let mut r = Ring { bytes: VecDeque::new(), cap: 4, dropped: 0 };
+        r.push(b"abc");
+        r.push(b"def");
+        assert_eq!(r.bytes.iter().copied().collect::<Vec<_>>(), b"cdef");
+        assert_eq!(r.dropped, 2);
+        r.push(b"0123456789");
+        assert_eq!(r.bytes.iter().copied().collect::<Vec<_>>(), b"6789");
+        assert_eq!(r.dropped, 12);
+    }
+
+    #[test]
+    fn resize_messages() {
+        assert_eq!(parse_resize(r#"{"type":"resize","cols":120,"rows":40}"#), Some((120, 40)));
+        assert_eq!(parse_resize(r#"{"type":"resize","cols":0,"rows":40}"#), None);
+        assert_eq!(parse_resize("ls\r"), None);
+    }
+}
