@@ -25,6 +25,8 @@ aion-connector — serve AI coding agents from this machine (Channel Protocol v1
 Usage:
   aion-connector [CONFIG]          serve push mode (HTTP on the config's host:port)
   aion-connector check [CONFIG]    validate CONFIG and name every problem
+  aion-connector poll [--config FILE]
+                                   poll mode: take instructions from a server
   aion-connector --help | --version
 
 CONFIG defaults to ./aion.config.json. If it is not given and that file does
@@ -37,6 +39,33 @@ Options:
 
 Exit status: 0 ok (or stopped by SIGINT/SIGTERM), 1 runtime error,
 2 usage or config error. See aion-connector(1).
+";
+
+const POLL_HELP: &str = "\
+aion-connector poll — run agent sessions for a server that cannot reach this machine
+
+Usage:
+  aion-connector poll [--config FILE]
+
+Options:
+  -c, --config FILE   JSON config (default ./config.json; optional if the
+                      environment has SERVER_URL and AGENT_TOKEN)
+  -h, --help          print this help and exit
+  -V, --version       print the version and exit
+
+Settings (file key / environment variable, the environment wins):
+  serverUrl / SERVER_URL                          required
+  agentToken / AGENT_TOKEN                        required
+  pollInterval / POLL_INTERVAL                    ms, default 5000
+  outputFlushInterval / OUTPUT_FLUSH_INTERVAL     ms, default 1000
+  maxConcurrentSessions / MAX_CONCURRENT_SESSIONS default 5
+  statusInterval / STATUS_INTERVAL                ms, default 30000
+  sessionCommand / AION_SESSION_COMMAND           argv as a JSON array, default
+      [\"claude\",\"-p\",\"--input-format\",\"stream-json\",\"--output-format\",\"stream-json\",\"--verbose\"]
+  stateDir / AION_STATE_DIR                       undelivered output waits here
+  deliverySeconds / DELIVERY_SECONDS              retry window, default 86400
+
+See aion-connector(1), POLL MODE.
 ";
 
 pub fn run(args: Vec<OsString>) -> Result<i32, Error> {
@@ -57,11 +86,40 @@ pub fn run(args: Vec<OsString>) -> Result<i32, Error> {
         ["check"] => check(Path::new(DEFAULT_CONFIG)),
         ["check", path] if !path.starts_with('-') => check(Path::new(path)),
         ["check", ..] => Err(Error::Usage("usage: aion-connector check [CONFIG]".into())),
+        ["poll", rest @ ..] => poll(rest),
         [] => serve(None),
         [path] if !path.starts_with('-') => serve(Some(PathBuf::from(path))),
         [flag] => Err(Error::Usage(format!("unknown option {flag}"))),
         _ => Err(Error::Usage("too many arguments".into())),
     }
+}
+
+fn poll(args: &[&str]) -> Result<i32, Error> {
+    let mut config: Option<PathBuf> = None;
+    let mut rest = args.iter();
+    while let Some(arg) = rest.next() {
+        match *arg {
+            "-h" | "--help" => {
+                print!("{POLL_HELP}");
+                return Ok(0);
+            }
+            "-V" | "--version" => {
+                println!("aion-connector {}", channel::VERSION);
+                return Ok(0);
+            }
+            "-c" | "--config" => match rest.next() {
+                Some(path) => config = Some(PathBuf::from(path)),
+                None => return Err(Error::Usage("--config needs a FILE".into())),
+            },
+            other => match other.strip_prefix("--config=") {
+                Some(path) => config = Some(PathBuf::from(path)),
+                None => return Err(Error::Usage(format!("poll: unknown argument {other}"))),
+            },
+        }
+    }
+    let shutdown = shutdown::install().map_err(|source| Error::Io { what: "signal setup", source })?;
+    let config = crate::poll::load_config(config.as_deref(), &|k| std::env::var(k).ok())?;
+    crate::poll::run(config, shutdown)
 }
 
 fn check(path: &Path) -> Result<i32, Error> {

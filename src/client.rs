@@ -17,8 +17,8 @@ pub struct Client {
 
 /// What came back from one request.
 pub enum Answer {
-    /// The status and `Retry-After` in seconds if given.
-    Status { status: u16, retry_after: Option<Duration> },
+    /// The status, `Retry-After` in seconds if given, and up to 1 MiB of body.
+    Status { status: u16, retry_after: Option<Duration>, body: Vec<u8> },
     /// No HTTP answer: connection refused, timeout, TLS failure, …
     Failed(String),
 }
@@ -44,6 +44,14 @@ impl Client {
         }
         finish(req.send(body))
     }
+
+    pub fn get(&self, url: &str, headers: &[(String, String)]) -> Answer {
+        let mut req = self.agent.get(url);
+        for (k, v) in headers {
+            req = req.header(k, v);
+        }
+        finish(req.call())
+    }
 }
 
 fn finish(result: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> Answer {
@@ -57,8 +65,9 @@ fn finish(result: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> Answ
                 .and_then(|v| v.trim().parse::<u64>().ok())
                 .map(Duration::from_secs);
             // Reading the answer to its end (up to 1 MiB) lets the connection be reused.
-            let _ = std::io::copy(&mut resp.body_mut().as_reader().take(1 << 20), &mut std::io::sink());
-            Answer::Status { status, retry_after }
+            let mut body = Vec::new();
+            let _ = resp.body_mut().as_reader().take(1 << 20).read_to_end(&mut body);
+            Answer::Status { status, retry_after, body }
         }
         Err(e) => Answer::Failed(e.to_string()),
     }

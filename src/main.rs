@@ -11,6 +11,7 @@ mod git;
 mod http;
 mod logging;
 mod outbox;
+mod poll;
 mod proc;
 mod pty;
 mod runs;

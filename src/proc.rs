@@ -44,6 +44,10 @@ impl Group {
         lock(&self.child).as_mut()?.stdout.take()
     }
 
+    pub fn take_stdin(&self) -> Option<std::process::ChildStdin> {
+        lock(&self.child).as_mut()?.stdin.take()
+    }
+
     pub fn take_stderr(&self) -> Option<ChildStderr> {
         lock(&self.child).as_mut()?.stderr.take()
     }

@@ -21,6 +21,23 @@ impl Shutdown {
         self.flag.load(Ordering::SeqCst)
     }
 
+    /// Sleeps up to `d`; true as soon as shutdown has begun.
+    pub fn wait(&self, d: std::time::Duration) -> bool {
+        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+        use std::os::fd::AsFd;
+        let deadline = std::time::Instant::now() + d;
+        while !self.requested() {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            let ms = PollTimeout::try_from(left.as_millis().min(60_000) as i32).unwrap_or(PollTimeout::MAX);
+            let mut fds = [PollFd::new(self.wake_rx.as_fd(), PollFlags::POLLIN)];
+            let _ = poll(&mut fds, ms);
+        }
+        true
+    }
+
     pub fn trigger(&self) {
         self.flag.store(true, Ordering::SeqCst);
         let _ = (&self.wake_tx).write(&[1]);

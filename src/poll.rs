@@ -1,0 +1,805 @@
+//! Poll mode (`aion-connector poll`): the ClaudiOS-style agent runtime, for
+//! platforms that cannot reach the machine. It polls a server for
+//! instructions (`start_session`, `command`, `terminate_session`), runs each
+//! session's process in its own process group, and streams its stdout and
+//! stderr back in numbered chunks at most every `outputFlushInterval`,
+//! through the same [`Outbox`] as push mode: ordered, signed when sent
+//! (`X-Timestamp`, `X-Signature`), retried through outages and restarts.
+//! The wire API is PROTOCOL.md §2.
+//!
+//! Threads: the poll loop (main thread); a status thread; per session a
+//! streamer (owns the receiver of the session's [`Msg`] channel and its
+//! outbox stream), two pipe readers and a waiter.
+
+use crate::client::{Answer, Client};
+use crate::error::Error;
+use crate::logging::{error, info, warn};
+use crate::outbox::{Fallback, Outbox, Record, Signer, Stream};
+use crate::proc::{self, Group};
+use crate::shutdown::Shutdown;
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use serde::Serialize;
+use serde_json::{Value, json};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{ChildStdin, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+const DEFAULT_COMMAND: &[&str] =
+    &["claude", "-p", "--input-format", "stream-json", "--output-format", "stream-json", "--verbose"];
+const CHUNK_BYTES: usize = 64 << 10;
+const POST_BYTES: usize = 512 << 10;
+const TERMINATE_GRACE: Duration = Duration::from_secs(5);
+
+/// Poll mode's settings: the ClaudiOS file and variables, plus ours.
+#[derive(Debug)]
+pub struct PollConfig {
+    pub server_url: String,
+    pub agent_token: crate::config::Secret,
+    pub poll_interval: Duration,
+    pub flush_interval: Duration,
+    pub max_sessions: usize,
+    pub status_interval: Duration,
+    pub session_command: Vec<String>,
+    pub state_dir: Option<PathBuf>,
+    pub delivery: Duration,
+}
+
+/// Reads `--config FILE` (default ./config.json, optional) and the
+/// environment, which wins. Every problem is reported at once.
+pub fn load_config(file: Option<&Path>, env: &dyn Fn(&str) -> Option<String>) -> Result<PollConfig, Error> {
+    let (path, explicit) = match file {
+        Some(p) => (p.to_path_buf(), true),
+        None => (PathBuf::from("config.json"), false),
+    };
+    let mut problems = Vec::new();
+    let doc: Value = match std::fs::read_to_string(&path) {
+        Ok(text) => serde_json::from_str(&text).unwrap_or_else(|e| {
+            problems.push(format!("invalid JSON: {e}"));
+            Value::Null
+        }),
+        Err(e) if !explicit && e.kind() == std::io::ErrorKind::NotFound => json!({}),
+        Err(source) => return Err(Error::ConfigRead { path, source }),
+    };
+    let doc = match doc {
+        Value::Object(m) => m,
+        Value::Null => Default::default(),
+        _ => {
+            problems.push("expected a JSON object".into());
+            Default::default()
+        }
+    };
+    let known = [
+        "serverUrl",
+        "agentToken",
+        "pollInterval",
+        "outputFlushInterval",
+        "maxConcurrentSessions",
+        "statusInterval",
+        "sessionCommand",
+        "stateDir",
+        "deliverySeconds",
+    ];
+    for k in doc.keys().filter(|k| !known.contains(&k.as_str())) {
+        warn!("config: unknown key {k} (ignored)");
+    }
+    // One setting: the variable if set, else the file's key.
+    let type_problems = std::cell::RefCell::new(Vec::new());
+    let text = |key: &str, var: &str| -> Option<(String, String)> {
+        if let Some(v) = env(var).filter(|v| !v.is_empty()) {
+            return Some((v, format!("${var}")));
+        }
+        match doc.get(key) {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) => Some((s.clone(), key.to_string())),
+            Some(Value::Number(n)) => Some((n.to_string(), key.to_string())),
+            Some(_) => {
+                type_problems.borrow_mut().push(format!("{key}: expected a string or number"));
+                None
+            }
+        }
+    };
+    let server_url = text("serverUrl", "SERVER_URL");
+    let agent_token = text("agentToken", "AGENT_TOKEN");
+    let numbers = [
+        ("pollInterval", "POLL_INTERVAL", 5000u64, 10u64, 3_600_000u64),
+        ("outputFlushInterval", "OUTPUT_FLUSH_INTERVAL", 1000, 1, 600_000),
+        ("maxConcurrentSessions", "MAX_CONCURRENT_SESSIONS", 5, 1, 10_000),
+        ("statusInterval", "STATUS_INTERVAL", 30_000, 100, 86_400_000),
+        ("deliverySeconds", "DELIVERY_SECONDS", 86_400, 1, 30 * 86_400),
+    ];
+    let mut values = Vec::new();
+    for (key, var, default, min, max) in numbers {
+        let v = match text(key, var) {
+            None => default,
+            Some((raw, from)) => match raw.trim().parse::<u64>() {
+                Ok(n) if (min..=max).contains(&n) => n,
+                _ => {
+                    problems.push(format!("{from}: expected a whole number {min}-{max}, found {raw:?}"));
+                    default
+                }
+            },
+        };
+        values.push(v);
+    }
+    let state_dir = text("stateDir", "AION_STATE_DIR").map(|(d, _)| PathBuf::from(d));
+    let session_command = match env("AION_SESSION_COMMAND").filter(|v| !v.is_empty()) {
+        Some(raw) => match serde_json::from_str::<Vec<String>>(&raw) {
+            Ok(argv) if !argv.is_empty() && !argv[0].is_empty() => argv,
+            _ => {
+                problems.push(
+                    "$AION_SESSION_COMMAND: expected a JSON array of strings, e.g. [\"claude\",\"-p\"]"
+                        .into(),
+                );
+                Vec::new()
+            }
+        },
+        None => match doc.get("sessionCommand") {
+            None | Some(Value::Null) => DEFAULT_COMMAND.iter().map(|s| s.to_string()).collect(),
+            Some(v) => match serde_json::from_value::<Vec<String>>(v.clone()) {
+                Ok(argv) if !argv.is_empty() && !argv[0].is_empty() => argv,
+                _ => {
+                    problems.push("sessionCommand: expected a non-empty array of strings".into());
+                    Vec::new()
+                }
+            },
+        },
+    };
+    match &server_url {
+        None => problems.push("serverUrl (or $SERVER_URL) is required".into()),
+        Some((u, from)) if !(u.starts_with("http://") || u.starts_with("https://")) => {
+            problems.push(format!("{from}: expected an http:// or https:// URL"))
+        }
+        _ => {}
+    }
+    if agent_token.as_ref().is_none_or(|(t, _)| t.trim().is_empty()) {
+        problems.push("agentToken (or $AGENT_TOKEN) is required".into());
+    }
+    problems.extend(type_problems.into_inner());
+    if !problems.is_empty() {
+        return Err(Error::Config { path, problems });
+    }
+    Ok(PollConfig {
+        server_url: server_url.map(|(u, _)| u.trim_end_matches('/').to_string()).unwrap_or_default(),
+        agent_token: crate::config::Secret(
+            agent_token.map(|(t, _)| t.trim().to_string()).unwrap_or_default(),
+        ),
+        poll_interval: Duration::from_millis(values[0]),
+        flush_interval: Duration::from_millis(values[1]),
+        max_sessions: values[2] as usize,
+        status_interval: Duration::from_millis(values[3]),
+        delivery: Duration::from_secs(values[4]),
+        session_command,
+        state_dir,
+    })
+}
+
+/// §2's signature: HMAC-SHA256(token, timestamp + "." + body), made when sent.
+struct PollSigner {
+    token: String,
+}
+
+impl Signer for PollSigner {
+    fn headers(&self, _key: &str, body: &[u8]) -> Option<Vec<(String, String)>> {
+        let ts = now_ms().to_string();
+        let sig = crate::signing::sha256_hex(self.token.as_bytes(), &[ts.as_bytes(), b".", body]);
+        Some(vec![
+            ("Authorization".into(), format!("Bearer {}", self.token)),
+            ("X-Timestamp".into(), ts),
+            ("X-Signature".into(), sig),
+        ])
+    }
+}
+
+fn now_ms() -> u128 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis()
+}
+
+/// Messages to a session's streamer thread (which owns the receiver).
+enum Msg {
+    Output {
+        stdout: bool,
+        data: Vec<u8>,
+        ts: u128,
+    },
+    /// The process is gone; `terminated` when it was ended by instruction or shutdown.
+    Ended {
+        code: Option<i32>,
+        signal: Option<i32>,
+        terminated: bool,
+    },
+}
+
+struct Session {
+    pid: i32,
+    started_at: u128,
+    group: Arc<Group>,
+    stdin: Arc<Mutex<Option<ChildStdin>>>,
+    terminating: Arc<AtomicBool>,
+}
+
+pub struct Runtime {
+    config: PollConfig,
+    client: Client,
+    signer: PollSigner,
+    outbox: Arc<Outbox>,
+    shutdown: Arc<Shutdown>,
+    sessions: Mutex<HashMap<String, Session>>,
+    started: Instant,
+    /// Ids of instructions already taken (the newest 10,000).
+    seen: Mutex<(HashSet<String>, VecDeque<String>)>,
+    status_now: (Sender<()>, Receiver<()>),
+}
+
+pub fn run(config: PollConfig, shutdown: Arc<Shutdown>) -> Result<i32, Error> {
+    info!("Agent starting... (aion-connector {} poll mode)", env!("CARGO_PKG_VERSION"));
+    let state = crate::runs::state_dir(config.state_dir.as_deref());
+    let signer = Arc::new(PollSigner { token: config.agent_token.0.clone() });
+    let outbox = Outbox::open(&state.join("poll-outbox"), signer, config.delivery)
+        .map_err(|source| Error::StateDir { path: state.clone(), source })?;
+    let rt = Arc::new(Runtime {
+        client: Client::new(Duration::from_secs(30)),
+        signer: PollSigner { token: config.agent_token.0.clone() },
+        outbox,
+        shutdown,
+        sessions: Mutex::new(HashMap::new()),
+        started: Instant::now(),
+        seen: Mutex::new((HashSet::new(), VecDeque::new())),
+        status_now: crossbeam_channel::bounded(1),
+        config,
+    });
+    info!("Polling server at {}", crate::git::redact_userinfo(&rt.config.server_url));
+    let status = {
+        let rt = Arc::clone(&rt);
+        std::thread::Builder::new()
+            .name("status".into())
+            .stack_size(256 << 10)
+            .spawn(move || rt.report_status())
+    };
+    rt.poll_loop();
+    info!("Agent stopping: terminating {} session(s)", rt.sessions().len());
+    let deadline = Instant::now() + TERMINATE_GRACE + Duration::from_secs(5);
+    rt.terminate_all();
+    while !rt.sessions().is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    rt.outbox.drain(Instant::now() + Duration::from_secs(10));
+    drop(status);
+    info!("Agent stopped");
+    Ok(0)
+}
+
+impl Runtime {
+    fn sessions(&self) -> std::sync::MutexGuard<'_, HashMap<String, Session>> {
+        self.sessions.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.config.server_url)
+    }
+
+    fn signed(&self, body: &[u8]) -> Vec<(String, String)> {
+        self.signer.headers("", body).unwrap_or_default()
+    }
+
+    /// GET instructions every `pollInterval` (±10%); back off while the
+    /// server is unreachable or refuses the token, without spinning.
+    fn poll_loop(self: &Arc<Self>) {
+        let mut backoff = Duration::ZERO;
+        let mut said_unauthorized = false;
+        let mut said_unreachable = false;
+        loop {
+            let auth = vec![("Authorization".to_string(), format!("Bearer {}", self.config.agent_token.0))];
+            let wait = match self.client.get(&self.url("/api/agent/instructions"), &auth) {
+                Answer::Status { status: 200, body, .. } => {
+                    if said_unreachable || said_unauthorized {
+                        info!("Server reachable again");
+                    }
+                    (said_unauthorized, said_unreachable, backoff) = (false, false, Duration::ZERO);
+                    self.take(&body);
+                    None
+                }
+                Answer::Status { status: 204, .. } => {
+                    (said_unauthorized, said_unreachable, backoff) = (false, false, Duration::ZERO);
+                    None
+                }
+                Answer::Status { status: 401 | 403, .. } => {
+                    if !said_unauthorized {
+                        error!("The server refused the agent token (401): check agentToken; backing off");
+                        said_unauthorized = true;
+                    }
+                    backoff = Duration::from_secs(60);
+                    Some(backoff)
+                }
+                other => {
+                    let why = match other {
+                        Answer::Status { status, .. } => format!("status {status}"),
+                        Answer::Failed(e) => crate::git::redact_userinfo(&e),
+                    };
+                    backoff = (backoff * 2).clamp(Duration::from_secs(1), Duration::from_secs(60));
+                    if !said_unreachable {
+                        warn!("Cannot poll the server ({why}); retrying with backoff up to 60 s");
+                        said_unreachable = true;
+                    }
+                    Some(backoff)
+                }
+            };
+            let pause = wait.unwrap_or(self.config.poll_interval).mul_f64(jitter());
+            if self.shutdown.wait(pause) {
+                return;
+            }
+        }
+    }
+
+    /// Acks the new instructions, then acts on them; one seen before is
+    /// acked again but not run again.
+    fn take(self: &Arc<Self>, body: &[u8]) {
+        let list: Vec<Value> = match serde_json::from_slice::<Value>(body) {
+            Ok(Value::Object(m)) => match m.get("instructions") {
+                Some(Value::Array(items)) => items.clone(),
+                _ => Vec::new(),
+            },
+            Ok(Value::Array(items)) => items,
+            _ => {
+                warn!("Instructions answer is not JSON; ignored");
+                return;
+            }
+        };
+        if list.is_empty() {
+            return;
+        }
+        let ids: Vec<String> =
+            list.iter().filter_map(|i| i.get("id").and_then(Value::as_str).map(str::to_string)).collect();
+        let ack = serde_json::to_vec(&json!({ "ids": ids })).expect("JSON");
+        match self.client.post(&self.url("/api/agent/instructions/ack"), &self.signed(&ack), &ack) {
+            Answer::Status { status, .. } if (200..300).contains(&status) => {}
+            other => {
+                let why = match other {
+                    Answer::Status { status, .. } => format!("status {status}"),
+                    Answer::Failed(e) => e,
+                };
+                warn!("Cannot ack {} instruction(s) ({why}); they will be taken on a later poll", ids.len());
+                return;
+            }
+        }
+        for instruction in list {
+            let id = instruction.get("id").and_then(Value::as_str).unwrap_or("").to_string();
+            if id.is_empty() {
+                self.report_error("instruction without an id; ignored", None, None);
+                continue;
+            }
+            if !self.first_time(&id) {
+                info!("Instruction {id} seen before; not run again");
+                continue;
+            }
+            self.act(&id, &instruction);
+        }
+    }
+
+    fn first_time(&self, id: &str) -> bool {
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        if !seen.0.insert(id.to_string()) {
+            return false;
+        }
+        seen.1.push_back(id.to_string());
+        if seen.1.len() > 10_000
+            && let Some(old) = seen.1.pop_front()
+        {
+            seen.0.remove(&old);
+        }
+        true
+    }
+
+    fn act(self: &Arc<Self>, id: &str, ins: &Value) {
+        let kind = ins.get("type").and_then(Value::as_str).unwrap_or("");
+        let session = ins.get("sessionId").and_then(Value::as_str).unwrap_or("").to_string();
+        info!("Received instruction: {kind} ({session})");
+        if session.is_empty() {
+            self.report_error("instruction without a sessionId", Some(id), None);
+            return;
+        }
+        match kind {
+            "start_session" => self.start(id, &session, ins),
+            "command" => {
+                let input = ins.get("input").and_then(Value::as_str).unwrap_or("");
+                let stdin = self.sessions().get(&session).map(|s| Arc::clone(&s.stdin));
+                let Some(stdin) = stdin else {
+                    self.report_error("no such session", Some(id), Some(&session));
+                    return;
+                };
+                let mut line = input.as_bytes().to_vec();
+                if !line.ends_with(b"\n") {
+                    line.push(b'\n');
+                }
+                let written =
+                    stdin.lock().unwrap_or_else(|p| p.into_inner()).as_mut().map(|w| w.write_all(&line));
+                match written {
+                    Some(Ok(())) => info!("Command sent to {session}"),
+                    _ => self.report_error("the session's stdin is closed", Some(id), Some(&session)),
+                }
+            }
+            "terminate_session" => {
+                let found =
+                    self.sessions().get(&session).map(|s| (Arc::clone(&s.group), Arc::clone(&s.terminating)));
+                match found {
+                    Some((group, terminating)) => {
+                        terminating.store(true, Ordering::SeqCst);
+                        std::thread::spawn(move || end_group(&group));
+                    }
+                    None => self.report_error("no such session", Some(id), Some(&session)),
+                }
+            }
+            other => {
+                self.report_error(&format!("unknown instruction type {other:?}"), Some(id), Some(&session))
+            }
+        }
+    }
+
+    /// `start_session`: over the cap → `rejected`; else spawn → `started`.
+    fn start(self: &Arc<Self>, id: &str, session: &str, ins: &Value) {
+        let mut stream = match self.stream(session) {
+            Ok(s) => s,
+            Err(e) => {
+                self.report_error(&format!("cannot spool output: {e}"), Some(id), Some(session));
+                return;
+            }
+        };
+        let mut seq_holder = 0u64;
+        let busy = self.sessions().contains_key(session);
+        if busy || self.sessions().len() >= self.config.max_sessions {
+            let why =
+                if busy { "a session with this id is running" } else { "maxConcurrentSessions reached" };
+            warn!("Session {session} rejected: {why}");
+            self.event(
+                &mut stream,
+                &mut seq_holder,
+                session,
+                json!({"event":"rejected","message":why}),
+                true,
+            );
+            return;
+        }
+        let prompt = ins.get("prompt").and_then(Value::as_str);
+        let args: Vec<String> = ins
+            .get("args")
+            .and_then(Value::as_array)
+            .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
+            .unwrap_or_default();
+        let cwd = ins.get("cwd").and_then(Value::as_str).map(PathBuf::from);
+        // The prompt goes where the command says: into an argv element that
+        // holds {prompt}, else as the first stream-json message on stdin.
+        let in_argv = self.config.session_command.iter().any(|a| a.contains("{prompt}"));
+        let mut argv: Vec<String> =
+            self.config.session_command.iter().map(|a| a.replace("{prompt}", prompt.unwrap_or(""))).collect();
+        argv.extend(args);
+        let marker = format!("AION_SESSION_ID={}-{}", std::process::id(), nonce());
+        let mut cmd = Command::new(&argv[0]);
+        cmd.args(&argv[1..])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .env("AION_SESSION_ID", &marker["AION_SESSION_ID=".len()..])
+            .env_remove("AGENT_TOKEN");
+        if let Some(dir) = &cwd {
+            cmd.current_dir(dir);
+        }
+        let group = match Group::spawn(&mut cmd) {
+            Ok(g) => Arc::new(g),
+            Err(e) => {
+                let msg = if e.kind() == std::io::ErrorKind::NotFound {
+                    format!("{} not found on PATH", argv[0])
+                } else {
+                    format!("cannot start {}: {e}", argv[0])
+                };
+                warn!("Session {session} failed: {msg}");
+                self.event(
+                    &mut stream,
+                    &mut seq_holder,
+                    session,
+                    json!({"event":"failed","message":msg}),
+                    true,
+                );
+                return;
+            }
+        };
+        let mut stdin = group.take_stdin();
+        if let (Some(p), false, Some(w)) = (prompt, in_argv, stdin.as_mut()) {
+            let first = json!({"type":"user","message":{"role":"user","content":p}});
+            let _ = w.write_all(format!("{first}\n").as_bytes());
+        }
+        let pid = group.pid();
+        let terminating = Arc::new(AtomicBool::new(false));
+        self.sessions().insert(
+            session.to_string(),
+            Session {
+                pid,
+                started_at: now_ms(),
+                group: Arc::clone(&group),
+                stdin: Arc::new(Mutex::new(stdin)),
+                terminating: Arc::clone(&terminating),
+            },
+        );
+        self.event(&mut stream, &mut seq_holder, session, json!({"event":"started","pid":pid}), false);
+        info!("Session started: {session} (pid {pid})");
+        let _ = self.status_now.0.try_send(());
+        let (tx, rx) = crossbeam_channel::bounded::<Msg>(64);
+        let readers: Vec<_> = [
+            (group.take_stdout().map(|o| Box::new(o) as Box<dyn Read + Send>), true),
+            (group.take_stderr().map(|e| Box::new(e) as Box<dyn Read + Send>), false),
+        ]
+        .into_iter()
+        .filter_map(|(pipe, stdout)| {
+            let (pipe, tx) = (pipe?, tx.clone());
+            std::thread::Builder::new().stack_size(128 << 10).spawn(move || read_pipe(pipe, stdout, &tx)).ok()
+        })
+        .collect();
+        let waiter = {
+            let (group, tx, terminating) = (Arc::clone(&group), tx.clone(), Arc::clone(&terminating));
+            std::thread::Builder::new().stack_size(128 << 10).spawn(move || {
+                let status = group.wait();
+                proc::sweep(&marker, Duration::from_secs(2));
+                for r in readers {
+                    let _ = r.join();
+                }
+                let (code, signal) = match status {
+                    Ok(s) => (s.code(), std::os::unix::process::ExitStatusExt::signal(&s)),
+                    Err(_) => (None, None),
+                };
+                let _ = tx.send(Msg::Ended { code, signal, terminated: terminating.load(Ordering::SeqCst) });
+            })
+        };
+        drop(tx);
+        if waiter.is_err() {
+            group.signal(nix::sys::signal::Signal::SIGKILL);
+        }
+        let rt = Arc::clone(self);
+        let session = session.to_string();
+        let _ = std::thread::Builder::new().stack_size(256 << 10).spawn(move || {
+            rt.stream_output(&session, stream, seq_holder, &rx);
+        });
+    }
+
+    fn stream(&self, session: &str) -> std::io::Result<Stream> {
+        let id = format!("{}-{}-{:x}", now_ms(), std::process::id(), nonce());
+        let mut body = serde_json::Map::new();
+        body.insert("sessionId".into(), session.into());
+        body.insert("event".into(), "failed".into());
+        body.insert("message".into(), "the agent stopped before the session ended".into());
+        let fallback = Fallback { url: self.url("/api/agent/events"), key: "agent".into(), body };
+        self.outbox.stream(&id, &fallback)
+    }
+
+    /// Queues an event (events are posted in order with the output).
+    fn event(&self, stream: &mut Stream, seq: &mut u64, session: &str, mut ev: Value, last: bool) {
+        ev["sessionId"] = session.into();
+        let body = serde_json::to_string(&ev).expect("JSON");
+        let record =
+            Record { url: self.url("/api/agent/events"), key: "agent".into(), seq: *seq, last, body };
+        *seq += 1;
+        if let Err(e) = stream.push(&record) {
+            error!("Cannot spool an event of {session}: {e}");
+        }
+    }
+
+    /// The streamer: output batched for `outputFlushInterval`, chunks
+    /// numbered from 0, then the closing event.
+    fn stream_output(&self, session: &str, mut stream: Stream, mut record_seq: u64, rx: &Receiver<Msg>) {
+        #[derive(Serialize)]
+        struct Chunk {
+            seq: u64,
+            stream: &'static str,
+            data: String,
+            ts: u128,
+        }
+        #[derive(Serialize)]
+        struct OutputBody<'a> {
+            #[serde(rename = "sessionId")]
+            session_id: &'a str,
+            chunks: &'a [Chunk],
+        }
+        let mut chunk_seq = 0u64;
+        let mut pending: Vec<Chunk> = Vec::new();
+        let mut pending_bytes = 0usize;
+        let mut carry: [Vec<u8>; 2] = [Vec::new(), Vec::new()];
+        let mut last_flush = Instant::now();
+        let flush = |pending: &mut Vec<Chunk>,
+                     pending_bytes: &mut usize,
+                     record_seq: &mut u64,
+                     stream: &mut Stream| {
+            if pending.is_empty() {
+                return;
+            }
+            let body =
+                serde_json::to_string(&OutputBody { session_id: session, chunks: pending }).expect("JSON");
+            let record = Record {
+                url: self.url("/api/agent/output"),
+                key: "agent".into(),
+                seq: *record_seq,
+                last: false,
+                body,
+            };
+            *record_seq += 1;
+            if let Err(e) = stream.push(&record) {
+                error!("Cannot spool output of {session}: {e}");
+            }
+            pending.clear();
+            *pending_bytes = 0;
+        };
+        let ended = loop {
+            let next_flush = last_flush + self.config.flush_interval;
+            let msg = if pending.is_empty() {
+                rx.recv().map_err(|_| RecvTimeoutError::Disconnected)
+            } else {
+                rx.recv_timeout(next_flush.saturating_duration_since(Instant::now()))
+            };
+            match msg {
+                Ok(Msg::Output { stdout, data, ts }) => {
+                    let text = crate::ws::utf8_chunk(&mut carry[usize::from(!stdout)], &data);
+                    if text.is_empty() {
+                        continue;
+                    }
+                    if pending.is_empty() && last_flush.elapsed() >= self.config.flush_interval {
+                        last_flush = Instant::now() - self.config.flush_interval; // flush this one promptly
+                    }
+                    pending_bytes += text.len();
+                    let name = if stdout { "stdout" } else { "stderr" };
+                    pending.push(Chunk { seq: chunk_seq, stream: name, data: text, ts });
+                    chunk_seq += 1;
+                    if pending_bytes >= POST_BYTES {
+                        flush(&mut pending, &mut pending_bytes, &mut record_seq, &mut stream);
+                        last_flush = Instant::now();
+                    }
+                }
+                Ok(Msg::Ended { code, signal, terminated }) => break Some((code, signal, terminated)),
+                Err(RecvTimeoutError::Timeout) => {
+                    flush(&mut pending, &mut pending_bytes, &mut record_seq, &mut stream);
+                    last_flush = Instant::now();
+                }
+                Err(RecvTimeoutError::Disconnected) => break None,
+            }
+        };
+        flush(&mut pending, &mut pending_bytes, &mut record_seq, &mut stream);
+        let event = match ended {
+            Some((_, _, true)) => json!({"event":"terminated"}),
+            Some((code, signal, false)) => {
+                let mut ev = json!({"event":"exited"});
+                if let Some(c) = code {
+                    ev["exitCode"] = c.into();
+                }
+                if let Some(s) = signal {
+                    ev["signal"] = s.into();
+                }
+                ev
+            }
+            None => json!({"event":"failed","message":"lost track of the session process"}),
+        };
+        info!("Session {}: {session}", event["event"].as_str().unwrap_or("ended"));
+        self.event(&mut stream, &mut record_seq, session, event, true);
+        self.sessions().remove(session);
+        let _ = self.status_now.0.try_send(());
+    }
+
+    fn terminate_all(&self) {
+        let all: Vec<(Arc<Group>, Arc<AtomicBool>)> =
+            self.sessions().values().map(|s| (Arc::clone(&s.group), Arc::clone(&s.terminating))).collect();
+        for (group, terminating) in all {
+            terminating.store(true, Ordering::SeqCst);
+            std::thread::spawn(move || end_group(&group));
+        }
+    }
+
+    /// Every `statusInterval` and on each session change, until shutdown.
+    fn report_status(&self) {
+        loop {
+            let sessions: Vec<Value> = self
+                .sessions()
+                .iter()
+                .map(|(id, s)| json!({"sessionId": id, "state": "running", "pid": s.pid, "startedAt": s.started_at}))
+                .collect();
+            let body = serde_json::to_vec(&json!({
+                "version": env!("CARGO_PKG_VERSION"),
+                "uptimeSeconds": self.started.elapsed().as_secs(),
+                "maxConcurrentSessions": self.config.max_sessions,
+                "sessions": sessions,
+            }))
+            .expect("JSON");
+            if let Answer::Failed(e) =
+                self.client.post(&self.url("/api/agent/status"), &self.signed(&body), &body)
+            {
+                let _ = e; // the poll loop reports an unreachable server
+            }
+            match self.status_now.1.recv_timeout(self.config.status_interval) {
+                Ok(()) | Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+            if self.shutdown.requested() {
+                return;
+            }
+        }
+    }
+
+    fn report_error(&self, message: &str, instruction: Option<&str>, session: Option<&str>) {
+        warn!("{message}{}", session.map(|s| format!(" ({s})")).unwrap_or_default());
+        let mut body = json!({ "message": message });
+        if let Some(i) = instruction {
+            body["instructionId"] = i.into();
+        }
+        if let Some(s) = session {
+            body["sessionId"] = s.into();
+        }
+        let body = serde_json::to_vec(&body).expect("JSON");
+        let _ = self.client.post(&self.url("/api/agent/errors"), &self.signed(&body), &body);
+    }
+}
+
+/// SIGTERM to the session's group, SIGKILL after the grace.
+fn end_group(group: &Group) {
+    group.signal(nix::sys::signal::Signal::SIGTERM);
+    if let Ok(Some(_)) = group.wait_until(Instant::now() + TERMINATE_GRACE) {
+        return;
+    }
+    group.signal(nix::sys::signal::Signal::SIGKILL);
+}
+
+/// A pipe reader: chunks of at most 64 KiB to the streamer.
+fn read_pipe(mut pipe: Box<dyn Read + Send>, stdout: bool, tx: &Sender<Msg>) {
+    let mut buf = vec![0u8; CHUNK_BYTES];
+    loop {
+        match pipe.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                if tx.send(Msg::Output { stdout, data: buf[..n].to_vec(), ts: now_ms() }).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// 0.9–1.1, so that many agents do not poll in step.
+fn jitter() -> f64 {
+    0.9 + (nonce() % 2001) as f64 / 10_000.0
+}
+
+fn nonce() -> u64 {
+    let t = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    let mut x = (t.as_nanos() as u64) ^ 0x9E37_79B9_7F4A_7C15;
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    x
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env_of(vars: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
+        move |k| vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
+    }
+
+    #[test]
+    fn environment_wins_over_the_file() {
+        let dir = std::env::temp_dir().join(format!("aion-pollcfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("config.json");
+        std::fs::write(&file, r#"{"serverUrl":"http://file","agentToken":"f","pollInterval":100}"#).unwrap();
+        let c = load_config(Some(&file), &env_of(&[("POLL_INTERVAL", "250"), ("AGENT_TOKEN", "e")])).unwrap();
+        assert_eq!(c.server_url, "http://file");
+        assert_eq!(c.agent_token.0, "e");
+        assert_eq!(c.poll_interval, Duration::from_millis(250));
+        assert_eq!(c.session_command[0], "claude");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn missing_and_bad_values_are_named() {
+        let err = load_config(None, &env_of(&[("POLL_INTERVAL", "soon")])).unwrap_err().to_string();
+        assert!(err.contains("serverUrl (or $SERVER_URL) is required"), "{err}");
+        assert!(err.contains("agentToken (or $AGENT_TOKEN) is required"), "{err}");
+        assert!(err.contains("$POLL_INTERVAL: expected a whole number"), "{err}");
+    }
+}
