@@ -27,6 +27,9 @@ Usage:
   aion-connector check [CONFIG]    validate CONFIG and name every problem
   aion-connector poll [--config FILE]
                                    poll mode: take instructions from a server
+  aion-connector lease --app KEY [--app KEY…] [--seconds N] [--socket PATH]
+                       [--holder ID] [--name NAME] -- CMD [ARGS…]
+                                   hold Aion leases on apps while CMD runs
   aion-connector --help | --version
 
 CONFIG defaults to ./aion.config.json. If it is not given and that file does
@@ -87,6 +90,7 @@ pub fn run(args: Vec<OsString>) -> Result<i32, Error> {
         ["check", path] if !path.starts_with('-') => check(Path::new(path)),
         ["check", ..] => Err(Error::Usage("usage: aion-connector check [CONFIG]".into())),
         ["poll", rest @ ..] => poll(rest),
+        ["lease", rest @ ..] => crate::wrap::run(rest),
         [] => serve(None),
         [path] if !path.starts_with('-') => serve(Some(PathBuf::from(path))),
         [flag] => Err(Error::Usage(format!("unknown option {flag}"))),
@@ -205,7 +209,17 @@ fn serve(explicit: Option<PathBuf>) -> Result<i32, Error> {
     let local = listener.local_addr().map_err(bind_err)?;
     let limits = config.limits.clone();
     let count = projects.len();
-    let runs = Runs::new(Arc::clone(&outbox), limits.clone());
+    let leases =
+        projects.iter().any(|p| p.config.agents.iter().any(|a| !a.lease_apps.is_empty())).then(|| {
+            let l = &config.lease;
+            crate::lease::Leases::start(crate::lease::LeaseConfig::new(
+                l.socket.clone(),
+                l.holder.clone(),
+                l.client_name.clone(),
+                l.seconds,
+            ))
+        });
+    let runs = Runs::new(Arc::clone(&outbox), limits.clone(), leases.clone());
     let terminals = Terminals::new(limits.clone());
     let app = Arc::new(App::new(projects, limits.clone(), Arc::clone(&runs), Arc::clone(&terminals)));
     {
@@ -228,6 +242,9 @@ fn serve(explicit: Option<PathBuf>) -> Result<i32, Error> {
         warn!("{left} run(s) did not end in time");
     }
     terminals.finish();
+    if let Some(l) = &leases {
+        l.stop(Duration::from_secs(1));
+    }
     outbox.drain(deadline);
     info!("stopped");
     Ok(0)

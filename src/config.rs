@@ -22,6 +22,16 @@ pub struct Config {
     pub projects: Vec<Project>,
     /// Where undelivered posts wait (see `outbox`); None: the default chain.
     pub state_dir: Option<PathBuf>,
+    /// The `lease` section: how to reach Aion (used when an agent has `leaseApps`).
+    pub lease: LeaseSettings,
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct LeaseSettings {
+    pub socket: Option<PathBuf>,
+    pub holder: Option<String>,
+    pub client_name: Option<String>,
+    pub seconds: Option<u32>,
 }
 
 #[derive(Debug, Clone)]
@@ -99,6 +109,8 @@ pub struct Agent {
     pub exec: bool,
     pub timeout: Option<Duration>,
     pub env: Vec<(String, String)>,
+    /// Desktop apps (Aion app keys) leased while a run of this agent goes on.
+    pub lease_apps: Vec<String>,
 }
 
 /// A token. Its `Debug` never shows the value, so it cannot reach a log by accident.
@@ -177,13 +189,14 @@ impl Checker {
     }
 
     fn config(&mut self, root: &Json, cwd: &Path) -> Option<Config> {
-        let fields = self.object(root, "", &["port", "host", "projects", "limits", "stateDir"])?;
+        let fields = self.object(root, "", &["port", "host", "projects", "limits", "stateDir", "lease"])?;
         let mut config = Config {
             host: "0.0.0.0".into(),
             port: 7777,
             limits: Limits::default(),
             projects: Vec::new(),
             state_dir: None,
+            lease: LeaseSettings::default(),
         };
         let mut saw_projects = false;
         for (key, v) in fields {
@@ -199,6 +212,7 @@ impl Checker {
                     None => {}
                 },
                 "limits" => self.limits(v, &mut config.limits),
+                "lease" => config.lease = self.lease(v, cwd),
                 "stateDir" => match self.string(v, "stateDir") {
                     Some(d) if d.is_empty() => self.problem("stateDir", "must not be empty"),
                     d => config.state_dir = d.map(|d| cwd.join(d)),
@@ -378,8 +392,27 @@ impl Checker {
         agents
     }
 
+    fn lease(&mut self, v: &Json, cwd: &Path) -> LeaseSettings {
+        let mut out = LeaseSettings::default();
+        let Some(fields) = self.object(v, "lease", &["socket", "holderId", "clientName", "leaseSeconds"])
+        else {
+            return out;
+        };
+        for (key, v) in fields {
+            let path = join("lease", key);
+            match key.as_str() {
+                "socket" => out.socket = self.string(v, &path).map(|s| cwd.join(s)),
+                "holderId" => out.holder = self.string(v, &path).filter(|h| !h.is_empty()),
+                "clientName" => out.client_name = self.string(v, &path),
+                "leaseSeconds" => out.seconds = self.integer(v, &path, 60, 1800).map(|n| n as u32),
+                _ => {}
+            }
+        }
+        out
+    }
+
     fn agent(&mut self, name: &str, v: &Json, path: &str) -> Option<Agent> {
-        let known = ["description", "command", "mode", "timeout", "env"];
+        let known = ["description", "command", "mode", "timeout", "env", "leaseApps"];
         let fields = self.object(v, path, &known)?;
         let mut agent = Agent {
             name: name.to_string(),
@@ -388,6 +421,7 @@ impl Checker {
             exec: false,
             timeout: None,
             env: Vec::new(),
+            lease_apps: Vec::new(),
         };
         for (key, v) in fields {
             let kpath = join(path, key);
@@ -416,6 +450,17 @@ impl Checker {
                     None => {}
                 },
                 "timeout" => agent.timeout = self.integer(v, &kpath, 1, 7 * 86_400).map(Duration::from_secs),
+                "leaseApps" => match v {
+                    Json::Arr(items) => {
+                        agent.lease_apps = items
+                            .iter()
+                            .enumerate()
+                            .filter_map(|(i, item)| self.string(item, &format!("{kpath}[{i}]")))
+                            .filter(|k| !k.is_empty())
+                            .collect();
+                    }
+                    _ => self.problem(&kpath, "expected an array of app keys, e.g. [\"com.google.Chrome\"]"),
+                },
                 "env" => {
                     if let Some(vars) = self.object(v, &kpath, &[]) {
                         for (k, val) in vars {

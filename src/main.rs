@@ -9,6 +9,7 @@ mod config;
 mod error;
 mod git;
 mod http;
+mod lease;
 mod logging;
 mod outbox;
 mod poll;
@@ -20,6 +21,7 @@ mod signing;
 mod starter;
 mod terminal;
 mod workspace;
+mod wrap;
 mod ws;
 
 fn main() {

@@ -73,14 +73,16 @@ enum Cut {
 pub struct Runs {
     outbox: Arc<Outbox>,
     limits: Limits,
+    /// Aion leases for agents with `leaseApps` (None: no agent has any).
+    leases: Option<crate::lease::Leases>,
     /// Running runs by (project id, session), with their control senders.
     active: Mutex<HashMap<(String, String), Sender<Control>>>,
     next: AtomicU64,
 }
 
 impl Runs {
-    pub fn new(outbox: Arc<Outbox>, limits: Limits) -> Arc<Runs> {
-        Arc::new(Runs { outbox, limits, active: Mutex::new(HashMap::new()), next: AtomicU64::new(0) })
+    pub fn new(outbox: Arc<Outbox>, limits: Limits, leases: Option<crate::lease::Leases>) -> Arc<Runs> {
+        Arc::new(Runs { outbox, limits, leases, active: Mutex::new(HashMap::new()), next: AtomicU64::new(0) })
     }
 
     fn active(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), Sender<Control>>> {
@@ -402,6 +404,8 @@ impl<'a> Run<'a> {
             self.events.error(&msg);
             return format!("error ({msg})");
         }
+        // The agent's desktop apps stay leased until this run is over.
+        let _leases = self.runs.leases.as_ref().map(|l| l.hold(&agent.lease_apps));
         let mut cmd = command(&argv, agent, &cwd, &self.id);
         cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
         let group = match Group::spawn(&mut cmd) {
