@@ -816,6 +816,7 @@ mod tests {
             exec: false,
             timeout: None,
             env: vec![],
+            lease_apps: vec![],
         };
         let inv = Invoke {
             agent: "pi".into(),
