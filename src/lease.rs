@@ -409,10 +409,7 @@ impl Inner {
         let id = msg.get("requestId").and_then(Value::as_str).unwrap_or("");
         let code = msg.get("code").and_then(Value::as_str).unwrap_or("");
         let mut apps = self.apps();
-        let Some((key, a)) = apps.iter_mut().find(|(_, a)| a.pending.as_ref().is_some_and(|(p, _)| p == id))
-        else {
-            return None;
-        };
+        let (key, a) = apps.iter_mut().find(|(_, a)| a.pending.as_ref().is_some_and(|(p, _)| p == id))?;
         let (_, request) = a.pending.take().expect("matched");
         let now = Instant::now();
         let quiet = |d: Duration| Some(now + self.scaled(d));
