@@ -219,14 +219,13 @@ fn bad_payload_type_is_400_with_detail() {
 }
 
 #[test]
-fn not_implemented_actions_are_501() {
-    let tmp = TempDir::new("n501");
+fn terminal_actions_need_a_known_session() {
+    let tmp = TempDir::new("nosession");
     let srv = start_basic(&tmp);
-    for action in ["terminal.spawn", "terminal.input", "terminal.output", "terminal.resize", "terminal.close"]
-    {
-        let (status, text) = srv.post(&request_body(TOKEN, action, json!({})));
-        assert_eq!(status, 501, "{action}: {text}");
-        assert_eq!(text, r#"{"error":"not implemented"}"#, "{action}");
+    for action in ["terminal.input", "terminal.output", "terminal.resize", "terminal.close"] {
+        let (status, text) = srv.post(&request_body(TOKEN, action, json!({"sessionId":"nope","cols":80,"rows":24})));
+        assert_eq!(status, 404, "{action}: {text}");
+        assert_eq!(text, r#"{"error":"no session"}"#, "{action}");
     }
 }
 
