@@ -94,10 +94,23 @@ struct App {
     quiet_until: Option<Instant>,
 }
 
+/// How far the lease thread got with the socket.
+#[derive(Clone, Copy, PartialEq)]
+enum Link {
+    /// No attempt finished yet.
+    Starting,
+    Up,
+    /// Missing socket, refused hello, lost connection: no leases now.
+    Down,
+}
+
 struct Inner {
     config: LeaseConfig,
     scale: f64,
     apps: Mutex<HashMap<String, App>>,
+    /// Notified (with `apps` locked) when a lease is granted or refused, or the link changes.
+    settled: std::sync::Condvar,
+    link: Mutex<Link>,
     writer: Mutex<Option<UnixStream>>,
     ctl: Sender<Ctl>,
     next: AtomicU64,
@@ -107,7 +120,8 @@ struct Inner {
 #[derive(Clone)]
 pub struct Leases {
     inner: Arc<Inner>,
-    thread: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
+    /// Disconnected once the lease thread has ended.
+    done: Receiver<()>,
 }
 
 /// Holds one app's lease while alive.
@@ -139,17 +153,20 @@ impl Leases {
             config,
             scale,
             apps: Mutex::new(HashMap::new()),
+            settled: std::sync::Condvar::new(),
+            link: Mutex::new(Link::Starting),
             writer: Mutex::new(None),
             ctl: tx,
             next: AtomicU64::new(0),
         });
         let worker = Arc::clone(&inner);
-        let thread = std::thread::Builder::new()
-            .name("lease".into())
-            .stack_size(256 << 10)
-            .spawn(move || worker.run(&rx))
-            .ok();
-        Leases { inner, thread: Arc::new(Mutex::new(thread)) }
+        let (done_tx, done) = crossbeam_channel::bounded::<()>(0);
+        let _ = std::thread::Builder::new().name("lease".into()).stack_size(256 << 10).spawn(move || {
+            worker.run(&rx);
+            worker.set_link(Link::Down);
+            drop(done_tx);
+        });
+        Leases { inner, done }
     }
 
     /// Leases `apps` until the guards are dropped.
@@ -166,34 +183,50 @@ impl Leases {
         guards
     }
 
-    /// Waits up to `d` for every held app to be granted (or refused); true if all are.
+    /// Waits up to `d` until every held app is granted or refused, or it is
+    /// clear there is no Aion to ask; true when all are granted.
     pub fn wait_granted(&self, d: Duration) -> bool {
         let deadline = Instant::now() + d;
+        let mut apps = self.inner.apps();
         loop {
-            let done = self.inner.apps().values().filter(|a| a.users > 0).all(|a| a.granted_at.is_some());
-            if done || Instant::now() >= deadline || self.inner.writer().is_none() {
-                return done;
+            let held = || apps.values().filter(|a| a.users > 0);
+            if held().all(|a| a.granted_at.is_some()) {
+                return true;
             }
-            std::thread::sleep(Duration::from_millis(2));
+            let settled = held().all(|a| a.granted_at.is_some() || a.quiet_until.is_some());
+            let left = deadline.saturating_duration_since(Instant::now());
+            if settled || left.is_zero() || *self.inner.link() == Link::Down {
+                return false;
+            }
+            apps = self
+                .inner
+                .settled
+                .wait_timeout(apps, left)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
         }
     }
 
     /// Ends every lease (waiting up to `d` for Aion's answers) and stops.
     pub fn stop(&self, d: Duration) {
         let _ = self.inner.ctl.send(Ctl::Stop);
-        let handle = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(h) = handle {
-            let deadline = Instant::now() + d;
-            while !h.is_finished() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(2));
-            }
-        }
+        let _ = self.done.recv_timeout(d);
     }
 }
 
 impl Inner {
     fn apps(&self) -> MutexGuard<'_, HashMap<String, App>> {
         self.apps.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn link(&self) -> MutexGuard<'_, Link> {
+        self.link.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn set_link(&self, link: Link) {
+        *self.link() = link;
+        let _apps = self.apps();
+        self.settled.notify_all();
     }
 
     fn writer(&self) -> MutexGuard<'_, Option<UnixStream>> {
@@ -237,13 +270,22 @@ impl Inner {
                 Ok(stream) => {
                     said_missing = false;
                     backoff = Duration::from_secs(1);
-                    match self.serve(stream, rx) {
+                    self.set_link(Link::Up);
+                    let served = self.serve(stream, rx);
+                    self.set_link(Link::Down);
+                    match served {
                         Served::Stopped => return,
                         Served::Lost => backoff,
                         Served::Refused(pause) => pause,
                     }
                 }
+                Err(Connect::Refused(why, pause)) => {
+                    self.set_link(Link::Down);
+                    error!("lease: {why}; trying again in {pause:?}");
+                    pause
+                }
                 Err(Connect::Missing(why)) => {
+                    self.set_link(Link::Down);
                     if !said_missing {
                         warn!(
                             "lease: no Aion socket at {} ({why}); carrying on without leases",
@@ -254,6 +296,7 @@ impl Inner {
                     Duration::from_secs(30)
                 }
                 Err(Connect::Failed(why)) => {
+                    self.set_link(Link::Down);
                     warn!("lease: {why}; retrying in {backoff:?}");
                     backoff
                 }
@@ -308,7 +351,7 @@ impl Inner {
                 *self.writer() = None;
                 let code = msg.get("code").and_then(Value::as_str).unwrap_or("?");
                 let detail = msg.get("message").and_then(Value::as_str).unwrap_or("");
-                Err(Connect::Failed(session_error(code, detail)))
+                Err(Connect::Refused(session_error(code, detail), refusal_pause(code)))
             }
             _ => {
                 *self.writer() = None;
@@ -411,6 +454,7 @@ impl Inner {
         let mut apps = self.apps();
         let (key, a) = apps.iter_mut().find(|(_, a)| a.pending.as_ref().is_some_and(|(p, _)| p == id))?;
         let (_, request) = a.pending.take().expect("matched");
+        self.settled.notify_all();
         let now = Instant::now();
         let quiet = |d: Duration| Some(now + self.scaled(d));
         match code {
@@ -506,11 +550,13 @@ impl Inner {
             a.users = 0;
         }
         self.reconcile();
+        // A begin still on its way may be granted now: that one needs its end too.
         let deadline = Instant::now() + Duration::from_millis(500);
-        while self.apps().values().any(|a| a.pending.is_some()) {
+        while self.apps().values().any(|a| a.pending.is_some() || a.granted_at.is_some()) {
             match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
                 Ok(Ctl::Line(msg)) => {
                     self.on_message(&msg);
+                    self.reconcile();
                 }
                 Ok(Ctl::Disconnected) | Err(_) => break,
                 Ok(_) => {}
@@ -525,6 +571,13 @@ impl Inner {
 enum Connect {
     Missing(String),
     Failed(String),
+    /// Aion answered the hello with session.error: wait this long.
+    Refused(String, Duration),
+}
+
+/// After a session.error: a version Aion does not speak will not change soon.
+fn refusal_pause(code: &str) -> Duration {
+    if code == "unsupported_protocol_version" { Duration::from_secs(600) } else { Duration::from_secs(30) }
 }
 
 enum Served {

@@ -25,6 +25,7 @@ pub struct Group {
 
 impl Group {
     pub fn spawn(cmd: &mut Command) -> io::Result<Group> {
+        crate::pty::unblock_signals_in_child(cmd);
         let child = cmd.process_group(0).spawn()?;
         let pid = child.id() as i32;
         Ok(Group { child: Mutex::new(Some(child)), pid, status: Mutex::new(None) })

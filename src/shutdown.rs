@@ -45,8 +45,8 @@ impl Shutdown {
 }
 
 /// Blocks the signals in the calling thread (call it before any other thread
-/// starts, so all inherit the mask) and starts the signal thread.
-/// `std::process::Command` resets the mask in children, so they still get signals.
+/// starts, so all inherit the mask) and starts the signal thread. Children
+/// would inherit the mask too: `proc::Group` and the PTY empty it in each.
 pub fn install() -> std::io::Result<Arc<Shutdown>> {
     let (wake_tx, wake_rx) = UnixStream::pair()?;
     wake_tx.set_nonblocking(true)?;

@@ -125,6 +125,7 @@ pub fn run(args: &[&str]) -> Result<i32, Error> {
     leases.wait_granted(Duration::from_secs(1));
     let mut cmd = std::process::Command::new(&args.command[0]);
     cmd.args(&args.command[1..]).process_group(0);
+    crate::pty::unblock_signals_in_child(&mut cmd);
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {
