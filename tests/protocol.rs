@@ -223,7 +223,8 @@ fn terminal_actions_need_a_known_session() {
     let tmp = TempDir::new("nosession");
     let srv = start_basic(&tmp);
     for action in ["terminal.input", "terminal.output", "terminal.resize", "terminal.close"] {
-        let (status, text) = srv.post(&request_body(TOKEN, action, json!({"sessionId":"nope","cols":80,"rows":24})));
+        let (status, text) =
+            srv.post(&request_body(TOKEN, action, json!({"sessionId":"nope","cols":80,"rows":24})));
         assert_eq!(status, 404, "{action}: {text}");
         assert_eq!(text, r#"{"error":"no session"}"#, "{action}");
     }
