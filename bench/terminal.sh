@@ -1,0 +1,289 @@
+#!/usr/bin/env bash
+# bench/terminal.sh: WebSocket terminal figures for aion-connector (throughput
+# of `cat` through /ws against a bare PTY, keystroke echo round trip, memory per
+# idle terminal). See bench/README.md for what each figure means.
+#
+# Usage: bench/terminal.sh          (from anywhere; about 40-60 s after the build)
+# Env:   BENCH_BIN=path             skip the build, measure this binary
+#        BENCH_FILE_MB=100          size of the file that is cat'ed (MB, 10^6 bytes)
+#        BENCH_TP_RUNS=5            throughput runs (each: bare PTY, then /ws)
+#        BENCH_KEYS=500             keystrokes per echo measurement
+#        BENCH_TERMINALS=100        idle terminals opened at once
+#        BENCH_IDLE_ROUNDS=2        open/close rounds of the idle terminals
+#        PYTHON=python3
+#
+# Only 127.0.0.1 is ever contacted. Every process started here (connectors and
+# the shells they start) is stopped on exit.
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(cd "$HERE/.." && pwd)
+TARGET=x86_64-unknown-linux-musl
+FILE_MB=${BENCH_FILE_MB:-100}
+TP_RUNS=${BENCH_TP_RUNS:-5}
+KEYS=${BENCH_KEYS:-500}
+TERMINALS=${BENCH_TERMINALS:-100}
+ROUNDS=${BENCH_IDLE_ROUNDS:-2}
+PY=${PYTHON:-python3}
+HELPER="$HERE/termbench.py"
+
+for v in FILE_MB TP_RUNS KEYS TERMINALS ROUNDS; do
+    if ! [[ ${!v} =~ ^[0-9]+$ ]] || (( ${!v} < 1 )); then
+        echo "terminal.sh: the BENCH_ setting for $v must be a positive integer" >&2
+        exit 2
+    fi
+done
+(( FILE_MB <= 1000 )) || { echo "terminal.sh: BENCH_FILE_MB is capped at 1000" >&2; exit 2; }
+(( TP_RUNS <= 10 )) || { echo "terminal.sh: BENCH_TP_RUNS is capped at 10" >&2; exit 2; }
+(( KEYS <= 5000 )) || { echo "terminal.sh: BENCH_KEYS is capped at 5000" >&2; exit 2; }
+(( TERMINALS >= 2 && TERMINALS <= 190 )) || { echo "terminal.sh: BENCH_TERMINALS must be 2-190" >&2; exit 2; }
+(( ROUNDS <= 5 )) || { echo "terminal.sh: BENCH_IDLE_ROUNDS is capped at 5" >&2; exit 2; }
+
+TMP=$(mktemp -d "${TMPDIR:-/tmp}/aion-termbench.XXXXXX")
+PIDS=()
+SRV_PIDS=()
+NOTES=()
+
+# shellcheck source=bench/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+# marked_pids SRV_PID: processes whose environment carries a terminal id of that
+# connector (AION_TERMINAL_ID=t<pid>-…), i.e. the shells it started and their children.
+marked_pids() {
+    local p
+    for p in /proc/[0-9]*; do
+        if { tr '\0' '\n' <"$p/environ"; } 2>/dev/null | grep -q "^AION_TERMINAL_ID=t$1-"; then
+            printf '%s\n' "${p#/proc/}"
+        fi
+    done
+}
+
+cleanup() {
+    local pid i
+    for pid in "${PIDS[@]}"; do
+        if alive "$pid"; then
+            kill -TERM "$pid" 2>/dev/null || true
+        fi
+    done
+    for pid in "${PIDS[@]}"; do
+        for ((i = 0; i < 100; i++)); do
+            alive "$pid" || break
+            sleep 0.05
+        done
+        if alive "$pid"; then
+            kill -KILL "$pid" 2>/dev/null || true
+        fi
+    done
+    for pid in "${SRV_PIDS[@]}"; do
+        while read -r i; do
+            [[ -n $i ]] && kill -KILL "$i" 2>/dev/null
+        done < <(marked_pids "$pid")
+    done
+    rm -rf "$TMP"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+kv() { # kv FILE KEY -> value of KEY=value in FILE, or "-"
+    local line
+    line=$(grep -m1 "^$2=" "$1" 2>/dev/null || true)
+    if [[ -n $line ]]; then printf '%s' "${line#*=}"; else printf -- '-'; fi
+}
+status_kb() { awk -v k="$2:" '$1 == k {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
+mib() { awk -v k="$1" 'BEGIN{ if (k ~ /^[0-9]+$/) printf "%.1f MiB", k/1024; else printf "-" }'; }
+
+# ---------------------------------------------------------------- 0. tools
+command -v "$PY" >/dev/null || die "$PY not found"
+"$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))' || die "$PY is older than 3.11"
+for c in cat stty sh; do command -v "$c" >/dev/null || die "$c not found"; done
+
+# ---------------------------------------------------------------- 1. build
+if [[ -n ${BENCH_BIN:-} ]]; then
+    BIN=$BENCH_BIN
+    BUILD_KIND="given (BENCH_BIN)"
+    [[ -x $BIN ]] || die "BENCH_BIN=$BIN is not executable"
+else
+    if ! rustup target list --installed 2>/dev/null | grep -qx "$TARGET"; then
+        log "rustup target add $TARGET"
+        timeout 600 rustup target add "$TARGET" >&2 || log "rustup target add failed"
+    fi
+    log "cargo build --release --target $TARGET"
+    if (cd "$ROOT" && timeout 900 cargo build --release --target "$TARGET") >"$TMP/build.log" 2>&1; then
+        BIN="$ROOT/target/$TARGET/release/aion-connector"
+        BUILD_KIND="musl static ($TARGET)"
+    else
+        tail -n 8 "$TMP/build.log" >&2
+        note "musl build failed: FALLBACK to the host release build (not a static binary)"
+        log "cargo build --release"
+        if ! (cd "$ROOT" && timeout 900 cargo build --release) >"$TMP/build.log" 2>&1; then
+            tail -n 20 "$TMP/build.log" >&2
+            die "host release build failed too"
+        fi
+        BIN="$ROOT/target/release/aion-connector"
+        BUILD_KIND="host release (FALLBACK, musl build failed)"
+    fi
+fi
+cp "$BIN" "$TMP/aion-connector"
+BIN="$TMP/aion-connector"
+VERSION=$("$BIN" --version 2>/dev/null | head -n1 || true)
+
+# ---------------------------------------------------------------- config
+TOKEN=$(od -An -N32 -tx1 /dev/urandom | tr -d ' \n')
+export AION_TOKEN=$TOKEN # for the helper only; the connector drops AION_* from shells
+mkdir -p "$TMP/ws"
+CONFIG="$TMP/aion.config.json"
+cat >"$CONFIG" <<EOF
+{"port":0,"host":"127.0.0.1","limits":{"terminalsPerProject":200},"projects":{"bench":{"token":"$TOKEN","dir":"$TMP/ws","agents":{"claude":{"description":"Claude Code"}}}}}
+EOF
+chmod 600 "$CONFIG"
+
+# start_server NAME: start $BIN with $CONFIG in $TMP, SHELL=/bin/sh; sets SRV_PID and SRV_ADDR.
+start_server() {
+    local name=$1 i line=""
+    (cd "$TMP" && SHELL=/bin/sh exec "$BIN" "$CONFIG") >"$TMP/$name.out" 2>"$TMP/$name.err" &
+    SRV_PID=$!
+    PIDS+=("$SRV_PID")
+    SRV_PIDS+=("$SRV_PID")
+    for ((i = 0; i < 100; i++)); do
+        if [[ -s $TMP/$name.out ]]; then
+            IFS= read -r line <"$TMP/$name.out" || true
+            [[ $line == "listening on "* ]] && break
+        fi
+        alive "$SRV_PID" || break
+        sleep 0.05
+    done
+    if [[ $line != "listening on "* ]]; then
+        tail -n 5 "$TMP/$name.err" >&2 || true
+        die "server $name did not print 'listening on ADDR' (first line: '${line}')"
+    fi
+    SRV_ADDR=${line#listening on }
+    [[ $SRV_ADDR == 127.0.0.1:* ]] || die "server $name listens on $SRV_ADDR, expected 127.0.0.1:PORT"
+}
+
+# finish_server NAME PID LABEL: SIGTERM, exit code, shells left, WARN/ERROR lines; sets SUMMARY.
+finish_server() {
+    local name=$1 pid=$2 label=$3 left warn opened
+    stop "$pid"
+    [[ $STOP_CODE == 0 ]] || note "$label: SIGTERM gave exit code $STOP_CODE"
+    left=$(marked_pids "$pid" | wc -l)
+    (( left == 0 )) || note "$label: $left shell processes still alive after the connector exited"
+    opened=$(grep -c 'opened (websocket' "$TMP/$name.err" || true)
+    warn=$(grep -cE '\[(WARN|ERROR)\]' "$TMP/$name.err" || true)
+    if (( warn > 0 )); then
+        note "$label: $warn WARN/ERROR log lines, e.g.: $(grep -E '\[(WARN|ERROR)\]' "$TMP/$name.err" | head -n 1)"
+    fi
+    SUMMARY="$opened terminals opened, $warn WARN/ERROR lines; SIGTERM: exit $STOP_CODE in ${STOP_MS} ms, shells left: $left"
+}
+
+# helper NAME ARGS...: run a helper subcommand into $TMP/NAME.kv; a failure is a note.
+helper() {
+    local name=$1
+    shift
+    if ! timeout 300 "$PY" "$HELPER" "$@" >"$TMP/$name.kv" 2>"$TMP/$name.err"; then
+        note "$name helper failed: $(tail -n 2 "$TMP/$name.err" | tr '\n' ' ')"
+    fi
+    if [[ -s $TMP/$name.err ]]; then
+        sed 's/^/    /' "$TMP/$name.err" >&2
+    fi
+}
+
+# ---------------------------------------------------------------- 2. throughput
+log "writing a ${FILE_MB} MB test file"
+helper mkfile mkfile "$TMP/big.txt" "$FILE_MB"
+[[ $(kv "$TMP/mkfile.kv" file_bytes) == "$((FILE_MB * 1000000))" ]] || die "could not write the test file"
+
+start_server a
+A_PID=$SRV_PID
+A_ADDR=$SRV_ADDR
+A_RSS0=$(status_kb "$A_PID" VmRSS)
+log "throughput: cat of $FILE_MB MB, $TP_RUNS runs each over /ws and on a bare PTY (server A)"
+helper tp throughput "$A_ADDR" "$A_PID" "$TMP/big.txt" "$TP_RUNS"
+A_RSS_TP=$(status_kb "$A_PID" VmRSS)
+A_HWM_TP=$(status_kb "$A_PID" VmHWM)
+t=$TMP/tp.kv
+WANT=$((FILE_MB * 1000000 + FILE_MB * 10000)) # every \n becomes \r\n on the way out
+got=$(kv "$t" tp_bare_bytes)
+[[ $got == - || $got == "$WANT" ]] || note "throughput: bare PTY gave $got bytes, expected $WANT (file + one \\r per line)"
+# Over /ws the count also has the command's echo, the end marker and the prompt.
+got=$(kv "$t" tp_ws_bytes)
+if [[ $got =~ ^[0-9]+$ ]] && (( got < WANT || got > WANT + 300 )); then
+    note "throughput: /ws gave $got bytes, expected $WANT plus < 300 (echo, marker, prompt)"
+fi
+ratio=$(kv "$t" tp_ratio)
+if [[ $ratio != - ]] && awk -v r="$ratio" 'BEGIN{exit !(r < 0.8)}'; then
+    note "throughput over /ws is $ratio of a bare PTY (aim: >= 0.8)"
+fi
+
+# ---------------------------------------------------------------- 3. echo
+log "keystroke echo: $KEYS keys, cooked (tty echo) and raw (cat echoes), over /ws and on a bare PTY"
+helper echo echo "$A_ADDR" "$KEYS"
+sleep 0.5
+A_RSS_END=$(status_kb "$A_PID" VmRSS)
+finish_server a "$A_PID" "server A"
+A_LOG=$SUMMARY
+
+# ---------------------------------------------------------------- 4. idle terminals
+log "$TERMINALS idle terminals, $ROUNDS rounds (server B)"
+start_server b
+B_PID=$SRV_PID
+helper idle idle "$SRV_ADDR" "$B_PID" "$TERMINALS" "$ROUNDS"
+d=$TMP/idle.kv
+for ((r = 1; r <= ROUNDS; r++)); do
+    [[ $(kv "$d" "idle_r${r}_shells") == "$TERMINALS" ]] \
+        || note "idle round $r: $(kv "$d" "idle_r${r}_shells") shells under the connector, expected $TERMINALS"
+    [[ $(kv "$d" "idle_r${r}_echoed") == "$TERMINALS" ]] \
+        || note "idle round $r: only $(kv "$d" "idle_r${r}_echoed")/$TERMINALS terminals echoed a key"
+    [[ $(kv "$d" "idle_r${r}_shells_left") == 0 ]] \
+        || note "idle round $r: $(kv "$d" "idle_r${r}_shells_left") shells still alive 6 s after their sockets closed"
+done
+per=$(kv "$d" idle_r1_per_term_kb)
+if [[ $per != - ]] && awk -v p="$per" 'BEGIN{exit !(p > 150)}'; then
+    note "connector RSS per idle terminal is $per kB (aim: <= 150 kB)"
+fi
+if (( ROUNDS >= 2 )); then
+    a1=$(kv "$d" idle_r1_rss_after_kb)
+    aN=$(kv "$d" "idle_r${ROUNDS}_rss_after_kb")
+    if [[ $a1 =~ ^[0-9]+$ && $aN =~ ^[0-9]+$ ]] && (( aN - a1 > 1024 )); then
+        note "idle: RSS after closing grew from $a1 kB (round 1) to $aN kB (round $ROUNDS)"
+    fi
+fi
+finish_server b "$B_PID" "server B"
+B_LOG=$SUMMARY
+
+# ---------------------------------------------------------------- summary
+row() { printf '%-42s %s\n' "$1" "$2"; }
+e=$TMP/echo.kv
+echo
+echo "aion-connector terminal bench  ($(date -u +%Y-%m-%dT%H:%M:%SZ), $(nproc) cores, ${VERSION:-version unknown})"
+printf '%s\n' "--------------------------------------------------------------------------------------------"
+row "build" "$BUILD_KIND"
+row "1. cat ${FILE_MB} MB over /ws" "$(kv "$t" tp_ws_mbs) MB/s (median of $(kv "$t" tp_runs): $(kv "$t" tp_ws_all)), $(kv "$t" tp_ws_wall_s) s, $(kv "$t" tp_ws_bytes) bytes"
+row "   bare PTY (pty.fork + cat, same file)" "$(kv "$t" tp_bare_mbs) MB/s (runs: $(kv "$t" tp_bare_all)), $(kv "$t" tp_bare_wall_s) s, $(kv "$t" tp_bare_bytes) bytes"
+row "   ratio /ws : bare" "$(kv "$t" tp_ratio)  (aim >= 0.8)"
+row "   CPU s per run over /ws" "connector $(kv "$t" tp_ws_server_cpu_s), client $(kv "$t" tp_ws_client_cpu_s), cat $(kv "$t" tp_ws_cat_cpu_s)"
+row "   CPU s per run on bare PTY" "client $(kv "$t" tp_bare_client_cpu_s), cat $(kv "$t" tp_bare_cat_cpu_s)"
+row "   reads / frames per run" "bare PTY $(kv "$t" tp_bare_reads) reads of the master; /ws $(kv "$t" tp_ws_frames) frames in $(kv "$t" tp_ws_recvs) recvs"
+row "   connector RSS" "fresh $A_RSS0 kB, after the runs $A_RSS_TP kB, VmHWM $A_HWM_TP kB ($(mib "$A_HWM_TP"))"
+row "2. echo, cooked (tty line discipline)" "p50 $(kv "$e" echo_tty_p50_ms) ms, p99 $(kv "$e" echo_tty_p99_ms) ms, max $(kv "$e" echo_tty_max_ms) ms (n=$(kv "$e" echo_tty_n))"
+row "   bare PTY, same" "p50 $(kv "$e" echo_bare_tty_p50_ms) ms, p99 $(kv "$e" echo_bare_tty_p99_ms) ms, max $(kv "$e" echo_bare_tty_max_ms) ms"
+row "   echo, raw (stty raw -echo; cat)" "p50 $(kv "$e" echo_proc_p50_ms) ms, p99 $(kv "$e" echo_proc_p99_ms) ms, max $(kv "$e" echo_proc_max_ms) ms (n=$(kv "$e" echo_proc_n))"
+row "   bare PTY, same" "p50 $(kv "$e" echo_bare_proc_p50_ms) ms, p99 $(kv "$e" echo_bare_proc_p99_ms) ms, max $(kv "$e" echo_bare_proc_max_ms) ms"
+row "   server A RSS at the end / log" "$A_RSS_END kB; $A_LOG"
+row "3. connector RSS, no terminal" "$(kv "$d" idle_rss0_kb) kB, $(kv "$d" idle_threads0) threads"
+for ((r = 1; r <= ROUNDS; r++)); do
+    p=idle_r$r
+    row "   round $r: 1 terminal" "$(kv "$d" "${p}_rss1_kb") kB, $(kv "$d" "${p}_threads1") threads"
+    row "   round $r: $TERMINALS terminals" "$(kv "$d" "${p}_rssN_kb") kB ($(mib "$(kv "$d" "${p}_rssN_kb")")), $(kv "$d" "${p}_threadsN") threads; $(kv "$d" "${p}_echoed")/$TERMINALS echo a key"
+    row "   round $r: per idle terminal" "$(kv "$d" "${p}_per_term_kb") kB  (aim <= 150 kB)"
+    row "   round $r: the $(kv "$d" "${p}_shells") shells themselves" "VmRSS sum $(kv "$d" "${p}_shell_rss_kb") kB, Pss sum $(kv "$d" "${p}_shell_pss_kb") kB"
+    row "   round $r: after closing all" "$(kv "$d" "${p}_rss_after_kb") kB, $(kv "$d" "${p}_threads_after") threads, shells left $(kv "$d" "${p}_shells_left")"
+done
+row "   VmHWM of server B" "$(kv "$d" idle_hwm_kb) kB"
+row "   server B log / shutdown" "$B_LOG"
+printf '%s\n' "--------------------------------------------------------------------------------------------"
+if (( ${#NOTES[@]} )); then
+    echo "problems / notes:"
+    printf '  - %s\n' "${NOTES[@]}"
+else
+    echo "problems / notes: none"
+fi
