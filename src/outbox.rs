@@ -7,7 +7,9 @@
 //! memory stays flat however long the platform is down, and what was not
 //! delivered is still there after a restart, when [`Outbox::open`] resumes it.
 //! A stream whose writer died before its final post (a crash) is closed on
-//! resume with the fallback post kept in `<id>.close`.
+//! resume with the fallback post kept in `<id>.close`. Once everything
+//! written so far is delivered and the file has grown past 1 MiB, it is
+//! emptied, so a long stream takes only what is not yet delivered on disk.
 //!
 //! Failures (no connection, timeout, 408, 429, 5xx) are retried with
 //! exponential backoff (250 ms doubling to 10 s) and jitter for `window`; another status is logged and
@@ -24,6 +26,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
+
+/// A spool file this large, fully delivered, is emptied.
+const COMPACT_AT: u64 = 1 << 20;
 
 /// Headers for a post, computed when it is sent. None: the key is gone (a
 /// project removed from the config since the post was queued); it is skipped.
@@ -131,7 +136,8 @@ impl Outbox {
             let fallback: Option<Fallback> =
                 std::fs::read(self.path(id, "close")).ok().and_then(|b| serde_json::from_slice(&b).ok());
             if let Some(mut f) = fallback {
-                let seq = records.last().map_or(0, |r| r.seq + 1);
+                let delivered = read_pos(&self.path(id, "pos")).1;
+                let seq = records.last().map_or(delivered, |r| r.seq + 1);
                 f.body.insert("seq".into(), seq.into());
                 let body = serde_json::to_string(&f.body)?;
                 append(&mut file, &Record { url: f.url, key: f.key, seq, last: true, body })?;
@@ -182,11 +188,8 @@ impl Outbox {
     /// The delivery thread of one stream.
     fn deliver_stream(&self, id: &str, state: &StreamState) -> io::Result<()> {
         let q = self.path(id, "q");
+        let (mut pos, _) = read_pos(&self.path(id, "pos"));
         let pos_file = private_file(&self.path(id, "pos"), false)?;
-        let mut pos = {
-            let mut b = [0u8; 8];
-            pos_file.read_exact_at(&mut b, 0).map(|_| u64::from_le_bytes(b)).unwrap_or(0)
-        };
         let mut reader = BufReader::new(File::open(&q)?);
         reader.seek(SeekFrom::Start(pos))?;
         let mut line = Vec::new();
@@ -228,7 +231,18 @@ impl Outbox {
             }
             pos += line.len() as u64;
             line.clear();
-            pos_file.write_all_at(&pos.to_le_bytes(), 0)?;
+            let next_seq = record.seq + 1;
+            if pos >= COMPACT_AT && !record.last {
+                // Everything written so far delivered? Then start the file over.
+                let mut progress = state.progress.lock().unwrap_or_else(|p| p.into_inner());
+                if progress.0 == pos {
+                    OpenOptions::new().write(true).open(&q)?.set_len(0)?;
+                    progress.0 = 0;
+                    pos = 0;
+                    reader.seek(SeekFrom::Start(0))?;
+                }
+            }
+            write_pos(&pos_file, pos, next_seq)?;
             if record.last {
                 break;
             }
@@ -307,8 +321,10 @@ enum Delivery {
 impl Stream {
     /// Appends one post; its delivery thread picks it up at once.
     pub fn push(&mut self, record: &Record) -> io::Result<()> {
-        let written = append(&mut self.file, record)?;
+        // The append happens under the lock (a local write, no network) so the
+        // delivery thread cannot empty the file between the write and the count.
         let mut progress = self.state.progress.lock().unwrap_or_else(|p| p.into_inner());
+        let written = append(&mut self.file, record)?;
         progress.0 += written;
         progress.1 |= record.last;
         self.state.more.notify_one();
@@ -330,6 +346,32 @@ fn append(file: &mut File, record: &Record) -> io::Result<u64> {
     line.push(b'\n');
     file.write_all(&line)?;
     Ok(line.len() as u64)
+}
+
+/// `<id>.pos`: the offset of the next record to deliver, and the seq after
+/// the last one delivered (what a fallback gets once the file was emptied).
+fn read_pos(path: &Path) -> (u64, u64) {
+    let mut b = [0u8; 16];
+    match File::open(path).and_then(|f| f.read_exact_at(&mut b, 0)) {
+        Ok(()) => (
+            u64::from_le_bytes(b[..8].try_into().expect("8 bytes")),
+            u64::from_le_bytes(b[8..].try_into().expect("8 bytes")),
+        ),
+        Err(_) => {
+            let mut short = [0u8; 8];
+            let pos = File::open(path)
+                .and_then(|f| f.read_exact_at(&mut short, 0))
+                .map_or(0, |_| u64::from_le_bytes(short));
+            (pos, 0)
+        }
+    }
+}
+
+fn write_pos(file: &File, pos: u64, next_seq: u64) -> io::Result<()> {
+    let mut b = [0u8; 16];
+    b[..8].copy_from_slice(&pos.to_le_bytes());
+    b[8..].copy_from_slice(&next_seq.to_le_bytes());
+    file.write_all_at(&b, 0)
 }
 
 fn read_records(path: &Path) -> io::Result<Vec<Record>> {

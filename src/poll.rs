@@ -217,7 +217,9 @@ struct Session {
     pid: i32,
     started_at: u128,
     group: Arc<Group>,
-    stdin: Arc<Mutex<Option<ChildStdin>>>,
+    /// Lines for the session's stdin; its writer thread owns the receiver,
+    /// so a session that does not read blocks only that thread.
+    input: Sender<Vec<u8>>,
     terminating: Arc<AtomicBool>,
 }
 
@@ -232,6 +234,8 @@ pub struct Runtime {
     /// Ids of instructions already taken (the newest 10,000).
     seen: Mutex<(HashSet<String>, VecDeque<String>)>,
     status_now: (Sender<()>, Receiver<()>),
+    /// Set while the server refuses the token: status posts pause too.
+    refused: AtomicBool,
 }
 
 pub fn run(config: PollConfig, shutdown: Arc<Shutdown>) -> Result<i32, Error> {
@@ -249,6 +253,7 @@ pub fn run(config: PollConfig, shutdown: Arc<Shutdown>) -> Result<i32, Error> {
         started: Instant::now(),
         seen: Mutex::new((HashSet::new(), VecDeque::new())),
         status_now: crossbeam_channel::bounded(1),
+        refused: AtomicBool::new(false),
         config,
     });
     info!("Polling server at {}", crate::git::redact_userinfo(&rt.config.server_url));
@@ -294,16 +299,15 @@ impl Runtime {
         loop {
             let auth = vec![("Authorization".to_string(), format!("Bearer {}", self.config.agent_token.0))];
             let wait = match self.client.get(&self.url("/api/agent/instructions"), &auth) {
-                Answer::Status { status: 200, body, .. } => {
+                Answer::Status { status: status @ (200 | 204), body, .. } => {
                     if said_unreachable || said_unauthorized {
                         info!("Server reachable again");
                     }
                     (said_unauthorized, said_unreachable, backoff) = (false, false, Duration::ZERO);
-                    self.take(&body);
-                    None
-                }
-                Answer::Status { status: 204, .. } => {
-                    (said_unauthorized, said_unreachable, backoff) = (false, false, Duration::ZERO);
+                    self.refused.store(false, Ordering::SeqCst);
+                    if status == 200 {
+                        self.take(&body);
+                    }
                     None
                 }
                 Answer::Status { status: 401 | 403, .. } => {
@@ -311,6 +315,7 @@ impl Runtime {
                         error!("The server refused the agent token (401): check agentToken; backing off");
                         said_unauthorized = true;
                     }
+                    self.refused.store(true, Ordering::SeqCst);
                     backoff = Duration::from_secs(60);
                     Some(backoff)
                 }
@@ -405,8 +410,8 @@ impl Runtime {
             "start_session" => self.start(id, &session, ins),
             "command" => {
                 let input = ins.get("input").and_then(Value::as_str).unwrap_or("");
-                let stdin = self.sessions().get(&session).map(|s| Arc::clone(&s.stdin));
-                let Some(stdin) = stdin else {
+                let tx = self.sessions().get(&session).map(|s| s.input.clone());
+                let Some(tx) = tx else {
                     self.report_error("no such session", Some(id), Some(&session));
                     return;
                 };
@@ -414,11 +419,16 @@ impl Runtime {
                 if !line.ends_with(b"\n") {
                     line.push(b'\n');
                 }
-                let written =
-                    stdin.lock().unwrap_or_else(|p| p.into_inner()).as_mut().map(|w| w.write_all(&line));
-                match written {
-                    Some(Ok(())) => info!("Command sent to {session}"),
-                    _ => self.report_error("the session's stdin is closed", Some(id), Some(&session)),
+                match tx.try_send(line) {
+                    Ok(()) => info!("Command sent to {session}"),
+                    Err(crossbeam_channel::TrySendError::Full(_)) => self.report_error(
+                        "the session is not reading its input; command dropped",
+                        Some(id),
+                        Some(&session),
+                    ),
+                    Err(crossbeam_channel::TrySendError::Disconnected(_)) => {
+                        self.report_error("the session's stdin is closed", Some(id), Some(&session))
+                    }
                 }
             }
             "terminate_session" => {
@@ -469,6 +479,12 @@ impl Runtime {
             .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
             .unwrap_or_default();
         let cwd = ins.get("cwd").and_then(Value::as_str).map(PathBuf::from);
+        if let Some(dir) = cwd.as_ref().filter(|d| !d.is_dir()) {
+            let msg = format!("cwd {} does not exist or is not a directory", dir.display());
+            warn!("Session {session} failed: {msg}");
+            self.event(&mut stream, &mut seq_holder, session, json!({"event":"failed","message":msg}), true);
+            return;
+        }
         // The prompt goes where the command says: into an argv element that
         // holds {prompt}, else as the first stream-json message on stdin.
         let in_argv = self.config.session_command.iter().any(|a| a.contains("{prompt}"));
@@ -505,10 +521,14 @@ impl Runtime {
                 return;
             }
         };
-        let mut stdin = group.take_stdin();
-        if let (Some(p), false, Some(w)) = (prompt, in_argv, stdin.as_mut()) {
+        let (input, lines) = crossbeam_channel::bounded::<Vec<u8>>(64);
+        if let (Some(p), false) = (prompt, in_argv) {
             let first = json!({"type":"user","message":{"role":"user","content":p}});
-            let _ = w.write_all(format!("{first}\n").as_bytes());
+            let _ = input.try_send(format!("{first}\n").into_bytes());
+        }
+        if let Some(stdin) = group.take_stdin() {
+            let _ =
+                std::thread::Builder::new().stack_size(64 << 10).spawn(move || write_input(stdin, &lines));
         }
         let pid = group.pid();
         let terminating = Arc::new(AtomicBool::new(false));
@@ -518,7 +538,7 @@ impl Runtime {
                 pid,
                 started_at: now_ms(),
                 group: Arc::clone(&group),
-                stdin: Arc::new(Mutex::new(stdin)),
+                input,
                 terminating: Arc::clone(&terminating),
             },
         );
@@ -644,14 +664,17 @@ impl Runtime {
                     if pending.is_empty() && last_flush.elapsed() >= self.config.flush_interval {
                         last_flush = Instant::now() - self.config.flush_interval; // flush this one promptly
                     }
-                    pending_bytes += text.len();
                     let name = if stdout { "stdout" } else { "stderr" };
-                    pending.push(Chunk { seq: chunk_seq, stream: name, data: text, ts });
-                    chunk_seq += 1;
-                    if pending_bytes >= POST_BYTES {
+                    let chunk = Chunk { seq: chunk_seq, stream: name, data: text, ts };
+                    // Posts stay under POST_BYTES as sent (escaping included).
+                    let size = serde_json::to_string(&chunk).map_or(0, |c| c.len() + 1);
+                    if !pending.is_empty() && pending_bytes + size + 64 > POST_BYTES {
                         flush(&mut pending, &mut pending_bytes, &mut record_seq, &mut stream);
                         last_flush = Instant::now();
                     }
+                    pending_bytes += size;
+                    pending.push(chunk);
+                    chunk_seq += 1;
                 }
                 Ok(Msg::Ended { code, signal, terminated }) => break Some((code, signal, terminated)),
                 Err(RecvTimeoutError::Timeout) => {
@@ -661,6 +684,14 @@ impl Runtime {
                 Err(RecvTimeoutError::Disconnected) => break None,
             }
         };
+        // A sequence cut off by the end of the output is still output.
+        for (i, name) in [(0, "stdout"), (1, "stderr")] {
+            if !carry[i].is_empty() {
+                let data = String::from_utf8_lossy(&std::mem::take(&mut carry[i])).into_owned();
+                pending.push(Chunk { seq: chunk_seq, stream: name, data, ts: now_ms() });
+                chunk_seq += 1;
+            }
+        }
         flush(&mut pending, &mut pending_bytes, &mut record_seq, &mut stream);
         let event = match ended {
             Some((_, _, true)) => json!({"event":"terminated"}),
@@ -706,10 +737,12 @@ impl Runtime {
                 "sessions": sessions,
             }))
             .expect("JSON");
-            if let Answer::Failed(e) =
-                self.client.post(&self.url("/api/agent/status"), &self.signed(&body), &body)
+            // While the token is refused, status waits too (the poll loop says why).
+            if !self.refused.load(Ordering::SeqCst)
+                && let Answer::Status { status: 401 | 403, .. } =
+                    self.client.post(&self.url("/api/agent/status"), &self.signed(&body), &body)
             {
-                let _ = e; // the poll loop reports an unreachable server
+                self.refused.store(true, Ordering::SeqCst);
             }
             match self.status_now.1.recv_timeout(self.config.status_interval) {
                 Ok(()) | Err(RecvTimeoutError::Timeout) => {}
@@ -742,6 +775,15 @@ fn end_group(group: &Group) {
         return;
     }
     group.signal(nix::sys::signal::Signal::SIGKILL);
+}
+
+/// A session's stdin writer: lines in order until the session or its stdin ends.
+fn write_input(mut stdin: ChildStdin, lines: &Receiver<Vec<u8>>) {
+    for line in lines {
+        if stdin.write_all(&line).is_err() {
+            return;
+        }
+    }
 }
 
 /// A pipe reader: chunks of at most 64 KiB to the streamer.

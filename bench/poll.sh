@@ -1,0 +1,247 @@
+#!/usr/bin/env bash
+# bench/poll.sh: poll-mode figures for aion-connector (idle CPU, instruction ->
+# session delay, output throughput, memory with busy sessions).
+# See bench/README.md for what each figure means.
+#
+# Usage: bench/poll.sh            (from anywhere; about 1.5-2 min after the build)
+# Env:   BENCH_BIN=path           skip the build, measure this binary
+#        BENCH_IDLE_SECONDS=60    idle measurement window (figure a)
+#        BENCH_IDLE_POLL_MS=5000  pollInterval while idle
+#        BENCH_DELAY_RUNS=20      instructions timed (figure b)
+#        BENCH_DELAY_POLL_MS=500  pollInterval for figure b
+#        BENCH_THROUGHPUT_MB=50   output of the throughput session (figure c)
+#        BENCH_BUSY_SESSIONS=5    busy sessions (figure d)
+#        BENCH_BUSY_SECONDS=10    how long each busy session prints
+#        BENCH_BUSY_KBPS=1000     kB/s each busy session prints
+#        PYTHON=python3
+#
+# Only 127.0.0.1 is ever contacted. Every process started here is stopped on exit.
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(cd "$HERE/.." && pwd)
+TARGET=x86_64-unknown-linux-musl
+IDLE_SECONDS=${BENCH_IDLE_SECONDS:-60}
+IDLE_POLL_MS=${BENCH_IDLE_POLL_MS:-5000}
+DELAY_RUNS=${BENCH_DELAY_RUNS:-20}
+DELAY_POLL_MS=${BENCH_DELAY_POLL_MS:-500}
+THROUGHPUT_MB=${BENCH_THROUGHPUT_MB:-50}
+BUSY_SESSIONS=${BENCH_BUSY_SESSIONS:-5}
+BUSY_SECONDS=${BENCH_BUSY_SECONDS:-10}
+BUSY_KBPS=${BENCH_BUSY_KBPS:-1000}
+PY=${PYTHON:-python3}
+HELPER="$HERE/pollbench.py"
+
+for v in IDLE_SECONDS IDLE_POLL_MS DELAY_RUNS DELAY_POLL_MS THROUGHPUT_MB BUSY_SESSIONS BUSY_SECONDS BUSY_KBPS; do
+    if ! [[ ${!v} =~ ^[0-9]+$ ]] || (( ${!v} < 1 )); then
+        echo "poll.sh: BENCH_$v must be a positive integer" >&2
+        exit 2
+    fi
+done
+(( IDLE_SECONDS <= 600 )) || { echo "poll.sh: BENCH_IDLE_SECONDS is capped at 600" >&2; exit 2; }
+(( IDLE_POLL_MS >= 10 && DELAY_POLL_MS >= 10 )) || { echo "poll.sh: poll intervals are at least 10 ms" >&2; exit 2; }
+(( DELAY_RUNS <= 200 && DELAY_POLL_MS <= 10000 )) || { echo "poll.sh: figure b is capped at 200 runs of 10 s" >&2; exit 2; }
+(( THROUGHPUT_MB <= 500 )) || { echo "poll.sh: BENCH_THROUGHPUT_MB is capped at 500" >&2; exit 2; }
+(( BUSY_SESSIONS <= 50 && BUSY_SECONDS <= 120 && BUSY_KBPS <= 20000 )) \
+    || { echo "poll.sh: figure d is capped at 50 sessions, 120 s, 20000 kB/s" >&2; exit 2; }
+
+TMP=$(mktemp -d "${TMPDIR:-/tmp}/aion-poll.XXXXXX")
+# The agents and every session they start inherit this; cleanup finds them by it.
+MARK="AION_BENCH_MARK=$TMP"
+PIDS=()
+NOTES=()
+
+# shellcheck source=bench/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+# marked: pids of processes whose environment carries $MARK (agents, sessions).
+marked() {
+    local env pid
+    for env in /proc/[0-9]*/environ; do
+        pid=${env#/proc/}
+        pid=${pid%/environ}
+        if { tr '\0' '\n' <"$env"; } 2>/dev/null | grep -qxF -- "$MARK"; then
+            printf '%s\n' "$pid"
+        fi
+    done
+}
+
+cleanup() {
+    local pid i
+    for pid in "${PIDS[@]}"; do
+        if alive "$pid"; then
+            kill -TERM "$pid" 2>/dev/null || true
+        fi
+    done
+    for pid in "${PIDS[@]}"; do
+        for ((i = 0; i < 100; i++)); do
+            alive "$pid" || break
+            sleep 0.05
+        done
+        if alive "$pid"; then
+            kill -KILL "$pid" 2>/dev/null || true
+        fi
+    done
+    for pid in $(marked); do
+        kill -KILL "$pid" 2>/dev/null || true
+    done
+    rm -rf "$TMP"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+kv() { # kv FILE KEY -> value of KEY=value in FILE, or "-"
+    local line
+    line=$(grep -m1 "^$2=" "$1" 2>/dev/null || true)
+    if [[ -n $line ]]; then printf '%s' "${line#*=}"; else printf -- '-'; fi
+}
+mib() { awk -v k="$1" 'BEGIN{ if (k ~ /^[0-9]+$/) printf "%.1f MiB", k/1024; else printf "-" }'; }
+mb() { awk -v b="$1" 'BEGIN{ if (b ~ /^[0-9]+$/) printf "%.1f MB", b/1e6; else printf "-" }'; }
+
+# expect FILE KEY VALUE LABEL: note when KEY in FILE is not VALUE.
+expect() {
+    local got
+    got=$(kv "$1" "$2")
+    [[ $got == "$3" ]] || note "$4: $2=$got (expected $3)"
+}
+
+# helper NAME ARGS...: run one pollbench subcommand in the background (so that
+# cleanup can stop it), output in $TMP/NAME.kv, diagnostics in $TMP/NAME.log.
+helper() {
+    local name=$1 code=0 pid
+    shift
+    mkdir -p "$TMP/$name"
+    AION_BENCH_MARK=$TMP AION_TOKEN=$TOKEN "$PY" "$HELPER" "$@" >"$TMP/$name.kv" 2>"$TMP/$name.log" &
+    pid=$!
+    PIDS+=("$pid")
+    wait "$pid" || code=$?
+    if (( code != 0 )); then
+        note "$name: helper exited with code $code: $(tail -n 2 "$TMP/$name.log" | tr '\n' ' ')"
+    elif [[ -s $TMP/$name.log ]]; then
+        note "$name: $(head -n 3 "$TMP/$name.log" | tr '\n' ' ')"
+    fi
+}
+
+# common_checks FILE PREFIX LABEL LOG: exit code, log, signatures of one agent run.
+common_checks() {
+    expect "$1" "$2_exit" 0 "$3: agent exit code after SIGTERM"
+    expect "$1" "$2_bad_requests" 0 "$3: badly authorized or signed requests"
+    expect "$1" "$2_token_in_log" 0 "$3: the token appears in the agent's log"
+    expect "$1" "$2_errors_posted" 0 "$3: errors posted to /api/agent/errors"
+    local w
+    w=$(kv "$1" "$2_warn_lines")
+    if [[ $w != 0 ]]; then
+        note "$3: $w WARN/ERROR log lines, e.g.: $(grep -hE '\[(WARN|ERROR)\]' "$4" 2>/dev/null | head -n 1)"
+    fi
+}
+
+# ---------------------------------------------------------------- 0. tools
+command -v "$PY" >/dev/null || die "$PY not found"
+"$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))' || die "$PY is older than 3.11"
+TOKEN=$(od -An -N32 -tx1 /dev/urandom | tr -d ' \n')
+
+# ---------------------------------------------------------------- 1. build
+if [[ -n ${BENCH_BIN:-} ]]; then
+    BIN=$BENCH_BIN
+    BUILD_KIND="given (BENCH_BIN)"
+    [[ -x $BIN ]] || die "BENCH_BIN=$BIN is not executable"
+else
+    if ! rustup target list --installed 2>/dev/null | grep -qx "$TARGET"; then
+        log "rustup target add $TARGET"
+        timeout 600 rustup target add "$TARGET" >&2 || log "rustup target add failed"
+    fi
+    log "cargo build --release --target $TARGET"
+    if (cd "$ROOT" && timeout 900 cargo build --release --target "$TARGET") >"$TMP/build.log" 2>&1; then
+        BIN="$ROOT/target/$TARGET/release/aion-connector"
+        BUILD_KIND="musl static ($TARGET)"
+    else
+        tail -n 8 "$TMP/build.log" >&2
+        note "musl build failed: FALLBACK to the host release build (not a static binary)"
+        log "cargo build --release"
+        if ! (cd "$ROOT" && timeout 900 cargo build --release) >"$TMP/build.log" 2>&1; then
+            tail -n 20 "$TMP/build.log" >&2
+            die "host release build failed too"
+        fi
+        BIN="$ROOT/target/release/aion-connector"
+        BUILD_KIND="host release (FALLBACK, musl build failed)"
+    fi
+fi
+cp "$BIN" "$TMP/aion-connector"
+BIN="$TMP/aion-connector"
+VERSION=$("$BIN" --version 2>/dev/null | head -n1 || true)
+
+# ---------------------------------------------------------------- a. idle CPU
+log "a. idle agent, pollInterval $IDLE_POLL_MS ms, for $IDLE_SECONDS s"
+helper idle idle "$BIN" "$TMP/idle" "$IDLE_SECONDS" "$IDLE_POLL_MS"
+A=$TMP/idle.kv
+common_checks "$A" idle "a. idle" "$TMP/idle/idle.err"
+IDLE_H=$(kv "$A" idle_cpu_per_hour_s)
+SCHED_H=$(kv "$A" idle_sched_per_hour_s)
+if [[ $SCHED_H =~ ^[0-9.]+$ ]] && awk -v h="$SCHED_H" 'BEGIN{exit !(h >= 1)}'; then
+    note "a. idle: $SCHED_H s CPU per hour (schedstat), aim < 1 s"
+fi
+if [[ $IDLE_H =~ ^[0-9.]+$ ]] && awk -v h="$IDLE_H" 'BEGIN{exit !(h >= 1)}'; then
+    note "a. idle: $IDLE_H s CPU per hour (utime+stime ticks), aim < 1 s"
+fi
+
+# ---------------------------------------------------------------- b. delay
+log "b. $DELAY_RUNS instructions, pollInterval $DELAY_POLL_MS ms: available -> session running"
+helper delay delay "$BIN" "$TMP/delay" "$DELAY_RUNS" "$DELAY_POLL_MS"
+D=$TMP/delay.kv
+common_checks "$D" delay "b. delay" "$TMP/delay/delay.err"
+expect "$D" delay_lost 0 "b. delay: instructions whose session never ran"
+OVER=$(kv "$D" delay_over_limit)
+[[ $OVER == 0 ]] || note "b. delay: $OVER of $(kv "$D" delay_runs) above pollInterval + 50 ms = $((DELAY_POLL_MS + 50)) ms (max $(kv "$D" delay_max_ms) ms; the poll pause alone may be up to 1.1 x pollInterval)"
+
+# ---------------------------------------------------------------- c. throughput
+log "c. one session printing $THROUGHPUT_MB MB of base64"
+helper throughput throughput "$BIN" "$TMP/throughput" "$THROUGHPUT_MB"
+T=$TMP/throughput.kv
+common_checks "$T" tp "c. throughput" "$TMP/throughput/throughput.err"
+expect "$T" tp_completed 1 "c. throughput: session end"
+expect "$T" tp_sha_ok 1 "c. throughput: delivered stdout identical to what was printed"
+expect "$T" tp_seq_gaps 0 "c. throughput"
+expect "$T" tp_seq_repeats 0 "c. throughput"
+expect "$T" tp_events "started,exited" "c. throughput"
+
+# ---------------------------------------------------------------- d. busy sessions
+log "d. $BUSY_SESSIONS sessions printing $BUSY_KBPS kB/s each for $BUSY_SECONDS s"
+helper busy busy "$BIN" "$TMP/busy" "$BUSY_SESSIONS" "$BUSY_SECONDS" "$BUSY_KBPS"
+U=$TMP/busy.kv
+common_checks "$U" busy "d. busy" "$TMP/busy/busy.err"
+expect "$U" busy_sessions_bad 0 "d. busy: sessions with lost, repeated or wrong output"
+expect "$U" busy_spool_after_files 0 "d. busy: spool files left after every session was delivered"
+
+left=$(marked | wc -l)
+(( left == 0 )) || note "$left agent / session processes still alive after the runs"
+
+# ---------------------------------------------------------------- table
+row() { printf '%-44s %s\n' "$1" "$2"; }
+echo
+echo "aion-connector poll-mode bench ($VERSION, $(uname -m), $(nproc) cores)"
+printf '%s\n' "--------------------------------------------------------------------------------------------"
+row "build" "$BUILD_KIND"
+row "a. idle CPU, poll every $IDLE_POLL_MS ms" "$(kv "$A" idle_cpu_per_hour_s) s/hour (utime+stime: $(kv "$A" idle_cpu_ms) ms in $(kv "$A" idle_seconds) s, 10 ms ticks)"
+row "   same, from schedstat (ns)" "$(kv "$A" idle_sched_per_hour_s) s/hour ($(kv "$A" idle_sched_ms) ms in $(kv "$A" idle_seconds) s; $(kv "$A" idle_cpu_per_poll_ms) ms per request)"
+row "   requests in the window" "$(kv "$A" idle_polls) polls (gap min / median / max $(kv "$A" idle_poll_gap_min_ms) / $(kv "$A" idle_poll_gap_median_ms) / $(kv "$A" idle_poll_gap_max_ms) ms), $(kv "$A" idle_status_posts) status posts"
+row "   idle RSS / threads" "$(kv "$A" idle_rss_kb) kB ($(mib "$(kv "$A" idle_rss_kb)")), $(kv "$A" idle_threads) threads"
+row "b. available -> session running" "median $(kv "$D" delay_median_ms) ms, p90 $(kv "$D" delay_p90_ms) ms, max $(kv "$D" delay_max_ms) ms, min $(kv "$D" delay_min_ms) ms (n=$(kv "$D" delay_runs))"
+row "   limit pollInterval + 50 ms" "$((DELAY_POLL_MS + 50)) ms: $(kv "$D" delay_over_limit) over"
+row "   available -> handed out (poll wait)" "median $(kv "$D" delay_wait_median_ms) ms, max $(kv "$D" delay_wait_max_ms) ms (poll gaps $(kv "$D" delay_poll_gap_min_ms)-$(kv "$D" delay_poll_gap_max_ms) ms)"
+row "   handed out -> running (agent)" "median $(kv "$D" delay_start_median_ms) ms, max $(kv "$D" delay_start_max_ms) ms (ack arrives $(kv "$D" delay_ack_median_ms) ms after the GET answer)"
+row "c. throughput, $THROUGHPUT_MB MB stdout" "$(kv "$T" tp_mb_per_s) MB/s ($(kv "$T" tp_bytes) bytes in $(kv "$T" tp_seconds) s, started -> exited received)"
+row "   posts / seq / content" "$(kv "$T" tp_posts) posts of ~$(kv "$T" tp_avg_post_kb) KiB, $(kv "$T" tp_chunks) chunks, gaps $(kv "$T" tp_seq_gaps), repeats $(kv "$T" tp_seq_repeats), sha256 match $(kv "$T" tp_sha_ok)"
+row "   agent CPU / fake server CPU" "$(kv "$T" tp_cpu_ms) ms / $(kv "$T" tp_server_cpu_ms) ms"
+row "   agent RSS" "peak $(kv "$T" tp_rss_peak_kb) kB ($(mib "$(kv "$T" tp_rss_peak_kb)")), VmHWM $(kv "$T" tp_hwm_kb) kB, $(kv "$T" tp_threads_peak) threads peak"
+row "d. $BUSY_SESSIONS busy sessions x $BUSY_KBPS kB/s, ${BUSY_SECONDS} s" "RSS peak $(kv "$U" busy_rss_peak_kb) kB ($(mib "$(kv "$U" busy_rss_peak_kb)")), median $(kv "$U" busy_rss_median_kb) kB, VmHWM $(kv "$U" busy_hwm_kb) kB"
+row "   before / after" "$(kv "$U" busy_rss_before_kb) kB, $(kv "$U" busy_threads_before) threads / $(kv "$U" busy_rss_after_kb) kB; $(kv "$U" busy_threads_peak) threads peak"
+row "   spool on disk / undelivered, peak" "$(mb "$(kv "$U" busy_spool_peak_bytes)") / $(mb "$(kv "$U" busy_backlog_peak_bytes)") (100 ms samples)"
+row "   agent CPU / delivered" "$(kv "$U" busy_cpu_ms) ms / $(kv "$U" busy_bytes) bytes in $(kv "$U" busy_seconds) s, $(kv "$U" busy_sessions_intact) of $BUSY_SESSIONS sessions intact"
+row "shutdown (SIGTERM -> exit) a / b / c / d" "$(kv "$A" idle_exit) in $(kv "$A" idle_stop_ms) ms / $(kv "$D" delay_exit) in $(kv "$D" delay_stop_ms) ms / $(kv "$T" tp_exit) in $(kv "$T" tp_stop_ms) ms / $(kv "$U" busy_exit) in $(kv "$U" busy_stop_ms) ms"
+printf '%s\n' "--------------------------------------------------------------------------------------------"
+if (( ${#NOTES[@]} )); then
+    echo "problems / notes:"
+    printf '  - %s\n' "${NOTES[@]}"
+else
+    echo "problems / notes: none"
+fi
