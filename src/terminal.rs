@@ -121,22 +121,20 @@ pub struct Terminals {
     all: Mutex<HashMap<String, Arc<Term>>>,
     next: AtomicU64,
     attaches: AtomicU64,
+    /// The reaper thread starts with the first terminal (an idle connector
+    /// without terminals has no thread waking up every second).
+    reaper: std::sync::Once,
 }
 
 impl Terminals {
     pub fn new(limits: Limits) -> Arc<Terminals> {
-        let terms = Arc::new(Terminals {
+        Arc::new(Terminals {
             limits,
             all: Mutex::new(HashMap::new()),
             next: AtomicU64::new(0),
             attaches: AtomicU64::new(0),
-        });
-        let reaper = Arc::clone(&terms);
-        let _ = std::thread::Builder::new()
-            .name("terminal-reaper".into())
-            .stack_size(128 << 10)
-            .spawn(move || reaper.reap_forever());
-        terms
+            reaper: std::sync::Once::new(),
+        })
     }
 
     fn all(&self) -> MutexGuard<'_, HashMap<String, Arc<Term>>> {
@@ -164,7 +162,7 @@ impl Terminals {
 
     /// Starts a shell on a new PTY in the project dir.
     pub fn open(
-        &self,
+        self: &Arc<Self>,
         project: &ProjectState,
         session: Option<&str>,
         http: bool,
@@ -174,6 +172,13 @@ impl Terminals {
         if !self.room(&project.config.id) {
             return Err(Refused::TooMany);
         }
+        self.reaper.call_once(|| {
+            let reaper = Arc::clone(self);
+            let _ = std::thread::Builder::new()
+                .name("terminal-reaper".into())
+                .stack_size(128 << 10)
+                .spawn(move || reaper.reap_forever());
+        });
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         let id = format!("t{}-{n}-{:x}", std::process::id(), nonce());
         let shell =
