@@ -46,6 +46,9 @@ pub struct PollConfig {
     pub session_command: Vec<String>,
     pub state_dir: Option<PathBuf>,
     pub delivery: Duration,
+    /// Aion app keys leased while any session runs (`leaseApps`).
+    pub lease_apps: Vec<String>,
+    pub lease: crate::config::LeaseSettings,
 }
 
 /// Reads `--config FILE` (default ./config.json, optional) and the
@@ -82,6 +85,8 @@ pub fn load_config(file: Option<&Path>, env: &dyn Fn(&str) -> Option<String>) ->
         "sessionCommand",
         "stateDir",
         "deliverySeconds",
+        "leaseApps",
+        "lease",
     ];
     for k in doc.keys().filter(|k| !known.contains(&k.as_str())) {
         warn!("config: unknown key {k} (ignored)");
@@ -158,6 +163,27 @@ pub fn load_config(file: Option<&Path>, env: &dyn Fn(&str) -> Option<String>) ->
     if agent_token.as_ref().is_none_or(|(t, _)| t.trim().is_empty()) {
         problems.push("agentToken (or $AGENT_TOKEN) is required".into());
     }
+    let lease_apps: Vec<String> = match doc.get("leaseApps") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(v) => serde_json::from_value(v.clone()).unwrap_or_else(|_| {
+            problems.push("leaseApps: expected an array of app keys, e.g. [\"com.google.Chrome\"]".into());
+            Vec::new()
+        }),
+    };
+    let mut lease = crate::config::LeaseSettings::default();
+    match doc.get("lease") {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(m)) => {
+            let text = |k: &str| m.get(k).and_then(Value::as_str).map(str::to_string);
+            lease.socket = text("socket").map(PathBuf::from);
+            lease.holder = text("holderId");
+            lease.client_name = text("clientName");
+            lease.seconds = m.get("leaseSeconds").and_then(Value::as_u64).map(|n| n.clamp(60, 1800) as u32);
+        }
+        Some(_) => {
+            problems.push("lease: expected an object {socket, holderId, clientName, leaseSeconds}".into())
+        }
+    }
     problems.extend(type_problems.into_inner());
     if !problems.is_empty() {
         return Err(Error::Config { path, problems });
@@ -172,6 +198,8 @@ pub fn load_config(file: Option<&Path>, env: &dyn Fn(&str) -> Option<String>) ->
         max_sessions: values[2] as usize,
         status_interval: Duration::from_millis(values[3]),
         delivery: Duration::from_secs(values[4]),
+        lease_apps,
+        lease,
         session_command,
         state_dir,
     })
@@ -221,6 +249,8 @@ struct Session {
     /// so a session that does not read blocks only that thread.
     input: Sender<Vec<u8>>,
     terminating: Arc<AtomicBool>,
+    /// The Aion leases held while this session runs.
+    _leases: Vec<crate::lease::Guard>,
 }
 
 pub struct Runtime {
@@ -228,6 +258,7 @@ pub struct Runtime {
     client: Client,
     signer: PollSigner,
     outbox: Arc<Outbox>,
+    leases: Option<crate::lease::Leases>,
     shutdown: Arc<Shutdown>,
     sessions: Mutex<HashMap<String, Session>>,
     started: Instant,
@@ -248,6 +279,15 @@ pub fn run(config: PollConfig, shutdown: Arc<Shutdown>) -> Result<i32, Error> {
         client: Client::new(Duration::from_secs(30)),
         signer: PollSigner { token: config.agent_token.0.clone() },
         outbox,
+        leases: (!config.lease_apps.is_empty()).then(|| {
+            let l = &config.lease;
+            crate::lease::Leases::start(crate::lease::LeaseConfig::new(
+                l.socket.clone(),
+                l.holder.clone(),
+                l.client_name.clone(),
+                l.seconds,
+            ))
+        }),
         shutdown,
         sessions: Mutex::new(HashMap::new()),
         started: Instant::now(),
@@ -270,6 +310,9 @@ pub fn run(config: PollConfig, shutdown: Arc<Shutdown>) -> Result<i32, Error> {
     rt.terminate_all();
     while !rt.sessions().is_empty() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(10));
+    }
+    if let Some(l) = &rt.leases {
+        l.stop(Duration::from_secs(1));
     }
     rt.outbox.drain(Instant::now() + Duration::from_secs(10));
     drop(status);
@@ -540,6 +583,7 @@ impl Runtime {
                 group: Arc::clone(&group),
                 input,
                 terminating: Arc::clone(&terminating),
+                _leases: self.leases.as_ref().map(|l| l.hold(&self.config.lease_apps)).unwrap_or_default(),
             },
         );
         self.event(&mut stream, &mut seq_holder, session, json!({"event":"started","pid":pid}), false);

@@ -759,3 +759,41 @@ fn a_missing_cwd_is_named_in_the_failed_event() {
     );
     rig.finish();
 }
+
+// ---------------------------------------------------------------- Aion leases
+
+#[test]
+fn sessions_hold_the_lease_apps_while_they_run() {
+    use common::lease_server::LeaseServer;
+    const APP: &str = "com.google.Chrome";
+    let dir = TempDir::new("poll-lease");
+    let aion = LeaseServer::start(&dir.join("aion.sock"));
+    let config = json!({"leaseApps": [APP], "lease": {"socket": aion.path_str(), "holderId": "poll-h"}});
+    write(dir.join("config.json"), config.to_string());
+    let server = PollServer::start(TOKEN);
+    let url = server.url();
+    let state = dir.join("state");
+    let env = [
+        ("SERVER_URL", url.as_str()),
+        ("AGENT_TOKEN", TOKEN),
+        ("POLL_INTERVAL", "100"),
+        ("AION_SESSION_COMMAND", SH),
+        ("AION_STATE_DIR", state.to_str().unwrap()),
+    ];
+    let agent = PollAgent::start(&[], dir.path(), &env);
+    server.push(json!({"id": "l1", "type": "start_session", "sessionId": "ls", "args": ["sleep 300"]}));
+    server.wait_event("ls", "started", DEADLINE);
+    let begin = aion.wait_received("lease.begin", APP, 0, DEADLINE);
+    assert_eq!(begin.msg["holderId"], "poll-h");
+    let (reply, took) = aion.can_close(APP).unwrap();
+    assert_eq!(reply["result"], "extend_lease", "while the session runs");
+    assert!(took < Duration::from_secs(3), "{took:?}");
+    assert!(aion.received_for("lease.end", APP).is_empty(), "ended while the session runs");
+    server.push(json!({"id": "l2", "type": "terminate_session", "sessionId": "ls"}));
+    server.wait_event("ls", "terminated", DEADLINE);
+    aion.wait_received("lease.end", APP, 0, DEADLINE);
+    let (reply, _) = aion.can_close(APP).unwrap();
+    assert_eq!(reply["result"], "allow_close", "after the session");
+    assert!(aion.violations().is_empty(), "{:?}", aion.violations());
+    assert!(!agent.stderr().contains(TOKEN));
+}
