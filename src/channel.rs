@@ -19,6 +19,10 @@ use std::time::{Duration, Instant};
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
+/// Repositories one `repos.sync` or `invoke` may name: syncs of a project run
+/// one at a time, each repo up to `limits.gitSeconds`.
+const MAX_REPOS: usize = 16;
+
 /// A project as served: its config, its real root and its runtime state.
 pub struct ProjectState {
     pub config: Project,
@@ -50,14 +54,23 @@ impl ProjectState {
 }
 
 /// The projects of `config`; `roots[i]` is the canonical dir of project i.
-pub fn projects(config: &mut Config, roots: Vec<PathBuf>) -> Vec<Arc<ProjectState>> {
+/// Each project is denied, on top of its sensitive files, `own_files` (the
+/// config, the state dir) and the dirs of other projects nested inside it.
+pub fn projects(config: &mut Config, roots: Vec<PathBuf>, own_files: &[PathBuf]) -> Vec<Arc<ProjectState>> {
+    let all_roots = roots.clone();
     std::mem::take(&mut config.projects)
         .into_iter()
         .zip(roots)
         .map(|(p, root)| {
+            let deny: Vec<PathBuf> = own_files
+                .iter()
+                .chain(all_roots.iter().filter(|other| **other != root))
+                .filter(|d| d.starts_with(&root) && **d != root)
+                .cloned()
+                .collect();
             Arc::new(ProjectState {
                 token_digest: Sha256::digest(p.token.0.as_bytes()).into(),
-                sensitive: Sensitive::new(&p.sensitive),
+                sensitive: Sensitive::new(&p.sensitive).deny_paths(deny),
                 root,
                 config: p,
                 first_synced: Mutex::new(None),
@@ -71,7 +84,7 @@ pub fn projects(config: &mut Config, roots: Vec<PathBuf>) -> Vec<Arc<ProjectStat
 pub struct ProjectKeys(pub Vec<Arc<ProjectState>>);
 
 impl crate::outbox::Signer for ProjectKeys {
-    fn headers(&self, key: &str, body: &[u8]) -> Option<Vec<(String, String)>> {
+    fn headers(&self, key: &str, _url: &str, body: &[u8]) -> Option<Vec<(String, String)>> {
         let p = self.0.iter().find(|p| p.config.id == key)?;
         let sig = crate::signing::sha256_hex(p.config.token.0.as_bytes(), &[body]);
         Some(vec![("X-Aion-Signature".into(), sig)])
@@ -308,7 +321,12 @@ impl App {
             "terminal.input" => {
                 let term = self.http_terminal(p, args)?;
                 let data = args.string("data")?.unwrap_or("");
-                term.input(data.as_bytes()).map_err(|e| detail(500, "terminal failed", e.to_string()))?;
+                term.try_input(data.as_bytes()).map_err(|e| match e {
+                    terminal::InputRefused::Busy => {
+                        detail(503, "terminal busy", "the shell is not reading its input")
+                    }
+                    terminal::InputRefused::Closed => err(404, "no session"),
+                })?;
                 ok(&json!({ "ok": true }))
             }
             "terminal.output" => {
@@ -501,6 +519,7 @@ impl App {
         match self.runs.start(Arc::clone(p), invoke, delivery) {
             Err(Refused::Busy) => Err(err(409, "session busy")),
             Err(Refused::TooMany) => Err(err(429, "too many runs")),
+            Err(Refused::ShuttingDown) => Err(err(503, "shutting down")),
             Ok(()) => Ok(match lines {
                 Some(rx) => Response::ndjson(rx),
                 None => ok(&json!({ "ok": true, "sessionId": session })),
@@ -511,6 +530,9 @@ impl App {
 
 /// `payload.repos` validated into specs (400 naming the first problem).
 fn repo_specs(items: &[Value], allow_file: bool) -> Result<Vec<RepoSpec>, Response> {
+    if items.len() > MAX_REPOS {
+        return Err(detail(400, "bad payload", format!("payload.repos: at most {MAX_REPOS} repositories")));
+    }
     let mut specs = Vec::with_capacity(items.len());
     for (i, item) in items.iter().enumerate() {
         let Value::Object(m) = item else {

@@ -197,8 +197,12 @@ fn serve(explicit: Option<PathBuf>) -> Result<i32, Error> {
         warn!("config: {w}");
     }
     let roots = channel::prepare_roots(&config)?;
-    let projects = channel::projects(&mut config, roots);
     let state = runs::state_dir(config.state_dir.as_deref());
+    std::fs::create_dir_all(&state).map_err(|source| Error::StateDir { path: state.clone(), source })?;
+    // The connector's own files are never served, whatever project dir holds them.
+    let own_files: Vec<PathBuf> =
+        [path.as_path(), state.as_path()].iter().filter_map(|p| p.canonicalize().ok()).collect();
+    let projects = channel::projects(&mut config, roots, &own_files);
     let signer = Arc::new(channel::ProjectKeys(projects.clone()));
     let outbox = Outbox::open(&state.join("outbox"), signer, config.limits.delivery)
         .map_err(|source| Error::StateDir { path: state.clone(), source })?;

@@ -12,8 +12,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-/// Upper bound on what one git command may print before we stop keeping it.
-const OUTPUT_CAP: usize = 64 << 20;
+/// Upper bound on what one git command may print before we stop keeping it
+/// (a file listing of about 200,000 paths).
+const OUTPUT_CAP: usize = 16 << 20;
 /// Upper bound on a `git.diff` answer.
 pub const DIFF_CAP: usize = 8 << 20;
 
@@ -79,11 +80,16 @@ impl Git<'_> {
     }
 
     fn run(&self, args: &[&str]) -> Result<Output, GitError> {
+        self.run_capped(args, OUTPUT_CAP)
+    }
+
+    /// Keeps at most `cap` bytes of stdout (the rest is read and dropped).
+    fn run_capped(&self, args: &[&str], cap: usize) -> Result<Output, GitError> {
         let left = self.deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return Err(GitError::TimedOut);
         }
-        let out = proc::run(&mut self.command(args), left, OUTPUT_CAP)
+        let out = proc::run(&mut self.command(args), left, cap)
             .map_err(|e| GitError::Failed(format!("cannot run git: {e}")))?;
         if out.status.is_none() {
             return Err(GitError::TimedOut);
@@ -275,7 +281,7 @@ pub fn diff(
     args.extend(paths.iter().map(|p| format!(":(literal){p}")));
     args.extend(exclusions(extra));
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-    let out = git.run(&argv)?;
+    let out = git.run_capped(&argv, DIFF_CAP + 1)?;
     if !out.success() {
         return Err(GitError::Failed(git.scrub(&out.stderr)));
     }

@@ -74,9 +74,11 @@ enum Ctl {
     /// The set of apps wanted changed.
     Changed,
     /// A message from Aion, passed on by the reader thread.
-    Line(Value),
+    /// (connection number, message)
+    Line(u64, Value),
     /// The reader saw the connection end.
-    Disconnected,
+    /// That connection ended.
+    Disconnected(u64),
     /// End every lease and stop.
     Stop,
 }
@@ -363,9 +365,29 @@ impl Inner {
     /// A live connection: begins what is wanted, renews at half the lease,
     /// ends what is no longer used; returns when it is lost or stopped.
     fn serve(self: &Arc<Self>, stream: UnixStream, rx: &Receiver<Ctl>) -> Served {
-        let reader = {
-            let inner = Arc::clone(self);
-            std::thread::Builder::new().stack_size(128 << 10).spawn(move || inner.read_messages(stream))
+        let served = self.serve_connection(&stream, rx);
+        // Whatever ended it, this connection is over: its reader sees EOF.
+        *self.writer() = None;
+        let _ = stream.shutdown(std::net::Shutdown::Both);
+        served
+    }
+
+    fn serve_connection(self: &Arc<Self>, stream: &UnixStream, rx: &Receiver<Ctl>) -> Served {
+        // A write to an Aion that stopped reading fails after a while instead
+        // of holding the apps table (close checks answer from it).
+        let _ = stream.set_write_timeout(Some(Duration::from_secs(2)));
+        if let Some(w) = self.writer().as_ref() {
+            let _ = w.set_write_timeout(Some(Duration::from_secs(2)));
+        }
+        let generation = self.next.fetch_add(1, Ordering::Relaxed);
+        let reader = match stream.try_clone() {
+            Ok(read_side) => {
+                let inner = Arc::clone(self);
+                std::thread::Builder::new()
+                    .stack_size(128 << 10)
+                    .spawn(move || inner.read_messages(read_side, generation))
+            }
+            Err(e) => Err(e),
         };
         if reader.is_err() {
             return Served::Lost;
@@ -379,8 +401,8 @@ impl Inner {
             let next = self.reconcile();
             match rx.recv_timeout(next) {
                 Ok(Ctl::Changed) | Err(RecvTimeoutError::Timeout) => {}
-                Ok(Ctl::Line(msg)) => refused = self.on_message(&msg),
-                Ok(Ctl::Disconnected) => {
+                Ok(Ctl::Line(g, msg)) if g == generation => refused = self.on_message(&msg),
+                Ok(Ctl::Disconnected(g)) if g == generation => {
                     warn!("lease: the connection to Aion was lost; reconnecting");
                     self.forget_grants();
                     return Served::Lost;
@@ -389,6 +411,7 @@ impl Inner {
                     self.end_all(rx);
                     return Served::Stopped;
                 }
+                Ok(Ctl::Line(..) | Ctl::Disconnected(_)) => {} // from an earlier connection
             }
         }
     }
@@ -503,7 +526,7 @@ impl Inner {
     }
 
     /// The reader thread: answers close checks itself, passes the rest on.
-    fn read_messages(self: Arc<Self>, stream: UnixStream) {
+    fn read_messages(self: Arc<Self>, stream: UnixStream, generation: u64) {
         let reader = BufReader::new(stream);
         for line in reader.lines() {
             let Ok(line) = line else { break };
@@ -513,11 +536,11 @@ impl Inner {
             };
             if msg.get("action").and_then(Value::as_str) == Some("lease.can_close.request") {
                 self.answer_close_check(&msg);
-            } else if self.ctl.send(Ctl::Line(msg)).is_err() {
+            } else if self.ctl.send(Ctl::Line(generation, msg)).is_err() {
                 return;
             }
         }
-        let _ = self.ctl.send(Ctl::Disconnected);
+        let _ = self.ctl.send(Ctl::Disconnected(generation));
     }
 
     /// `extend_lease` while a run uses the app, else `allow_close`.
@@ -554,11 +577,11 @@ impl Inner {
         let deadline = Instant::now() + Duration::from_millis(500);
         while self.apps().values().any(|a| a.pending.is_some() || a.granted_at.is_some()) {
             match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-                Ok(Ctl::Line(msg)) => {
+                Ok(Ctl::Line(_, msg)) => {
                     self.on_message(&msg);
                     self.reconcile();
                 }
-                Ok(Ctl::Disconnected) | Err(_) => break,
+                Ok(Ctl::Disconnected(_)) | Err(_) => break,
                 Ok(_) => {}
             }
         }

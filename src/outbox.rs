@@ -33,7 +33,7 @@ const COMPACT_AT: u64 = 1 << 20;
 /// Headers for a post, computed when it is sent. None: the key is gone (a
 /// project removed from the config since the post was queued); it is skipped.
 pub trait Signer: Send + Sync {
-    fn headers(&self, key: &str, body: &[u8]) -> Option<Vec<(String, String)>>;
+    fn headers(&self, key: &str, url: &str, body: &[u8]) -> Option<Vec<(String, String)>>;
 }
 
 /// One post as spooled.
@@ -60,6 +60,9 @@ pub struct Fallback {
 }
 
 pub struct Outbox {
+    /// Held for the life of the process: one connector per spool directory,
+    /// or a live stream of another would look like a crashed one.
+    _lock: nix::fcntl::Flock<File>,
     dir: PathBuf,
     client: Client,
     signer: Arc<dyn Signer>,
@@ -89,7 +92,21 @@ impl Outbox {
     pub fn open(dir: &Path, signer: Arc<dyn Signer>, window: Duration) -> io::Result<Arc<Outbox>> {
         std::fs::create_dir_all(dir)?;
         std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+        let lock_file = private_file(&dir.join(".lock"), false)?;
+        let lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(
+            |(_, e)| {
+                if e == nix::errno::Errno::EWOULDBLOCK {
+                    io::Error::other(format!(
+                        "{} is in use by another aion-connector (give each its own stateDir)",
+                        dir.display()
+                    ))
+                } else {
+                    io::Error::from(e)
+                }
+            },
+        )?;
         let outbox = Arc::new(Outbox {
+            _lock: lock,
             dir: dir.to_path_buf(),
             client: Client::new(Duration::from_secs(15)),
             signer,
@@ -236,6 +253,8 @@ impl Outbox {
                 // Everything written so far delivered? Then start the file over.
                 let mut progress = state.progress.lock().unwrap_or_else(|p| p.into_inner());
                 if progress.0 == pos {
+                    // .pos first: a crash in between re-sends, never loses.
+                    write_pos(&pos_file, 0, next_seq)?;
                     OpenOptions::new().write(true).open(&q)?.set_len(0)?;
                     progress.0 = 0;
                     pos = 0;
@@ -259,7 +278,7 @@ impl Outbox {
         let mut backoff = Duration::from_millis(250);
         let mut failures = 0u32;
         loop {
-            let Some(headers) = self.signer.headers(&record.key, record.body.as_bytes()) else {
+            let Some(headers) = self.signer.headers(&record.key, &record.url, record.body.as_bytes()) else {
                 warn!(
                     "outbox: {id}: seq {} has no signing key ({}) any more; skipped",
                     record.seq, record.key

@@ -206,12 +206,18 @@ pub fn load_config(file: Option<&Path>, env: &dyn Fn(&str) -> Option<String>) ->
 }
 
 /// §2's signature: HMAC-SHA256(token, timestamp + "." + body), made when sent.
+/// Only for the configured server: a post spooled for a server the config
+/// no longer names (after a change of serverUrl) does not get today's token.
 struct PollSigner {
     token: String,
+    server_url: String,
 }
 
 impl Signer for PollSigner {
-    fn headers(&self, _key: &str, body: &[u8]) -> Option<Vec<(String, String)>> {
+    fn headers(&self, _key: &str, url: &str, body: &[u8]) -> Option<Vec<(String, String)>> {
+        if !url.is_empty() && !url.starts_with(&format!("{}/", self.server_url)) {
+            return None;
+        }
         let ts = now_ms().to_string();
         let sig = crate::signing::sha256_hex(self.token.as_bytes(), &[ts.as_bytes(), b".", body]);
         Some(vec![
@@ -272,12 +278,13 @@ pub struct Runtime {
 pub fn run(config: PollConfig, shutdown: Arc<Shutdown>) -> Result<i32, Error> {
     info!("Agent starting... (aion-connector {} poll mode)", env!("CARGO_PKG_VERSION"));
     let state = crate::runs::state_dir(config.state_dir.as_deref());
-    let signer = Arc::new(PollSigner { token: config.agent_token.0.clone() });
+    let signer =
+        Arc::new(PollSigner { token: config.agent_token.0.clone(), server_url: config.server_url.clone() });
     let outbox = Outbox::open(&state.join("poll-outbox"), signer, config.delivery)
         .map_err(|source| Error::StateDir { path: state.clone(), source })?;
     let rt = Arc::new(Runtime {
         client: Client::new(Duration::from_secs(30)),
-        signer: PollSigner { token: config.agent_token.0.clone() },
+        signer: PollSigner { token: config.agent_token.0.clone(), server_url: config.server_url.clone() },
         outbox,
         leases: (!config.lease_apps.is_empty()).then(|| {
             let l = &config.lease;
@@ -330,7 +337,7 @@ impl Runtime {
     }
 
     fn signed(&self, body: &[u8]) -> Vec<(String, String)> {
-        self.signer.headers("", body).unwrap_or_default()
+        self.signer.headers("", "", body).unwrap_or_default()
     }
 
     /// GET instructions every `pollInterval` (±10%); back off while the
@@ -590,9 +597,14 @@ impl Runtime {
         info!("Session started: {session} (pid {pid})");
         let _ = self.status_now.0.try_send(());
         let (tx, rx) = crossbeam_channel::bounded::<Msg>(64);
+        let stop_reading = Arc::new(AtomicBool::new(false));
+        let stoppable = |fd: std::os::fd::OwnedFd| {
+            Box::new(proc::Stoppable { pipe: std::fs::File::from(fd), stop: Arc::clone(&stop_reading) })
+                as Box<dyn Read + Send>
+        };
         let readers: Vec<_> = [
-            (group.take_stdout().map(|o| Box::new(o) as Box<dyn Read + Send>), true),
-            (group.take_stderr().map(|e| Box::new(e) as Box<dyn Read + Send>), false),
+            (group.take_stdout().map(|o| stoppable(o.into())), true),
+            (group.take_stderr().map(|e| stoppable(e.into())), false),
         ]
         .into_iter()
         .filter_map(|(pipe, stdout)| {
@@ -605,6 +617,8 @@ impl Runtime {
             std::thread::Builder::new().stack_size(128 << 10).spawn(move || {
                 let status = group.wait();
                 proc::sweep(&marker, Duration::from_secs(2));
+                let drained = || readers.iter().all(|r| r.is_finished());
+                proc::release_readers(&stop_reading, drained, Duration::from_secs(2));
                 for r in readers {
                     let _ = r.join();
                 }

@@ -179,6 +179,43 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// A pipe from a child that can be given up on: once `stop` is set, a read
+/// that finds nothing returns end of file instead of waiting. A process that
+/// left the group without the run's marker may hold the pipe open forever;
+/// the owner sets `stop` a moment after the child itself is gone.
+pub struct Stoppable<R> {
+    pub pipe: R,
+    pub stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl<R: Read + AsFd> Read for Stoppable<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+        loop {
+            let mut fds = [PollFd::new(self.pipe.as_fd(), PollFlags::POLLIN)];
+            match poll(&mut fds, PollTimeout::from(100u8)) {
+                Ok(0) | Err(nix::errno::Errno::EINTR) => {
+                    if self.stop.load(std::sync::atomic::Ordering::SeqCst) {
+                        return Ok(0);
+                    }
+                }
+                Ok(_) => return self.pipe.read(buf),
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
+
+/// After the child is gone, lets its readers drain for up to `grace`, then
+/// tells them to stop waiting.
+pub fn release_readers(stop: &std::sync::atomic::AtomicBool, done: impl Fn() -> bool, grace: Duration) {
+    let deadline = Instant::now() + grace;
+    while !done() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
 /// Kills every process that carries `marker` (`NAME=value`) in its
 /// environment: descendants that left the group with setsid, such as acpx's
 /// queue owner. Linux only (it reads /proc); elsewhere it finds nothing.
@@ -271,16 +308,25 @@ pub fn run(cmd: &mut Command, timeout: Duration, cap: usize) -> io::Result<Outpu
         }
         let (ready_out, ready_err) = {
             use nix::poll::{PollFd, PollFlags, poll};
-            let mut fds = [
-                PollFd::new(stdout.as_fd(), if out_open { PollFlags::POLLIN } else { PollFlags::empty() }),
-                PollFd::new(stderr.as_fd(), if err_open { PollFlags::POLLIN } else { PollFlags::empty() }),
-            ];
+            // Only the pipes still open: a closed one polls as ready forever.
+            let mut fds = Vec::with_capacity(2);
+            if out_open {
+                fds.push(PollFd::new(stdout.as_fd(), PollFlags::POLLIN));
+            }
+            if err_open {
+                fds.push(PollFd::new(stderr.as_fd(), PollFlags::POLLIN));
+            }
             match poll(&mut fds, ms) {
                 Ok(_) | Err(nix::errno::Errno::EINTR) => {}
                 Err(e) => return Err(e.into()),
             }
-            let ready = |fd: &PollFd| fd.revents().is_some_and(|r| !r.is_empty());
-            (ready(&fds[0]), ready(&fds[1]))
+            let ready: Vec<bool> = fds.iter().map(|fd| fd.revents().is_some_and(|r| !r.is_empty())).collect();
+            match (out_open, err_open) {
+                (true, true) => (ready[0], ready[1]),
+                (true, false) => (ready[0], false),
+                (false, true) => (false, ready[0]),
+                (false, false) => (false, false),
+            }
         };
         if ready_out {
             let n = stdout.read(&mut chunk)?;

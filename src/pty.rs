@@ -15,7 +15,7 @@ use nix::libc;
 use nix::pty::{ForkptyResult, Winsize, forkpty};
 use std::ffi::{CString, c_char};
 use std::fs::File;
-use std::io::{self, Write};
+use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;
 
@@ -82,13 +82,10 @@ impl Pty {
         }
     }
 
-    /// A second handle on the master for the thread that reads output.
-    pub fn reader(&self) -> io::Result<File> {
+    /// Another handle on the master: one for the thread that reads output,
+    /// one for the thread that writes input.
+    pub fn clone_master(&self) -> io::Result<File> {
         self.master.try_clone()
-    }
-
-    pub fn write(&self, bytes: &[u8]) -> io::Result<()> {
-        (&self.master).write_all(bytes)
     }
 
     /// TIOCSWINSZ on the master; the kernel sends SIGWINCH to the foreground group.

@@ -52,6 +52,7 @@ pub enum Delivery {
 pub enum Refused {
     Busy,
     TooMany,
+    ShuttingDown,
 }
 
 /// Messages to a run's control thread (which owns the receiver).
@@ -77,12 +78,21 @@ pub struct Runs {
     leases: Option<crate::lease::Leases>,
     /// Running runs by (project id, session), with their control senders.
     active: Mutex<HashMap<(String, String), Sender<Control>>>,
+    /// Set (under the `active` lock) when shutdown begins: no new run starts.
+    closing: std::sync::atomic::AtomicBool,
     next: AtomicU64,
 }
 
 impl Runs {
     pub fn new(outbox: Arc<Outbox>, limits: Limits, leases: Option<crate::lease::Leases>) -> Arc<Runs> {
-        Arc::new(Runs { outbox, limits, leases, active: Mutex::new(HashMap::new()), next: AtomicU64::new(0) })
+        Arc::new(Runs {
+            outbox,
+            limits,
+            leases,
+            active: Mutex::new(HashMap::new()),
+            closing: std::sync::atomic::AtomicBool::new(false),
+            next: AtomicU64::new(0),
+        })
     }
 
     fn active(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), Sender<Control>>> {
@@ -101,6 +111,9 @@ impl Runs {
         let (tx, rx) = crossbeam_channel::unbounded();
         {
             let mut active = self.active();
+            if self.closing.load(Ordering::SeqCst) {
+                return Err(Refused::ShuttingDown);
+            }
             if active.contains_key(&key) {
                 return Err(Refused::Busy);
             }
@@ -143,7 +156,11 @@ impl Runs {
 
     /// Shutdown: every run is stopped (each still posts its closing event).
     pub fn stop_all(&self) {
-        let senders: Vec<Sender<Control>> = self.active().values().cloned().collect();
+        let senders: Vec<Sender<Control>> = {
+            let active = self.active();
+            self.closing.store(true, Ordering::SeqCst);
+            active.values().cloned().collect()
+        };
         for tx in senders {
             let _ = tx.send(Control::Shutdown);
         }
@@ -397,11 +414,21 @@ impl<'a> Run<'a> {
         let head_at_start = git::head(&cwd, limits.git);
         let marker = format!("AION_RUN_ID={}", self.id);
         let (ensure, argv) = commands(agent, &self.invoke);
+        if let Some(msg) = stopped_early(&control) {
+            self.events.error(msg);
+            return format!("error ({msg})");
+        }
         if let Some(ensure) = ensure
             && let Err(msg) = self.prepare(&ensure, agent, &cwd)
         {
             proc::sweep(&marker, Duration::from_secs(2));
             self.events.error(&msg);
+            return format!("error ({msg})");
+        }
+        // A stop or shutdown that came during the sync or the ensure: no agent.
+        if let Some(msg) = stopped_early(&control) {
+            proc::sweep(&marker, Duration::from_secs(2));
+            self.events.error(msg);
             return format!("error ({msg})");
         }
         // The agent's desktop apps stay leased until this run is over.
@@ -444,9 +471,11 @@ impl<'a> Run<'a> {
                 },
             )
         };
-        let stderr = group
-            .take_stderr()
-            .map(|err| std::thread::Builder::new().stack_size(128 << 10).spawn(move || tail(err, 8 << 10)));
+        let stop_reading = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stderr = group.take_stderr().map(|err| {
+            let pipe = proc::Stoppable { pipe: err, stop: Arc::clone(&stop_reading) };
+            std::thread::Builder::new().stack_size(128 << 10).spawn(move || tail(pipe, 8 << 10))
+        });
         let mut transcript = Transcript::default();
         let cap = limits.run_output_bytes;
         let (events, lines, session) = (&mut self.events, &mut self.lines, self.invoke.session.as_str());
@@ -454,13 +483,16 @@ impl<'a> Run<'a> {
             // The pump reads stdout on its own thread: a process that escaped the
             // group (a detached daemon) may hold the pipe open after the agent
             // exits, and only the sweep below ends it.
+            let mut pump_thread = None;
             if let Some(out) = group.take_stdout() {
                 let transcript = &mut transcript;
-                let pump = std::thread::Builder::new()
+                let out = proc::Stoppable { pipe: out, stop: Arc::clone(&stop_reading) };
+                match std::thread::Builder::new()
                     .stack_size(256 << 10)
-                    .spawn_scoped(scope, move || pump(out, events, transcript, lines, cap, session));
-                if let Err(e) = pump {
-                    error!("run {session}: cannot start its output thread: {e}");
+                    .spawn_scoped(scope, move || pump(out, events, transcript, lines, cap, session))
+                {
+                    Ok(handle) => pump_thread = Some(handle),
+                    Err(e) => error!("run {session}: cannot start its output thread: {e}"),
                 }
             }
             let status = group.wait();
@@ -472,6 +504,10 @@ impl<'a> Run<'a> {
             if swept > 0 {
                 info!("run {session}: ended {swept} process(es) it left behind");
             }
+            // Whatever still holds the pipes (it dropped the marker) does not
+            // hold the run: what it wrote so far is read, then no more.
+            let pumped = || pump_thread.as_ref().is_none_or(|h| h.is_finished());
+            proc::release_readers(&stop_reading, pumped, Duration::from_secs(2));
             status
         });
         let stderr_tail = stderr.and_then(|h| h.ok()).and_then(|h| h.join().ok()).unwrap_or_default();
@@ -535,7 +571,7 @@ impl<'a> Run<'a> {
 
 /// Reads the agent's stdout line by line into events, up to the output cap.
 fn pump(
-    out: std::process::ChildStdout,
+    out: proc::Stoppable<std::process::ChildStdout>,
     events: &mut Events,
     transcript: &mut Transcript,
     lines: &mut u64,
@@ -571,6 +607,15 @@ fn pump(
             continue;
         }
         events.output(&text);
+    }
+}
+
+/// A stop or shutdown that arrived before the agent started.
+fn stopped_early(control: &Receiver<Control>) -> Option<&'static str> {
+    match control.try_recv() {
+        Ok(Control::Stop) => Some("stopped"),
+        Ok(Control::Shutdown) => Some("the connector is shutting down"),
+        _ => None,
     }
 }
 

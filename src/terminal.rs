@@ -70,6 +70,9 @@ pub struct Term {
     session: Option<String>,
     http: bool,
     pty: Pty,
+    /// Keystrokes for the PTY; the terminal's input thread owns the receiver,
+    /// so a shell that does not read blocks that thread, not a request.
+    input: Sender<Vec<u8>>,
     state: Mutex<State>,
     changed: Condvar,
 }
@@ -87,9 +90,21 @@ impl Term {
         &self.id
     }
 
+    /// Input from the terminal's own socket: waits while the shell is behind
+    /// (the socket's reading pauses with it).
     pub fn input(&self, bytes: &[u8]) -> std::io::Result<()> {
         self.lock().last_activity = Instant::now();
-        self.pty.write(bytes)
+        self.input.send(bytes.to_vec()).map_err(|_| std::io::ErrorKind::BrokenPipe.into())
+    }
+
+    /// Input from a request, which must be answered: refused at once when
+    /// the shell is not reading what it was already sent.
+    pub fn try_input(&self, bytes: &[u8]) -> Result<(), InputRefused> {
+        self.lock().last_activity = Instant::now();
+        self.input.try_send(bytes.to_vec()).map_err(|e| match e {
+            crossbeam_channel::TrySendError::Full(_) => InputRefused::Busy,
+            crossbeam_channel::TrySendError::Disconnected(_) => InputRefused::Closed,
+        })
     }
 
     pub fn resize(&self, cols: u16, rows: u16) -> std::io::Result<()> {
@@ -116,11 +131,19 @@ pub enum Refused {
     Spawn(String),
 }
 
+pub enum InputRefused {
+    /// The shell has not read the input it was sent.
+    Busy,
+    Closed,
+}
+
 pub struct Terminals {
     limits: Limits,
     all: Mutex<HashMap<String, Arc<Term>>>,
     next: AtomicU64,
     attaches: AtomicU64,
+    /// Opens one at a time, so the limit check and the insert are one step.
+    opening: Mutex<()>,
     /// The reaper thread starts with the first terminal (an idle connector
     /// without terminals has no thread waking up every second).
     reaper: std::sync::Once,
@@ -133,6 +156,7 @@ impl Terminals {
             all: Mutex::new(HashMap::new()),
             next: AtomicU64::new(0),
             attaches: AtomicU64::new(0),
+            opening: Mutex::new(()),
             reaper: std::sync::Once::new(),
         })
     }
@@ -169,6 +193,7 @@ impl Terminals {
         cols: u16,
         rows: u16,
     ) -> Result<Arc<Term>, Refused> {
+        let _one_at_a_time = self.opening.lock().unwrap_or_else(|p| p.into_inner());
         if !self.room(&project.config.id) {
             return Err(Refused::TooMany);
         }
@@ -188,7 +213,9 @@ impl Terminals {
         let spec = Spawn { program: &shell, args: &args, cwd: &project.root, env: &env, cols, rows };
         let pty = Pty::spawn(&spec).map_err(|e| Refused::Spawn(format!("cannot start {shell}: {e}")))?;
         let cap = if http { HTTP_BUFFER_BYTES } else { REPLAY_BYTES };
+        let (input, keystrokes) = crossbeam_channel::bounded::<Vec<u8>>(64);
         let term = Arc::new(Term {
+            input,
             id: id.clone(),
             project: project.config.id.clone(),
             session: session.map(str::to_string),
@@ -207,13 +234,21 @@ impl Terminals {
             }),
             changed: Condvar::new(),
         });
-        let reader = term.pty.reader().map_err(|e| Refused::Spawn(e.to_string()))?;
+        let reader = term.pty.clone_master().map_err(|e| Refused::Spawn(e.to_string()))?;
+        let mut writer = term.pty.clone_master().map_err(|e| Refused::Spawn(e.to_string()))?;
+        let spawned_input = std::thread::Builder::new().stack_size(64 << 10).spawn(move || {
+            for bytes in keystrokes {
+                if writer.write_all(&bytes).is_err() {
+                    return;
+                }
+            }
+        });
         let t = Arc::clone(&term);
         let spawned_reader =
             std::thread::Builder::new().stack_size(128 << 10).spawn(move || copy_output(&t, reader));
         let t = Arc::clone(&term);
         let spawned_waiter = std::thread::Builder::new().stack_size(128 << 10).spawn(move || wait_shell(&t));
-        if spawned_reader.is_err() || spawned_waiter.is_err() {
+        if spawned_reader.is_err() || spawned_waiter.is_err() || spawned_input.is_err() {
             term.pty.group.signal(Signal::SIGKILL);
             return Err(Refused::Spawn("cannot start the terminal's threads".into()));
         }
@@ -306,15 +341,20 @@ impl Terminals {
                     return;
                 }
                 let mut closed = false;
+                // A ping every interval, busy or not: the reader drops a peer
+                // that has said nothing for two intervals, and a client that
+                // only watches output says nothing but pongs.
+                let mut next_ping = Instant::now() + ping;
                 loop {
-                    let out = match rx.recv_timeout(ping) {
-                        Ok(out) => out,
-                        Err(RecvTimeoutError::Timeout) => {
-                            if writer.ping().is_err() {
-                                break;
-                            }
-                            continue;
+                    if Instant::now() >= next_ping {
+                        if writer.ping().is_err() {
+                            break;
                         }
+                        next_ping = Instant::now() + ping;
+                    }
+                    let out = match rx.recv_timeout(next_ping.saturating_duration_since(Instant::now())) {
+                        Ok(out) => out,
+                        Err(RecvTimeoutError::Timeout) => continue,
                         Err(RecvTimeoutError::Disconnected) => break,
                     };
                     closed = matches!(out, Out::Close(_));

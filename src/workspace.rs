@@ -29,6 +29,8 @@ pub enum Refusal {
 /// Files never served or listed. Built-in rules plus a project's own patterns.
 pub struct Sensitive {
     extra: Vec<String>,
+    /// Real paths never served (the connector's own files, nested projects).
+    deny: Vec<PathBuf>,
 }
 
 const SSH_KEYS: &[&str] = &["id_rsa", "id_dsa", "id_ecdsa", "id_ed25519", "id_ecdsa_sk", "id_ed25519_sk"];
@@ -36,7 +38,17 @@ const SSH_KEYS: &[&str] = &["id_rsa", "id_dsa", "id_ecdsa", "id_ed25519", "id_ec
 impl Sensitive {
     pub fn new(extra: &[String]) -> Sensitive {
         let extra = extra.iter().map(|p| p.trim_matches('/').to_lowercase()).collect();
-        Sensitive { extra }
+        Sensitive { extra, deny: Vec::new() }
+    }
+
+    pub fn deny_paths(mut self, paths: Vec<PathBuf>) -> Sensitive {
+        self.deny = paths;
+        self
+    }
+
+    /// Whether the real path `path` is, or is under, a denied path.
+    pub fn denies(&self, path: &Path) -> bool {
+        self.deny.iter().any(|d| path.starts_with(d))
     }
 
     /// Whether the relative path `rel` (with `/` separators) is sensitive.
@@ -133,7 +145,7 @@ pub fn resolve(root: &Path, asked: &str, sensitive: &Sensitive) -> Result<Resolv
         Err(e) => return Err(Refusal::Io(e.to_string())),
     };
     let rel = inside(root, &real).ok_or(Refusal::Traversal)?;
-    if sensitive.matches(&rel) {
+    if sensitive.matches(&rel) || sensitive.denies(&real) {
         return Err(Refusal::Denied);
     }
     Ok(Resolved { real, rel })
@@ -339,7 +351,7 @@ pub fn tree(
     let mut count = 0;
     let mut truncated = false;
     let mut add = |rel: &str, is_dir: bool| {
-        if sensitive.matches(rel) {
+        if sensitive.matches(rel) || sensitive.denies(&root.join(rel)) {
             return true;
         }
         let parts: Vec<&str> = rel.split('/').filter(|p| !p.is_empty()).collect();

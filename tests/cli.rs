@@ -196,6 +196,21 @@ fn cannot_bind_is_exit_1() {
 }
 
 #[test]
+fn a_second_connector_on_the_same_state_dir_is_refused() {
+    let tmp = TempDir::new("statelock");
+    let cfg = json!({"port": 0, "host": "127.0.0.1", "stateDir": "./state",
+        "projects": {"a": {"token":"t","dir":"./a"}}})
+    .to_string();
+    let first = Server::start(tmp.path(), &cfg);
+    let path = tmp.join("aion.config.json");
+    let (code, out, err) = run(&[path.to_str().unwrap()], tmp.path(), &[]);
+    assert_eq!(code, 1, "stdout: {out}\nstderr: {err}");
+    assert!(err.contains("in use by another aion-connector"), "{err}");
+    assert!(!out.contains("listening"), "{out}");
+    drop(first);
+}
+
+#[test]
 fn default_config_path_in_cwd_is_used() {
     let tmp = TempDir::new("cwdcfg");
     let cfg = one_project("p", "t-cwd", &tmp.join("p"));

@@ -289,3 +289,31 @@ fn read_sensitive_denied_and_lookalikes_readable() {
     }
     assert!(!v.to_string().contains("SECRET-CONTENT"));
 }
+
+#[test]
+fn the_connectors_own_files_and_nested_projects_are_never_served() {
+    let tmp = TempDir::new("ownfiles");
+    write(tmp.join("notes.txt"), "fine");
+    write(tmp.join("b/secret-plan.txt"), "project b's");
+    let projects = json!({
+        "a": {"token": "tok-a-0123456789", "dir": "."},
+        "b": {"token": "tok-b-0123456789", "dir": "./b"}
+    });
+    let srv = Server::start(tmp.path(), &config(projects, Some(json!({"stateDir": "./state"}))));
+    let (status, v) = srv.call("tok-a-0123456789", "files.read", json!({"path": "notes.txt"}));
+    assert_eq!((status, v["content"].as_str()), (200, Some("fine")), "{v}");
+    for path in ["aion.config.json", "b/secret-plan.txt", "state/outbox/.lock"] {
+        let (status, text) = srv.post(&request_body("tok-a-0123456789", "files.read", json!({"path": path})));
+        assert_eq!((status, text.as_str()), (403, r#"{"error":"denied"}"#), "{path}");
+    }
+    let (status, v) = srv.call("tok-a-0123456789", "files.tree", json!({}));
+    assert_eq!(status, 200, "{v}");
+    let listed = tree_paths(&v["tree"]);
+    assert!(listed.contains(&"notes.txt".to_string()), "{listed:?}");
+    for hidden in ["aion.config.json", "b", "b/secret-plan.txt", "state"] {
+        assert!(!listed.contains(&hidden.to_string()), "{hidden} listed: {listed:?}");
+    }
+    // Project b still sees its own files.
+    let (status, v) = srv.call("tok-b-0123456789", "files.read", json!({"path": "secret-plan.txt"}));
+    assert_eq!((status, v["content"].as_str()), (200, Some("project b's")), "{v}");
+}

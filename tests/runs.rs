@@ -90,7 +90,12 @@ impl Rig {
 
     fn spool_files(&self) -> Vec<String> {
         std::fs::read_dir(self.outbox())
-            .map(|d| d.filter_map(Result::ok).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n != ".lock") // the spool directory's lock, not a post
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
@@ -757,4 +762,23 @@ fn a_detached_grandchild_holding_stdout_does_not_hang_the_run() {
     let holder: i32 =
         std::fs::read_to_string(format!("{}.holder", rig.log.display())).unwrap().trim().parse().unwrap();
     assert!(eventually(Duration::from_secs(3), || !alive(holder)), "the grandchild {holder} survived");
+}
+
+#[test]
+fn a_process_that_dropped_the_marker_does_not_hold_the_run() {
+    // `env -i` drops AION_RUN_ID, so the sweep cannot find the holder of the
+    // stdout pipe; the run still ends a moment after the agent itself.
+    let agents =
+        json!({"hold": {"command": ["sh", "-c", "env -i setsid sleep 40 & sleep 0.3; echo hi", "{prompt}"]}});
+    let rig = Rig::new("holder", agents, json!({}));
+    let platform = Platform::start();
+    let started = Instant::now();
+    rig.start(json!({"agent": "hold", "prompt": "p", "session": "h", "callback": platform.url()}));
+    let posts = check_run(&platform.wait_closed("h"), TOKEN);
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(15), "the run took {took:?}: held by the escaped sleep");
+    assert_eq!(posts.last().unwrap()["summary"], "hi");
+    // The session is free again.
+    rig.start(json!({"agent": "hold", "prompt": "p", "session": "h", "callback": platform.url()}));
+    let _ = std::process::Command::new("pkill").args(["-f", "^sleep 40$"]).status();
 }

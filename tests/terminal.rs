@@ -601,3 +601,21 @@ fn detached_sessions_and_idle_terminals_end_and_idle_sockets_are_pinged() {
     assert!(ws.pings >= 1, "no ping on an idle socket (wsPingSeconds 1)");
     assert!(eventually(Duration::from_secs(5), || reaped(pid, srv.pid())), "idle shell {pid} left behind");
 }
+
+#[test]
+fn a_socket_that_only_watches_output_is_pinged_and_kept() {
+    // The reader drops a peer silent for 2×ping+5 s; a client that only
+    // watches output answers pings and nothing else, so pings must come
+    // while output flows too.
+    let (_tmp, srv) = start("ws-watch", Some(json!({"wsPingSeconds": 1})));
+    let mut ws = ws_connect(&srv.addr, &target(TA, ""));
+    ws.send_text("while :; do echo tick; sleep 0.2; done\r");
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(9) {
+        assert!(ws.pump(Duration::from_millis(200)) || !ws.eof, "dropped while watching output");
+        assert!(ws.close.is_none() && !ws.eof, "closed after {:?}", started.elapsed());
+    }
+    assert!(ws.pings >= 4, "only {} pings in 9 s of output (wsPingSeconds 1)", ws.pings);
+    ws.send_binary(b"\x03echo still-$((20+22))\r");
+    ws.expect("still-42");
+}
