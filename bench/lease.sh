@@ -70,27 +70,7 @@ HYPERFINE=$(command -v hyperfine || true)
 unset AION_LEASE_TIME_SCALE
 
 # ---------------------------------------------------------------- 1. build
-if [[ -n ${BENCH_BIN:-} ]]; then
-    BIN=$BENCH_BIN
-    BUILD_KIND="given (BENCH_BIN)"
-    [[ -x $BIN ]] || die "BENCH_BIN=$BIN is not executable"
-else
-    log "cargo build --release --target $TARGET"
-    if (cd "$ROOT" && timeout 900 cargo build --release --target "$TARGET") >"$TMP/build.log" 2>&1; then
-        BIN="$ROOT/target/$TARGET/release/aion-connector"
-        BUILD_KIND="musl static ($TARGET)"
-    else
-        tail -n 8 "$TMP/build.log" >&2
-        note "musl build failed: FALLBACK to the host release build"
-        log "cargo build --release"
-        if ! (cd "$ROOT" && timeout 900 cargo build --release) >"$TMP/build.log" 2>&1; then
-            tail -n 20 "$TMP/build.log" >&2
-            die "host release build failed too"
-        fi
-        BIN="$ROOT/target/release/aion-connector"
-        BUILD_KIND="host release (FALLBACK, musl build failed)"
-    fi
-fi
+build_connector
 VERSION=$("$BIN" --version 2>/dev/null | head -n1 || true)
 
 # ---------------------------------------------------------------- 2. close checks

@@ -1,6 +1,6 @@
 # shellcheck shell=bash
 # Shared by the bench scripts (sourced): logging and process helpers.
-# shellcheck disable=SC2034 # STOP_CODE and STOP_MS are read by the callers
+# shellcheck disable=SC2034 # STOP_CODE, STOP_MS, BIN, BUILD_KIND are read by the callers
 # The caller defines the array NOTES before sourcing.
 
 log() { printf '[bench] %s\n' "$*" >&2; }
@@ -35,4 +35,35 @@ stop() {
     wait "$pid" 2>/dev/null || STOP_CODE=$?
     t1=$(date +%s%N)
     STOP_MS=$(( (t1 - t0) / 1000000 ))
+}
+
+# build_connector: sets BIN and BUILD_KIND. BENCH_BIN if given, else the
+# static musl release build (the target added if missing), else the host
+# release build with a note. Needs ROOT, TARGET and TMP.
+build_connector() {
+    if [[ -n ${BENCH_BIN:-} ]]; then
+        BIN=$BENCH_BIN
+        BUILD_KIND="given (BENCH_BIN)"
+        [[ -x $BIN ]] || die "BENCH_BIN=$BIN is not executable"
+        return
+    fi
+    if ! rustup target list --installed 2>/dev/null | grep -qx "$TARGET"; then
+        log "rustup target add $TARGET"
+        timeout 600 rustup target add "$TARGET" >&2 || log "rustup target add failed"
+    fi
+    log "cargo build --release --target $TARGET"
+    if (cd "$ROOT" && timeout 900 cargo build --release --target "$TARGET") >"$TMP/build.log" 2>&1; then
+        BIN="$ROOT/target/$TARGET/release/aion-connector"
+        BUILD_KIND="musl static ($TARGET)"
+        return
+    fi
+    tail -n 8 "$TMP/build.log" >&2
+    note "musl build failed: FALLBACK to the host release build (not a static binary)"
+    log "cargo build --release"
+    if ! (cd "$ROOT" && timeout 900 cargo build --release) >"$TMP/build.log" 2>&1; then
+        tail -n 20 "$TMP/build.log" >&2
+        die "host release build failed too"
+    fi
+    BIN="$ROOT/target/release/aion-connector"
+    BUILD_KIND="host release (FALLBACK, musl build failed)"
 }

@@ -84,31 +84,8 @@ fi
 
 # ---------------------------------------------------------------- 1. build
 BUILD_KIND=""
-if [[ -n ${BENCH_BIN:-} ]]; then
-    BIN_BUILT=$BENCH_BIN
-    BUILD_KIND="given (BENCH_BIN)"
-    [[ -x $BIN_BUILT ]] || die "BENCH_BIN=$BIN_BUILT is not executable"
-else
-    if ! rustup target list --installed 2>/dev/null | grep -qx "$TARGET"; then
-        log "rustup target add $TARGET"
-        timeout 600 rustup target add "$TARGET" >&2 || log "rustup target add failed"
-    fi
-    log "cargo build --release --target $TARGET"
-    if (cd "$ROOT" && timeout 900 cargo build --release --target "$TARGET") >"$TMP/build.log" 2>&1; then
-        BIN_BUILT="$ROOT/target/$TARGET/release/aion-connector"
-        BUILD_KIND="musl static ($TARGET)"
-    else
-        tail -n 8 "$TMP/build.log" >&2
-        note "musl build failed: FALLBACK to the host release build (not a static binary)"
-        log "cargo build --release"
-        if ! (cd "$ROOT" && timeout 900 cargo build --release) >"$TMP/build.log" 2>&1; then
-            tail -n 20 "$TMP/build.log" >&2
-            die "host release build failed too"
-        fi
-        BIN_BUILT="$ROOT/target/release/aion-connector"
-        BUILD_KIND="host release (FALLBACK, musl build failed)"
-    fi
-fi
+build_connector
+BIN_BUILT=$BIN
 
 SIZE_BUILT=$(stat -c %s "$BIN_BUILT")
 FILE_BUILT=$(file -b "$BIN_BUILT")
@@ -141,7 +118,8 @@ chmod 600 "$CONFIG"
 # start_server NAME: start $BIN with $CONFIG in $TMP; sets SRV_PID and SRV_ADDR.
 start_server() {
     local name=$1 i line=""
-    (cd "$TMP" && exec "$BIN" "$CONFIG") >"$TMP/$name.out" 2>"$TMP/$name.err" &
+    # Each server its own state dir (a spool directory takes one connector).
+    (cd "$TMP" && XDG_STATE_HOME="$TMP/state-$name" exec "$BIN" "$CONFIG") >"$TMP/$name.out" 2>"$TMP/$name.err" &
     SRV_PID=$!
     PIDS+=("$SRV_PID")
     for ((i = 0; i < 100; i++)); do
@@ -189,7 +167,7 @@ IDLE_THREADS=$(threads "$A_PID")
 
 # ---------------------------------------------------------------- 3. exec -> first ping
 log "exec -> first answered ping, $RUNS runs"
-"$PY" "$HELPER" startup "$BIN" "$CONFIG" "$RUNS" >"$TMP/startup.kv" 2>"$TMP/startup.err" || true
+XDG_STATE_HOME="$TMP/state-startup" "$PY" "$HELPER" startup "$BIN" "$CONFIG" "$RUNS" >"$TMP/startup.kv" 2>"$TMP/startup.err" || true
 if [[ -s $TMP/startup.err ]]; then
     note "startup runs reported: $(head -n 3 "$TMP/startup.err" | tr '\n' ' ')"
 fi

@@ -98,31 +98,7 @@ command -v "$PY" >/dev/null || die "$PY not found"
 for c in cat stty sh; do command -v "$c" >/dev/null || die "$c not found"; done
 
 # ---------------------------------------------------------------- 1. build
-if [[ -n ${BENCH_BIN:-} ]]; then
-    BIN=$BENCH_BIN
-    BUILD_KIND="given (BENCH_BIN)"
-    [[ -x $BIN ]] || die "BENCH_BIN=$BIN is not executable"
-else
-    if ! rustup target list --installed 2>/dev/null | grep -qx "$TARGET"; then
-        log "rustup target add $TARGET"
-        timeout 600 rustup target add "$TARGET" >&2 || log "rustup target add failed"
-    fi
-    log "cargo build --release --target $TARGET"
-    if (cd "$ROOT" && timeout 900 cargo build --release --target "$TARGET") >"$TMP/build.log" 2>&1; then
-        BIN="$ROOT/target/$TARGET/release/aion-connector"
-        BUILD_KIND="musl static ($TARGET)"
-    else
-        tail -n 8 "$TMP/build.log" >&2
-        note "musl build failed: FALLBACK to the host release build (not a static binary)"
-        log "cargo build --release"
-        if ! (cd "$ROOT" && timeout 900 cargo build --release) >"$TMP/build.log" 2>&1; then
-            tail -n 20 "$TMP/build.log" >&2
-            die "host release build failed too"
-        fi
-        BIN="$ROOT/target/release/aion-connector"
-        BUILD_KIND="host release (FALLBACK, musl build failed)"
-    fi
-fi
+build_connector
 cp "$BIN" "$TMP/aion-connector"
 BIN="$TMP/aion-connector"
 VERSION=$("$BIN" --version 2>/dev/null | head -n1 || true)
@@ -140,7 +116,7 @@ chmod 600 "$CONFIG"
 # start_server NAME: start $BIN with $CONFIG in $TMP, SHELL=/bin/sh; sets SRV_PID and SRV_ADDR.
 start_server() {
     local name=$1 i line=""
-    (cd "$TMP" && SHELL=/bin/sh exec "$BIN" "$CONFIG") >"$TMP/$name.out" 2>"$TMP/$name.err" &
+    (cd "$TMP" && SHELL=/bin/sh XDG_STATE_HOME="$TMP/state-$name" exec "$BIN" "$CONFIG") >"$TMP/$name.out" 2>"$TMP/$name.err" &
     SRV_PID=$!
     PIDS+=("$SRV_PID")
     SRV_PIDS+=("$SRV_PID")
