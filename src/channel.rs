@@ -397,10 +397,10 @@ impl App {
         let (cols, rows) = (dim("cols").unwrap_or(80), dim("rows").unwrap_or(24));
         let text = get("encoding") == Some("text");
         let existing = session.and_then(|s| self.terminals.find_session(&project.config.id, s));
-        let (term, replay) = match existing {
-            Some(term) => (term, true),
+        let term = match existing {
+            Some(term) => term,
             None => match self.terminals.open(project, session, false, cols, rows) {
-                Ok(term) => (term, false),
+                Ok(term) => term,
                 Err(refused) => {
                     out.resp = terminal_refused(refused);
                     return out;
@@ -408,9 +408,8 @@ impl App {
             },
         };
         let (terminals, key) = (Arc::clone(&self.terminals), key.to_string());
-        out.resp = Response::upgrade(Box::new(move |stream| {
-            terminals.serve_socket(term, stream, &key, text, replay)
-        }));
+        out.resp =
+            Response::upgrade(Box::new(move |stream| terminals.serve_socket(term, stream, &key, text)));
         out
     }
 

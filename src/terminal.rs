@@ -302,7 +302,10 @@ impl Terminals {
     }
 
     /// Serves an upgraded connection on `term` until the socket or the shell ends.
-    pub fn serve_socket(&self, term: Arc<Term>, mut stream: TcpStream, key: &str, text: bool, replay: bool) {
+    /// The socket first gets what the ring holds: for a reattach the last
+    /// 64 KiB, for a new terminal what its shell printed before the socket
+    /// was attached (its first prompt), which would be lost otherwise.
+    pub fn serve_socket(&self, term: Arc<Term>, mut stream: TcpStream, key: &str, text: bool) {
         let head = format!(
             "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
             ws::accept_key(key)
@@ -326,7 +329,7 @@ impl Terminals {
             }
             st.detached_at = None;
             st.last_activity = Instant::now();
-            let snapshot: Vec<u8> = if replay { st.ring.bytes.iter().copied().collect() } else { Vec::new() };
+            let snapshot: Vec<u8> = st.ring.bytes.iter().copied().collect();
             (snapshot, st.exit_code.is_some())
         };
         if exited {
