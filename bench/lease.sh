@@ -46,22 +46,12 @@ NOTES=()
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 cleanup() {
-    local pid
-    for pid in "${PIDS[@]}"; do
-        if alive "$pid"; then
-            kill -TERM "$pid" 2>/dev/null || true
-        fi
-    done
+    stop_pids
     rm -rf "$TMP"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-kv() { # kv FILE KEY -> value of KEY=value in FILE, or "-"
-    local line
-    line=$(grep -m1 "^$2=" "$1" 2>/dev/null || true)
-    if [[ -n $line ]]; then printf '%s' "${line#*=}"; else printf -- '-'; fi
-}
 
 # ---------------------------------------------------------------- 0. tools
 command -v "$PY" >/dev/null || die "$PY not found"

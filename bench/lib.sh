@@ -67,3 +67,45 @@ build_connector() {
     BIN="$ROOT/target/release/aion-connector"
     BUILD_KIND="host release (FALLBACK, musl build failed)"
 }
+
+# stop_pids: SIGTERM to every pid in PIDS, up to 5 s for them to go, then SIGKILL.
+stop_pids() {
+    local pid i
+    for pid in "${PIDS[@]}"; do
+        if alive "$pid"; then
+            kill -TERM "$pid" 2>/dev/null || true
+        fi
+    done
+    for pid in "${PIDS[@]}"; do
+        for ((i = 0; i < 100; i++)); do
+            alive "$pid" || break
+            sleep 0.05
+        done
+        if alive "$pid"; then
+            kill -KILL "$pid" 2>/dev/null || true
+        fi
+    done
+}
+
+# marked: pids of processes whose environment carries $MARK (NAME=value).
+marked() {
+    local env pid
+    for env in /proc/[0-9]*/environ; do
+        pid=${env#/proc/}
+        pid=${pid%/environ}
+        if { tr '\0' '\n' <"$env"; } 2>/dev/null | grep -qxF -- "$MARK"; then
+            printf '%s\n' "$pid"
+        fi
+    done
+}
+
+kv() { # kv FILE KEY -> value of KEY=value in FILE, or "-"
+    local line
+    line=$(grep -m1 "^$2=" "$1" 2>/dev/null || true)
+    if [[ -n $line ]]; then printf '%s' "${line#*=}"; else printf -- '-'; fi
+}
+rss_kb() { awk '/^VmRSS:/{print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
+hwm_kb() { awk '/^VmHWM:/{print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
+threads() { awk '/^Threads:/{print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
+mib() { awk -v k="$1" 'BEGIN{ if (k ~ /^[0-9]+$/) printf "%.1f MiB", k/1024; else printf "-" }'; }
+mb() { awk -v b="$1" 'BEGIN{ if (b ~ /^[0-9]+$/) printf "%.1f MB", b/1e6; else printf "-" }'; }

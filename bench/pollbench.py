@@ -537,10 +537,12 @@ def cmd_emit(lines_per_s: str, seconds: str, tag: str) -> None:
 
 def spool_bytes(path: str) -> tuple[int, int, int]:
     """(bytes on disk, files, backlog): the backlog is what the .q files hold
-    beyond the delivered offset kept in their .pos (8 bytes, little-endian)."""
+    beyond the delivered offset kept in the first 8 bytes of their .pos
+    (little-endian)."""
     total, files, backlog = 0, 0, 0
     try:
-        names = os.listdir(path)
+        # `.lock` is the spool directory's lock, not a spooled post
+        names = [n for n in os.listdir(path) if n != ".lock"]
     except OSError:
         return 0, 0, 0
     for name in names:

@@ -41,36 +41,12 @@ NOTES=()
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 cleanup() {
-    local pid
-    for pid in "${PIDS[@]}"; do
-        if alive "$pid"; then
-            kill -TERM "$pid" 2>/dev/null || true
-        fi
-    done
-    for pid in "${PIDS[@]}"; do
-        local i
-        for ((i = 0; i < 40; i++)); do
-            alive "$pid" || break
-            sleep 0.05
-        done
-        if alive "$pid"; then
-            kill -KILL "$pid" 2>/dev/null || true
-        fi
-    done
+    stop_pids
     rm -rf "$TMP"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-kv() { # kv FILE KEY -> value of KEY=value in FILE, or "-"
-    local line
-    line=$(grep -m1 "^$2=" "$1" 2>/dev/null || true)
-    if [[ -n $line ]]; then printf '%s' "${line#*=}"; else printf -- '-'; fi
-}
-rss_kb() { awk '/^VmRSS:/{print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
-hwm_kb() { awk '/^VmHWM:/{print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
-threads() { awk '/^Threads:/{print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
-mib() { awk -v k="$1" 'BEGIN{ if (k ~ /^[0-9]+$/) printf "%.1f MiB", k/1024; else printf "-" }'; }
 
 # ---------------------------------------------------------------- 0. tools
 command -v "$PY" >/dev/null || die "$PY not found"

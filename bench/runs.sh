@@ -52,34 +52,9 @@ NOTES=()
 # shellcheck source=bench/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-# marked: pids of processes whose environment carries $MARK (fake acpx, emitters).
-marked() {
-    local env pid
-    for env in /proc/[0-9]*/environ; do
-        pid=${env#/proc/}
-        pid=${pid%/environ}
-        if { tr '\0' '\n' <"$env"; } 2>/dev/null | grep -qxF -- "$MARK"; then
-            printf '%s\n' "$pid"
-        fi
-    done
-}
-
 cleanup() {
-    local pid i
-    for pid in "${PIDS[@]}"; do
-        if alive "$pid"; then
-            kill -TERM "$pid" 2>/dev/null || true
-        fi
-    done
-    for pid in "${PIDS[@]}"; do
-        for ((i = 0; i < 100; i++)); do
-            alive "$pid" || break
-            sleep 0.05
-        done
-        if alive "$pid"; then
-            kill -KILL "$pid" 2>/dev/null || true
-        fi
-    done
+    local pid
+    stop_pids
     for pid in $(marked); do
         kill -KILL "$pid" 2>/dev/null || true
     done
@@ -88,15 +63,6 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-kv() { # kv FILE KEY -> value of KEY=value in FILE, or "-"
-    local line
-    line=$(grep -m1 "^$2=" "$1" 2>/dev/null || true)
-    if [[ -n $line ]]; then printf '%s' "${line#*=}"; else printf -- '-'; fi
-}
-rss_kb() { awk '/^VmRSS:/{print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
-threads() { awk '/^Threads:/{print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
-mib() { awk -v k="$1" 'BEGIN{ if (k ~ /^[0-9]+$/) printf "%.1f MiB", k/1024; else printf "-" }'; }
-mb() { awk -v b="$1" 'BEGIN{ if (b ~ /^[0-9]+$/) printf "%.1f MB", b/1e6; else printf "-" }'; }
 
 # expect FILE KEY VALUE LABEL: note when KEY in FILE is not VALUE.
 expect() {

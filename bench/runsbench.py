@@ -45,6 +45,11 @@ LINE_RE = re.compile(r"i=(\d+) t=(\d+) ")
 ECHO = "bench-echo-token"  # the payload's `token`, echoed in every body
 
 
+
+def spool_files(spool: str) -> list[str]:
+    """The spool's files, without `.lock` (the directory's lock, not a post)."""
+    return sorted(n for n in os.listdir(spool) if n != ".lock") if os.path.isdir(spool) else []
+
 def token() -> str:
     tok = os.environ.get("AION_TOKEN", "")
     if not tok:
@@ -382,7 +387,7 @@ def cmd_outage(addr: str, pid: str, state_dir: str, seconds: str, rate: str) -> 
         time.sleep(min(0.2, max(0.0, t_up - time.monotonic())))
     during = sampler.between(t_start, time.monotonic())
     spool_end = dir_bytes(spool)
-    files = sorted(os.listdir(spool)) if os.path.isdir(spool) else []
+    files = spool_files(spool)
     rss = [x[1] for x in during]
     # RSS over the later part only (after the first 10% of the outage), to see growth.
     first_half = [x[1] for x in during if x[0] < t_start + secs / 2]
@@ -430,7 +435,7 @@ def cmd_outage(addr: str, pid: str, state_dir: str, seconds: str, rate: str) -> 
     drain = [x[1] for x in sampler.between(t_up_mono, t_end)]
     out("outage_drain_rss_max_kb", max(drain) if drain else 0)
     out("outage_spool_after_bytes", dir_bytes(spool))
-    out("outage_spool_after_files", len(os.listdir(spool)) if os.path.isdir(spool) else 0)
+    out("outage_spool_after_files", len(spool_files(spool)))
     out("outage_rss_after_kb", proc_status(p).get("VmRSS", 0))
 
 

@@ -60,20 +60,7 @@ marked_pids() {
 
 cleanup() {
     local pid i
-    for pid in "${PIDS[@]}"; do
-        if alive "$pid"; then
-            kill -TERM "$pid" 2>/dev/null || true
-        fi
-    done
-    for pid in "${PIDS[@]}"; do
-        for ((i = 0; i < 100; i++)); do
-            alive "$pid" || break
-            sleep 0.05
-        done
-        if alive "$pid"; then
-            kill -KILL "$pid" 2>/dev/null || true
-        fi
-    done
+    stop_pids
     for pid in "${SRV_PIDS[@]}"; do
         while read -r i; do
             [[ -n $i ]] && kill -KILL "$i" 2>/dev/null
@@ -84,13 +71,7 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-kv() { # kv FILE KEY -> value of KEY=value in FILE, or "-"
-    local line
-    line=$(grep -m1 "^$2=" "$1" 2>/dev/null || true)
-    if [[ -n $line ]]; then printf '%s' "${line#*=}"; else printf -- '-'; fi
-}
 status_kb() { awk -v k="$2:" '$1 == k {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
-mib() { awk -v k="$1" 'BEGIN{ if (k ~ /^[0-9]+$/) printf "%.1f MiB", k/1024; else printf "-" }'; }
 
 # ---------------------------------------------------------------- 0. tools
 command -v "$PY" >/dev/null || die "$PY not found"
