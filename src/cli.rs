@@ -213,16 +213,10 @@ fn serve(explicit: Option<PathBuf>) -> Result<i32, Error> {
     let local = listener.local_addr().map_err(bind_err)?;
     let limits = config.limits.clone();
     let count = projects.len();
-    let leases =
-        projects.iter().any(|p| p.config.agents.iter().any(|a| !a.lease_apps.is_empty())).then(|| {
-            let l = &config.lease;
-            crate::lease::Leases::start(crate::lease::LeaseConfig::new(
-                l.socket.clone(),
-                l.holder.clone(),
-                l.client_name.clone(),
-                l.seconds,
-            ))
-        });
+    let leases = projects
+        .iter()
+        .any(|p| p.config.agents.iter().any(|a| !a.lease_apps.is_empty()))
+        .then(|| crate::lease::Leases::start((&config.lease).into()));
     let runs = Runs::new(Arc::clone(&outbox), limits.clone(), leases.clone());
     let terminals = Terminals::new(limits.clone());
     let app = Arc::new(App::new(projects, limits.clone(), Arc::clone(&runs), Arc::clone(&terminals)));

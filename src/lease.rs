@@ -51,6 +51,13 @@ impl LeaseConfig {
     }
 }
 
+impl From<&crate::config::LeaseSettings> for LeaseConfig {
+    /// The config file's `lease` section.
+    fn from(s: &crate::config::LeaseSettings) -> Self {
+        LeaseConfig::new(s.socket.clone(), s.holder.clone(), s.client_name.clone(), s.seconds)
+    }
+}
+
 /// §3: `~/Library/Application Support/Aion/ipc/ai-protection.sock` on macOS,
 /// `$XDG_RUNTIME_DIR/aion/ai-protection.sock` elsewhere.
 pub fn default_socket() -> PathBuf {

@@ -11,6 +11,7 @@ mod git;
 mod http;
 mod lease;
 mod logging;
+mod nonce;
 mod outbox;
 mod poll;
 mod proc;

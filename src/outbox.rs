@@ -315,7 +315,7 @@ impl Outbox {
             if started.elapsed() >= self.window {
                 return Delivery::GaveUp;
             }
-            let pause = wait.unwrap_or_else(|| jitter(backoff));
+            let pause = wait.unwrap_or_else(|| crate::nonce::jitter(backoff, 0.25));
             backoff = (backoff * 2).min(Duration::from_secs(10));
             let until = Instant::now() + pause;
             while Instant::now() < until {
@@ -400,16 +400,4 @@ fn read_records(path: &Path) -> io::Result<Vec<Record>> {
 
 fn private_file(path: &Path, append: bool) -> io::Result<File> {
     OpenOptions::new().create(true).read(true).write(!append).append(append).mode(0o600).open(path)
-}
-
-/// ±25% around `d`, so that many streams do not retry in step.
-fn jitter(d: Duration) -> Duration {
-    let nanos =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().subsec_nanos();
-    let mut x = u64::from(nanos) ^ 0x9E37_79B9_7F4A_7C15;
-    x ^= x << 13;
-    x ^= x >> 7;
-    x ^= x << 17;
-    let factor = 0.75 + (x % 1000) as f64 / 2000.0;
-    d.mul_f64(factor)
 }

@@ -286,15 +286,7 @@ pub fn run(config: PollConfig, shutdown: Arc<Shutdown>) -> Result<i32, Error> {
         client: Client::new(Duration::from_secs(30)),
         signer: PollSigner { token: config.agent_token.0.clone(), server_url: config.server_url.clone() },
         outbox,
-        leases: (!config.lease_apps.is_empty()).then(|| {
-            let l = &config.lease;
-            crate::lease::Leases::start(crate::lease::LeaseConfig::new(
-                l.socket.clone(),
-                l.holder.clone(),
-                l.client_name.clone(),
-                l.seconds,
-            ))
-        }),
+        leases: (!config.lease_apps.is_empty()).then(|| crate::lease::Leases::start((&config.lease).into())),
         shutdown,
         sessions: Mutex::new(HashMap::new()),
         started: Instant::now(),
@@ -382,7 +374,7 @@ impl Runtime {
                     Some(backoff)
                 }
             };
-            let pause = wait.unwrap_or(self.config.poll_interval).mul_f64(jitter());
+            let pause = crate::nonce::jitter(wait.unwrap_or(self.config.poll_interval), 0.1);
             if self.shutdown.wait(pause) {
                 return;
             }
@@ -541,7 +533,7 @@ impl Runtime {
         let mut argv: Vec<String> =
             self.config.session_command.iter().map(|a| a.replace("{prompt}", prompt.unwrap_or(""))).collect();
         argv.extend(args);
-        let marker = format!("AION_SESSION_ID={}-{}", std::process::id(), nonce());
+        let marker = format!("AION_SESSION_ID={}-{}", std::process::id(), crate::nonce::nonce());
         let mut cmd = Command::new(&argv[0]);
         cmd.args(&argv[1..])
             .stdin(Stdio::piped())
@@ -641,7 +633,7 @@ impl Runtime {
     }
 
     fn stream(&self, session: &str) -> std::io::Result<Stream> {
-        let id = format!("{}-{}-{:x}", now_ms(), std::process::id(), nonce());
+        let id = format!("{}-{}-{:x}", now_ms(), std::process::id(), crate::nonce::nonce());
         let mut body = serde_json::Map::new();
         body.insert("sessionId".into(), session.into());
         body.insert("event".into(), "failed".into());
@@ -857,20 +849,6 @@ fn read_pipe(mut pipe: Box<dyn Read + Send>, stdout: bool, tx: &Sender<Msg>) {
             }
         }
     }
-}
-
-/// 0.9–1.1, so that many agents do not poll in step.
-fn jitter() -> f64 {
-    0.9 + (nonce() % 2001) as f64 / 10_000.0
-}
-
-fn nonce() -> u64 {
-    let t = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
-    let mut x = (t.as_nanos() as u64) ^ 0x9E37_79B9_7F4A_7C15;
-    x ^= x << 13;
-    x ^= x >> 7;
-    x ^= x << 17;
-    x
 }
 
 #[cfg(test)]

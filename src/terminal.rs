@@ -205,7 +205,7 @@ impl Terminals {
                 .spawn(move || reaper.reap_forever());
         });
         let n = self.next.fetch_add(1, Ordering::Relaxed);
-        let id = format!("t{}-{n}-{:x}", std::process::id(), nonce());
+        let id = format!("t{}-{n}-{:x}", std::process::id(), crate::nonce::nonce());
         let shell =
             std::env::var("SHELL").ok().filter(|s| s.starts_with('/')).unwrap_or_else(|| "/bin/sh".into());
         let env = shell_env(&id);
@@ -524,11 +524,6 @@ fn shell_env(id: &str) -> Vec<(String, String)> {
     env.push(("COLORTERM".into(), "truecolor".into()));
     env.push(("AION_TERMINAL_ID".into(), id.into()));
     env
-}
-
-fn nonce() -> u64 {
-    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    (t.as_nanos() as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
 }
 
 #[cfg(test)]
