@@ -109,9 +109,7 @@ impl Git<'_> {
 
     /// The tail of git's stderr, without credentials of any kind.
     fn scrub(&self, stderr: &[u8]) -> String {
-        let text = String::from_utf8_lossy(stderr);
-        let lines: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
-        let mut msg = lines[lines.len().saturating_sub(3)..].join("; ");
+        let mut msg = proc::last_lines(stderr, 3, "; ");
         if let Some(token) = self.token.filter(|t| !t.is_empty()) {
             msg = msg.replace(token, "***");
         }

@@ -288,6 +288,14 @@ impl Output {
 
 const STDERR_CAP: usize = 64 << 10;
 
+/// The last `n` non-empty lines of a child's output, trimmed, joined by `sep`:
+/// what an error message quotes of a failed command's stderr.
+pub fn last_lines(output: &[u8], n: usize, sep: &str) -> String {
+    let text = String::from_utf8_lossy(output);
+    let lines: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    lines[lines.len().saturating_sub(n)..].join(sep)
+}
+
 /// Runs `cmd` with stdin from /dev/null, collecting up to `cap` bytes of stdout,
 /// and kills its whole group if it is not done within `timeout`.
 pub fn run(cmd: &mut Command, timeout: Duration, cap: usize) -> io::Result<Output> {

@@ -681,9 +681,7 @@ fn tail(mut pipe: impl Read, cap: usize) -> Vec<u8> {
 
 /// The last few non-empty lines of stderr, as one line.
 fn last_words(stderr: &[u8]) -> String {
-    let text = String::from_utf8_lossy(stderr);
-    let lines: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
-    let words = lines[lines.len().saturating_sub(5)..].join(" | ");
+    let words = proc::last_lines(stderr, 5, " | ");
     let start = words.len().saturating_sub(2000);
     words[words.ceil_char_boundary(start)..].to_string()
 }
