@@ -8,7 +8,7 @@ use std::ffi::OsStr;
 use std::fs::OpenOptions;
 use std::io::{Read, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// The agents acpx knows, with the original README's descriptions.
 const KNOWN_AGENTS: &[(&str, &str)] = &[
@@ -67,12 +67,8 @@ fn random_token() -> std::io::Result<String> {
 
 /// Whether an executable `name` is in one of PATH's directories.
 pub fn on_path(path_var: &OsStr, name: &str) -> bool {
-    find_on_path(path_var, name).is_some()
-}
-
-pub fn find_on_path(path_var: &OsStr, name: &str) -> Option<PathBuf> {
     std::env::split_paths(path_var)
         .filter(|dir| !dir.as_os_str().is_empty())
         .map(|dir| dir.join(name))
-        .find(|p| p.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0))
+        .any(|p| p.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0))
 }
