@@ -1,23 +1,15 @@
-//! The command line: `aion-connector [CONFIG]` serves push mode (the Node
-//! original's CLI), `check [CONFIG]` validates a config. Later subcommands
-//! (`poll`, `lease`) slot in beside `check`.
+//! The command line: parses the arguments and hands over to a mode —
+//! `aion-connector [CONFIG]` serves push mode (the Node original's CLI,
+//! [`crate::serve`]), `poll` runs poll mode ([`crate::poll`]), `lease` wraps a
+//! command in Aion leases ([`crate::lease::wrap`]); `check [CONFIG]` validates
+//! a config here.
 
-use crate::channel::{self, App};
-use crate::config;
+use crate::config::{self, DEFAULT_CONFIG, starter};
 use crate::error::Error;
-use crate::logging::{info, warn};
-use crate::outbox::Outbox;
-use crate::runs::{self, Runs};
-use crate::terminal::Terminals;
-use crate::{http, shutdown, starter};
+use crate::version::VERSION;
 use std::ffi::OsString;
-use std::io::Write;
-use std::net::{TcpListener, ToSocketAddrs};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
-
-const DEFAULT_CONFIG: &str = "aion.config.json";
+use std::time::Duration;
 
 const HELP: &str = "\
 aion-connector — serve AI coding agents from this machine (Channel Protocol v1)
@@ -83,16 +75,16 @@ pub fn run(args: Vec<OsString>) -> Result<i32, Error> {
             Ok(0)
         }
         ["-V" | "--version", ..] => {
-            println!("aion-connector {}", channel::VERSION);
+            println!("aion-connector {}", VERSION);
             Ok(0)
         }
         ["check"] => check(Path::new(DEFAULT_CONFIG)),
         ["check", path] if !path.starts_with('-') => check(Path::new(path)),
         ["check", ..] => Err(Error::Usage("usage: aion-connector check [CONFIG]".into())),
         ["poll", rest @ ..] => poll(rest),
-        ["lease", rest @ ..] => crate::wrap::run(rest),
-        [] => serve(None),
-        [path] if !path.starts_with('-') => serve(Some(PathBuf::from(path))),
+        ["lease", rest @ ..] => crate::lease::wrap::run(rest),
+        [] => crate::serve::run(None),
+        [path] if !path.starts_with('-') => crate::serve::run(Some(PathBuf::from(path))),
         [flag] => Err(Error::Usage(format!("unknown option {flag}"))),
         _ => Err(Error::Usage("too many arguments".into())),
     }
@@ -108,7 +100,7 @@ fn poll(args: &[&str]) -> Result<i32, Error> {
                 return Ok(0);
             }
             "-V" | "--version" => {
-                println!("aion-connector {}", channel::VERSION);
+                println!("aion-connector {}", VERSION);
                 return Ok(0);
             }
             "-c" | "--config" => match rest.next() {
@@ -121,8 +113,8 @@ fn poll(args: &[&str]) -> Result<i32, Error> {
             },
         }
     }
-    let shutdown = shutdown::install().map_err(|source| Error::Io { what: "signal setup", source })?;
-    let config = crate::poll::load_config(config.as_deref(), &|k| std::env::var(k).ok())?;
+    let shutdown = crate::shutdown::install().map_err(|source| Error::Io { what: "signal setup", source })?;
+    let config = crate::poll::config::load(config.as_deref(), &|k| std::env::var(k).ok())?;
     crate::poll::run(config, shutdown)
 }
 
@@ -172,102 +164,14 @@ fn check(path: &Path) -> Result<i32, Error> {
     Ok(0)
 }
 
-fn serve(explicit: Option<PathBuf>) -> Result<i32, Error> {
-    // First, before any other thread exists: every thread inherits the mask.
-    let shutdown = shutdown::install().map_err(|source| Error::Io { what: "signal setup", source })?;
-    raise_fd_limit();
-    let path = match explicit {
-        Some(path) => path,
-        None => {
-            let path = PathBuf::from(DEFAULT_CONFIG);
-            if !path.exists() {
-                let agents = starter::write(&path)?;
-                let shown = std::fs::canonicalize(&path).unwrap_or_else(|_| path.clone());
-                info!(
-                    "no config found: wrote a starter config to {} (mode 0600; the token is in it), agents on PATH: {}",
-                    shown.display(),
-                    if agents.is_empty() { "none".to_string() } else { agents.join(", ") }
-                );
-            }
-            path
-        }
-    };
-    let (mut config, warnings) = config::load(&path)?;
-    for w in warnings {
-        warn!("config: {w}");
-    }
-    let roots = channel::prepare_roots(&config)?;
-    let state = runs::state_dir(config.state_dir.as_deref());
-    std::fs::create_dir_all(&state).map_err(|source| Error::StateDir { path: state.clone(), source })?;
-    // The connector's own files are never served, whatever project dir holds them.
-    let own_files: Vec<PathBuf> =
-        [path.as_path(), state.as_path()].iter().filter_map(|p| p.canonicalize().ok()).collect();
-    let projects = channel::projects(&mut config, roots, &own_files);
-    let signer = Arc::new(channel::ProjectKeys(projects.clone()));
-    let outbox = Outbox::open(&state.join("outbox"), signer, config.limits.delivery)
-        .map_err(|source| Error::StateDir { path: state.clone(), source })?;
-    let addr = format!("{}:{}", config.host, config.port);
-    let bind_err = |source| Error::Bind { addr: addr.clone(), source };
-    let addrs: Vec<_> = (config.host.as_str(), config.port).to_socket_addrs().map_err(bind_err)?.collect();
-    let listener = TcpListener::bind(addrs.as_slice()).map_err(bind_err)?;
-    let local = listener.local_addr().map_err(bind_err)?;
-    let limits = config.limits.clone();
-    let count = projects.len();
-    let leases = projects
-        .iter()
-        .any(|p| p.config.agents.iter().any(|a| !a.lease_apps.is_empty()))
-        .then(|| crate::lease::Leases::start((&config.lease).into()));
-    let runs = Runs::new(Arc::clone(&outbox), limits.clone(), leases.clone());
-    let terminals = Terminals::new(limits.clone());
-    let app = Arc::new(App::new(projects, limits.clone(), Arc::clone(&runs), Arc::clone(&terminals)));
-    {
-        let mut out = std::io::stdout().lock();
-        let _ = writeln!(out, "listening on {local}");
-        let _ = out.flush();
-    }
-    info!("aion-connector {} serving {count} project(s) from {}", channel::VERSION, path.display());
-    let deadline = std::cell::Cell::new(None);
-    http::serve(listener, limits.clone(), Arc::clone(&shutdown), app, || {
-        deadline.set(Some(Instant::now() + limits.shutdown));
-        runs.stop_all();
-        terminals.close_all();
-    })
-    .map_err(|source| Error::Io { what: "serving", source })?;
-    // Runs post their closing events; the outbox gets the rest of the time.
-    let deadline = deadline.get().unwrap_or_else(|| Instant::now() + limits.shutdown);
-    let left = runs.wait_idle(deadline.max(Instant::now() + limits.stop_grace + Duration::from_secs(3)));
-    if left > 0 {
-        warn!("{left} run(s) did not end in time");
-    }
-    terminals.finish();
-    if let Some(l) = &leases {
-        l.stop(Duration::from_secs(1));
-    }
-    outbox.drain(deadline);
-    info!("stopped");
-    Ok(0)
-}
-
 /// `TOOL --version`'s first line (bounded: 10 s), or None if it cannot run.
 fn tool_version(tool: &str) -> Option<String> {
     let mut cmd = std::process::Command::new(tool);
     cmd.arg("--version");
-    let out = crate::proc::run(&mut cmd, Duration::from_secs(10), 4096).ok().filter(|o| o.success())?;
+    let out = crate::process::run(&mut cmd, Duration::from_secs(10), 4096).ok().filter(|o| o.success())?;
     Some(String::from_utf8_lossy(&out.stdout).lines().next()?.trim().to_string())
 }
 
 fn node_major(version: &str) -> Option<u32> {
     version.trim_start_matches('v').split('.').next()?.parse().ok()
-}
-
-/// Each connection and each git run holds descriptors: lift the soft limit
-/// to the hard one (capped) so the connection cap, not EMFILE, is what binds.
-fn raise_fd_limit() {
-    use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
-        let want = hard.min(65_536);
-        if want > soft {
-            let _ = setrlimit(Resource::RLIMIT_NOFILE, want, hard);
-        }
-    }
 }

@@ -1,29 +1,35 @@
 //! aion-connector: one static binary that turns a Linux box into a server for AI
-//! coding agents. `main` only maps the outcome of [`cli::run`] to an exit code;
-//! everything else lives in one module per concern.
+//! coding agents. `main` only maps the outcome of [`cli::run`] to an exit code.
+//!
+//! Dependencies run one way (README, "Hacking"):
+//! - command line: [`cli`];
+//! - mode wiring: [`serve`] (push mode and its router), [`poll`], the `lease`
+//!   command in [`lease::wrap`];
+//! - domain: [`project`], [`workspace`], [`runs`], [`terminal`], [`poll`]'s
+//!   sessions, [`lease`]'s holder;
+//! - mechanisms: [`process`] (groups, supervision, PTY), [`delivery`] (outbox,
+//!   HTTP client, signing), [`net`] (HTTP server, WebSocket), [`config`],
+//!   [`shutdown`];
+//! - leaves: [`text`], [`nonce`], [`version`], [`logging`], [`error`].
 
-mod channel;
 mod cli;
-mod client;
 mod config;
+mod delivery;
 mod error;
-mod git;
-mod http;
 mod lease;
 mod logging;
+mod net;
 mod nonce;
-mod outbox;
 mod poll;
-mod proc;
-mod pty;
+mod process;
+mod project;
 mod runs;
+mod serve;
 mod shutdown;
-mod signing;
-mod starter;
 mod terminal;
+mod text;
+mod version;
 mod workspace;
-mod wrap;
-mod ws;
 
 fn main() {
     let code = match cli::run(std::env::args_os().skip(1).collect()) {

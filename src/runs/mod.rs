@@ -5,23 +5,36 @@
 //! exactly one `complete` or `error`. Events go, in order and numbered by
 //! `seq`, to the callback through the [`Outbox`], or to a live NDJSON answer.
 //!
-//! Threads of a run: the run thread (reads stdout, owns the events), a stderr
-//! thread (keeps the tail), and a control thread that owns the receiver of the
-//! run's [`Control`] channel and ends the process group on stop, timeout or
-//! shutdown. When the run ends, every process carrying the run's marker in its
-//! environment is swept, so acpx's detached queue owner does not outlive it.
+//! The agent is a [`supervise::Child`] marked `AION_RUN_ID`: when the run
+//! ends, every process carrying the marker is swept, so acpx's detached queue
+//! owner does not outlive it.
+//!
+//! Threads of a run, all named after its id and all joined by the run thread:
+//! - `run-ID`: the run thread; syncs repos, spawns the agent, waits for it,
+//!   owns the run's events after the pump is done and posts the closing one;
+//!   ends with the run;
+//! - `run-out-ID` (scoped): reads stdout line by line into output events;
+//!   ends at EOF or when released after the agent is gone;
+//! - `run-err-ID`: keeps the tail of stderr; ends at EOF or when released;
+//! - `run-ctl-ID`: owns the receiver of the run's [`Control`] channel; ends
+//!   the process group on stop, timeout or shutdown, or returns when told
+//!   the agent exited.
 
-use crate::channel::ProjectState;
 use crate::config::{Agent, Limits};
-use crate::git::{self, Change, RepoSpec};
+use crate::delivery::outbox::{Fallback, Outbox, Record, Stream};
+use crate::lease::Leases;
 use crate::logging::{error, info, warn};
-use crate::outbox::{Fallback, Outbox, Record, Stream};
-use crate::proc::{self, Group};
+use crate::process::{
+    self as proc,
+    supervise::{self, Child},
+};
+use crate::project::ProjectState;
+use crate::workspace::git::{self, Change, RepoSpec};
 use crossbeam_channel::{Receiver, Sender};
 use serde::Serialize;
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -75,7 +88,7 @@ pub struct Runs {
     outbox: Arc<Outbox>,
     limits: Limits,
     /// Aion leases for agents with `leaseApps` (None: no agent has any).
-    leases: Option<crate::lease::Leases>,
+    leases: Option<Leases>,
     /// Running runs by (project id, session), with their control senders.
     active: Mutex<HashMap<(String, String), Sender<Control>>>,
     /// Set (under the `active` lock) when shutdown begins: no new run starts.
@@ -84,7 +97,7 @@ pub struct Runs {
 }
 
 impl Runs {
-    pub fn new(outbox: Arc<Outbox>, limits: Limits, leases: Option<crate::lease::Leases>) -> Arc<Runs> {
+    pub fn new(outbox: Arc<Outbox>, limits: Limits, leases: Option<Leases>) -> Arc<Runs> {
         Arc::new(Runs {
             outbox,
             limits,
@@ -421,13 +434,13 @@ impl<'a> Run<'a> {
         if let Some(ensure) = ensure
             && let Err(msg) = self.prepare(&ensure, agent, &cwd)
         {
-            proc::sweep(&marker, Duration::from_secs(2));
+            supervise::sweep(&marker, Duration::from_secs(2));
             self.events.error(&msg);
             return format!("error ({msg})");
         }
         // A stop or shutdown that came during the sync or the ensure: no agent.
         if let Some(msg) = stopped_early(&control) {
-            proc::sweep(&marker, Duration::from_secs(2));
+            supervise::sweep(&marker, Duration::from_secs(2));
             self.events.error(msg);
             return format!("error ({msg})");
         }
@@ -435,8 +448,8 @@ impl<'a> Run<'a> {
         let _leases = self.runs.leases.as_ref().map(|l| l.hold(&agent.lease_apps));
         let mut cmd = command(&argv, agent, &cwd, &self.id);
         cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-        let group = match Group::spawn(&mut cmd) {
-            Ok(g) => Arc::new(g),
+        let child = match Child::spawn(&mut cmd, "AION_RUN_ID", &self.id) {
+            Ok(c) => c,
             Err(e) => {
                 let msg = spawn_error(&argv[0], &e);
                 self.events.error(&msg);
@@ -448,15 +461,15 @@ impl<'a> Run<'a> {
             self.invoke.session,
             self.project.config.id,
             agent.name,
-            group.pid()
+            child.pid()
         );
         let timeout = agent.timeout.unwrap_or(limits.run);
         let cut: Arc<Mutex<Option<Cut>>> = Arc::new(Mutex::new(None));
         let controller = {
-            let (group, cut, grace) = (Arc::clone(&group), Arc::clone(&cut), limits.stop_grace);
+            let (group, cut, grace) = (Arc::clone(&child.group), Arc::clone(&cut), limits.stop_grace);
             let cancel = (!agent.exec && agent.command.is_none())
                 .then(|| command(&acpx_cancel(agent, &self.invoke.session), agent, &cwd, &self.id));
-            std::thread::Builder::new().name(format!("ctl-{}", self.id)).stack_size(128 << 10).spawn(
+            std::thread::Builder::new().name(format!("run-ctl-{}", self.id)).stack_size(128 << 10).spawn(
                 move || {
                     let why = match control.recv_timeout(timeout) {
                         Ok(Control::Exited) | Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
@@ -467,50 +480,60 @@ impl<'a> Run<'a> {
                         Err(crossbeam_channel::RecvTimeoutError::Timeout) => Cut::TimedOut(timeout),
                     };
                     *cut.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
-                    end_run(&group, cancel, grace);
+                    supervise::terminate(&group, cancel, grace);
                 },
             )
         };
-        let stop_reading = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let stderr = group.take_stderr().map(|err| {
-            let pipe = proc::Stoppable { pipe: err, stop: Arc::clone(&stop_reading) };
-            std::thread::Builder::new().stack_size(128 << 10).spawn(move || tail(pipe, 8 << 10))
+        if let Err(e) = &controller {
+            // Without a controller neither stop nor the timeout can end the
+            // agent: refuse to run it unsupervised.
+            error!("run {}: cannot start its control thread: {e}", self.invoke.session);
+            child.group.signal(nix::sys::signal::Signal::SIGKILL);
+        }
+        let stderr = child.stderr().and_then(|pipe| {
+            let spawned = std::thread::Builder::new()
+                .name(format!("run-err-{}", self.id))
+                .stack_size(128 << 10)
+                .spawn(move || tail(pipe, 8 << 10));
+            spawned.inspect_err(|e| error!("run: cannot start its stderr reader: {e}")).ok()
         });
         let mut transcript = Transcript::default();
         let cap = limits.run_output_bytes;
         let (events, lines, session) = (&mut self.events, &mut self.lines, self.invoke.session.as_str());
+        let (id, child) = (&self.id, &child);
         let status = std::thread::scope(|scope| {
             // The pump reads stdout on its own thread: a process that escaped the
             // group (a detached daemon) may hold the pipe open after the agent
             // exits, and only the sweep below ends it.
             let mut pump_thread = None;
-            if let Some(out) = group.take_stdout() {
+            if let Some(out) = child.stdout() {
                 let transcript = &mut transcript;
-                let out = proc::Stoppable { pipe: out, stop: Arc::clone(&stop_reading) };
                 match std::thread::Builder::new()
+                    .name(format!("run-out-{id}"))
                     .stack_size(256 << 10)
                     .spawn_scoped(scope, move || pump(out, events, transcript, lines, cap, session))
                 {
                     Ok(handle) => pump_thread = Some(handle),
-                    Err(e) => error!("run {session}: cannot start its output thread: {e}"),
+                    Err(e) => {
+                        error!("run {session}: cannot start its output thread: {e}");
+                        child.group.signal(nix::sys::signal::Signal::SIGKILL);
+                    }
                 }
             }
-            let status = group.wait();
+            let status = child.wait();
             let _ = control_tx.send(Control::Exited);
             if let Ok(handle) = controller {
                 let _ = handle.join();
             }
-            let swept = proc::sweep(&marker, Duration::from_secs(2));
+            // Whatever still holds the pipes (it dropped the marker) does not
+            // hold the run: what it wrote so far is read, then no more.
+            let swept = child.finish(|| pump_thread.as_ref().is_none_or(|h| h.is_finished()));
             if swept > 0 {
                 info!("run {session}: ended {swept} process(es) it left behind");
             }
-            // Whatever still holds the pipes (it dropped the marker) does not
-            // hold the run: what it wrote so far is read, then no more.
-            let pumped = || pump_thread.as_ref().is_none_or(|h| h.is_finished());
-            proc::release_readers(&stop_reading, pumped, Duration::from_secs(2));
             status
         });
-        let stderr_tail = stderr.and_then(|h| h.ok()).and_then(|h| h.join().ok()).unwrap_or_default();
+        let stderr_tail = stderr.and_then(|h| h.join().ok()).unwrap_or_default();
         let cut = *cut.lock().unwrap_or_else(|p| p.into_inner());
         self.finish(cut, status, &transcript, &stderr_tail, &cwd, head_at_start.as_deref(), &argv[0])
     }
@@ -571,7 +594,7 @@ impl<'a> Run<'a> {
 
 /// Reads the agent's stdout line by line into events, up to the output cap.
 fn pump(
-    out: proc::Stoppable<std::process::ChildStdout>,
+    out: supervise::Stoppable<std::process::ChildStdout>,
     events: &mut Events,
     transcript: &mut Transcript,
     lines: &mut u64,
@@ -617,24 +640,6 @@ fn stopped_early(control: &Receiver<Control>) -> Option<&'static str> {
         Ok(Control::Shutdown) => Some("the connector is shutting down"),
         _ => None,
     }
-}
-
-/// Stop: for an acpx session, ask acpx to cancel the turn first (acpx 0.19
-/// does not cancel on signals: its queue owner carries on); then SIGTERM to
-/// the group, SIGKILL after the grace.
-fn end_run(group: &Group, cancel: Option<Command>, grace: Duration) {
-    let deadline = Instant::now() + grace;
-    if let Some(mut cancel) = cancel {
-        let _ = proc::run(&mut cancel, grace, 4096);
-        if let Ok(Some(_)) = group.wait_until(deadline) {
-            return;
-        }
-    }
-    group.signal(nix::sys::signal::Signal::SIGTERM);
-    if let Ok(Some(_)) = group.wait_until(deadline.max(Instant::now() + Duration::from_millis(500))) {
-        return;
-    }
-    group.signal(nix::sys::signal::Signal::SIGKILL);
 }
 
 /// One line, at most `max` bytes (a longer one comes in pieces).
@@ -781,28 +786,6 @@ fn changes(cwd: &Path, head_at_start: Option<&str>, timeout: Duration) -> Vec<Ch
         }
     }
     changed
-}
-
-/// Where the state lives: the config's `stateDir`, systemd's
-/// `$STATE_DIRECTORY`, `$XDG_STATE_HOME/aion-connector`,
-/// `~/.local/state/aion-connector`, else `./.aion-state`.
-pub fn state_dir(configured: Option<&Path>) -> PathBuf {
-    if let Some(dir) = configured {
-        return dir.to_path_buf();
-    }
-    let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
-    if let Some(dir) = env("STATE_DIRECTORY") {
-        // systemd may list several, separated by ':'.
-        let first = dir.to_string_lossy().split(':').next().unwrap_or_default().to_string();
-        return PathBuf::from(first);
-    }
-    if let Some(dir) = env("XDG_STATE_HOME") {
-        return dir.join("aion-connector");
-    }
-    if let Some(home) = env("HOME") {
-        return home.join(".local/state/aion-connector");
-    }
-    PathBuf::from(".aion-state")
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@
 //! through the environment of one command: never in argv, `.git/config`, a log
 //! or an error text.
 
-use crate::proc::{self, Output};
+use crate::process::{self as proc, Output};
 use serde::Serialize;
 use std::path::Path;
 use std::process::Command;
@@ -113,27 +113,9 @@ impl Git<'_> {
         if let Some(token) = self.token.filter(|t| !t.is_empty()) {
             msg = msg.replace(token, "***");
         }
-        let msg = redact_userinfo(&msg);
+        let msg = crate::text::redact_userinfo(&msg);
         if msg.is_empty() { "git failed".into() } else { msg.chars().take(500).collect() }
     }
-}
-
-/// `scheme://user:pass@host` → `scheme://***@host`, wherever it appears.
-pub fn redact_userinfo(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut rest = text;
-    while let Some(i) = rest.find("://") {
-        out.push_str(&rest[..i + 3]);
-        rest = &rest[i + 3..];
-        let end =
-            rest.find(|c: char| c == '/' || c.is_whitespace() || c == '\'' || c == '"').unwrap_or(rest.len());
-        if let Some(at) = rest[..end].rfind('@') {
-            out.push_str("***");
-            rest = &rest[at..];
-        }
-    }
-    out.push_str(rest);
-    out
 }
 
 fn base64(bytes: &[u8]) -> String {
@@ -527,11 +509,7 @@ mod tests {
     }
 
     #[test]
-    fn credentials_are_redacted_and_base64_is_standard() {
-        assert_eq!(
-            redact_userinfo("fatal: https://u:p@h/x and ssh://git@h"),
-            "fatal: https://***@h/x and ssh://***@h"
-        );
+    fn base64_is_standard() {
         assert_eq!(base64(b"x-access-token:abc"), "eC1hY2Nlc3MtdG9rZW46YWJj");
         assert_eq!(base64(b"ab"), "YWI=");
     }

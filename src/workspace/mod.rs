@@ -7,6 +7,8 @@
 //! "inside" `<dir>`). Sensitive files are matched on path components, on the
 //! path as asked and on the path it really leads to.
 
+pub mod git;
+
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::fs::File;

@@ -16,7 +16,7 @@
 //! that post skipped. Posts are signed when sent, by the [`Signer`], so a
 //! timestamped signature is fresh after an outage and no key is written to disk.
 
-use crate::client::{Answer, Client};
+use super::client::{Answer, Client};
 use crate::logging::{error, info, warn};
 use serde::{Deserialize, Serialize};
 use std::fs::{File, OpenOptions};
@@ -240,7 +240,7 @@ impl Outbox {
                 Delivery::GaveUp => {
                     error!(
                         "outbox: {id}: no delivery to {} for {:?}; dropping the rest of this stream",
-                        crate::git::redact_userinfo(&record.url),
+                        crate::text::redact_userinfo(&record.url),
                         self.window
                     );
                     break;
@@ -306,7 +306,7 @@ impl Outbox {
                 }
                 Answer::Failed(e) => {
                     if failures == 0 {
-                        warn!("outbox: {id}: {}; retrying", crate::git::redact_userinfo(&e));
+                        warn!("outbox: {id}: {}; retrying", crate::text::redact_userinfo(&e));
                     }
                     None
                 }

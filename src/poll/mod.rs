@@ -7,203 +7,46 @@
 //! (`X-Timestamp`, `X-Signature`), retried through outages and restarts.
 //! The wire API is PROTOCOL.md §2.
 //!
-//! Threads: the poll loop (main thread); a status thread; per session a
-//! streamer (owns the receiver of the session's [`Msg`] channel and its
-//! outbox stream), two pipe readers and a waiter.
+//! Settings are read by [`config`]; a session's process is a
+//! [`supervise::Child`].
+//!
+//! Threads, all named, each ending by itself:
+//! - the poll loop (the main thread), until SIGINT/SIGTERM;
+//! - `poll-status`: posts status every `statusInterval` and on each session
+//!   change (owns the receiver of `status_now`), until shutdown;
+//! - per session: `poll-stream-PID` (owns the receiver of the session's
+//!   [`Msg`] channel and its outbox stream; ends after the closing event),
+//!   `poll-out-PID` and `poll-err-PID` (pipe readers, end at EOF or when
+//!   released after the process is gone), `poll-wait-PID` (reaps, sweeps,
+//!   joins the readers, sends [`Msg::Ended`]), `poll-stdin-PID` (writes
+//!   commands, ends with the session's input channel), and on terminate
+//!   `poll-end-PID` (TERM → grace → KILL, ends when the group is gone);
+//! - the outbox's and the lease client's threads (see their modules).
 
-use crate::client::{Answer, Client};
+pub mod config;
+
+use crate::delivery::client::{Answer, Client};
+use crate::delivery::outbox::{Fallback, Outbox, Record, Signer, Stream};
 use crate::error::Error;
 use crate::logging::{error, info, warn};
-use crate::outbox::{Fallback, Outbox, Record, Signer, Stream};
-use crate::proc::{self, Group};
+use crate::process::Group;
+use crate::process::supervise::{self, Child};
 use crate::shutdown::Shutdown;
+use config::PollConfig;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use serde::Serialize;
 use serde_json::{Value, json};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{ChildStdin, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-const DEFAULT_COMMAND: &[&str] =
-    &["claude", "-p", "--input-format", "stream-json", "--output-format", "stream-json", "--verbose"];
 const CHUNK_BYTES: usize = 64 << 10;
 const POST_BYTES: usize = 512 << 10;
 const TERMINATE_GRACE: Duration = Duration::from_secs(5);
-
-/// Poll mode's settings: the ClaudiOS file and variables, plus ours.
-#[derive(Debug)]
-pub struct PollConfig {
-    pub server_url: String,
-    pub agent_token: crate::config::Secret,
-    pub poll_interval: Duration,
-    pub flush_interval: Duration,
-    pub max_sessions: usize,
-    pub status_interval: Duration,
-    pub session_command: Vec<String>,
-    pub state_dir: Option<PathBuf>,
-    pub delivery: Duration,
-    /// Aion app keys leased while any session runs (`leaseApps`).
-    pub lease_apps: Vec<String>,
-    pub lease: crate::config::LeaseSettings,
-}
-
-/// Reads `--config FILE` (default ./config.json, optional) and the
-/// environment, which wins. Every problem is reported at once.
-pub fn load_config(file: Option<&Path>, env: &dyn Fn(&str) -> Option<String>) -> Result<PollConfig, Error> {
-    let (path, explicit) = match file {
-        Some(p) => (p.to_path_buf(), true),
-        None => (PathBuf::from("config.json"), false),
-    };
-    let mut problems = Vec::new();
-    let doc: Value = match std::fs::read_to_string(&path) {
-        Ok(text) => serde_json::from_str(&text).unwrap_or_else(|e| {
-            problems.push(format!("invalid JSON: {e}"));
-            Value::Null
-        }),
-        Err(e) if !explicit && e.kind() == std::io::ErrorKind::NotFound => json!({}),
-        Err(source) => return Err(Error::ConfigRead { path, source }),
-    };
-    let doc = match doc {
-        Value::Object(m) => m,
-        Value::Null => Default::default(),
-        _ => {
-            problems.push("expected a JSON object".into());
-            Default::default()
-        }
-    };
-    let known = [
-        "serverUrl",
-        "agentToken",
-        "pollInterval",
-        "outputFlushInterval",
-        "maxConcurrentSessions",
-        "statusInterval",
-        "sessionCommand",
-        "stateDir",
-        "deliverySeconds",
-        "leaseApps",
-        "lease",
-    ];
-    for k in doc.keys().filter(|k| !known.contains(&k.as_str())) {
-        warn!("config: unknown key {k} (ignored)");
-    }
-    // One setting: the variable if set, else the file's key.
-    let type_problems = std::cell::RefCell::new(Vec::new());
-    let text = |key: &str, var: &str| -> Option<(String, String)> {
-        if let Some(v) = env(var).filter(|v| !v.is_empty()) {
-            return Some((v, format!("${var}")));
-        }
-        match doc.get(key) {
-            None | Some(Value::Null) => None,
-            Some(Value::String(s)) => Some((s.clone(), key.to_string())),
-            Some(Value::Number(n)) => Some((n.to_string(), key.to_string())),
-            Some(_) => {
-                type_problems.borrow_mut().push(format!("{key}: expected a string or number"));
-                None
-            }
-        }
-    };
-    let server_url = text("serverUrl", "SERVER_URL");
-    let agent_token = text("agentToken", "AGENT_TOKEN");
-    let numbers = [
-        ("pollInterval", "POLL_INTERVAL", 5000u64, 10u64, 3_600_000u64),
-        ("outputFlushInterval", "OUTPUT_FLUSH_INTERVAL", 1000, 1, 600_000),
-        ("maxConcurrentSessions", "MAX_CONCURRENT_SESSIONS", 5, 1, 10_000),
-        ("statusInterval", "STATUS_INTERVAL", 30_000, 100, 86_400_000),
-        ("deliverySeconds", "DELIVERY_SECONDS", 86_400, 1, 30 * 86_400),
-    ];
-    let mut values = Vec::new();
-    for (key, var, default, min, max) in numbers {
-        let v = match text(key, var) {
-            None => default,
-            Some((raw, from)) => match raw.trim().parse::<u64>() {
-                Ok(n) if (min..=max).contains(&n) => n,
-                _ => {
-                    problems.push(format!("{from}: expected a whole number {min}-{max}, found {raw:?}"));
-                    default
-                }
-            },
-        };
-        values.push(v);
-    }
-    let state_dir = text("stateDir", "AION_STATE_DIR").map(|(d, _)| PathBuf::from(d));
-    let session_command = match env("AION_SESSION_COMMAND").filter(|v| !v.is_empty()) {
-        Some(raw) => match serde_json::from_str::<Vec<String>>(&raw) {
-            Ok(argv) if !argv.is_empty() && !argv[0].is_empty() => argv,
-            _ => {
-                problems.push(
-                    "$AION_SESSION_COMMAND: expected a JSON array of strings, e.g. [\"claude\",\"-p\"]"
-                        .into(),
-                );
-                Vec::new()
-            }
-        },
-        None => match doc.get("sessionCommand") {
-            None | Some(Value::Null) => DEFAULT_COMMAND.iter().map(|s| s.to_string()).collect(),
-            Some(v) => match serde_json::from_value::<Vec<String>>(v.clone()) {
-                Ok(argv) if !argv.is_empty() && !argv[0].is_empty() => argv,
-                _ => {
-                    problems.push("sessionCommand: expected a non-empty array of strings".into());
-                    Vec::new()
-                }
-            },
-        },
-    };
-    match &server_url {
-        None => problems.push("serverUrl (or $SERVER_URL) is required".into()),
-        Some((u, from)) if !(u.starts_with("http://") || u.starts_with("https://")) => {
-            problems.push(format!("{from}: expected an http:// or https:// URL"))
-        }
-        _ => {}
-    }
-    if agent_token.as_ref().is_none_or(|(t, _)| t.trim().is_empty()) {
-        problems.push("agentToken (or $AGENT_TOKEN) is required".into());
-    }
-    let lease_apps: Vec<String> = match doc.get("leaseApps") {
-        None | Some(Value::Null) => Vec::new(),
-        Some(v) => serde_json::from_value(v.clone()).unwrap_or_else(|_| {
-            problems.push("leaseApps: expected an array of app keys, e.g. [\"com.google.Chrome\"]".into());
-            Vec::new()
-        }),
-    };
-    let mut lease = crate::config::LeaseSettings::default();
-    match doc.get("lease") {
-        None | Some(Value::Null) => {}
-        Some(Value::Object(m)) => {
-            let text = |k: &str| m.get(k).and_then(Value::as_str).map(str::to_string);
-            lease.socket = text("socket").map(PathBuf::from);
-            lease.holder = text("holderId");
-            lease.client_name = text("clientName");
-            lease.seconds = m.get("leaseSeconds").and_then(Value::as_u64).map(|n| n.clamp(60, 1800) as u32);
-        }
-        Some(_) => {
-            problems.push("lease: expected an object {socket, holderId, clientName, leaseSeconds}".into())
-        }
-    }
-    problems.extend(type_problems.into_inner());
-    if !problems.is_empty() {
-        return Err(Error::Config { path, problems });
-    }
-    Ok(PollConfig {
-        server_url: server_url.map(|(u, _)| u.trim_end_matches('/').to_string()).unwrap_or_default(),
-        agent_token: crate::config::Secret(
-            agent_token.map(|(t, _)| t.trim().to_string()).unwrap_or_default(),
-        ),
-        poll_interval: Duration::from_millis(values[0]),
-        flush_interval: Duration::from_millis(values[1]),
-        max_sessions: values[2] as usize,
-        status_interval: Duration::from_millis(values[3]),
-        delivery: Duration::from_secs(values[4]),
-        lease_apps,
-        lease,
-        session_command,
-        state_dir,
-    })
-}
 
 /// §2's signature: HMAC-SHA256(token, timestamp + "." + body), made when sent.
 /// Only for the configured server: a post spooled for a server the config
@@ -219,7 +62,7 @@ impl Signer for PollSigner {
             return None;
         }
         let ts = now_ms().to_string();
-        let sig = crate::signing::sha256_hex(self.token.as_bytes(), &[ts.as_bytes(), b".", body]);
+        let sig = crate::delivery::signing::sha256_hex(self.token.as_bytes(), &[ts.as_bytes(), b".", body]);
         Some(vec![
             ("Authorization".into(), format!("Bearer {}", self.token)),
             ("X-Timestamp".into(), ts),
@@ -276,8 +119,8 @@ pub struct Runtime {
 }
 
 pub fn run(config: PollConfig, shutdown: Arc<Shutdown>) -> Result<i32, Error> {
-    info!("Agent starting... (aion-connector {} poll mode)", env!("CARGO_PKG_VERSION"));
-    let state = crate::runs::state_dir(config.state_dir.as_deref());
+    info!("Agent starting... (aion-connector {} poll mode)", crate::version::VERSION);
+    let state = crate::config::state_dir(config.state_dir.as_deref());
     let signer =
         Arc::new(PollSigner { token: config.agent_token.0.clone(), server_url: config.server_url.clone() });
     let outbox = Outbox::open(&state.join("poll-outbox"), signer, config.delivery)
@@ -295,14 +138,18 @@ pub fn run(config: PollConfig, shutdown: Arc<Shutdown>) -> Result<i32, Error> {
         refused: AtomicBool::new(false),
         config,
     });
-    info!("Polling server at {}", crate::git::redact_userinfo(&rt.config.server_url));
+    info!("Polling server at {}", crate::text::redact_userinfo(&rt.config.server_url));
     let status = {
         let rt = Arc::clone(&rt);
         std::thread::Builder::new()
-            .name("status".into())
+            .name("poll-status".into())
             .stack_size(256 << 10)
             .spawn(move || rt.report_status())
     };
+    if let Err(e) = &status {
+        // Sessions still run and report; only the periodic status is missing.
+        error!("cannot start the status thread: {e}; no status reports will be sent");
+    }
     rt.poll_loop();
     info!("Agent stopping: terminating {} session(s)", rt.sessions().len());
     let deadline = Instant::now() + TERMINATE_GRACE + Duration::from_secs(5);
@@ -364,7 +211,7 @@ impl Runtime {
                 other => {
                     let why = match other {
                         Answer::Status { status, .. } => format!("status {status}"),
-                        Answer::Failed(e) => crate::git::redact_userinfo(&e),
+                        Answer::Failed(e) => crate::text::redact_userinfo(&e),
                     };
                     backoff = (backoff * 2).clamp(Duration::from_secs(1), Duration::from_secs(60));
                     if !said_unreachable {
@@ -479,7 +326,7 @@ impl Runtime {
                 match found {
                     Some((group, terminating)) => {
                         terminating.store(true, Ordering::SeqCst);
-                        std::thread::spawn(move || end_group(&group));
+                        terminate(group);
                     }
                     None => self.report_error("no such session", Some(id), Some(&session)),
                 }
@@ -533,19 +380,18 @@ impl Runtime {
         let mut argv: Vec<String> =
             self.config.session_command.iter().map(|a| a.replace("{prompt}", prompt.unwrap_or(""))).collect();
         argv.extend(args);
-        let marker = format!("AION_SESSION_ID={}-{}", std::process::id(), crate::nonce::nonce());
+        let marker = format!("{}-{}", std::process::id(), crate::nonce::nonce());
         let mut cmd = Command::new(&argv[0]);
         cmd.args(&argv[1..])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
-            .env("AION_SESSION_ID", &marker["AION_SESSION_ID=".len()..])
             .env_remove("AGENT_TOKEN");
         if let Some(dir) = &cwd {
             cmd.current_dir(dir);
         }
-        let group = match Group::spawn(&mut cmd) {
-            Ok(g) => Arc::new(g),
+        let child = match Child::spawn(&mut cmd, "AION_SESSION_ID", &marker) {
+            Ok(c) => c,
             Err(e) => {
                 let msg = if e.kind() == std::io::ErrorKind::NotFound {
                     format!("{} not found on PATH", argv[0])
@@ -563,16 +409,24 @@ impl Runtime {
                 return;
             }
         };
+        let group = Arc::clone(&child.group);
         let (input, lines) = crossbeam_channel::bounded::<Vec<u8>>(64);
         if let (Some(p), false) = (prompt, in_argv) {
             let first = json!({"type":"user","message":{"role":"user","content":p}});
             let _ = input.try_send(format!("{first}\n").into_bytes());
         }
-        if let Some(stdin) = group.take_stdin() {
-            let _ =
-                std::thread::Builder::new().stack_size(64 << 10).spawn(move || write_input(stdin, &lines));
+        let pid = child.pid();
+        if let Some(stdin) = child.stdin() {
+            let writer = std::thread::Builder::new()
+                .name(format!("poll-stdin-{pid}"))
+                .stack_size(64 << 10)
+                .spawn(move || write_input(stdin, &lines));
+            if let Err(e) = writer {
+                // Without a writer the session cannot take commands: end it.
+                error!("Session {session}: cannot start its stdin writer: {e}");
+                group.signal(nix::sys::signal::Signal::SIGKILL);
+            }
         }
-        let pid = group.pid();
         let terminating = Arc::new(AtomicBool::new(false));
         self.sessions().insert(
             session.to_string(),
@@ -589,47 +443,65 @@ impl Runtime {
         info!("Session started: {session} (pid {pid})");
         let _ = self.status_now.0.try_send(());
         let (tx, rx) = crossbeam_channel::bounded::<Msg>(64);
-        let stop_reading = Arc::new(AtomicBool::new(false));
-        let stoppable = |fd: std::os::fd::OwnedFd| {
-            Box::new(proc::Stoppable { pipe: std::fs::File::from(fd), stop: Arc::clone(&stop_reading) })
-                as Box<dyn Read + Send>
-        };
         let readers: Vec<_> = [
-            (group.take_stdout().map(|o| stoppable(o.into())), true),
-            (group.take_stderr().map(|e| stoppable(e.into())), false),
+            (child.stdout().map(|o| Box::new(o) as Box<dyn Read + Send>), true),
+            (child.stderr().map(|e| Box::new(e) as Box<dyn Read + Send>), false),
         ]
         .into_iter()
         .filter_map(|(pipe, stdout)| {
             let (pipe, tx) = (pipe?, tx.clone());
-            std::thread::Builder::new().stack_size(128 << 10).spawn(move || read_pipe(pipe, stdout, &tx)).ok()
+            let name = format!("poll-{}-{pid}", if stdout { "out" } else { "err" });
+            match std::thread::Builder::new()
+                .name(name)
+                .stack_size(128 << 10)
+                .spawn(move || read_pipe(pipe, stdout, &tx))
+            {
+                Ok(handle) => Some(handle),
+                Err(e) => {
+                    error!("Session {session}: cannot start a pipe reader: {e}");
+                    None
+                }
+            }
         })
         .collect();
         let waiter = {
-            let (group, tx, terminating) = (Arc::clone(&group), tx.clone(), Arc::clone(&terminating));
-            std::thread::Builder::new().stack_size(128 << 10).spawn(move || {
-                let status = group.wait();
-                proc::sweep(&marker, Duration::from_secs(2));
-                let drained = || readers.iter().all(|r| r.is_finished());
-                proc::release_readers(&stop_reading, drained, Duration::from_secs(2));
-                for r in readers {
-                    let _ = r.join();
-                }
-                let (code, signal) = match status {
-                    Ok(s) => (s.code(), std::os::unix::process::ExitStatusExt::signal(&s)),
-                    Err(_) => (None, None),
-                };
-                let _ = tx.send(Msg::Ended { code, signal, terminated: terminating.load(Ordering::SeqCst) });
-            })
+            let (tx, terminating) = (tx.clone(), Arc::clone(&terminating));
+            std::thread::Builder::new().name(format!("poll-wait-{pid}")).stack_size(128 << 10).spawn(
+                move || {
+                    let status = child.wait();
+                    child.finish(|| readers.iter().all(|r| r.is_finished()));
+                    for r in readers {
+                        let _ = r.join();
+                    }
+                    let (code, signal) = match status {
+                        Ok(s) => (s.code(), std::os::unix::process::ExitStatusExt::signal(&s)),
+                        Err(_) => (None, None),
+                    };
+                    let terminated = terminating.load(Ordering::SeqCst);
+                    let _ = tx.send(Msg::Ended { code, signal, terminated });
+                },
+            )
         };
         drop(tx);
-        if waiter.is_err() {
+        if let Err(e) = waiter {
+            // Nobody would reap it: kill it now; the streamer still closes
+            // the session when every sender is gone.
+            error!("Session {session}: cannot start its waiter: {e}");
             group.signal(nix::sys::signal::Signal::SIGKILL);
         }
         let rt = Arc::clone(self);
         let session = session.to_string();
-        let _ = std::thread::Builder::new().stack_size(256 << 10).spawn(move || {
-            rt.stream_output(&session, stream, seq_holder, &rx);
-        });
+        let spawned = std::thread::Builder::new()
+            .name(format!("poll-stream-{pid}"))
+            .stack_size(256 << 10)
+            .spawn(move || rt.stream_output(&session, stream, seq_holder, &rx));
+        if let Err(e) = spawned {
+            // No streamer: end the process and forget the session, so that it
+            // neither holds a slot nor lingers unreported.
+            error!("cannot start a session's output thread: {e}");
+            group.signal(nix::sys::signal::Signal::SIGKILL);
+            self.sessions().retain(|_, s| s.pid != pid);
+        }
     }
 
     fn stream(&self, session: &str) -> std::io::Result<Stream> {
@@ -707,7 +579,7 @@ impl Runtime {
             };
             match msg {
                 Ok(Msg::Output { stdout, data, ts }) => {
-                    let text = crate::ws::utf8_chunk(&mut carry[usize::from(!stdout)], &data);
+                    let text = crate::text::utf8_chunk(&mut carry[usize::from(!stdout)], &data);
                     if text.is_empty() {
                         continue;
                     }
@@ -768,7 +640,7 @@ impl Runtime {
             self.sessions().values().map(|s| (Arc::clone(&s.group), Arc::clone(&s.terminating))).collect();
         for (group, terminating) in all {
             terminating.store(true, Ordering::SeqCst);
-            std::thread::spawn(move || end_group(&group));
+            terminate(group);
         }
     }
 
@@ -781,7 +653,7 @@ impl Runtime {
                 .map(|(id, s)| json!({"sessionId": id, "state": "running", "pid": s.pid, "startedAt": s.started_at}))
                 .collect();
             let body = serde_json::to_vec(&json!({
-                "version": env!("CARGO_PKG_VERSION"),
+                "version": crate::version::VERSION,
                 "uptimeSeconds": self.started.elapsed().as_secs(),
                 "maxConcurrentSessions": self.config.max_sessions,
                 "sessions": sessions,
@@ -819,12 +691,20 @@ impl Runtime {
 }
 
 /// SIGTERM to the session's group, SIGKILL after the grace.
-fn end_group(group: &Group) {
-    group.signal(nix::sys::signal::Signal::SIGTERM);
-    if let Ok(Some(_)) = group.wait_until(Instant::now() + TERMINATE_GRACE) {
-        return;
+/// Ends a session's group (SIGTERM, SIGKILL after the grace) on a thread of
+/// its own, which exits when the group is gone; if no thread can be had, the
+/// SIGTERM is sent at once and the waiter's reap does the rest.
+fn terminate(group: Arc<Group>) {
+    let pid = group.pid();
+    let ender = Arc::clone(&group);
+    let spawned = std::thread::Builder::new()
+        .name(format!("poll-end-{pid}"))
+        .stack_size(64 << 10)
+        .spawn(move || supervise::terminate(&ender, None, TERMINATE_GRACE));
+    if let Err(e) = spawned {
+        error!("cannot start a thread to end session pid {pid}: {e}; sending SIGTERM now");
+        group.signal(nix::sys::signal::Signal::SIGTERM);
     }
-    group.signal(nix::sys::signal::Signal::SIGKILL);
 }
 
 /// A session's stdin writer: lines in order until the session or its stdin ends.
@@ -848,36 +728,5 @@ fn read_pipe(mut pipe: Box<dyn Read + Send>, stdout: bool, tx: &Sender<Msg>) {
                 }
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn env_of(vars: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
-        move |k| vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
-    }
-
-    #[test]
-    fn environment_wins_over_the_file() {
-        let dir = std::env::temp_dir().join(format!("aion-pollcfg-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let file = dir.join("config.json");
-        std::fs::write(&file, r#"{"serverUrl":"http://file","agentToken":"f","pollInterval":100}"#).unwrap();
-        let c = load_config(Some(&file), &env_of(&[("POLL_INTERVAL", "250"), ("AGENT_TOKEN", "e")])).unwrap();
-        assert_eq!(c.server_url, "http://file");
-        assert_eq!(c.agent_token.0, "e");
-        assert_eq!(c.poll_interval, Duration::from_millis(250));
-        assert_eq!(c.session_command[0], "claude");
-        let _ = std::fs::remove_dir_all(dir);
-    }
-
-    #[test]
-    fn missing_and_bad_values_are_named() {
-        let err = load_config(None, &env_of(&[("POLL_INTERVAL", "soon")])).unwrap_err().to_string();
-        assert!(err.contains("serverUrl (or $SERVER_URL) is required"), "{err}");
-        assert!(err.contains("agentToken (or $AGENT_TOKEN) is required"), "{err}");
-        assert!(err.contains("$POLL_INTERVAL: expected a whole number"), "{err}");
     }
 }

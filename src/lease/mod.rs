@@ -8,8 +8,12 @@
 //! `lease.can_close.request` itself, at once, whatever the lease thread is
 //! doing. Writes go through one mutex, a line at a time.
 //!
-//! `AION_LEASE_TIME_SCALE` (tests only) makes the client's own clock run N
-//! times faster; the lease lengths it sends stay within 60–1800 s.
+//! A test seam: debug builds (what `cargo test` runs) read
+//! `AION_LEASE_TIME_SCALE`, which makes the client's own clock run N times
+//! faster; the lease lengths it sends stay within 60–1800 s. Release builds,
+//! the ones users run, ignore the variable.
+
+pub mod wrap;
 
 use crate::logging::{error, info, warn};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
@@ -152,11 +156,15 @@ impl Drop for Guard {
 
 impl Leases {
     pub fn start(config: LeaseConfig) -> Leases {
-        let scale = std::env::var("AION_LEASE_TIME_SCALE")
-            .ok()
-            .and_then(|s| s.parse::<f64>().ok())
-            .filter(|s| *s >= 1.0)
-            .unwrap_or(1.0);
+        let scale = if cfg!(debug_assertions) {
+            std::env::var("AION_LEASE_TIME_SCALE")
+                .ok()
+                .and_then(|s| s.parse::<f64>().ok())
+                .filter(|s| *s >= 1.0)
+                .unwrap_or(1.0)
+        } else {
+            1.0
+        };
         let (tx, rx) = crossbeam_channel::unbounded();
         let inner = Arc::new(Inner {
             config,
@@ -170,11 +178,17 @@ impl Leases {
         });
         let worker = Arc::clone(&inner);
         let (done_tx, done) = crossbeam_channel::bounded::<()>(0);
-        let _ = std::thread::Builder::new().name("lease".into()).stack_size(256 << 10).spawn(move || {
-            worker.run(&rx);
-            worker.set_link(Link::Down);
-            drop(done_tx);
-        });
+        let spawned =
+            std::thread::Builder::new().name("lease".into()).stack_size(256 << 10).spawn(move || {
+                worker.run(&rx);
+                worker.set_link(Link::Down);
+                drop(done_tx);
+            });
+        if let Err(e) = spawned {
+            // Work goes on without leases, as when Aion is not running.
+            error!("cannot start the lease thread: {e}; carrying on without leases");
+            inner.set_link(Link::Down);
+        }
         Leases { inner, done }
     }
 
@@ -391,6 +405,7 @@ impl Inner {
             Ok(read_side) => {
                 let inner = Arc::clone(self);
                 std::thread::Builder::new()
+                    .name("lease-reader".into())
                     .stack_size(128 << 10)
                     .spawn(move || inner.read_messages(read_side, generation))
             }

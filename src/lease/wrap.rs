@@ -125,7 +125,7 @@ pub fn run(args: &[&str]) -> Result<i32, Error> {
     leases.wait_granted(Duration::from_secs(1));
     let mut cmd = std::process::Command::new(&args.command[0]);
     cmd.args(&args.command[1..]).process_group(0);
-    crate::pty::unblock_signals_in_child(&mut cmd);
+    crate::process::group::unblock_signals_in_child(&mut cmd);
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {
@@ -138,11 +138,17 @@ pub fn run(args: &[&str]) -> Result<i32, Error> {
     };
     let pgid = Pid::from_raw(child.id() as i32);
     let terminal = foreground_to(pgid);
-    let _ = std::thread::Builder::new().name("signals".into()).stack_size(64 << 10).spawn(move || {
-        while let Ok(sig) = forwarded.wait() {
-            let _ = killpg(pgid, sig);
-        }
-    });
+    let forwarder =
+        std::thread::Builder::new().name("signals".into()).stack_size(64 << 10).spawn(move || {
+            while let Ok(sig) = forwarded.wait() {
+                let _ = killpg(pgid, sig);
+            }
+        });
+    if let Err(e) = forwarder {
+        // SIGINT/SIGTERM stay blocked here and would never reach CMD.
+        eprintln!("aion-connector lease: cannot forward signals ({e}); ending {}", args.command[0]);
+        let _ = killpg(pgid, nix::sys::signal::Signal::SIGTERM);
+    }
     let status = child.wait();
     if let Some(ours) = terminal {
         let _ = nix::unistd::tcsetpgrp(std::io::stdin(), ours);

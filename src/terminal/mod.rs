@@ -4,19 +4,30 @@
 //! connect with the same ID (and a token of the same project) reattaches,
 //! first replaying the last 64 KiB; without `session` it ends with its socket.
 //!
-//! Threads of a terminal: the PTY reader (copies output into the ring and to
-//! the attached socket's writer through a small bounded channel, so a slow
-//! client stops the reading: flow control), the waiter (reaps the shell, ends
-//! what it left, tells the socket), and per attached socket a frame reader
-//! (the HTTP connection's own thread) and a frame writer. One reaper thread
-//! ends detached, idle and exited terminals.
+//! The shell is a [`crate::process::pty::Pty`], which knows nothing of
+//! sockets; this module is the one place that joins a PTY to a WebSocket
+//! ([`crate::net::ws`]) or to the HTTP actions.
+//!
+//! Threads, all named:
+//! - per terminal `term-out-N`: the PTY reader; copies output into the ring
+//!   and to the attached socket's writer through a small bounded channel, so
+//!   a slow client stops the reading (flow control); ends at the PTY's EOF;
+//! - `term-in-N`: writes keystrokes (owns the receiver of the input
+//!   channel); ends when the terminal is dropped or the PTY refuses input;
+//! - `term-wait-N`: reaps the shell, ends what it left, tells the socket;
+//!   ends with the shell;
+//! - per attached socket: the frame reader is the HTTP connection's own
+//!   thread, `term-ws-out` (scoped) writes frames and pings; both end with
+//!   the socket;
+//! - `terminal-reaper`, one per connector, started with the first terminal:
+//!   ends detached, idle and exited terminals; runs until the process exits.
 
-use crate::channel::ProjectState;
 use crate::config::Limits;
 use crate::logging::{info, warn};
-use crate::proc;
-use crate::pty::{Pty, Spawn};
-use crate::ws::{self, In, Out};
+use crate::net::ws::{self, In, Out};
+use crate::process;
+use crate::process::pty::{Pty, Spawn};
+use crate::project::ProjectState;
 use crossbeam_channel::{RecvTimeoutError, Sender};
 use nix::sys::signal::Signal;
 use std::collections::{HashMap, VecDeque};
@@ -143,10 +154,10 @@ pub struct Terminals {
     next: AtomicU64,
     attaches: AtomicU64,
     /// Opens one at a time, so the limit check and the insert are one step.
-    opening: Mutex<()>,
-    /// The reaper thread starts with the first terminal (an idle connector
-    /// without terminals has no thread waking up every second).
-    reaper: std::sync::Once,
+    /// True once the reaper thread runs: it starts with the first terminal
+    /// (an idle connector without terminals has no thread waking up every
+    /// second).
+    opening: Mutex<bool>,
 }
 
 impl Terminals {
@@ -156,8 +167,7 @@ impl Terminals {
             all: Mutex::new(HashMap::new()),
             next: AtomicU64::new(0),
             attaches: AtomicU64::new(0),
-            opening: Mutex::new(()),
-            reaper: std::sync::Once::new(),
+            opening: Mutex::new(false),
         })
     }
 
@@ -193,17 +203,21 @@ impl Terminals {
         cols: u16,
         rows: u16,
     ) -> Result<Arc<Term>, Refused> {
-        let _one_at_a_time = self.opening.lock().unwrap_or_else(|p| p.into_inner());
+        let mut reaper_running = self.opening.lock().unwrap_or_else(|p| p.into_inner());
         if !self.room(&project.config.id) {
             return Err(Refused::TooMany);
         }
-        self.reaper.call_once(|| {
+        if !*reaper_running {
+            // Without the reaper nothing would end detached or idle terminals:
+            // no terminal opens until it runs.
             let reaper = Arc::clone(self);
-            let _ = std::thread::Builder::new()
+            std::thread::Builder::new()
                 .name("terminal-reaper".into())
                 .stack_size(128 << 10)
-                .spawn(move || reaper.reap_forever());
-        });
+                .spawn(move || reaper.reap_forever())
+                .map_err(|e| Refused::Spawn(format!("cannot start the terminal reaper: {e}")))?;
+            *reaper_running = true;
+        }
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         let id = format!("t{}-{n}-{:x}", std::process::id(), crate::nonce::nonce());
         let shell =
@@ -236,18 +250,24 @@ impl Terminals {
         });
         let reader = term.pty.clone_master().map_err(|e| Refused::Spawn(e.to_string()))?;
         let mut writer = term.pty.clone_master().map_err(|e| Refused::Spawn(e.to_string()))?;
-        let spawned_input = std::thread::Builder::new().stack_size(64 << 10).spawn(move || {
-            for bytes in keystrokes {
-                if writer.write_all(&bytes).is_err() {
-                    return;
+        let spawned_input =
+            std::thread::Builder::new().name(format!("term-in-{n}")).stack_size(64 << 10).spawn(move || {
+                for bytes in keystrokes {
+                    if writer.write_all(&bytes).is_err() {
+                        return;
+                    }
                 }
-            }
-        });
+            });
         let t = Arc::clone(&term);
-        let spawned_reader =
-            std::thread::Builder::new().stack_size(128 << 10).spawn(move || copy_output(&t, reader));
+        let spawned_reader = std::thread::Builder::new()
+            .name(format!("term-out-{n}"))
+            .stack_size(128 << 10)
+            .spawn(move || copy_output(&t, reader));
         let t = Arc::clone(&term);
-        let spawned_waiter = std::thread::Builder::new().stack_size(128 << 10).spawn(move || wait_shell(&t));
+        let spawned_waiter = std::thread::Builder::new()
+            .name(format!("term-wait-{n}"))
+            .stack_size(128 << 10)
+            .spawn(move || wait_shell(&t));
         if spawned_reader.is_err() || spawned_waiter.is_err() || spawned_input.is_err() {
             term.pty.group.signal(Signal::SIGKILL);
             return Err(Refused::Spawn("cannot start the terminal's threads".into()));
@@ -285,7 +305,7 @@ impl Terminals {
         }
         for t in terms.iter().filter(|t| t.alive()) {
             t.pty.group.signal(Signal::SIGKILL);
-            proc::sweep(&t.marker(), Duration::ZERO);
+            process::supervise::sweep(&t.marker(), Duration::ZERO);
         }
     }
 
@@ -296,7 +316,7 @@ impl Terminals {
         let bytes: Vec<u8> = st.ring.bytes.drain(..).collect();
         let dropped = std::mem::take(&mut st.ring.dropped);
         let mut carry = std::mem::take(&mut st.carry);
-        let text = ws::utf8_chunk(&mut carry, &bytes);
+        let text = crate::text::utf8_chunk(&mut carry, &bytes);
         st.carry = carry;
         (text, st.exit_code.is_none(), dropped)
     }
@@ -338,42 +358,45 @@ impl Terminals {
         drop(tx);
         let reader_finished = std::sync::atomic::AtomicBool::new(false);
         std::thread::scope(|scope| {
-            let writer_thread = std::thread::Builder::new().stack_size(128 << 10).spawn_scoped(scope, || {
-                if !snapshot.is_empty() && writer.send(Out::Data(snapshot)).is_err() {
-                    writer.shutdown();
-                    return;
-                }
-                let mut closed = false;
-                // A ping every interval, busy or not: the reader drops a peer
-                // that has said nothing for two intervals, and a client that
-                // only watches output says nothing but pongs.
-                let mut next_ping = Instant::now() + ping;
-                loop {
-                    if Instant::now() >= next_ping {
-                        if writer.ping().is_err() {
+            let writer_thread = std::thread::Builder::new()
+                .name("term-ws-out".into())
+                .stack_size(128 << 10)
+                .spawn_scoped(scope, || {
+                    if !snapshot.is_empty() && writer.send(Out::Data(snapshot)).is_err() {
+                        writer.shutdown();
+                        return;
+                    }
+                    let mut closed = false;
+                    // A ping every interval, busy or not: the reader drops a peer
+                    // that has said nothing for two intervals, and a client that
+                    // only watches output says nothing but pongs.
+                    let mut next_ping = Instant::now() + ping;
+                    loop {
+                        if Instant::now() >= next_ping {
+                            if writer.ping().is_err() {
+                                break;
+                            }
+                            next_ping = Instant::now() + ping;
+                        }
+                        let out = match rx.recv_timeout(next_ping.saturating_duration_since(Instant::now())) {
+                            Ok(out) => out,
+                            Err(RecvTimeoutError::Timeout) => continue,
+                            Err(RecvTimeoutError::Disconnected) => break,
+                        };
+                        closed = matches!(out, Out::Close(_));
+                        if writer.send(out).is_err() || closed {
                             break;
                         }
-                        next_ping = Instant::now() + ping;
                     }
-                    let out = match rx.recv_timeout(next_ping.saturating_duration_since(Instant::now())) {
-                        Ok(out) => out,
-                        Err(RecvTimeoutError::Timeout) => continue,
-                        Err(RecvTimeoutError::Disconnected) => break,
-                    };
-                    closed = matches!(out, Out::Close(_));
-                    if writer.send(out).is_err() || closed {
-                        break;
+                    if closed {
+                        // Give the client a moment to answer the close, then end it.
+                        let until = Instant::now() + Duration::from_secs(3);
+                        while !reader_finished.load(Ordering::SeqCst) && Instant::now() < until {
+                            std::thread::sleep(Duration::from_millis(10));
+                        }
                     }
-                }
-                if closed {
-                    // Give the client a moment to answer the close, then end it.
-                    let until = Instant::now() + Duration::from_secs(3);
-                    while !reader_finished.load(Ordering::SeqCst) && Instant::now() < until {
-                        std::thread::sleep(Duration::from_millis(10));
-                    }
-                }
-                writer.shutdown();
-            });
+                    writer.shutdown();
+                });
             while let Some(msg) = reader.next() {
                 let result = match msg {
                     In::Binary(bytes) => term.input(&bytes),
@@ -480,7 +503,7 @@ fn wait_shell(term: &Term) {
             -1
         }
     };
-    proc::sweep(&term.marker(), HANGUP_GRACE);
+    process::supervise::sweep(&term.marker(), HANGUP_GRACE);
     let mut st = term.lock();
     let deadline = Instant::now() + Duration::from_secs(2);
     while !st.reader_done && Instant::now() < deadline {

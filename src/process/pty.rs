@@ -1,7 +1,8 @@
 //! The PTY: a shell on a new pseudo-terminal (forkpty), written to, resized,
-//! signalled and waited for, and nothing more. Every `unsafe` of the crate is
-//! in this file, the one other piece of code that runs between a fork and an
-//! exec included: [`unblock_signals_in_child`].
+//! signalled and waited for, and nothing more: it knows nothing of sockets.
+//! Every `unsafe` of the crate is in this file and in `group.rs` (the one other
+//! piece of code that runs between a fork and an exec,
+//! [`super::group::unblock_signals_in_child`]).
 //!
 //! forkpty pitfalls measured on this code's targets: argv and envp are built
 //! before the fork, and the child does only async-signal-safe calls before
@@ -10,7 +11,7 @@
 //! misbehaves in the shell; under musl the master is not close-on-exec, so it
 //! is set here and the child closes every descriptor above stderr.
 
-use crate::proc::Group;
+use super::group::Group;
 use nix::libc;
 use nix::pty::{ForkptyResult, Winsize, forkpty};
 use std::ffi::{CString, c_char};
@@ -95,26 +96,6 @@ impl Pty {
         // points to a live, initialized value for the duration of the call.
         let rc = unsafe { libc::ioctl(self.master.as_raw_fd(), libc::TIOCSWINSZ, &size as *const Winsize) };
         if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
-    }
-}
-
-/// Children of `std::process::Command` inherit the signal mask (measured
-/// with Rust 1.95: a blocked SIGTERM stays blocked in the child), and the
-/// connector blocks SIGINT and SIGTERM in every thread for its signal thread.
-/// A child that cannot receive SIGTERM ignores `stop`, so every child starts
-/// with an empty mask.
-pub fn unblock_signals_in_child(cmd: &mut std::process::Command) {
-    use std::os::unix::process::CommandExt;
-    // SAFETY: the closure runs in the forked child before exec; it calls only
-    // sigemptyset and pthread_sigmask, which are async-signal-safe, on a value
-    // on its own stack, and allocates nothing.
-    unsafe {
-        cmd.pre_exec(|| {
-            let mut empty: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut empty);
-            libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
-            Ok(())
-        });
     }
 }
 

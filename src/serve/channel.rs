@@ -1,95 +1,27 @@
-//! Channel Protocol v1: the JSON-over-POST actions the platform sends. This
-//! file checks each request in the contract's order (method, JSON, version,
-//! token, project, action), answers with the baseline's byte-exact error
-//! bodies, dispatches the workspace actions and agent runs, and logs one line
-//! per request, never a token.
+//! The router of Channel Protocol v1: the JSON-over-POST actions the platform
+//! sends. It checks each request in the contract's order (method, JSON,
+//! version, token, project, action) and each payload, answers with the
+//! baseline's byte-exact error bodies, hands the work to the domain (project,
+//! workspace, runs, terminals), and logs one line per request, never a token.
+//! Nothing imports it but the push-mode wiring in `serve/mod.rs`.
 
-use crate::config::{Config, Limits, Project};
-use crate::git::{self, GitError, RepoSpec, SyncResult};
-use crate::http::{Handler, Request, Response};
+use crate::config::Limits;
 use crate::logging::info;
+use crate::net::http::{Handler, Request, Response};
+use crate::project::ProjectState;
 use crate::runs::{Delivery, Invoke, Refused, Runs};
 use crate::terminal::{self, Terminals};
-use crate::workspace::{self, Refusal, Sensitive};
+use crate::workspace::git::{self, GitError, RepoSpec, SyncResult};
+use crate::workspace::{self, Refusal};
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
-
-pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
 
 /// Repositories one `repos.sync` or `invoke` may name: syncs of a project run
 /// one at a time, each repo up to `limits.gitSeconds`.
 const MAX_REPOS: usize = 16;
-
-/// A project as served: its config, its real root and its runtime state.
-pub struct ProjectState {
-    pub config: Project,
-    /// `dir`, created if missing and canonicalized at start.
-    pub root: PathBuf,
-    token_digest: [u8; 32],
-    sensitive: Sensitive,
-    /// The first repository this process synced: the default workspace.
-    first_synced: Mutex<Option<String>>,
-    /// Syncs of one project run one at a time.
-    sync_lock: Mutex<()>,
-}
-
-impl ProjectState {
-    /// Syncs `specs` one project-wide sync at a time; the first repository
-    /// synced becomes the default workspace.
-    pub fn sync_all(&self, specs: &[RepoSpec], timeout: Duration) -> Vec<SyncResult> {
-        let _one_at_a_time = self.sync_lock.lock().unwrap_or_else(|e| e.into_inner());
-        let results: Vec<SyncResult> = specs
-            .iter()
-            .map(|spec| git::sync(&self.root, spec, self.config.allow_file_urls, timeout))
-            .collect();
-        if let Some(first_ok) = results.iter().find(|r| r.ok) {
-            let mut first = self.first_synced.lock().unwrap_or_else(|e| e.into_inner());
-            first.get_or_insert_with(|| first_ok.name.clone());
-        }
-        results
-    }
-}
-
-/// The projects of `config`; `roots[i]` is the canonical dir of project i.
-/// Each project is denied, on top of its sensitive files, `own_files` (the
-/// config, the state dir) and the dirs of other projects nested inside it.
-pub fn projects(config: &mut Config, roots: Vec<PathBuf>, own_files: &[PathBuf]) -> Vec<Arc<ProjectState>> {
-    let all_roots = roots.clone();
-    std::mem::take(&mut config.projects)
-        .into_iter()
-        .zip(roots)
-        .map(|(p, root)| {
-            let deny: Vec<PathBuf> = own_files
-                .iter()
-                .chain(all_roots.iter().filter(|other| **other != root))
-                .filter(|d| d.starts_with(&root) && **d != root)
-                .cloned()
-                .collect();
-            Arc::new(ProjectState {
-                token_digest: Sha256::digest(p.token.0.as_bytes()).into(),
-                sensitive: Sensitive::new(&p.sensitive).deny_paths(deny),
-                root,
-                config: p,
-                first_synced: Mutex::new(None),
-                sync_lock: Mutex::new(()),
-            })
-        })
-        .collect()
-}
-
-/// Signs push-mode posts with the token of the project they belong to.
-pub struct ProjectKeys(pub Vec<Arc<ProjectState>>);
-
-impl crate::outbox::Signer for ProjectKeys {
-    fn headers(&self, key: &str, _url: &str, body: &[u8]) -> Option<Vec<(String, String)>> {
-        let p = self.0.iter().find(|p| p.config.id == key)?;
-        let sig = crate::signing::sha256_hex(p.config.token.0.as_bytes(), &[body]);
-        Some(vec![("X-Aion-Signature".into(), sig)])
-    }
-}
 
 pub struct App {
     projects: Vec<Arc<ProjectState>>,
@@ -115,8 +47,7 @@ impl App {
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         let mut found = None;
         for p in &self.projects {
-            let diff = p.token_digest.iter().zip(digest).fold(0u8, |acc, (a, b)| acc | (a ^ b));
-            if std::hint::black_box(diff) == 0 {
+            if p.token_matches(&digest) {
                 found = Some(p);
             }
         }
@@ -253,9 +184,12 @@ impl App {
 
     fn act(&self, p: &Arc<ProjectState>, action: &str, args: &Payload<'_>) -> Result<Response, Response> {
         Ok(match action {
-            "ping" => {
-                ok(&Pong { ok: true, v: 1, version: VERSION, uptime: self.started.elapsed().as_secs() })
-            }
+            "ping" => ok(&Pong {
+                ok: true,
+                v: 1,
+                version: crate::version::VERSION,
+                uptime: self.started.elapsed().as_secs(),
+            }),
             "agents" => {
                 let agents: Vec<AgentEntry<'_>> = p
                     .config
@@ -419,7 +353,7 @@ impl App {
         if let Some(name) = args.string("workspace")? {
             return workspace::named(&p.root, name).map_err(refusal);
         }
-        let first = p.first_synced.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let first = p.first_synced();
         if let Some(path) = first.and_then(|name| workspace::named(&p.root, &name).ok()) {
             return Ok(path);
         }
@@ -661,23 +595,6 @@ impl Payload<'_> {
             Some(_) => Err(detail(400, "bad payload", format!("payload.{key} must be an array of strings"))),
         }
     }
-}
-
-/// Creates each project dir if missing and returns the canonical roots.
-pub fn prepare_roots(config: &Config) -> Result<Vec<PathBuf>, crate::error::Error> {
-    config
-        .projects
-        .iter()
-        .map(|p| {
-            let fail = |source| crate::error::Error::ProjectDir {
-                project: p.id.clone(),
-                path: p.dir.clone(),
-                source,
-            };
-            std::fs::create_dir_all(&p.dir).map_err(fail)?;
-            Path::new(&p.dir).canonicalize().map_err(fail)
-        })
-        .collect()
 }
 
 #[cfg(test)]

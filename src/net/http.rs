@@ -160,12 +160,13 @@ fn accept(shared: &Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
     }
     shared.open.fetch_add(1, Ordering::SeqCst);
     let worker = Arc::clone(shared);
-    let spawned = std::thread::Builder::new().stack_size(512 << 10).spawn(move || {
-        let _open = OpenGuard(&worker.open);
-        let id = worker.next_id.fetch_add(1, Ordering::Relaxed);
-        let mut conn = Conn { stream, buf: Vec::new(), peer, id, shared: &worker };
-        conn.serve();
-    });
+    let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+    let spawned =
+        std::thread::Builder::new().name(format!("conn-{id}")).stack_size(512 << 10).spawn(move || {
+            let _open = OpenGuard(&worker.open);
+            let mut conn = Conn { stream, buf: Vec::new(), peer, id, shared: &worker };
+            conn.serve();
+        });
     if let Err(e) = spawned {
         shared.open.fetch_sub(1, Ordering::SeqCst);
         error!("cannot start a connection thread: {e}");

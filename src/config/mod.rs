@@ -7,11 +7,16 @@
 //! problem can be named by its JSON path (`projects.a.token: missing`). All
 //! problems are collected, not just the first.
 
+pub mod starter;
+
 use crate::error::Error;
 use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+/// The config push mode serves when none is named (written on first run).
+pub const DEFAULT_CONFIG: &str = "aion.config.json";
 
 /// A validated config.
 #[derive(Debug)]
@@ -139,6 +144,43 @@ pub fn parse(text: &str, cwd: &Path) -> Result<(Config, Vec<String>), Vec<String
         Some(config) if c.problems.is_empty() => Ok((config, c.warnings)),
         _ => Err(c.problems),
     }
+}
+
+/// The `lease` section, one parser for push mode's config and poll mode's
+/// file: the same types and ranges, problems named by JSON path, the socket
+/// path resolved against `cwd`. Returns the settings, problems and warnings.
+pub fn lease_section(v: &serde_json::Value, cwd: &Path) -> (LeaseSettings, Vec<String>, Vec<String>) {
+    let mut c = Checker::default();
+    let settings = match serde_json::from_value::<Json>(v.clone()) {
+        Ok(json) => c.lease(&json, cwd),
+        Err(e) => {
+            c.problem("lease", e);
+            LeaseSettings::default()
+        }
+    };
+    (settings, c.problems, c.warnings)
+}
+
+/// Where the state lives: the config's `stateDir`, systemd's
+/// `$STATE_DIRECTORY`, `$XDG_STATE_HOME/aion-connector`,
+/// `~/.local/state/aion-connector`, else `./.aion-state`.
+pub fn state_dir(configured: Option<&Path>) -> PathBuf {
+    if let Some(dir) = configured {
+        return dir.to_path_buf();
+    }
+    let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+    if let Some(dir) = env("STATE_DIRECTORY") {
+        // systemd may list several, separated by ':'.
+        let first = dir.to_string_lossy().split(':').next().unwrap_or_default().to_string();
+        return PathBuf::from(first);
+    }
+    if let Some(dir) = env("XDG_STATE_HOME") {
+        return dir.join("aion-connector");
+    }
+    if let Some(home) = env("HOME") {
+        return home.join(".local/state/aion-connector");
+    }
+    PathBuf::from(".aion-state")
 }
 
 #[derive(Default)]

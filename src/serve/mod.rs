@@ -1,0 +1,117 @@
+//! Push mode's wiring: reads the config (writing a starter one on first run),
+//! prepares the projects and the state dir, opens the outbox, binds the port,
+//! prints `listening on ADDR`, serves Channel Protocol v1 through the router
+//! in [`channel`], and shuts down in order on SIGINT/SIGTERM: runs stopped
+//! (each posts its closing event), terminals hung up, leases ended, the
+//! outbox drained until the deadline.
+//!
+//! Threads: the accept loop runs on the main thread ([`crate::net::http`]
+//! names the connection threads); the domain modules name their own.
+
+mod channel;
+
+use crate::config::{self, DEFAULT_CONFIG, starter};
+use crate::delivery::outbox::Outbox;
+use crate::error::Error;
+use crate::lease::Leases;
+use crate::logging::{info, warn};
+use crate::net::http;
+use crate::project;
+use crate::runs::Runs;
+use crate::shutdown;
+use crate::terminal::Terminals;
+use crate::version::VERSION;
+use channel::App;
+use std::io::Write;
+use std::net::{TcpListener, ToSocketAddrs};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub fn run(explicit: Option<PathBuf>) -> Result<i32, Error> {
+    // First, before any other thread exists: every thread inherits the mask.
+    let shutdown = shutdown::install().map_err(|source| Error::Io { what: "signal setup", source })?;
+    raise_fd_limit();
+    let path = match explicit {
+        Some(path) => path,
+        None => {
+            let path = PathBuf::from(DEFAULT_CONFIG);
+            if !path.exists() {
+                let agents = starter::write(&path)?;
+                let shown = std::fs::canonicalize(&path).unwrap_or_else(|_| path.clone());
+                info!(
+                    "no config found: wrote a starter config to {} (mode 0600; the token is in it), agents on PATH: {}",
+                    shown.display(),
+                    if agents.is_empty() { "none".to_string() } else { agents.join(", ") }
+                );
+            }
+            path
+        }
+    };
+    let (mut config, warnings) = config::load(&path)?;
+    for w in warnings {
+        warn!("config: {w}");
+    }
+    let roots = project::prepare_roots(&config)?;
+    let state = config::state_dir(config.state_dir.as_deref());
+    std::fs::create_dir_all(&state).map_err(|source| Error::StateDir { path: state.clone(), source })?;
+    // The connector's own files are never served, whatever project dir holds them.
+    let own_files: Vec<PathBuf> =
+        [path.as_path(), state.as_path()].iter().filter_map(|p| p.canonicalize().ok()).collect();
+    let projects = project::projects(&mut config, roots, &own_files);
+    let signer = Arc::new(project::ProjectKeys(projects.clone()));
+    let outbox = Outbox::open(&state.join("outbox"), signer, config.limits.delivery)
+        .map_err(|source| Error::StateDir { path: state.clone(), source })?;
+    let addr = format!("{}:{}", config.host, config.port);
+    let bind_err = |source| Error::Bind { addr: addr.clone(), source };
+    let addrs: Vec<_> = (config.host.as_str(), config.port).to_socket_addrs().map_err(bind_err)?.collect();
+    let listener = TcpListener::bind(addrs.as_slice()).map_err(bind_err)?;
+    let local = listener.local_addr().map_err(bind_err)?;
+    let limits = config.limits.clone();
+    let count = projects.len();
+    let leases = projects
+        .iter()
+        .any(|p| p.config.agents.iter().any(|a| !a.lease_apps.is_empty()))
+        .then(|| Leases::start((&config.lease).into()));
+    let runs = Runs::new(Arc::clone(&outbox), limits.clone(), leases.clone());
+    let terminals = Terminals::new(limits.clone());
+    let app = Arc::new(App::new(projects, limits.clone(), Arc::clone(&runs), Arc::clone(&terminals)));
+    {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "listening on {local}");
+        let _ = out.flush();
+    }
+    info!("aion-connector {} serving {count} project(s) from {}", VERSION, path.display());
+    let deadline = std::cell::Cell::new(None);
+    http::serve(listener, limits.clone(), Arc::clone(&shutdown), app, || {
+        deadline.set(Some(Instant::now() + limits.shutdown));
+        runs.stop_all();
+        terminals.close_all();
+    })
+    .map_err(|source| Error::Io { what: "serving", source })?;
+    // Runs post their closing events; the outbox gets the rest of the time.
+    let deadline = deadline.get().unwrap_or_else(|| Instant::now() + limits.shutdown);
+    let left = runs.wait_idle(deadline.max(Instant::now() + limits.stop_grace + Duration::from_secs(3)));
+    if left > 0 {
+        warn!("{left} run(s) did not end in time");
+    }
+    terminals.finish();
+    if let Some(l) = &leases {
+        l.stop(Duration::from_secs(1));
+    }
+    outbox.drain(deadline);
+    info!("stopped");
+    Ok(0)
+}
+
+/// Each connection and each git run holds descriptors: lift the soft limit
+/// to the hard one (capped) so the connection cap, not EMFILE, is what binds.
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let want = hard.min(65_536);
+        if want > soft {
+            let _ = setrlimit(Resource::RLIMIT_NOFILE, want, hard);
+        }
+    }
+}
