@@ -32,6 +32,14 @@ impl ProjectState {
         std::hint::black_box(diff) == 0
     }
 
+    /// The key an `aion-connector mcp` server of this project presents on the
+    /// connector's local socket: HMAC-SHA256(project token, "aion-mcp"), so
+    /// the token itself is never written into the project dir.
+    #[expect(dead_code, reason = "seam for the mcp server and .acpxrc.json, being built on branches")]
+    pub fn mcp_key(&self) -> String {
+        crate::delivery::signing::sha256_hex(self.config.token.0.as_bytes(), &[b"aion-mcp"])
+    }
+
     /// The first repository this process synced: the default workspace.
     pub fn first_synced(&self) -> Option<String> {
         self.first_synced.lock().unwrap_or_else(|e| e.into_inner()).clone()

@@ -179,6 +179,44 @@ impl Runs {
         }
     }
 
+    /// `display_set` / `display_clear` of an agent's MCP server (`url` empty to
+    /// clear): `{"url","token","sessionId"}` POSTed to
+    /// `{callback}/internal/agent-display` through the signed, retried outbox.
+    /// Returns false when it could not be queued (logged).
+    #[expect(dead_code, reason = "seam for the mcp server's display tools, being built on a branch")]
+    pub fn display(
+        &self,
+        project: &ProjectState,
+        session: &str,
+        callback: &str,
+        token: &str,
+        url: &str,
+    ) -> bool {
+        let base = callback.trim_end_matches('/');
+        let mut body = serde_json::Map::new();
+        body.insert("url".into(), url.into());
+        body.insert("token".into(), token.into());
+        body.insert("sessionId".into(), session.into());
+        let target = format!("{base}/internal/agent-display");
+        let key = project.config.id.clone();
+        let id = format!("display-{}-{:x}", std::process::id(), crate::nonce::nonce());
+        let fallback = Fallback { url: target.clone(), key: key.clone(), body: body.clone() };
+        let record = Record {
+            url: target,
+            key,
+            seq: 0,
+            last: true,
+            body: serde_json::Value::Object(body).to_string(),
+        };
+        match self.outbox.stream(&id, &fallback).and_then(|mut s| s.push(&record)) {
+            Ok(()) => true,
+            Err(e) => {
+                error!("display for session {session}: cannot queue the post: {e}");
+                false
+            }
+        }
+    }
+
     /// Waits (bounded) until no run is left.
     pub fn wait_idle(&self, deadline: Instant) -> usize {
         while !self.active().is_empty() && Instant::now() < deadline {
