@@ -14,7 +14,16 @@ fn start(tmp: &TempDir, dir: &std::path::Path, sensitive: Option<Value>) -> Serv
     if let Some(s) = sensitive {
         project["sensitive"] = s;
     }
-    Server::start(tmp.path(), &config(json!({ "p": project }), None))
+    let srv = Server::start(tmp.path(), &config(json!({ "p": project }), None));
+    map_project_dir(&srv, TOKEN);
+    srv
+}
+
+/// `{"name":"."}` maps the project dir itself as the workspace (the baseline's
+/// way to serve a dir that is not a cloned repo).
+fn map_project_dir(srv: &Server, token: &str) {
+    let (status, v) = srv.call(token, "repos.sync", json!({"repos": [{"name": "."}]}));
+    assert_eq!(status, 200, "{v}");
 }
 
 fn file(name: &str, path: &str) -> Value {
@@ -82,7 +91,10 @@ fn tree_git_repo_uses_tracked_and_untracked_not_ignored() {
     // untracked but not ignored: listed; ignored: not listed
     write(repo.join("new.txt"), "new");
     write(repo.join("build.log"), "noise");
-    let srv = start(&tmp, &root, None);
+    let project = json!({"token": TOKEN, "dir": root.to_str().unwrap()});
+    let srv = Server::start(tmp.path(), &config(json!({ "p": project }), None));
+    let (status, v) = srv.call(TOKEN, "repos.sync", json!({"repos": [{"name": "repo"}]}));
+    assert_eq!(status, 200, "{v}");
 
     let mut want = expected_tree();
     let files = want.as_array_mut().unwrap();
@@ -300,6 +312,8 @@ fn the_connectors_own_files_and_nested_projects_are_never_served() {
         "b": {"token": "tok-b-0123456789", "dir": "./b"}
     });
     let srv = Server::start(tmp.path(), &config(projects, Some(json!({"stateDir": "./state"}))));
+    map_project_dir(&srv, "tok-a-0123456789");
+    map_project_dir(&srv, "tok-b-0123456789");
     let (status, v) = srv.call("tok-a-0123456789", "files.read", json!({"path": "notes.txt"}));
     assert_eq!((status, v["content"].as_str()), (200, Some("fine")), "{v}");
     for path in ["aion.config.json", "b/secret-plan.txt", "state/outbox/.lock"] {

@@ -190,7 +190,7 @@ fn invoke_answers_at_once_and_checks_its_payload() {
         json!({"agent": "fake", "prompt": "x", "callback": "ftp://example.invalid/"}),
         json!({"agent": "fake", "prompt": "x", "callback": "not a url"}),
         json!({"agent": "fake", "prompt": 5}),
-        json!({"agent": "fake", "prompt": "x", "repos": [{"name": "../up", "url": "https://h/r.git"}]}),
+        json!({"agent": "fake", "prompt": "x", "repos": [{"name": "up", "url": "https://h/.hidden.git"}]}),
         json!({"agent": "fake", "prompt": "x", "repos": [{"name": "r", "url": "-upload-pack=x"}]}),
         json!({"agent": "fake", "prompt": "x", "repos": "r"}),
     ] {
@@ -552,7 +552,8 @@ fn changed_lists_the_working_tree_and_the_commits_of_the_run() {
 fn payload_repos_are_synced_first_and_become_the_cwd() {
     let rig = Rig::new("repos", fake(), json!({}));
     let platform = Platform::start();
-    let origin = rig.dir.join("origin");
+    // Cloned into the url's last segment: `…/w` → `proj/w`.
+    let origin = rig.dir.join("w");
     std::fs::create_dir_all(&origin).unwrap();
     git(&origin, &["init", "-q"]);
     write(origin.join("README"), "hi\n");

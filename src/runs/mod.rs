@@ -456,7 +456,7 @@ impl<'a> Run<'a> {
                 self.events.error(&msg);
                 return format!("error ({msg})");
             }
-            cwd = self.project.root.join(&self.invoke.repos[0].name);
+            cwd = self.project.root.join(&self.invoke.repos[0].dir);
         }
         let Some(agent) = self.project.config.agents.iter().find(|a| a.name == self.invoke.agent) else {
             self.events.error("unknown agent");

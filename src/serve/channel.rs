@@ -200,15 +200,16 @@ impl App {
                 ok(&json!({ "agents": agents }))
             }
             "workspaces" => {
-                let list: Vec<Value> = workspace::list(&p.root)
+                let list: Vec<Value> = p
+                    .workspaces()
                     .into_iter()
                     .map(|(name, path)| json!({ "name": name, "path": path.display().to_string() }))
                     .collect();
                 ok(&json!({ "list": list }))
             }
             "files.tree" => {
-                let root = self.workspace(p, args)?;
                 let sub = args.string("path")?;
+                let root = self.workspace(p, args)?;
                 let listing = match sub {
                     Some(s) => workspace::resolve(&root, s, &p.sensitive).map(|r| r.rel).map_err(refusal)?,
                     None => String::new(),
@@ -217,8 +218,8 @@ impl App {
                 ok(&workspace::tree(&root, sub, &p.sensitive, git_listing).map_err(refusal)?)
             }
             "files.read" => {
-                let root = self.workspace(p, args)?;
                 let path = args.required("path")?;
+                let root = self.workspace(p, args)?;
                 ok(&workspace::read(&root, path, &p.sensitive).map_err(refusal)?)
             }
             "git.status" => {
@@ -226,8 +227,8 @@ impl App {
                 ok(&git::status(&root, self.limits.git).map_err(git_error)?)
             }
             "git.diff" => {
-                let root = self.workspace(p, args)?;
                 let paths = args.strings("paths")?;
+                let root = self.workspace(p, args)?;
                 for path in &paths {
                     workspace::check_pathspec(&root, path, &p.sensitive).map_err(refusal)?;
                 }
@@ -347,21 +348,9 @@ impl App {
         out
     }
 
-    /// The payload's `workspace`, else the first repo synced, else the first
-    /// listed, else the project dir.
+    /// The payload's `workspace`, else the first one mapped.
     fn workspace(&self, p: &ProjectState, args: &Payload<'_>) -> Result<PathBuf, Response> {
-        if let Some(name) = args.string("workspace")? {
-            return workspace::named(&p.root, name).map_err(refusal);
-        }
-        let first = p.first_synced();
-        if let Some(path) = first.and_then(|name| workspace::named(&p.root, &name).ok()) {
-            return Ok(path);
-        }
-        Ok(workspace::list(&p.root)
-            .into_iter()
-            .next()
-            .map(|(_, path)| path)
-            .unwrap_or_else(|| p.root.clone()))
+        p.workspace(args.string("workspace")?).map_err(refusal)
     }
 
     fn sync(&self, p: &ProjectState, args: &Payload<'_>) -> Result<Response, Response> {
@@ -483,9 +472,13 @@ fn repo_specs(items: &[Value], allow_file: bool) -> Result<Vec<RepoSpec>, Respon
         let need = |v: Option<String>, k: &str| {
             v.ok_or_else(|| detail(400, "bad payload", format!("payload.repos[{i}].{k} is required")))
         };
+        let name = need(field("name")?, "name")?;
+        let url = field("url")?;
+        let dir = git::repo_dir(&name, url.as_deref()).map_err(|why| detail(400, "bad payload", why))?;
         let spec = RepoSpec {
-            name: need(field("name")?, "name")?,
-            url: need(field("url")?, "url")?,
+            name,
+            dir,
+            url,
             branch: field("branch")?,
             token: field("token")?.filter(|t| !t.is_empty()),
         };
@@ -544,6 +537,7 @@ fn refusal(r: Refusal) -> Response {
         Refusal::NotAFile => err(400, "not a file"),
         Refusal::NotADirectory => err(400, "not a directory"),
         Refusal::UnknownWorkspace => err(404, "unknown workspace"),
+        Refusal::NoWorkspace => err(404, "no workspace"),
         Refusal::Io(msg) => detail(500, "io error", msg),
     }
 }

@@ -58,7 +58,7 @@ pub fn run(explicit: Option<PathBuf>) -> Result<i32, Error> {
     // The connector's own files are never served, whatever project dir holds them.
     let own_files: Vec<PathBuf> =
         [path.as_path(), state.as_path()].iter().filter_map(|p| p.canonicalize().ok()).collect();
-    let projects = project::projects(&mut config, roots, &own_files);
+    let projects = project::projects(&mut config, roots, &own_files, &state);
     let signer = Arc::new(project::ProjectKeys(projects.clone()));
     let outbox = Outbox::open(&state.join("outbox"), signer, config.limits.delivery)
         .map_err(|source| Error::StateDir { path: state.clone(), source })?;

@@ -276,8 +276,12 @@ pub fn diff(
 /// One repository to sync, as validated from the payload.
 #[derive(Clone)]
 pub struct RepoSpec {
+    /// The workspace name the platform maps (any text; `.` is the project dir).
     pub name: String,
-    pub url: String,
+    /// The clone's directory under the project dir ([`repo_dir`]), `.` for
+    /// the project dir itself.
+    pub dir: String,
+    pub url: Option<String>,
     pub branch: Option<String>,
     pub token: Option<String>,
 }
@@ -299,17 +303,40 @@ pub struct SyncResult {
 }
 
 /// Why a repo spec is refused before git is run (the caller answers 400).
+/// Where the baseline clones a repo: the URL's last path segment without
+/// `.git` (`…/app.git` → `app`), else the `name`; `{"name":"."}` without a url
+/// is the project dir itself (`.`). The result must be one plain directory
+/// name: not `.`/`..`, not hidden, not an option, at most 255 bytes.
+pub fn repo_dir(name: &str, url: Option<&str>) -> Result<String, String> {
+    let from_url = url.map(|u| {
+        let u = u.trim().trim_end_matches('/');
+        let u = u.strip_suffix(".git").unwrap_or(u);
+        u.rsplit(['/', ':']).next().unwrap_or("").to_string()
+    });
+    let dir = match from_url.filter(|d| !d.is_empty()) {
+        Some(d) => d,
+        None if name == "." => return Ok(".".into()),
+        None => name.to_string(),
+    };
+    if dir.starts_with(['.', '-']) || dir.contains(['/', '\\', '\0']) || dir.chars().any(char::is_control) {
+        return Err(format!(
+            "repo {name}: directory {dir:?} (from the url, else the name) must be one plain, non-hidden directory name"
+        ));
+    }
+    if dir.len() > 255 {
+        return Err(format!("repo {name}: directory name longer than 255 bytes"));
+    }
+    Ok(dir)
+}
+
 pub fn check_spec(spec: &RepoSpec, allow_file: bool) -> Result<(), String> {
     let n = &spec.name;
-    if n.is_empty()
-        || n.len() > 255
-        || n.starts_with('.')
-        || n.contains(['/', '\\', '\0'])
-        || n.chars().any(char::is_control)
-    {
-        return Err(format!("repo name {n:?} must be one plain path component"));
+    if n.is_empty() || n.len() > 255 || n.chars().any(char::is_control) {
+        return Err(format!("repo name {n:?} must be 1-255 characters without control characters"));
     }
-    let url = spec.url.trim();
+    let Some(url) = spec.url.as_deref().map(str::trim) else {
+        return Ok(());
+    };
     if url.is_empty() || url.starts_with('-') || url.chars().any(char::is_control) {
         return Err(format!("repo {n}: url must not be empty or start with '-'"));
     }
@@ -370,7 +397,7 @@ fn url_kind(url: &str) -> UrlKind {
 /// Clones or fast-forwards one repository under `project_root`. Never
 /// discards work: local changes or divergence are reported, nothing is reset.
 pub fn sync(project_root: &Path, spec: &RepoSpec, allow_file: bool, timeout: Duration) -> SyncResult {
-    let target = project_root.join(&spec.name);
+    let target = if spec.dir == "." { project_root.to_path_buf() } else { project_root.join(&spec.dir) };
     let mut result = SyncResult {
         name: spec.name.clone(),
         ok: false,
@@ -383,16 +410,27 @@ pub fn sync(project_root: &Path, spec: &RepoSpec, allow_file: bool, timeout: Dur
     let deadline = Instant::now() + timeout;
     let at = |cwd| Git { cwd, deadline, token: spec.token.as_deref(), allow_file };
     let meta = target.symlink_metadata();
-    let outcome = if meta.is_err() {
-        clone(&at(project_root), spec, &target)
-    } else if meta.is_ok_and(|m| m.is_dir()) && target.join(".git").exists() {
-        update(&at(&target), spec)
-    } else {
-        Err(GitError::Failed(format!(
+    let is_repo = meta.as_ref().is_ok_and(|m| m.is_dir()) && target.join(".git").exists();
+    let outcome = match spec.url.as_deref() {
+        Some(_) if meta.is_err() => clone(&at(project_root), spec, &target),
+        Some(url) if is_repo => update(&at(&target), spec, url),
+        Some(_) => Err(GitError::Failed(format!(
             "{} exists and is not a git repository (symlinks are not followed)",
-            spec.name
-        )))
+            spec.dir
+        ))),
+        // No url: only an existing directory can be mapped (the project dir
+        // for "."); nothing is fetched.
+        None if meta.as_ref().is_ok_and(|m| m.is_dir()) => Ok("mapped"),
+        None => Err(GitError::Failed(format!("{} does not exist and no url was given to clone", spec.dir))),
     };
+    if let Ok(action) = outcome
+        && !target.join(".git").exists()
+    {
+        // A plain directory mapped without git: no branch or head to report.
+        result.ok = true;
+        result.action = Some(action);
+        return result;
+    }
     match outcome {
         Ok(action) => {
             let git = at(&target);
@@ -414,7 +452,7 @@ fn clone(git: &Git<'_>, spec: &RepoSpec, target: &Path) -> Result<&'static str, 
     if let Some(b) = &spec.branch {
         args.extend(["--branch", b]);
     }
-    args.extend(["--", spec.url.trim(), &target_str]);
+    args.extend(["--", spec.url.as_deref().unwrap_or("").trim(), &target_str]);
     match git.ok(&args) {
         Ok(_) => Ok("cloned"),
         Err(e) => {
@@ -425,8 +463,8 @@ fn clone(git: &Git<'_>, spec: &RepoSpec, target: &Path) -> Result<&'static str, 
     }
 }
 
-fn update(git: &Git<'_>, spec: &RepoSpec) -> Result<&'static str, GitError> {
-    let url = spec.url.trim();
+fn update(git: &Git<'_>, spec: &RepoSpec, url: &str) -> Result<&'static str, GitError> {
+    let url = url.trim();
     let current = git.ok(&["remote", "get-url", "origin"]).map(|u| u.trim().to_string());
     if current.as_deref().ok() != Some(url) {
         // A changed url is followed; an absent origin is added.
