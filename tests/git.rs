@@ -646,3 +646,39 @@ fn a_clone_the_node_connector_made_is_reused() {
     assert_eq!(status, 200);
     assert_eq!(v, json!({"list":[{"name":"my-app","path":root.join("app").to_str().unwrap()}]}));
 }
+
+#[test]
+fn credentials_in_a_repo_url_travel_like_a_token() {
+    const PASS: &str = "PASS-in-url-SECRET";
+    let tmp = TempDir::new("urlcreds");
+    let root = tmp.join("proj");
+    let srv = start(&tmp, &root, false);
+    let (addr, seen) = fake_http_git();
+    let url = format!("http://alice:{PASS}@{addr}/org/app.git");
+    let (status, v) = sync(&srv, json!([{"name":"app","url":url}]));
+    assert_eq!(status, 422, "the fake server answers 404: {v}");
+    assert!(!v.to_string().contains(PASS), "{v}");
+    let requests = seen.lock().unwrap().clone();
+    assert!(!requests.contains(PASS), "the password in clear in a request: {requests}");
+    // alice:PASS-in-url-SECRET, as HTTP Basic credentials
+    let basic = "Authorization: Basic YWxpY2U6UEFTUy1pbi11cmwtU0VDUkVU";
+    assert!(requests.contains(basic), "no Basic credentials sent: {requests}");
+    if let Ok(cfg) = std::fs::read_to_string(root.join("app/.git/config")) {
+        assert!(!cfg.contains(PASS), "{cfg}");
+    }
+    let err = srv.wait_stderr("the repos.sync log line", |s| s.contains("repos.sync"));
+    assert!(!err.contains(PASS), "{err}");
+}
+
+#[test]
+fn a_clone_s_git_config_is_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = TempDir::new("cfgmode");
+    let up = Upstream::new(&tmp, "up", "main", "v1\n");
+    let root = tmp.join("proj");
+    let srv = start(&tmp, &root, true);
+    let (status, v) = sync(&srv, json!([{"name":"r","url":up.url()}]));
+    assert_eq!(status, 200, "{v}");
+    let mode = std::fs::metadata(root.join("up/.git/config")).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+}

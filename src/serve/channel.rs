@@ -473,15 +473,17 @@ fn repo_specs(items: &[Value], allow_file: bool) -> Result<Vec<RepoSpec>, Respon
             v.ok_or_else(|| detail(400, "bad payload", format!("payload.repos[{i}].{k} is required")))
         };
         let name = need(field("name")?, "name")?;
-        let url = field("url")?;
-        let dir = git::repo_dir(&name, url.as_deref()).map_err(|why| detail(400, "bad payload", why))?;
-        let spec = RepoSpec {
-            name,
-            dir,
-            url,
-            branch: field("branch")?,
-            token: field("token")?.filter(|t| !t.is_empty()),
+        // Credentials in the url travel like `token`, never in argv or on disk.
+        let (url, userinfo) = match field("url")? {
+            Some(u) => {
+                let (stripped, info) = git::split_userinfo(&u);
+                (Some(stripped), info)
+            }
+            None => (None, None),
         };
+        let dir = git::repo_dir(&name, url.as_deref()).map_err(|why| detail(400, "bad payload", why))?;
+        let token = field("token")?.filter(|t| !t.is_empty()).or(userinfo);
+        let spec = RepoSpec { name, dir, url, branch: field("branch")?, token };
         git::check_spec(&spec, allow_file).map_err(|why| detail(400, "bad payload", why))?;
         specs.push(spec);
     }

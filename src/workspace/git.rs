@@ -69,7 +69,12 @@ impl Git<'_> {
             ("credential.interactive", "false".into()),
         ];
         if let Some(token) = self.token {
-            let basic = base64(format!("x-access-token:{token}").as_bytes());
+            // `user:password` (from a url's userinfo, or a token such as
+            // `oauth2:glpat-…`) is sent as it is; a bare token as GitHub's
+            // `x-access-token:TOKEN`.
+            let credentials =
+                if token.contains(':') { token.to_string() } else { format!("x-access-token:{token}") };
+            let basic = base64(credentials.as_bytes());
             config.push(("http.extraHeader", format!("Authorization: Basic {basic}")));
         }
         cmd.env("GIT_CONFIG_COUNT", config.len().to_string());
@@ -303,6 +308,37 @@ pub struct SyncResult {
 }
 
 /// Why a repo spec is refused before git is run (the caller answers 400).
+/// Takes the credentials out of `scheme://user:pass@host/…`: the url without
+/// them, and `user:pass` percent-decoded (None when the url has none). They
+/// then travel like a repo `token` (an HTTP header through the environment):
+/// never in git's argv, `.git/config` or a log.
+pub fn split_userinfo(url: &str) -> (String, Option<String>) {
+    let Some(start) = url.find("://").map(|i| i + 3) else { return (url.to_string(), None) };
+    let rest = &url[start..];
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let Some(at) = rest[..end].rfind('@') else { return (url.to_string(), None) };
+    let info = percent_decode(&rest[..at]);
+    let stripped = format!("{}{}", &url[..start], &rest[at + 1..]);
+    (stripped, Some(info).filter(|i| !i.is_empty() && i != ":"))
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let hex = |j: usize| b.get(j).and_then(|c| (*c as char).to_digit(16));
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if let (b'%', Some(hi), Some(lo)) = (b[i], hex(i + 1), hex(i + 2)) {
+            out.push((hi * 16 + lo) as u8);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// Where the baseline clones a repo: the URL's last path segment without
 /// `.git` (`…/app.git` → `app`), else the `name`; `{"name":"."}` without a url
 /// is the project dir itself (`.`). The result must be one plain directory
@@ -454,7 +490,14 @@ fn clone(git: &Git<'_>, spec: &RepoSpec, target: &Path) -> Result<&'static str, 
     }
     args.extend(["--", spec.url.as_deref().unwrap_or("").trim(), &target_str]);
     match git.ok(&args) {
-        Ok(_) => Ok("cloned"),
+        Ok(_) => {
+            // Owner-only, whatever the umask: it names the remote.
+            let _ = std::fs::set_permissions(
+                target.join(".git/config"),
+                std::os::unix::fs::PermissionsExt::from_mode(0o600),
+            );
+            Ok("cloned")
+        }
         Err(e) => {
             // Only what this clone created is removed (the target did not exist).
             let _ = std::fs::remove_dir_all(target);
@@ -544,6 +587,17 @@ mod tests {
         assert_eq!(url_kind("/srv/x"), UrlKind::Local);
         assert_eq!(url_kind("./a:b"), UrlKind::Local);
         assert_eq!(url_kind("ftp://x/y"), UrlKind::Unknown("ftp".into()));
+    }
+
+    #[test]
+    fn userinfo_is_taken_out_of_urls() {
+        assert_eq!(
+            split_userinfo("https://u%40x:p%3Ass@host/org/r.git"),
+            ("https://host/org/r.git".to_string(), Some("u@x:p:ss".to_string()))
+        );
+        assert_eq!(split_userinfo("https://tok@h/r"), ("https://h/r".to_string(), Some("tok".to_string())));
+        assert_eq!(split_userinfo("https://h/a@b"), ("https://h/a@b".to_string(), None));
+        assert_eq!(split_userinfo("git@github.com:a/b.git"), ("git@github.com:a/b.git".to_string(), None));
     }
 
     #[test]
