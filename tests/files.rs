@@ -241,6 +241,26 @@ fn read_path_traversal() {
 }
 
 #[test]
+fn impossible_names_are_4xx_not_server_errors() {
+    let tmp = TempDir::new("longname");
+    let root = tmp.join("proj");
+    write(root.join("hello.txt"), "hello");
+    let srv = start(&tmp, &root, None);
+    let long = "x".repeat(256);
+    for (path, want) in [
+        (long.clone(), 400),
+        (format!("a/{long}/b"), 400),
+        ("y/".repeat(2100), 400),
+        ("hello.txt/inside".to_string(), 404),
+    ] {
+        for action in ["files.read", "files.tree"] {
+            let (status, text) = srv.post(&request_body(TOKEN, action, json!({"path": path})));
+            assert_eq!(status, want, "{action} {:.40}: {text}", path);
+        }
+    }
+}
+
+#[test]
 fn read_sensitive_denied_and_lookalikes_readable() {
     let tmp = TempDir::new("sensitive");
     let root = tmp.join("proj");

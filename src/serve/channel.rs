@@ -403,17 +403,14 @@ impl App {
             return Err(detail(400, "bad payload", "payload.model must not be empty or start with '-'"));
         }
         let callback = args.string("callback")?;
-        if let Some(url) = callback {
-            let lower = url.to_ascii_lowercase();
-            if !(lower.starts_with("http://") || lower.starts_with("https://"))
-                || url.chars().any(char::is_whitespace)
-            {
-                return Err(detail(
-                    400,
-                    "bad payload",
-                    "payload.callback must be an http:// or https:// URL",
-                ));
-            }
+        if let Some(url) = callback
+            && !is_http_url(url)
+        {
+            return Err(detail(
+                400,
+                "bad payload",
+                "payload.callback must be an http:// or https:// URL with a host and a port 1-65535",
+            ));
         }
         let repos = match args.0.get("repos") {
             None | Some(Value::Null) => Vec::new(),
@@ -448,6 +445,32 @@ impl App {
             }),
         }
     }
+}
+
+/// `http[s]://host[:port][/…]` with a host and, if given, a port 1-65535; no
+/// whitespace or control characters anywhere.
+fn is_http_url(url: &str) -> bool {
+    let lower = url.to_ascii_lowercase();
+    let Some(rest) = lower.strip_prefix("http://").or_else(|| lower.strip_prefix("https://")) else {
+        return false;
+    };
+    if url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return false;
+    }
+    let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, hp)| hp);
+    let (host, port) = match host_port.strip_prefix('[') {
+        // [v6]:port
+        Some(v6) => match v6.split_once(']') {
+            Some((h, p)) => (h, p.strip_prefix(':')),
+            None => return false,
+        },
+        None => match host_port.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (host_port, None),
+        },
+    };
+    !host.is_empty() && port.is_none_or(|p| p.parse::<u16>().is_ok_and(|n| n > 0))
 }
 
 /// `payload.repos` validated into specs (400 naming the first problem).
@@ -540,6 +563,9 @@ fn refusal(r: Refusal) -> Response {
         Refusal::NotADirectory => err(400, "not a directory"),
         Refusal::UnknownWorkspace => err(404, "unknown workspace"),
         Refusal::NoWorkspace => err(404, "no workspace"),
+        Refusal::TooLong => {
+            detail(400, "bad payload", "a path name is longer than 255 bytes or the path than 4096")
+        }
         Refusal::Io(msg) => detail(500, "io error", msg),
     }
 }
@@ -595,6 +621,27 @@ impl Payload<'_> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn callback_urls_need_a_host_and_a_real_port() {
+        for good in
+            ["http://h", "https://h:443/x", "http://127.0.0.1:8080", "http://[::1]:9/p", "http://u:p@h:1"]
+        {
+            assert!(super::is_http_url(good), "{good}");
+        }
+        for bad in [
+            "ftp://h",
+            "http://",
+            "http://h:99999",
+            "http://h:0",
+            "http://h:x",
+            "http://:80",
+            "http://h /x",
+            "http://[::1",
+        ] {
+            assert!(!super::is_http_url(bad), "{bad}");
+        }
+    }
+
     #[test]
     fn queries_decode() {
         let q = super::parse_query("token=a%2Bb%3D&session=my+id&x&bad=%zz%4");

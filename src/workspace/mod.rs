@@ -27,6 +27,8 @@ pub enum Refusal {
     UnknownWorkspace,
     /// Nothing is mapped yet: the platform is expected to `repos.sync`.
     NoWorkspace,
+    /// A name over 255 bytes or a path over 4096: no file can have it.
+    TooLong,
     Io(String),
 }
 
@@ -122,9 +124,13 @@ pub fn resolve(root: &Path, asked: &str, sensitive: &Sensitive) -> Result<Resolv
     if asked.contains('\0') || asked.starts_with('/') {
         return Err(Refusal::Traversal);
     }
+    if asked.len() > 4096 {
+        return Err(Refusal::TooLong);
+    }
     let mut depth: usize = 0;
     for c in Path::new(asked).components() {
         match c {
+            Component::Normal(name) if name.len() > 255 => return Err(Refusal::TooLong),
             Component::Normal(_) => depth += 1,
             Component::ParentDir => depth = depth.checked_sub(1).ok_or(Refusal::Traversal)?,
             Component::CurDir => {}
@@ -146,7 +152,14 @@ pub fn resolve(root: &Path, asked: &str, sensitive: &Sensitive) -> Result<Resolv
                 None => Err(Refusal::Traversal),
             };
         }
-        Err(e) => return Err(Refusal::Io(e.to_string())),
+        Err(e) => {
+            return Err(match e.raw_os_error().map(nix::errno::Errno::from_raw) {
+                // through a file (`a.txt/x`), or a symlink loop: nothing there
+                Some(nix::errno::Errno::ENOTDIR | nix::errno::Errno::ELOOP) => Refusal::NotFound,
+                Some(nix::errno::Errno::ENAMETOOLONG) => Refusal::TooLong,
+                _ => Refusal::Io(e.to_string()),
+            });
+        }
     };
     let rel = inside(root, &real).ok_or(Refusal::Traversal)?;
     if sensitive.matches(&rel) || sensitive.denies(&real) {
