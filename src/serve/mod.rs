@@ -52,6 +52,9 @@ pub fn run(explicit: Option<PathBuf>) -> Result<i32, Error> {
     for w in warnings {
         warn!("config: {w}");
     }
+    for w in config::advice(&path, &config) {
+        warn!("config: {w}");
+    }
     let roots = project::prepare_roots(&config)?;
     let state = config::state_dir(config.state_dir.as_deref());
     std::fs::create_dir_all(&state).map_err(|source| Error::StateDir { path: state.clone(), source })?;
