@@ -183,7 +183,6 @@ impl Runs {
     /// clear): `{"url","token","sessionId"}` POSTed to
     /// `{callback}/internal/agent-display` through the signed, retried outbox.
     /// Returns false when it could not be queued (logged).
-    #[expect(dead_code, reason = "seam for the mcp server's display tools, being built on a branch")]
     pub fn display(
         &self,
         project: &ProjectState,
