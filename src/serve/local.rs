@@ -8,6 +8,7 @@
 //! connection's thread.
 
 use crate::background::{Background, Refused};
+use crate::delivery::client::is_http_url;
 use crate::error::Error;
 use crate::logging::info;
 use crate::net::local::{self, Op, Request, refusal};
@@ -90,13 +91,10 @@ impl Local {
                 if callback.is_empty() {
                     return refusal("no_callback", "no callback URL (AION_CALLBACK is empty)");
                 }
-                let lower = callback.to_ascii_lowercase();
-                if !(lower.starts_with("http://") || lower.starts_with("https://"))
-                    || callback.chars().any(char::is_whitespace)
-                {
+                if !is_http_url(&callback) {
                     return refusal(
                         "bad_request",
-                        "the callback (AION_CALLBACK) must be an http:// or https:// URL",
+                        "the callback (AION_CALLBACK) must be an http:// or https:// URL with a host",
                     );
                 }
                 if self.runs.display(project, &session, &callback, &token, &url) {
