@@ -142,6 +142,12 @@ impl Outbox {
         Ok(Stream { file, state })
     }
 
+    /// Whether stream `id` still has posts to deliver (its spool file is
+    /// removed once the stream is done, delivered or given up on).
+    pub fn pending(&self, id: &str) -> bool {
+        self.path(id, "q").exists()
+    }
+
     /// Re-delivers a spooled stream, first closing it if its writer never did.
     fn resume(self: &Arc<Self>, id: &str) -> io::Result<usize> {
         let q = self.path(id, "q");

@@ -97,10 +97,9 @@ impl Local {
                         "the callback (AION_CALLBACK) must be an http:// or https:// URL with a host",
                     );
                 }
-                if self.runs.display(project, &session, &callback, &token, &url) {
-                    json!({"ok": true})
-                } else {
-                    refusal("internal", "the post could not be queued (see the connector's log)")
+                match self.runs.display(project, &session, &callback, &token, &url) {
+                    Ok(()) => json!({"ok": true}),
+                    Err(why) => refusal("display", &why),
                 }
             }
         }
