@@ -24,6 +24,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+/// The socket's file name in the state dir (`AION_CONNECTOR_SOCKET` of the
+/// MCP servers is its absolute path).
+pub const SOCKET_FILE: &str = "mcp.sock";
 /// The longest request line; past it the connection gets an error and is closed.
 pub const MAX_REQUEST: usize = 64 << 10;
 /// The longest answer line a client reads.

@@ -19,23 +19,21 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
-/// The socket's file name in the state dir.
-pub const SOCKET: &str = "mcp.sock";
-
 struct Local {
     projects: Vec<Arc<ProjectState>>,
     background: Arc<Background>,
     runs: Arc<Runs>,
 }
 
-/// Binds `<state>/mcp.sock` and serves it until the server is stopped.
+/// Binds `<state>/mcp.sock` ([`local::SOCKET_FILE`]) and serves it until the server is stopped.
 pub fn start(
     state: &Path,
     projects: Vec<Arc<ProjectState>>,
     background: Arc<Background>,
     runs: Arc<Runs>,
 ) -> Result<local::Server, Error> {
-    let path = state.join(SOCKET);
+    // Absolute: the MCP servers find it from the project dir.
+    let path = state.canonicalize().unwrap_or_else(|_| state.to_path_buf()).join(local::SOCKET_FILE);
     let fail = |source| Error::StateDir { path: path.clone(), source };
     let listener = local::bind(&path).map_err(fail)?;
     let me = Local { projects, background, runs };
