@@ -9,9 +9,9 @@
 //! exited one is forgotten after [`KEEP_EXITED`].
 //!
 //! Each process is a [`supervise::Child`] marked `AION_BG_ID` (its escapees
-//! are swept when it ends) and `AION_BG_OWNER=<state dir>`: what a connector
-//! killed without a chance to shut down left behind is swept by the next one
-//! on the same state dir ([`Background::sweep_leftovers`]).
+//! are swept when it ends); like every child it carries the connector's
+//! instance mark, so what a killed connector left running is ended by the
+//! next one on the same state dir ([`crate::process::instance`]).
 //!
 //! Threads of a process, named after its pid, both owned by its entry:
 //! - `bg-out-PID`: reads the output pipe into the ring; ends at end of file or
@@ -208,8 +208,6 @@ impl Proc {
 pub struct Background {
     per_project: usize,
     grace: Duration,
-    /// `AION_BG_OWNER=<state dir>`: carried by every process started here.
-    owner: String,
     procs: Mutex<HashMap<i32, Arc<Proc>>>,
     /// Set (under the `procs` lock) when shutdown begins: no new process starts.
     closing: AtomicBool,
@@ -218,13 +216,12 @@ pub struct Background {
 }
 
 impl Background {
-    /// `state_dir` names the owner of the processes for
-    /// [`Background::sweep_leftovers`]; `grace` is between SIGTERM and SIGKILL.
-    pub fn new(per_project: usize, grace: Duration, state_dir: &Path) -> Arc<Background> {
+    /// At most `per_project` running per project; `grace` is between SIGTERM
+    /// and SIGKILL.
+    pub fn new(per_project: usize, grace: Duration) -> Arc<Background> {
         Arc::new(Background {
             per_project,
             grace,
-            owner: state_dir.display().to_string(),
             procs: Mutex::new(HashMap::new()),
             closing: AtomicBool::new(false),
             closed_at: Mutex::new(None),
@@ -234,16 +231,6 @@ impl Background {
 
     fn procs(&self) -> MutexGuard<'_, HashMap<i32, Arc<Proc>>> {
         self.procs.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Ends what an earlier connector on this state dir, killed without a
-    /// chance to shut down, left running. Returns how many were found.
-    pub fn sweep_leftovers(&self) -> usize {
-        let n = supervise::sweep(&format!("AION_BG_OWNER={}", self.owner), self.grace);
-        if n > 0 {
-            warn!("ended {n} background process(es) left behind by an earlier connector");
-        }
-        n
     }
 
     /// Starts `sh -c command` in `cwd` (relative to the project dir; None or
@@ -290,8 +277,7 @@ impl Background {
                 .current_dir(dir)
                 .stdin(Stdio::null())
                 .stdout(writer)
-                .stderr(err_writer)
-                .env("AION_BG_OWNER", &self.owner);
+                .stderr(err_writer);
             // `cmd` holds the write ends; it is dropped at the end of this
             // block, so the reader sees end of file once the process is gone.
             Child::spawn(&mut cmd, "AION_BG_ID", &marker).map_err(|e| Refused::Spawn(e.to_string()))?

@@ -91,8 +91,7 @@ pub fn run(explicit: Option<PathBuf>) -> Result<i32, Error> {
         .then(|| Leases::start((&config.lease).into()));
     let runs = Runs::new(Arc::clone(&outbox), limits.clone(), leases.clone());
     let terminals = Terminals::new(limits.clone());
-    let background = Background::new(limits.background_per_project, limits.stop_grace, &state);
-    background.sweep_leftovers();
+    let background = Background::new(limits.background_per_project, limits.stop_grace);
     let socket = local::start(&state, projects.clone(), Arc::clone(&background), Arc::clone(&runs))?;
     let app = Arc::new(App::new(projects, limits.clone(), Arc::clone(&runs), Arc::clone(&terminals)));
     {
