@@ -4,7 +4,7 @@
 # Idempotent: running it again replaces the binary and the unit when they
 # differ, and never touches an existing config file.
 #
-#   sh install.sh [--prefix DIR] [--binary PATH] [--config PATH] [--user NAME]
+#   sh install.sh [--prefix DIR] [--binary PATH|DIR] [--config PATH] [--user NAME]
 #                 [--public] [--no-systemd] [--print-unit]
 #
 # See `sh install.sh --help`.
@@ -14,7 +14,6 @@ UNIT_PATH=/etc/systemd/system/aion-connector.service
 UNIT_NAME=aion-connector.service
 STATE_DIR=/var/lib/aion-connector
 WORKSPACE_DIR=$STATE_DIR/workspace
-MUSL_TARGET=x86_64-unknown-linux-musl
 
 PREFIX=/usr/local
 BINARY=
@@ -39,6 +38,8 @@ Options:
   --prefix DIR     install prefix (default /usr/local); the binary goes to
                    DIR/bin/aion-connector
   --binary PATH    install this binary instead of building from this checkout
+  --binary DIR     install DIR/aion-connector-ARCH, ARCH being this machine's
+                   (uname -m: x86_64 or aarch64)
   --config PATH    config file (default /etc/aion-connector/aion.config.json);
                    an existing file is never modified
   --user NAME      run the service as NAME (default aion-connector, a system
@@ -51,9 +52,12 @@ Options:
   -h, --help       show this help
 
 Without --binary the script runs `cargo build --release` in the checkout it
-lives in (for x86_64-unknown-linux-musl when that target is installed).
+lives in (for ARCH-unknown-linux-musl when that target is installed).
 If cargo is only on your user's PATH, build first and then run
   sudo sh install.sh --binary target/x86_64-unknown-linux-musl/release/aion-connector
+A directory of static binaries, one per machine, serves every machine:
+  dist/aion-connector-x86_64  dist/aion-connector-aarch64
+  sudo sh install.sh --binary dist
 EOF
 }
 
@@ -173,6 +177,32 @@ source_dir() {
 	(cd -- "$script_dir" && pwd -P)
 }
 
+# This machine's architecture as Rust and the binaries name it: x86_64,
+# aarch64 (which some systems call arm64), or whatever uname -m says.
+machine_arch() {
+	arch=$(uname -m)
+	case $arch in
+	arm64 | armv8*) arch=aarch64 ;;
+	amd64) arch=x86_64 ;;
+	esac
+	printf '%s\n' "$arch"
+}
+
+# --binary DIR: set BINARY to DIR/aion-connector-ARCH for this machine.
+pick_binary() {
+	dir=${BINARY%/}
+	arch=$(machine_arch)
+	BINARY=$dir/aion-connector-$arch
+	if [ ! -f "$BINARY" ]; then
+		found=
+		for f in "$dir"/aion-connector-*; do
+			[ -f "$f" ] && found="$found ${f##*/}"
+		done
+		die "no binary for this machine ($arch) in $dir: expected aion-connector-$arch${found:+ (found:$found)}"
+	fi
+	say "$arch machine: using $BINARY"
+}
+
 # Build with cargo and set BINARY to the result.
 build_binary() {
 	src=$(source_dir)
@@ -180,11 +210,12 @@ build_binary() {
 	command -v cargo >/dev/null 2>&1 ||
 		die "cargo not found on PATH; build first (cargo build --release) and use --binary PATH"
 
+	musl=$(machine_arch)-unknown-linux-musl
 	target=
-	if [ "$(uname -m)" = x86_64 ] && command -v rustc >/dev/null 2>&1; then
+	if command -v rustc >/dev/null 2>&1; then
 		sysroot=$(rustc --print sysroot 2>/dev/null || true)
-		if [ -n "$sysroot" ] && [ -d "$sysroot/lib/rustlib/$MUSL_TARGET" ]; then
-			target=$MUSL_TARGET
+		if [ -n "$sysroot" ] && [ -d "$sysroot/lib/rustlib/$musl" ]; then
+			target=$musl
 		fi
 	fi
 
@@ -199,7 +230,7 @@ build_binary() {
 		(cd -- "$src" && cargo build --release --target "$target")
 		BINARY=$target_dir/$target/release/aion-connector
 	else
-		say "building in $src (cargo build --release; the $MUSL_TARGET target is not installed)"
+		say "building in $src (cargo build --release; the $musl target is not installed)"
 		(cd -- "$src" && cargo build --release)
 		BINARY=$target_dir/release/aion-connector
 	fi
@@ -208,6 +239,8 @@ build_binary() {
 install_binary() {
 	if [ -z "$BINARY" ]; then
 		build_binary
+	elif [ -d "$BINARY" ]; then
+		pick_binary
 	fi
 	[ -f "$BINARY" ] || die "binary not found: $BINARY"
 
@@ -558,6 +591,7 @@ main() {
 	fi
 	install_unit
 	say "check the config with: $PREFIX/bin/aion-connector check $CONFIG"
+	say "check the whole setup with: $PREFIX/bin/aion-connector doctor $CONFIG"
 }
 
 main "$@"
