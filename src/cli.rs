@@ -2,14 +2,15 @@
 //! `aion-connector [CONFIG]` serves push mode (the Node original's CLI,
 //! [`crate::serve`]), `poll` runs poll mode ([`crate::poll`]), `lease` wraps a
 //! command in Aion leases ([`crate::lease::wrap`]), `mcp` is the agents' MCP
-//! server ([`crate::mcp`]); `check [CONFIG]` validates a config here.
+//! server ([`crate::mcp`]), `doctor` checks the machine ([`crate::doctor`]);
+//! `check [CONFIG]` validates a config here.
 
-use crate::config::{self, DEFAULT_CONFIG, starter};
+use crate::config::{self, DEFAULT_CONFIG};
+use crate::doctor::Level;
 use crate::error::Error;
 use crate::version::VERSION;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 const HELP: &str = "\
 aion-connector — serve AI coding agents from this machine (Channel Protocol v1)
@@ -17,6 +18,9 @@ aion-connector — serve AI coding agents from this machine (Channel Protocol v1
 Usage:
   aion-connector [CONFIG]          serve push mode (HTTP on the config's host:port)
   aion-connector check [CONFIG]    validate CONFIG and name every problem
+  aion-connector doctor [--unit FILE] [CONFIG]
+                                   check this machine for serving CONFIG: one
+                                   line per check, OK/WARN/FAIL and the fix
   aion-connector poll [--config FILE]
                                    poll mode: take instructions from a server
   aion-connector lease --app KEY [--app KEY…] [--seconds N] [--socket PATH]
@@ -105,6 +109,7 @@ pub fn run(args: Vec<OsString>) -> Result<i32, Error> {
         ["check"] => check(Path::new(DEFAULT_CONFIG)),
         ["check", path] if !path.starts_with('-') => check(Path::new(path)),
         ["check", ..] => Err(Error::Usage("usage: aion-connector check [CONFIG]".into())),
+        ["doctor", rest @ ..] => crate::doctor::run(rest),
         ["poll", rest @ ..] => poll(rest),
         ["lease", rest @ ..] => crate::lease::wrap::run(rest),
         ["mcp", "-h" | "--help"] => {
@@ -157,54 +162,13 @@ fn check(path: &Path) -> Result<i32, Error> {
         eprintln!("warning: {w}");
     }
     let path_var = std::env::var_os("PATH").unwrap_or_default();
-    let mut uses_acpx = false;
-    for p in &config.projects {
-        for a in &p.agents {
-            let at = format!("projects.{}.agents.{}", p.id, a.name);
-            match &a.command {
-                Some(argv) if !argv[0].contains('/') && !starter::on_path(&path_var, &argv[0]) => {
-                    eprintln!("note: {at}.command: `{}` is not on PATH", argv[0]);
-                }
-                Some(_) => {}
-                None => {
-                    uses_acpx = true;
-                    if !starter::on_path(&path_var, &a.name) {
-                        eprintln!(
-                            "note: {at}: `{}` is not on PATH (acpx may still find its ACP adapter)",
-                            a.name
-                        );
-                    }
-                }
-            }
-        }
-    }
-    if uses_acpx {
-        match tool_version("acpx") {
-            Some(v) => eprintln!("note: acpx {v}"),
-            None => eprintln!(
-                "note: acpx is not on PATH: invoke will fail (npm install -g acpx; it needs Node.js 22+)"
-            ),
-        }
-        match tool_version("node") {
-            Some(v) if node_major(&v).is_some_and(|m| m < 22) => {
-                eprintln!("note: node {v} is older than the Node.js 22 that acpx 0.19 needs")
-            }
-            Some(_) => {}
-            None => eprintln!("note: node is not on PATH: acpx needs Node.js 22+"),
+    for f in crate::doctor::tools::findings(&config, &path_var) {
+        match (f.level, f.topic) {
+            (Level::Ok, "acpx") => eprintln!("note: {}", f.text),
+            (Level::Ok | Level::Skip, _) => {}
+            (_, _) => eprintln!("note: {} ({})", f.text, f.fix.as_deref().unwrap_or("")),
         }
     }
     println!("ok: {}: {} project(s)", path.display(), config.projects.len());
     Ok(0)
-}
-
-/// `TOOL --version`'s first line (bounded: 10 s), or None if it cannot run.
-fn tool_version(tool: &str) -> Option<String> {
-    let mut cmd = std::process::Command::new(tool);
-    cmd.arg("--version");
-    let out = crate::process::run(&mut cmd, Duration::from_secs(10), 4096).ok().filter(|o| o.success())?;
-    Some(String::from_utf8_lossy(&out.stdout).lines().next()?.trim().to_string())
-}
-
-fn node_major(version: &str) -> Option<u32> {
-    version.trim_start_matches('v').split('.').next()?.parse().ok()
 }

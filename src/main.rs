@@ -5,7 +5,7 @@
 //! - command line: [`cli`];
 //! - mode wiring: [`serve`] (push mode, its router and its local socket),
 //!   [`poll`], [`mcp`] (the agents' MCP server), the `lease` command in
-//!   [`lease::wrap`];
+//!   [`lease::wrap`], [`doctor`] (the machine's checks);
 //! - domain: [`project`], [`workspace`], [`runs`], [`terminal`],
 //!   [`background`], [`poll`]'s sessions, [`lease`]'s holder;
 //! - mechanisms: [`process`] (groups, supervision, PTY), [`delivery`] (outbox,
@@ -17,6 +17,7 @@ mod background;
 mod cli;
 mod config;
 mod delivery;
+mod doctor;
 mod error;
 mod lease;
 mod logging;

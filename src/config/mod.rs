@@ -149,29 +149,45 @@ pub fn parse(text: &str, cwd: &Path) -> Result<(Config, Vec<String>), Vec<String
     }
 }
 
+/// One thing allowed but unsafe about a config, and what to do about it.
+/// Shown as `problem: fix`.
+#[derive(Debug)]
+pub struct Advice {
+    pub problem: String,
+    pub fix: String,
+}
+
+impl fmt::Display for Advice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.problem, self.fix)
+    }
+}
+
 /// What is allowed but unsafe about a loaded config, one line each: a file
 /// readable by group or others (it holds the tokens), tokens short enough to
 /// guess (a token opens a shell on this machine).
-pub fn advice(path: &Path, config: &Config) -> Vec<String> {
+pub fn advice(path: &Path, config: &Config) -> Vec<Advice> {
     use std::os::unix::fs::MetadataExt;
     let mut out = Vec::new();
     if let Ok(meta) = std::fs::metadata(path)
         && meta.mode() & 0o077 != 0
     {
-        out.push(format!(
-            "{} is readable by {} (mode {:o}) and holds the tokens: chmod 600 {}",
-            path.display(),
-            if meta.mode() & 0o007 != 0 { "others" } else { "its group" },
-            meta.mode() & 0o777,
-            path.display()
-        ));
+        out.push(Advice {
+            problem: format!(
+                "{} is readable by {} (mode {:o}) and holds the tokens",
+                path.display(),
+                if meta.mode() & 0o007 != 0 { "others" } else { "its group" },
+                meta.mode() & 0o777,
+            ),
+            fix: format!("chmod 600 {}", path.display()),
+        });
     }
     for p in &config.projects {
         if p.token.0.chars().count() < 32 {
-            out.push(format!(
-                "projects.{}.token is shorter than 32 characters: a token opens a shell here, make it long and random",
-                p.id
-            ));
+            out.push(Advice {
+                problem: format!("projects.{}.token is shorter than 32 characters", p.id),
+                fix: "a token opens a shell here, make it long and random".into(),
+            });
         }
     }
     out

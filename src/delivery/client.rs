@@ -14,27 +14,39 @@ use ureq::unversioned::transport::{DefaultConnector, NextTimeout};
 /// `http[s]://host[:port][/…]` with a host and, if given, a port 1-65535; no
 /// whitespace or control characters anywhere.
 pub fn is_http_url(url: &str) -> bool {
+    http_origin(url).is_some()
+}
+
+/// Where an `http[s]://` URL connects: the host (an IPv6 literal without its
+/// brackets) and the port (80 or 443 unless given), lowercased; None for
+/// anything [`is_http_url`] refuses. The user info is never part of it.
+pub fn http_origin(url: &str) -> Option<(String, u16)> {
     let lower = url.to_ascii_lowercase();
-    let Some(rest) = lower.strip_prefix("http://").or_else(|| lower.strip_prefix("https://")) else {
-        return false;
+    let (rest, default_port) = match lower.strip_prefix("http://") {
+        Some(rest) => (rest, 80),
+        None => (lower.strip_prefix("https://")?, 443),
     };
     if url.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return false;
+        return None;
     }
     let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
     let host_port = authority.rsplit_once('@').map_or(authority, |(_, hp)| hp);
     let (host, port) = match host_port.strip_prefix('[') {
         // [v6]:port
-        Some(v6) => match v6.split_once(']') {
-            Some((h, p)) => (h, p.strip_prefix(':')),
-            None => return false,
-        },
+        Some(v6) => {
+            let (h, p) = v6.split_once(']')?;
+            (h, p.strip_prefix(':'))
+        }
         None => match host_port.rsplit_once(':') {
             Some((h, p)) => (h, Some(p)),
             None => (host_port, None),
         },
     };
-    !host.is_empty() && port.is_none_or(|p| p.parse::<u16>().is_ok_and(|n| n > 0))
+    let port = match port {
+        None => default_port,
+        Some(p) => p.parse::<u16>().ok().filter(|&n| n > 0)?,
+    };
+    (!host.is_empty()).then(|| (host.to_string(), port))
 }
 
 pub struct Client {
@@ -132,5 +144,21 @@ impl Resolver for CachingResolver {
         let addrs = self.inner.resolve(uri, config, timeout)?;
         self.cache.lock().unwrap_or_else(|p| p.into_inner()).insert(key, (Instant::now(), addrs.clone()));
         Ok(addrs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::http_origin;
+
+    #[test]
+    fn origins() {
+        let o = |u: &str| http_origin(u).map(|(h, p)| format!("{h} {p}"));
+        assert_eq!(o("http://Example.COM/x").as_deref(), Some("example.com 80"));
+        assert_eq!(o("https://u:p@h:8443/internal/agent-stream").as_deref(), Some("h 8443"));
+        assert_eq!(o("https://[::1]/").as_deref(), Some("::1 443"));
+        for bad in ["ftp://h/", "http://", "http://h:0/", "http://h:99999/", "http://h /"] {
+            assert_eq!(o(bad), None, "{bad}");
+        }
     }
 }

@@ -337,6 +337,44 @@ impl Outbox {
     }
 }
 
+/// What a spool directory holds undelivered, read without taking it over
+/// (`aion-connector doctor` reads the spool of a running connector): per
+/// stream id, the URL of each post past its delivered offset (`<id>.pos`),
+/// plus its fallback close (`<id>.close`) when the stream has no final post
+/// yet. Streams come sorted by id; an unreadable file is an error.
+pub fn undelivered(dir: &Path) -> io::Result<Vec<(String, Vec<String>)>> {
+    let mut ids: Vec<String> = std::fs::read_dir(dir)?
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().into_string().ok()?.strip_suffix(".q").map(str::to_string))
+        .collect();
+    ids.sort();
+    let mut out = Vec::new();
+    for id in ids {
+        let q = dir.join(format!("{id}.q"));
+        let (pos, _) = read_pos(&dir.join(format!("{id}.pos")));
+        let mut reader = BufReader::new(File::open(&q)?);
+        reader.seek(SeekFrom::Start(pos))?;
+        let mut urls = Vec::new();
+        let mut last = false;
+        for line in reader.split(b'\n') {
+            if let Ok(record) = serde_json::from_slice::<Record>(&line?) {
+                last = record.last;
+                urls.push(record.url);
+            }
+        }
+        if !last
+            && let Ok(bytes) = std::fs::read(dir.join(format!("{id}.close")))
+            && let Ok(fallback) = serde_json::from_slice::<Fallback>(&bytes)
+        {
+            urls.push(fallback.url);
+        }
+        if !urls.is_empty() {
+            out.push((id, urls));
+        }
+    }
+    Ok(out)
+}
+
 enum Delivery {
     Done,
     GaveUp,
