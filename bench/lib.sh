@@ -27,10 +27,11 @@ note() { NOTES+=("$*"); log "NOTE: $*"; }
 die() { log "FATAL: $*"; exit 1; }
 usage() { echo "$ME: $*" >&2; exit 2; }
 
-# setting VAR ENV DEFAULT MIN [MAX]: VAR from $ENV (DEFAULT when unset), an
-# integer from MIN to MAX (no upper limit without MAX); anything else exits 2.
+# VAR=$(setting ENV DEFAULT MIN [MAX]): $ENV (DEFAULT when unset), which must be
+# an integer from MIN to MAX (no upper limit without MAX); anything else exits 2
+# (set -e ends the script on the failed assignment).
 setting() {
-    local var=$1 env=$2 val=${!2:-$3} min=$4 max=${5:-} ok=no
+    local env=$1 val=${!1:-$2} min=$3 max=${4:-} ok=no
     if [[ $val =~ ^[0-9]{1,9}$ ]] && (( 10#$val >= min )); then
         if [[ -z $max ]] || (( 10#$val <= max )); then ok=yes; fi
     fi
@@ -43,7 +44,7 @@ setting() {
             usage "$env must be an integer of at least $min"
         fi
     fi
-    printf -v "$var" '%d' "$((10#$val))"
+    printf '%d' "$((10#$val))"
 }
 
 # bench_init NAME: the temp dir $TMP (aion-NAME.XXXXXX), $MARK, and the trap

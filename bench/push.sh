@@ -16,9 +16,9 @@ set -euo pipefail
 
 # shellcheck source=bench/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
-setting RUNS BENCH_RUNS 50 1
-setting DURATION BENCH_DURATION 10 1 60
-setting IDLE_CONNS BENCH_IDLE_CONNS 300 1
+RUNS=$(setting BENCH_RUNS 50 1)
+DURATION=$(setting BENCH_DURATION 10 1 60)
+IDLE_CONNS=$(setting BENCH_IDLE_CONNS 300 1)
 REFERENCE=${BENCH_REFERENCE:-auto}
 HELPER="$HERE/pushbench.py"
 ROW_W=40

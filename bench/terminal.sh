@@ -18,11 +18,11 @@ set -euo pipefail
 
 # shellcheck source=bench/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
-setting FILE_MB BENCH_FILE_MB 100 1 1000
-setting TP_RUNS BENCH_TP_RUNS 5 1 10
-setting KEYS BENCH_KEYS 500 1 5000
-setting TERMINALS BENCH_TERMINALS 100 2 190
-setting ROUNDS BENCH_IDLE_ROUNDS 2 1 5
+FILE_MB=$(setting BENCH_FILE_MB 100 1 1000)
+TP_RUNS=$(setting BENCH_TP_RUNS 5 1 10)
+KEYS=$(setting BENCH_KEYS 500 1 5000)
+TERMINALS=$(setting BENCH_TERMINALS 100 2 190)
+ROUNDS=$(setting BENCH_IDLE_ROUNDS 2 1 5)
 HELPER="$HERE/termbench.py"
 HELPER_TIMEOUT=300
 HELPER_STDERR=log # termbench reports each run on stderr
