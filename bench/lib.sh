@@ -125,6 +125,14 @@ stop() {
     STOP_MS=$(( ($(now_us) - t0) / 1000 ))
 }
 
+# stop_server PID LABEL [SECONDS]: stop, and a note unless it exited 0; sets
+# STOPPED ("exit CODE in MS ms").
+stop_server() {
+    stop "$1" "${3:-5}"
+    STOPPED="exit $STOP_CODE in ${STOP_MS} ms"
+    [[ $STOP_CODE == 0 ]] || note "$2: SIGTERM gave exit code $STOP_CODE"
+}
+
 # stop_pids: SIGTERM to every pid in PIDS, up to 5 s for them all to go, then SIGKILL.
 stop_pids() {
     local pid
@@ -368,8 +376,9 @@ log_warns() {
 # wrk_ping NAME ADDR TOKEN SECONDS [PID]: pings over keep-alive, wrk -t2 -c16 for
 # SECONDS (bench/ping.lua); the report in $TMP/NAME.txt, its figures in
 # $TMP/NAME.kv (wrk_rps, wrk_p50_ms, wrk_p99_ms, wrk_requests, wrk_non2xx,
-# wrk_socket_errors), wrk's exit code in WRK_CODE. With PID, its VmRSS is sampled
-# every 100 ms meanwhile, the peak in LOAD_PEAK (kB).
+# wrk_socket_errors), wrk's exit code in WRK_CODE; a failed run, non-2xx answers
+# and socket errors are notes. With PID, its VmRSS is sampled every 100 ms
+# meanwhile, the peak in LOAD_PEAK (kB).
 wrk_ping() {
     local name=$1 addr=$2 token=$3 secs=$4 watch=${5:--} pid r
     LOAD_PEAK=0
@@ -388,6 +397,11 @@ wrk_ping() {
     wait "$pid" || WRK_CODE=$?
     forget "$pid"
     "$PY" "$HERE/pushbench.py" wrk "$TMP/$name.txt" >"$TMP/$name.kv"
+    (( WRK_CODE == 0 )) || note "wrk $name exited with code $WRK_CODE"
+    [[ $(kv "$TMP/$name.kv" wrk_non2xx) == 0 ]] \
+        || note "wrk $name: $(kv "$TMP/$name.kv" wrk_non2xx) non-2xx/3xx responses"
+    [[ $(kv "$TMP/$name.kv" wrk_socket_errors) == none ]] \
+        || note "wrk $name: socket errors $(kv "$TMP/$name.kv" wrk_socket_errors)"
 }
 
 # ---------------------------------------------------------------- /proc, units, table

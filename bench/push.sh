@@ -93,21 +93,15 @@ LOAD_HWM=0
 if command -v wrk >/dev/null; then
     log "wrk -t2 -c16 -d${DURATION}s --latency (ping, keep-alive)"
     wrk_ping wrk "$A_ADDR" "$TOKEN" "$DURATION" "$A_PID"
-    (( WRK_CODE == 0 )) || note "wrk exited with code $WRK_CODE"
     LOAD_HWM=$(hwm_kb "$A_PID")
     alive "$A_PID" || note "server A died during the wrk run"
     WRK_DONE=yes
     log "wrk output:"
     sed 's/^/    /' "$TMP/wrk.txt" >&2
-    [[ $(kv "$TMP/wrk.kv" wrk_non2xx) == 0 ]] \
-        || note "wrk: $(kv "$TMP/wrk.kv" wrk_non2xx) non-2xx/3xx responses"
-    [[ $(kv "$TMP/wrk.kv" wrk_socket_errors) == none ]] \
-        || note "wrk socket errors: $(kv "$TMP/wrk.kv" wrk_socket_errors)"
 fi
 AFTER_LOAD_RSS=$(rss_kb "$A_PID")
-stop "$A_PID"
-A_STOP="exit $STOP_CODE in ${STOP_MS} ms"
-[[ $STOP_CODE == 0 ]] || note "server A: SIGTERM after load gave exit code $STOP_CODE"
+stop_server "$A_PID" "server A (after load)"
+A_STOP=$STOPPED
 log_check a "server A (idle + wrk)"
 A_LOG=$LOG_SUMMARY
 
@@ -121,8 +115,7 @@ helper idle idle "$SRV_ADDR" "$TOKEN" "$B_PID" "$IDLE_CONNS"
 [[ $(kv "$TMP/idle.kv" idle_conns_still_open) == "$IDLE_CONNS" ]] \
     || note "idle: $(kv "$TMP/idle.kv" idle_conns_still_open)/$IDLE_CONNS connections still open after the fresh pings"
 [[ $(kv "$TMP/idle.kv" idle_errors) == none ]] || note "idle errors: $(kv "$TMP/idle.kv" idle_errors)"
-stop "$B_PID"
-[[ $STOP_CODE == 0 ]] || note "server B: SIGTERM gave exit code $STOP_CODE"
+stop_server "$B_PID" "server B"
 log_check b "server B (idle connections)"
 B_LOG=$LOG_SUMMARY
 

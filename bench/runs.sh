@@ -121,9 +121,8 @@ helper st_session startup "$A_ADDR" "$STARTUP_RUNS" "$TMP/starts.txt" session
 expect "$TMP/st_session.kv" startup_failures none "start-up (session)"
 A_RSS_END=$(rss_kb "$A_PID")
 A_THREADS_END=$(threads "$A_PID")
-stop "$A_PID" 15
-A_STOP="exit $STOP_CODE in ${STOP_MS} ms"
-[[ $STOP_CODE == 0 ]] || note "server A: SIGTERM gave exit code $STOP_CODE"
+stop_server "$A_PID" "server A" 15
+A_STOP=$STOPPED
 log_check a "server A (burst, paced, start-up)"
 A_LOG=$LOG_SUMMARY
 
@@ -133,8 +132,7 @@ serve b
 B_PID=$SRV_PID
 helper st_exec startup "$SRV_ADDR" "$STARTUP_RUNS" "$TMP/starts.txt" exec
 expect "$TMP/st_exec.kv" startup_failures none "start-up (exec)"
-stop "$B_PID" 15
-[[ $STOP_CODE == 0 ]] || note "server B: SIGTERM gave exit code $STOP_CODE"
+stop_server "$B_PID" "server B" 15
 log_check b "server B (exec start-up)"
 B_LOG=$LOG_SUMMARY
 
@@ -162,9 +160,8 @@ O_H2=$(kv "$O" outage_rss_max_second_half_kb)
 if [[ $O_H1 =~ ^[0-9]+$ && $O_H2 =~ ^[0-9]+$ ]] && (( O_H2 > O_H1 + 1024 )); then
     note "outage: RSS grew from max $O_H1 kB (first half) to $O_H2 kB (second half)"
 fi
-stop "$C_PID" 15
-C_STOP="exit $STOP_CODE in ${STOP_MS} ms"
-[[ $STOP_CODE == 0 ]] || note "server C: SIGTERM gave exit code $STOP_CODE"
+stop_server "$C_PID" "server C" 15
+C_STOP=$STOPPED
 log_check c "server C (outage)" 'outbox: .*(Connection refused|connect|retrying)'
 C_LOG=$LOG_SUMMARY
 

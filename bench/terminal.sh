@@ -45,13 +45,12 @@ write_config "$CONFIG" '{"claude":{"description":"Claude Code"}}' '"limits":{"te
 # finish_server NAME PID LABEL: SIGTERM, exit code, shells left, WARN/ERROR lines; sets SUMMARY.
 finish_server() {
     local name=$1 pid=$2 label=$3 left opened
-    stop "$pid"
-    [[ $STOP_CODE == 0 ]] || note "$label: SIGTERM gave exit code $STOP_CODE"
+    stop_server "$pid" "$label"
     left=$(shells_of "$pid" | wc -l)
     (( left == 0 )) || note "$label: $left shell processes still alive after the connector exited"
     opened=$(grep -c 'opened (websocket' "$TMP/$name.err" || true)
     log_warns "$TMP/$name.err" "$label"
-    SUMMARY="$opened terminals opened, $WARNS WARN/ERROR lines; SIGTERM: exit $STOP_CODE in ${STOP_MS} ms, shells left: $left"
+    SUMMARY="$opened terminals opened, $WARNS WARN/ERROR lines; SIGTERM: $STOPPED, shells left: $left"
 }
 
 # ---------------------------------------------------------------- 2. throughput

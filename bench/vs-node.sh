@@ -86,9 +86,6 @@ measure() {
     log "$k, run $r/$ROUNDS: wrk -t2 -c16 -d${DURATION}s --latency (load average $load)"
     wrk_ping "$k-$r" "${ADDR[$k]}" "$TOKEN" "$DURATION" "${PID[$k]}"
     f=$TMP/$k-$r.kv
-    (( WRK_CODE == 0 )) || note "$k run $r: wrk exited with code $WRK_CODE"
-    [[ $(kv "$f" wrk_non2xx) == 0 ]] || note "$k run $r: $(kv "$f" wrk_non2xx) non-2xx/3xx responses"
-    [[ $(kv "$f" wrk_socket_errors) == none ]] || note "$k run $r: socket errors $(kv "$f" wrk_socket_errors)"
     alive "${PID[$k]}" || die "$k died during run $r: $(tail -n 3 "$TMP/$k.err" | tr '\n' ' ')"
     printf '%s %s %s %s %s %s\n' "$(kv "$f" wrk_rps)" "$(kv "$f" wrk_p50_ms)" "$(kv "$f" wrk_p99_ms)" \
         "$load" "$LOAD_PEAK" "$(kv "$f" wrk_requests)" >>"$TMP/$k.runs"
@@ -98,11 +95,10 @@ for ((r = 1; r <= ROUNDS; r++)); do
 done
 LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)
 
-declare -A STOPPED
+declare -A STOP_AS
 for k in "${KEYS[@]}"; do
-    stop "${PID[$k]}"
-    STOPPED[$k]="exit $STOP_CODE in $STOP_MS ms"
-    [[ $STOP_CODE == 0 ]] || note "$k: SIGTERM gave exit code $STOP_CODE"
+    stop_server "${PID[$k]}" "$k"
+    STOP_AS[$k]=$STOPPED
     log_warns "$TMP/$k.err" "$k"
 done
 
@@ -120,7 +116,7 @@ column() { # column KEY LABEL
     row "$2" "$(med "$k" 1) req/s, p50 $(med "$k" 2) ms, p99 $(med "$k" 3) ms (median of $ROUNDS)"
     row "   each run: req/s / p99 (load average)" "$(each "$k")"
     row "   RSS idle / peak under load" "${IDLE[$k]} kB / $(peak "$k") kB ($(mib "$(peak "$k")"))"
-    row "   log lines (stdout+stderr) / SIGTERM" "$(cat "$TMP/$k.out" "$TMP/$k.err" | grep -c . || true) for $reqs requests (warm-up included); ${STOPPED[$k]}"
+    row "   log lines (stdout+stderr) / SIGTERM" "$(cat "$TMP/$k.out" "$TMP/$k.err" | grep -c . || true) for $reqs requests (warm-up included); ${STOP_AS[$k]}"
 }
 table_start "aion-connector vs the Node original: ping over keep-alive  ($(date -u +%Y-%m-%dT%H:%M:%SZ), $(nproc) cores, ${VERSION:-version unknown})"
 row "Node original" "${ORIG:-$ORIG_SKIP}${ORIG:+ ($NODE $NODE_VERSION)}"
