@@ -103,8 +103,9 @@ for k in "${KEYS[@]}"; do
 done
 
 # ---------------------------------------------------------------- summary
-med() { # med KEY COLUMN: median of that column of $TMP/KEY.runs
-    cut -d' ' -f"$2" "$TMP/$1.runs" | sort -g | awk '{v[NR]=$1} END{ if (NR % 2) print v[(NR+1)/2]; else printf "%g\n", (v[NR/2]+v[NR/2+1])/2 }'
+med() { # med KEY COLUMN: median of that column of $TMP/KEY.runs (req/s whole, ms to 3 places)
+    cut -d' ' -f"$2" "$TMP/$1.runs" | sort -g | awk -v f="$([[ $2 == 1 ]] && echo %.0f || echo %.3f)" \
+        '{v[NR]=$1} END{ printf f, (NR % 2) ? v[(NR+1)/2] : (v[NR/2]+v[NR/2+1])/2 }'
 }
 each() { # each KEY: "rps / p99 ms (load)" of every run
     awk '{printf "%s%s / %s ms (load %s)", (NR > 1 ? "; " : ""), $1, $3, $4}' "$TMP/$1.runs"
