@@ -188,7 +188,7 @@ fn diagnose(config_arg: Option<PathBuf>, unit_path: &Path) -> Vec<Finding> {
             out.push(Finding::skip(topic, "needs a valid config"));
         }
         out.push(reach::lease(None));
-        out.extend(unit::check(unit.as_ref(), &path, None));
+        out.extend(unit::check(unit_path, unit.as_ref(), &path, None));
         return out;
     };
     out.push(reach::port(&config));
@@ -199,7 +199,7 @@ fn diagnose(config_arg: Option<PathBuf>, unit_path: &Path) -> Vec<Finding> {
     out.push(tls(&path));
     out.extend(reach::callbacks(&dir.join("outbox")));
     out.push(reach::lease(Some(&config)));
-    out.extend(unit::check(unit.as_ref(), &path, Some(&dir)));
+    out.extend(unit::check(unit_path, unit.as_ref(), &path, Some(&dir)));
     out
 }
 
@@ -255,7 +255,8 @@ fn load(path: &Path, out: &mut Vec<Finding>) -> Option<Config> {
 /// `StateDirectory=` under /var/lib, else the user's default.
 fn state_dir(config: &Config, unit: Option<&unit::Unit>) -> (PathBuf, &'static str) {
     if let Some(dir) = &config.state_dir {
-        return (dir.clone(), "stateDir");
+        // `cwd.join("./state")`: shown without the "/./".
+        return (dir.components().collect(), "stateDir");
     }
     if std::env::var_os("STATE_DIRECTORY").is_none_or(|v| v.is_empty())
         && let Some(name) = unit.and_then(|u| u.state_directory.as_deref())

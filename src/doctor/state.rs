@@ -39,7 +39,7 @@ pub fn writable(dir: &Path, why: &str) -> Vec<Finding> {
             out.push(Finding::ok("state", format!("{shown} is writable")));
             dir.to_path_buf()
         }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+        Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::NotADirectory) => {
             let Some(parent) = dir.ancestors().skip(1).find(|a| a.exists()) else {
                 return vec![Finding::fail(
                     "state",

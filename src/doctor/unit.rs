@@ -69,9 +69,9 @@ fn exec_config(value: &str) -> Option<PathBuf> {
 }
 
 /// The unit's user, and what it must own. `state` is None without a config.
-pub fn check(unit: Option<&Unit>, config: &Path, state: Option<&Path>) -> Vec<Finding> {
+pub fn check(path: &Path, unit: Option<&Unit>, config: &Path, state: Option<&Path>) -> Vec<Finding> {
     let Some(unit) = unit else {
-        return vec![Finding::skip("unit", "no systemd unit installed (aion-connector.service)")];
+        return vec![Finding::skip("unit", format!("no systemd unit at {}", path.display()))];
     };
     let shown = unit.path.display();
     let name = unit.user.as_deref().unwrap_or("root");
