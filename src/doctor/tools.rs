@@ -5,6 +5,7 @@
 use super::Finding;
 use crate::config::{Config, starter};
 use std::ffi::OsStr;
+use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
 /// acpx 0.19 needs this Node.js major version or later.
@@ -25,8 +26,22 @@ pub fn findings(config: &Config, path_var: &OsStr) -> Vec<Finding> {
                         continue;
                     }
                     seen.push(program);
-                    if program.contains('/') || starter::on_path(path_var, program) {
-                        out.push(Finding::ok("agent", format!("{at}.command: {program}")));
+                    if program.contains('/') {
+                        // A relative one runs from the project dir.
+                        let path = p.dir.join(program);
+                        let runnable =
+                            path.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
+                        out.push(if runnable {
+                            Finding::ok("agent", format!("{at}.command: {program}"))
+                        } else {
+                            Finding::warn(
+                                "agent",
+                                format!("{at}.command: {program} is not an executable file"),
+                                format!("install it there, or chmod +x {program}"),
+                            )
+                        });
+                    } else if starter::on_path(path_var, program) {
+                        out.push(Finding::ok("agent", format!("{at}.command: {program} on PATH")));
                     } else {
                         out.push(Finding::warn(
                             "agent",
