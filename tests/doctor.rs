@@ -157,9 +157,14 @@ fn a_port_taken_by_another_program_fails_and_never_gets_the_token() {
             let Ok(mut conn) = conn else { break };
             conn.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
             let mut buf = [0u8; 4096];
-            if let Ok(n) = conn.read(&mut buf) {
-                record.lock().unwrap().extend_from_slice(&buf[..n]);
+            let mut request = Vec::new();
+            while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                match conn.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => request.extend_from_slice(&buf[..n]),
+                }
             }
+            record.lock().unwrap().extend_from_slice(&request);
             let _ =
                 conn.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
         }

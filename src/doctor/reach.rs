@@ -112,12 +112,13 @@ fn exchange(
     stream.set_read_timeout(Some(ANSWER))?;
     stream.set_write_timeout(Some(ANSWER))?;
     let host = stream.peer_addr()?;
-    write!(
-        stream,
+    // One write: the request goes out whole, in one segment.
+    let request = format!(
         "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Type: application/json\r\n\
          Content-Length: {}\r\n\r\n{body}",
         body.len()
-    )?;
+    );
+    stream.write_all(request.as_bytes())?;
     let mut answer = Vec::new();
     stream.take(64 << 10).read_to_end(&mut answer)?;
     let text = String::from_utf8_lossy(&answer);
