@@ -2,13 +2,11 @@
 //! WebSocket client (tungstenite), and the HTTP `terminal.*` actions. Every
 //! server runs its shells as `/bin/sh -l` with HOME in the test's directory.
 
-mod common;
-
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::util::*;
 use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 

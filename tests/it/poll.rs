@@ -1,13 +1,11 @@
 //! Poll mode (issue 5, PROTOCOL.md §2): the real binary (`aion-connector poll`)
-//! against a fake server (common::PollServer) that hands out instructions,
+//! against a fake server (util::PollServer) that hands out instructions,
 //! checks the bearer token on every request and the timestamped signature on
 //! every POST, and records acks, events, output chunks, status and errors.
 //! Session commands are small `sh` scripts; nothing here asserts timing beyond
 //! generous deadlines (bench/poll.sh measures it).
 
-mod common;
-
-use common::*;
+use crate::util::*;
 use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 use std::thread;
@@ -767,7 +765,7 @@ fn a_missing_cwd_is_named_in_the_failed_event() {
 
 #[test]
 fn sessions_hold_the_lease_apps_while_they_run() {
-    use common::lease_server::LeaseServer;
+    use crate::util::lease_server::LeaseServer;
     const APP: &str = "com.google.Chrome";
     let dir = TempDir::new("poll-lease");
     let aion = LeaseServer::start(&dir.join("aion.sock"));

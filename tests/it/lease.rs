@@ -1,6 +1,6 @@
 //! The lease client (issue 6): `aion-connector lease … -- CMD` and push-mode
 //! runs of agents with `leaseApps`, against the reference lease server of
-//! tests/common/lease_server.rs (Aion's guide, seed 002, and PROTOCOL.md §3).
+//! tests/it/util/lease_server.rs (Aion's guide, seed 002, and PROTOCOL.md §3).
 //!
 //! The client's timers run under `AION_LEASE_TIME_SCALE=300` where they
 //! matter: a 60 s lease is renewed every 0.1 s, "10 minutes" is 2 s and "30 s"
@@ -8,10 +8,8 @@
 //! (both at 100 there: renewal every 0.3 s, expiry after 0.6 s), so that a
 //! loaded machine does not turn a late thread wake-up into a failure elsewhere.
 
-mod common;
-
-use common::lease_server::{Dir, LeaseServer, Rec, Rules};
-use common::*;
+use crate::util::lease_server::{Dir, LeaseServer, Rec, Rules};
+use crate::util::*;
 use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
 use serde_json::{Value, json};

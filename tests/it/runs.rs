@@ -2,9 +2,7 @@
 //! fake `acpx` (tests/fixtures/fake-acpx) first on PATH and a fake platform
 //! (tiny_http) recording the signed callback posts.
 
-mod common;
-
-use common::*;
+use crate::util::*;
 use serde_json::{Value, json};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};

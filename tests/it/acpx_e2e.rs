@@ -3,9 +3,7 @@
 //! tests/fixtures/install-acpx.sh (npm), cached in target/acpx-e2e (or
 //! $AION_E2E_DIR); the test installs them when they are missing.
 
-mod common;
-
-use common::*;
+use crate::util::*;
 use serde_json::{Value, json};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
