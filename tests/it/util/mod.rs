@@ -30,6 +30,26 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_aion-connector");
 /// Generous upper bound for anything that should happen "soon".
 pub const DEADLINE: Duration = Duration::from_secs(10);
 
+// ---------------------------------------------------------------- skipping
+
+/// With `AION_TEST_REQUIRE_ALL=1` (as CI sets it) a test that cannot run here
+/// fails instead of skipping.
+pub const REQUIRE_ALL: &str = "AION_TEST_REQUIRE_ALL";
+
+/// For a test whose tools cannot be had here (a browser only root can
+/// install, no npm, no network, ...): says that it is skipped and why, on the
+/// process's own stderr, which libtest does not capture, so that the line
+/// shows in plain `cargo test` output. The test returns after it. Under
+/// `AION_TEST_REQUIRE_ALL=1` it panics instead: there, a skip is a failure.
+pub fn skip(test: &str, why: &str) {
+    let why = why.trim_end();
+    if std::env::var(REQUIRE_ALL).is_ok_and(|v| v == "1") {
+        panic!("{test} cannot run here ({REQUIRE_ALL}=1 makes that a failure): {why}");
+    }
+    let msg = format!("\nSKIPPED {test}: {why}\n(set {REQUIRE_ALL}=1 to make a skip fail)\n\n");
+    let _ = io::stderr().write_all(msg.as_bytes());
+}
+
 // ---------------------------------------------------------------- TempDir
 
 pub(crate) static COUNTER: AtomicU64 = AtomicU64::new(0);
