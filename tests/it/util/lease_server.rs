@@ -221,6 +221,11 @@ impl LeaseServer {
         self.st.next_conn.load(Ordering::SeqCst)
     }
 
+    /// Connections open now (one is closed once its end has been read).
+    pub fn live_connections(&self) -> usize {
+        lock(&self.st.conns).len()
+    }
+
     /// The whole log, one line per message, for failure messages.
     pub fn dump(&self) -> String {
         let log = self.messages();
