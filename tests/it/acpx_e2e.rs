@@ -100,7 +100,7 @@ fn real_acpx_runs_the_mock_agent_continues_its_session_and_cancels() {
     let cfg = dir.join("aion.config.json");
     let config = json!({
         "port": 0, "host": "127.0.0.1",
-        "limits": {"stopGraceSeconds": 10},
+        "limits": {"stopGraceSeconds": 120},
         "projects": {"p": {"token": TOKEN, "dir": proj, "agents": {"mock": {"description": "Mock ACP agent"}}}}
     });
     std::fs::write(&cfg, config.to_string()).unwrap();
@@ -121,7 +121,7 @@ fn real_acpx_runs_the_mock_agent_continues_its_session_and_cancels() {
     };
     let closed = |n: usize| {
         // The delivered posts of the n-th run (0-based) of the session, once closed.
-        let posts = poll_within(Duration::from_secs(60), "the run to close", || {
+        let posts = poll_within(Duration::from_secs(150), "the run to close", || {
             let all = platform.delivered();
             let ends: Vec<usize> =
                 all.iter().enumerate().filter(|(_, p)| p.closes()).map(|(i, _)| i).collect();
@@ -182,10 +182,17 @@ fn real_acpx_runs_the_mock_agent_continues_its_session_and_cancels() {
         .iter()
         .filter(|l| l["params"]["update"]["content"]["text"].as_str().is_some_and(|t| t.starts_with("tick ")))
         .count();
-    assert!(ticks < 50, "the turn was not cancelled: all {ticks} ticks streamed");
+    // The agent answers a session/cancel that lands mid-turn with stopReason
+    // "cancelled" (after tick 0, before its 50th): acpx cancel reached it.
     assert!(
-        took < Duration::from_secs(5),
-        "stop took {took:?}: acpx cancel did not end the run (stopGraceSeconds is 10)"
+        lines.iter().any(|l| l["result"]["stopReason"] == "cancelled"),
+        "the turn was not cancelled ({ticks} ticks streamed): {lines:?}"
+    );
+    // (2-4 s measured, 7.5 s on a crowded machine: acpx's start and the
+    // cancel; the grace would be 120 s)
+    assert!(
+        took < Duration::from_secs(80),
+        "stop took {took:?}: acpx cancel did not end the run (stopGraceSeconds is 120)"
     );
     for id in &ids {
         let marker = format!("AION_RUN_ID={id}");
@@ -203,17 +210,5 @@ fn real_acpx_runs_the_mock_agent_continues_its_session_and_cancels() {
     // Hygiene: nothing of ours may outlive the test.
     for pid in marked_processes(&format!("HOME={}", home.display())) {
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
-    }
-}
-
-/// `poll` with its own deadline.
-fn poll_within<T>(within: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(start.elapsed() < within, "timed out after {within:?} waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
     }
 }

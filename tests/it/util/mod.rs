@@ -502,14 +502,19 @@ pub fn rss_kb(pid: u32) -> u64 {
 }
 
 /// Poll `f` until it returns Some, or panic with `what` after DEADLINE.
-pub fn poll<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+pub fn poll<T>(what: &str, f: impl FnMut() -> Option<T>) -> T {
+    poll_within(DEADLINE, what, f)
+}
+
+/// `poll` with its own deadline.
+pub fn poll_within<T>(within: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     let start = Instant::now();
     loop {
         if let Some(v) = f() {
             return v;
         }
-        if start.elapsed() > DEADLINE {
-            panic!("timed out waiting for {what}");
+        if start.elapsed() > within {
+            panic!("timed out after {within:?} waiting for {what}");
         }
         thread::sleep(Duration::from_millis(20));
     }
