@@ -190,7 +190,9 @@ struct Sched {
     /// Origins with a ready stream, no worker and no backoff, in turn order.
     runq: VecDeque<String>,
     workers: usize,
+    /// Workers waiting for work, and started but not yet looking for it.
     idle: usize,
+    starting: usize,
     /// Set by `drain`: workers stop at this instant.
     deadline: Option<Instant>,
     said_spawn: Option<Instant>,
@@ -688,14 +690,14 @@ impl Outbox {
 
     /// Starts workers while origins wait and fewer than `MAX_WORKERS` run.
     fn staff(self: &Arc<Self>, g: &mut Sched) {
-        while g.runq.len() > g.idle && g.workers < MAX_WORKERS {
+        while g.runq.len() > g.idle + g.starting && g.workers < MAX_WORKERS {
             let outbox = Arc::clone(self);
             let spawned = std::thread::Builder::new()
                 .name("outbox-deliver".into())
                 .stack_size(256 << 10)
                 .spawn(move || outbox.work());
             match spawned {
-                Ok(_) => g.workers += 1,
+                Ok(_) => (g.workers, g.starting) = (g.workers + 1, g.starting + 1),
                 Err(e) => {
                     // The keeper tries again within a second.
                     if g.said_spawn.is_none_or(|at| at.elapsed() >= LOG_EVERY) {
@@ -717,6 +719,7 @@ impl Outbox {
     fn work(self: &Arc<Self>) {
         let mut exit = WorkerExit { outbox: self, serving: None };
         let mut g = lock(&self.sched);
+        g.starting -= 1;
         loop {
             let now = Instant::now();
             if g.deadline.is_some_and(|d| now >= d) {

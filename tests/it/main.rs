@@ -10,6 +10,7 @@ mod util;
 mod acpx_e2e;
 mod browser;
 mod cli;
+mod delivery;
 mod files;
 mod git;
 mod lease;

@@ -681,6 +681,20 @@ fn a_crashed_agent_closes_the_session_on_the_next_start() {
     rig.start_sh("i1", "cr", "echo alive; sleep 300");
     rig.wait_event("cr", "started");
     rig.server.wait_for("alive", DEADLINE, |s| s.text("cr", "stdout") == "alive\n");
+    // The server has both posts; the kill comes once the agent has recorded
+    // them as delivered too (a kill between the server's answer and that
+    // record would rightly post the last one again after the restart).
+    let status = rig.dir.join("state/poll-outbox.status");
+    let delivered = || {
+        let text = std::fs::read_to_string(&status).unwrap_or_default();
+        serde_json::from_str::<Value>(text.trim()).ok().and_then(|v| v["delivered"].as_u64()).unwrap_or(0)
+    };
+    assert!(
+        eventually(DEADLINE, || delivered() >= 2),
+        "{} post(s) confirmed in {}",
+        delivered(),
+        status.display()
+    );
     rig.agent.signal_and_wait(Signal::SIGKILL, Duration::from_secs(5));
     let state = rig.dir.join("state");
     let url = rig.server.url();
