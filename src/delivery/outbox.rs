@@ -45,16 +45,18 @@
 //! between emptying a delivered file's position and the file, posts it again
 //! after the restart, since the platform took it but this process could not
 //! record that. Records only in memory when the process dies are lost; their
-//! stream is closed at the next start with its fallback (and a stream that
-//! never got its files, as the disk was full when it began, is lost whole:
-//! the drain at shutdown logs both).
+//! stream is closed at the next start with its fallback (a stream that began
+//! while the disk was full has its files from a spare set; one that found
+//! none left is lost whole: the drain at shutdown logs both).
 //!
 //! **Files.** `<id>.q`, `<id>.pos`, `<id>.close` per stream in the spool
 //! directory (see [`super::spool`]); a stream's files are removed once its
 //! closing post is delivered or it is dropped, and leftovers without a `.q`
 //! are removed at open. `.lock` keeps a second process off the directory.
 //! Next to the directory, `<dir>.status` holds the figures of [`Stats`] as one
-//! JSON object, rewritten in place at most every 200 ms.
+//! JSON object, rewritten in place at most every 200 ms, and `<dir>.spare/`
+//! 16 sets of stream files made in advance: a stream that begins while the
+//! disk is full takes one, so that it can be closed after a crash all the same.
 //!
 //! **Descriptors.** The outbox holds at most [`Outbox::open`]'s cap of append
 //! handles (a sixteenth of the soft `RLIMIT_NOFILE`, 2 to 64; a writer past
@@ -88,6 +90,8 @@ const COMPACT_AT: u64 = 1 << 20;
 pub const MEMORY_CAP: u64 = 16 << 20;
 /// Delivery threads, whatever the number of origins.
 pub const MAX_WORKERS: usize = 4;
+/// Spare stream files kept ready (see `spool::make_spares`).
+const SPARES: usize = 16;
 /// How often records kept in memory are tried on disk again.
 const DISK_RETRY: Duration = Duration::from_millis(500);
 const FIRST_BACKOFF: Duration = Duration::from_millis(250);
@@ -114,6 +118,8 @@ pub struct Outbox {
     _lock: nix::fcntl::Flock<File>,
     dir: PathBuf,
     status_path: PathBuf,
+    /// Spare stream files for streams that begin while the disk is full.
+    spares: PathBuf,
     client: Client,
     signer: Arc<dyn Signer>,
     window: Duration,
@@ -356,6 +362,7 @@ impl Outbox {
             _lock: lock,
             dir: dir.to_path_buf(),
             status_path: dir.with_extension("status"),
+            spares: dir.with_extension("spare"),
             client: Client::new(Duration::from_secs(15)),
             signer,
             window,
@@ -383,6 +390,9 @@ impl Outbox {
                 Ok(None) => {}
                 Err(e) => error!("outbox: cannot resume {id}: {e}"),
             }
+        }
+        if let Err(e) = spool::make_spares(&outbox.spares, SPARES) {
+            warn!("outbox: cannot make its spare files in {} ({e})", outbox.spares.display());
         }
         let keeper = Arc::clone(&outbox);
         let spawned =
@@ -561,7 +571,10 @@ impl Outbox {
             let fallback = t.fallback.as_ref().expect("a stream without files keeps its fallback");
             if let Err(e) = spool::create(&self.dir, id, fallback, t.next_seq) {
                 self.disk_failed(id, "create its files", &e);
-                return false;
+                // Files made in advance let it be closed after a crash all the same.
+                if spool::create_from_spare(&self.spares, &self.dir, id, fallback, t.next_seq).is_err() {
+                    return false;
+                }
             }
             (t.files, t.fallback, t.disk_len, t.pos, t.disk_records) = (true, None, 0, 0, 0);
         }
@@ -1091,6 +1104,10 @@ impl Outbox {
             }
             if self.memory_bytes.load(Ordering::SeqCst) > 0 {
                 self.respool();
+            }
+            if !self.disk_failing.load(Ordering::SeqCst) {
+                // (a failure here shows again in the next stream's writes)
+                let _ = spool::make_spares(&self.spares, SPARES);
             }
             {
                 let mut g = lock(&self.sched);

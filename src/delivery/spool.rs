@@ -89,6 +89,65 @@ pub fn create(dir: &Path, id: &str, fallback: &Fallback, next_seq: u64) -> io::R
     made
 }
 
+/// Size of a spare `.close`: a fallback must fit in it to be written there.
+pub const SPARE_CLOSE: usize = 4096;
+
+/// Makes spare `N.close` (4 KiB of spaces) and `N.pos` files in `spares`, a
+/// directory next to the spool on the same file system, until there are
+/// `want`: a stream that begins while the disk is full takes one (a rename
+/// and writes in place need no new block) so that it can still be closed
+/// after a crash. Stops at the first failure.
+pub fn make_spares(spares: &Path, want: usize) -> io::Result<()> {
+    std::fs::create_dir_all(spares)?;
+    let have = names(spares)?.iter().filter(|n| n.ends_with(".close")).count();
+    for _ in have..want {
+        let n = format!("{:x}", crate::nonce::nonce());
+        let made = (|| {
+            private(&spares.join(format!("{n}.pos")))?.write_all_at(&[0u8; 16], 0)?;
+            private(&spares.join(format!("{n}.close")))?.write_all_at(&[b' '; SPARE_CLOSE], 0)
+        })();
+        if let Err(e) = made {
+            let _ = std::fs::remove_file(spares.join(format!("{n}.close")));
+            let _ = std::fs::remove_file(spares.join(format!("{n}.pos")));
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+/// Creates a stream's files from a spare (see [`make_spares`]), as
+/// [`create`] does; fails if there is none or the fallback does not fit.
+pub fn create_from_spare(
+    spares: &Path,
+    dir: &Path,
+    id: &str,
+    fallback: &Fallback,
+    next_seq: u64,
+) -> io::Result<()> {
+    let json = serde_json::to_vec(fallback)?;
+    if json.len() > SPARE_CLOSE {
+        return Err(io::Error::other("the fallback does not fit a spare"));
+    }
+    let spare = names(spares)?
+        .into_iter()
+        .find_map(|n| n.strip_suffix(".close").map(String::from))
+        .ok_or_else(|| io::Error::other("no spare files left"))?;
+    let made = (|| {
+        std::fs::rename(spares.join(format!("{spare}.pos")), path(dir, id, "pos"))?;
+        std::fs::rename(spares.join(format!("{spare}.close")), path(dir, id, "close"))?;
+        // The rest of the spare stays spaces, which JSON ignores.
+        private(&path(dir, id, "close"))?.write_all_at(&json, 0)?;
+        write_pos(dir, id, 0, next_seq)?;
+        private(&path(dir, id, "q")).map(drop)
+    })();
+    if made.is_err() {
+        remove(dir, id);
+        let _ = std::fs::remove_file(spares.join(format!("{spare}.pos")));
+        let _ = std::fs::remove_file(spares.join(format!("{spare}.close")));
+    }
+    made
+}
+
 /// Removes a stream's files, `.q` first.
 pub fn remove(dir: &Path, id: &str) {
     for ext in ["q", "pos", "close"] {
@@ -255,6 +314,24 @@ mod tests {
         assert_eq!(read_at(&dir, "s", 0, a.len() as u64).unwrap(), a);
         write_pos(&dir, "s", 7, 3).unwrap();
         assert_eq!(read_pos(&dir, "s"), (7, 3));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_spare_becomes_a_stream_that_resumes() {
+        let dir = tmp("spare");
+        let spares = dir.join("spares");
+        make_spares(&spares, 2).unwrap();
+        make_spares(&spares, 2).unwrap();
+        assert_eq!(names(&spares).unwrap().len(), 4);
+        let mut body = serde_json::Map::new();
+        body.insert("error".into(), "cut".into());
+        let fb = Fallback { url: "http://x/e".into(), key: "k".into(), body };
+        create_from_spare(&spares, &dir, "s", &fb, 5).unwrap();
+        assert_eq!(names(&spares).unwrap().len(), 2);
+        assert_eq!(read_fallback(&dir, "s").unwrap().record(5).body, r#"{"error":"cut","seq":5}"#);
+        assert_eq!(read_pos(&dir, "s"), (0, 5));
+        assert_eq!(streams(&dir).unwrap(), ["s"]);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
