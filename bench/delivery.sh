@@ -205,10 +205,12 @@ for b in "${BINS[@]}"; do
     fi
     R[$b.disk_errors]=$(grep -cE '\[(ERROR|WARN)\].*(No space left|os error 28)' "$TMP/$name.err" || true)
     log "$b: space freed"
-    rm -f "$TMP/$name-state/ballast"
     if [[ $b == after ]]; then
-        helper "$name-spooled" status "$status" "s['memoryRecords'] == 0 and s['diskError'] is None" 30
+        helper "$name-spooled" status "$status" "s['memoryRecords'] == 0 and s['diskError'] is None" 30 \
+            "$TMP/$name-state/ballast"
         R[$b.spool_ms]=$(kv "$TMP/$name-spooled.kv" ms)
+    else
+        rm -f "$TMP/$name-state/ballast"
     fi
     log "$b: callback back"
     helper "$name-deliver" deliver "$port" full 3 30

@@ -14,8 +14,9 @@ Subcommands:
   deliver PORT PREFIX N TIMEOUT
         a callback server on 127.0.0.1:PORT until N sessions PREFIX* are
         closed (complete or error) or TIMEOUT s: posts, repeats, first/last post
-  status FILE COND TIMEOUT
-        reads the outbox status file FILE (JSON) every 5 ms until the Python
+  status FILE COND TIMEOUT [REMOVE]
+        removes the file REMOVE if given (the clock starts then), then reads
+        the outbox status file FILE (JSON) every 5 ms until the Python
         expression COND over `s` holds, for at most TIMEOUT s
 """
 
@@ -55,8 +56,8 @@ def cmd_runs(addr: str, n: str, prefix: str, prompt: str, callback: str) -> None
 
 def cmd_deliver(port: str, prefix: str, n: str, timeout: str) -> None:
     want, limit = int(n), float(timeout)
-    cb = Callback(int(port))
     t0, t0_ns = time.monotonic(), realtime_ns()
+    cb = Callback(int(port))
     closed: set[str] = set()
     try:
         while time.monotonic() - t0 < limit:
@@ -91,9 +92,11 @@ def cmd_deliver(port: str, prefix: str, n: str, timeout: str) -> None:
     out("first_post_ms", round((min(p.recv_ns for p in posts) - t0_ns) / 1e6) if posts else "-")
 
 
-def cmd_status(path: str, cond: str, timeout: str) -> None:
-    t0, limit, last = time.monotonic(), float(timeout), None
+def cmd_status(path: str, cond: str, timeout: str, remove: str = "") -> None:
     code = compile(cond, "<cond>", "eval")
+    if remove:
+        os.remove(remove)
+    t0, limit, last = time.monotonic(), float(timeout), None
     while time.monotonic() - t0 < limit:
         try:
             with open(path, encoding="utf-8") as f:
