@@ -50,7 +50,7 @@ impl Tmpfs {
         match out {
             Ok(o) if o.status.success() => Some(Tmpfs(at.to_path_buf())),
             Ok(o) => {
-                let why = String::from_utf8_lossy(&o.stderr).trim().to_string();
+                let why = String::from_utf8_lossy(&o.stderr).split_whitespace().collect::<Vec<_>>().join(" ");
                 skip(test, &format!("cannot mount a {size} tmpfs (needs root): {why}"));
                 None
             }
