@@ -239,16 +239,9 @@ impl Runs {
             last: true,
             body: serde_json::Value::Object(body).to_string(),
         };
-        match self.outbox.stream(&id, &fallback).and_then(|mut s| s.push(&record)) {
-            Ok(()) => {
-                *last = Some(id);
-                Ok(())
-            }
-            Err(e) => {
-                error!("display for session {session}: cannot queue the post: {e}");
-                Err("the post could not be queued (see the connector's log)".into())
-            }
-        }
+        self.outbox.stream(&id, &fallback).push(&record);
+        *last = Some(id);
+        Ok(())
     }
 
     /// Waits (bounded) until no run is left.
@@ -309,13 +302,7 @@ impl Events {
                     last,
                     body,
                 };
-                if let Err(e) = stream.push(&record) {
-                    error!(
-                        "run {}: cannot spool event {}: {e}; events of this run are lost",
-                        self.session, event.seq
-                    );
-                    self.sink = Sink::Nowhere;
-                }
+                stream.push(&record);
             }
             Sink::Live(tx) => {
                 event.kind = Some(kind);
@@ -458,16 +445,7 @@ impl<'a> Run<'a> {
                 body.insert("token".into(), invoke.token.clone().into());
                 let fallback =
                     Fallback { url: format!("{base}/internal/agent-error"), key: key.clone(), body };
-                match runs.outbox.stream(id, &fallback) {
-                    Ok(stream) => Sink::Outbox(stream),
-                    Err(e) => {
-                        error!(
-                            "run {}: cannot open its outbox: {e}; its events are only logged",
-                            invoke.session
-                        );
-                        Sink::Nowhere
-                    }
-                }
+                Sink::Outbox(runs.outbox.stream(id, &fallback))
             }
         };
         let events =

@@ -3,9 +3,7 @@
 //! program, an unwritable state dir, an unreachable spooled callback, acpx
 //! missing, an old node, the unit's user missing or not owning the config).
 
-mod common;
-
-use common::*;
+use crate::util::*;
 use serde_json::json;
 use std::io::{Read, Write};
 use std::net::TcpListener;
@@ -79,10 +77,6 @@ impl Setup {
 fn script(path: &Path, body: &str) {
     write(path, format!("#!/bin/sh\n{body}\n"));
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// The report's lines about `topic` with this level.
@@ -230,7 +224,10 @@ fn a_read_only_or_full_state_dir_fails() {
     std::fs::create_dir_all(&state).unwrap();
     let probe = Command::new("unshare").args(["-m", "true"]).status();
     if !probe.is_ok_and(|st| st.success()) {
-        eprintln!("skipped: `unshare -m` does not work here (needs root and mount namespaces)");
+        skip(
+            "a_read_only_or_full_state_dir_fails",
+            "`unshare -m` does not work here (needs root, mount namespaces)",
+        );
         return;
     }
     let path = format!("{}:/usr/bin:/bin", s.bin.display());
@@ -379,7 +376,10 @@ fn the_units_user_must_exist_and_own_the_config_and_state_dir() {
     // `nobody` exists; the config (written by this test) is not its own.
     let me = nix::unistd::getuid();
     if !me.is_root() || nix::unistd::User::from_name("nobody").ok().flatten().is_none() {
-        eprintln!("skipped the ownership part: needs root and a user `nobody`");
+        skip(
+            "the_units_user_must_exist_and_own_the_config_and_state_dir",
+            "the ownership part needs root and a user `nobody`",
+        );
         return;
     }
     std::fs::write(&unit, unit_text("nobody")).unwrap();

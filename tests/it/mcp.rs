@@ -2,9 +2,7 @@
 //! reached on its local socket `<stateDir>/mcp.sock`, with the environment the
 //! `.acpxrc.json` entry gives it; `display_*` reach a fake platform (tiny_http).
 
-mod common;
-
-use common::*;
+use crate::util::*;
 use serde_json::{Value, json};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
