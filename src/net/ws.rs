@@ -93,6 +93,8 @@ pub struct Writer {
     text: bool,
     /// The start of a UTF-8 sequence split across two PTY reads (text frames).
     carry: Vec<u8>,
+    /// No data sent yet: a replay may begin inside a character.
+    first: bool,
 }
 
 /// Splits an upgraded connection; `idle` bounds how long the reader waits
@@ -115,6 +117,7 @@ pub fn split(
             stream: raw,
             text,
             carry: Vec::new(),
+            first: true,
         },
     ))
 }
@@ -144,8 +147,20 @@ impl Writer {
     pub fn send(&mut self, out: Out) -> io::Result<()> {
         match out {
             Out::Data(bytes) => {
+                let first = std::mem::replace(&mut self.first, false);
                 let msg = if self.text {
-                    Message::text(crate::text::utf8_chunk(&mut self.carry, &bytes))
+                    // A replay cut from a ring may start with the tail of a
+                    // character: that tail is dropped, not sent as U+FFFD.
+                    let start = if first {
+                        bytes.iter().take(3).take_while(|b| *b & 0xC0 == 0x80).count()
+                    } else {
+                        0
+                    };
+                    let text = crate::text::utf8_chunk(&mut self.carry, &bytes[start..]);
+                    if text.is_empty() {
+                        return Ok(()); // all of it waits in the carry
+                    }
+                    Message::text(text)
                 } else {
                     Message::binary(bytes)
                 };

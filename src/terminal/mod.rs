@@ -41,6 +41,8 @@ const REPLAY_BYTES: usize = 64 << 10;
 const HTTP_BUFFER_BYTES: usize = 1 << 20;
 const HTTP_KEEP_AFTER_EXIT: Duration = Duration::from_secs(30);
 const HANGUP_GRACE: Duration = Duration::from_secs(2);
+/// Appended to an HTTP terminal's output when its shell exits.
+const EXITED_MARKER: &[u8] = b"\r\n[process exited]";
 
 /// Bytes kept, oldest dropped first, with a count of what was dropped.
 struct Ring {
@@ -70,6 +72,9 @@ struct State {
     last_activity: Instant,
     detached_at: Option<Instant>,
     hangup_at: Option<Instant>,
+    /// `terminal.close` was called: the terminal is no longer found, while
+    /// its shell is still being hung up.
+    closed: bool,
     /// A UTF-8 sequence split across two `terminal.output` drains.
     carry: Vec<u8>,
 }
@@ -111,7 +116,13 @@ impl Term {
     /// Input from a request, which must be answered: refused at once when
     /// the shell is not reading what it was already sent.
     pub fn try_input(&self, bytes: &[u8]) -> Result<(), InputRefused> {
-        self.lock().last_activity = Instant::now();
+        {
+            let mut st = self.lock();
+            if st.exit_code.is_some() || st.closed {
+                return Err(InputRefused::Closed);
+            }
+            st.last_activity = Instant::now();
+        }
         self.input.try_send(bytes.to_vec()).map_err(|e| match e {
             crossbeam_channel::TrySendError::Full(_) => InputRefused::Busy,
             crossbeam_channel::TrySendError::Disconnected(_) => InputRefused::Closed,
@@ -175,17 +186,25 @@ impl Terminals {
         self.all.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A live WebSocket terminal of `project` opened under `session`.
+    /// A live WebSocket terminal of `project` opened under `session` (not
+    /// one being hung up).
     pub fn find_session(&self, project: &str, session: &str) -> Option<Arc<Term>> {
         self.all()
             .values()
-            .find(|t| t.project == project && t.session.as_deref() == Some(session) && t.alive())
+            .find(|t| {
+                t.project == project && t.session.as_deref() == Some(session) && {
+                    let st = t.lock();
+                    st.exit_code.is_none() && st.hangup_at.is_none()
+                }
+            })
             .cloned()
     }
 
-    /// An HTTP terminal of `project` by its id.
+    /// An HTTP terminal of `project` by its id: a live one, or one whose
+    /// shell exited less than 30 s ago (its last output can still be read);
+    /// never one that `terminal.close` ended.
     pub fn find_http(&self, project: &str, id: &str) -> Option<Arc<Term>> {
-        self.all().get(id).filter(|t| t.http && t.project == project).cloned()
+        self.all().get(id).filter(|t| t.http && t.project == project && !t.lock().closed).cloned()
     }
 
     /// Whether `project` may open one more terminal.
@@ -244,6 +263,7 @@ impl Terminals {
                 last_activity: Instant::now(),
                 detached_at: None,
                 hangup_at: None,
+                closed: false,
                 carry: Vec::new(),
             }),
             changed: Condvar::new(),
@@ -282,8 +302,11 @@ impl Terminals {
         Ok(term)
     }
 
-    /// Ends an HTTP terminal (`terminal.close`).
+    /// Ends an HTTP terminal (`terminal.close`): it is gone for every later
+    /// call at once; its shell is hung up (SIGHUP, SIGKILL after a grace) and
+    /// reaped in the background.
     pub fn close(&self, term: &Term) {
+        term.lock().closed = true;
         term.hang_up();
     }
 
@@ -399,11 +422,8 @@ impl Terminals {
                 });
             while let Some(msg) = reader.next() {
                 let result = match msg {
-                    In::Binary(bytes) => term.input(&bytes),
-                    In::Text(text) => match parse_resize(&text) {
-                        Some((cols, rows)) => term.resize(cols, rows),
-                        None => term.input(text.as_bytes()),
-                    },
+                    In::Binary(bytes) => client_frame(&term, &bytes),
+                    In::Text(text) => client_frame(&term, text.as_bytes()),
                 };
                 if result.is_err() {
                     break;
@@ -437,26 +457,15 @@ impl Terminals {
             let terms: Vec<Arc<Term>> = self.all().values().cloned().collect();
             let mut forget = Vec::new();
             for t in terms {
-                let st = t.lock();
-                let keep_exited = if t.http { HTTP_KEEP_AFTER_EXIT } else { Duration::ZERO };
-                if st.exited_at.is_some_and(|at| now - at >= keep_exited) && st.attached.is_none() {
-                    forget.push(t.id.clone());
-                    continue;
-                }
-                if st.exit_code.is_some() {
-                    continue;
-                }
-                let hung_up_long_ago = st.hangup_at.is_some_and(|at| now - at >= HANGUP_GRACE);
-                let detached_too_long =
-                    st.detached_at.is_some_and(|at| now - at >= self.limits.terminal_detach);
-                let idle_too_long = now - st.last_activity >= self.limits.terminal_idle;
-                drop(st);
-                if hung_up_long_ago {
-                    t.pty.group.signal(Signal::SIGKILL);
-                } else if detached_too_long || idle_too_long {
-                    let why = if detached_too_long { "detached" } else { "idle" };
-                    info!("terminal {} project={}: {why} too long, hanging up", t.id, t.project);
-                    t.hang_up();
+                let verdict = verdict(&t.lock(), t.http, &self.limits, now);
+                match verdict {
+                    Verdict::Keep => {}
+                    Verdict::Forget => forget.push(t.id.clone()),
+                    Verdict::Kill => t.pty.group.signal(Signal::SIGKILL),
+                    Verdict::HangUp(why) => {
+                        info!("terminal {} project={}: {why} too long, hanging up", t.id, t.project);
+                        t.hang_up();
+                    }
                 }
             }
             let mut all = self.all();
@@ -465,6 +474,41 @@ impl Terminals {
             }
         }
     }
+}
+
+/// What the reaper does with a terminal at `now`.
+#[derive(Debug, PartialEq)]
+enum Verdict {
+    Keep,
+    /// Exited (and, for an HTTP terminal not closed, 30 s ago): drop it.
+    Forget,
+    /// Hung up a grace ago and still there.
+    Kill,
+    /// Detached or idle too long.
+    HangUp(&'static str),
+}
+
+fn verdict(st: &State, http: bool, limits: &Limits, now: Instant) -> Verdict {
+    let keep_exited = if http && !st.closed { HTTP_KEEP_AFTER_EXIT } else { Duration::ZERO };
+    if st.exited_at.is_some_and(|at| now - at >= keep_exited) && st.attached.is_none() {
+        return Verdict::Forget;
+    }
+    if st.exit_code.is_some() {
+        return Verdict::Keep;
+    }
+    if st.hangup_at.is_some_and(|at| now - at >= HANGUP_GRACE) {
+        return Verdict::Kill;
+    }
+    if st.hangup_at.is_some() {
+        return Verdict::Keep;
+    }
+    if st.detached_at.is_some_and(|at| now - at >= limits.terminal_detach) {
+        return Verdict::HangUp("detached");
+    }
+    if now - st.last_activity >= limits.terminal_idle {
+        return Verdict::HangUp("idle");
+    }
+    Verdict::Keep
 }
 
 /// The PTY reader thread: output into the ring and to the attached socket.
@@ -513,6 +557,10 @@ fn wait_shell(term: &Term) {
             .map(|(g, _)| g)
             .unwrap_or_else(|p| p.into_inner().0);
     }
+    if term.http {
+        // The original's last words of an HTTP terminal, read by `terminal.output`.
+        st.ring.push(EXITED_MARKER);
+    }
     st.exit_code = Some(code);
     st.exited_at = Some(Instant::now());
     let attached = st.attached.take();
@@ -523,17 +571,42 @@ fn wait_shell(term: &Term) {
     }
 }
 
-/// `{"type":"resize","cols":C,"rows":R}`, as the original's client sends it.
-fn parse_resize(text: &str) -> Option<(u16, u16)> {
-    if !text.starts_with('{') || !text.contains("resize") {
+/// Whether a client frame (text or binary, as the original does not tell
+/// them apart) is a resize message `{"type":"resize","cols":C,"rows":R}`: it
+/// starts with `{`, parses as JSON and says `"type":"resize"`. None: it is
+/// keystrokes. Some(Err): a resize message whose sizes are not integers
+/// 1-10000, refused, and never typed into the shell (where the original
+/// typed such a message when a size was 0 or missing).
+fn parse_resize(bytes: &[u8]) -> Option<Result<(u16, u16), &'static str>> {
+    if bytes.first() != Some(&b'{') || !bytes.windows(6).any(|w| w == b"resize") {
         return None;
     }
-    let v: serde_json::Value = serde_json::from_str(text).ok()?;
+    let v: serde_json::Value = serde_json::from_slice(bytes).ok()?;
     if v.get("type")?.as_str()? != "resize" {
         return None;
     }
-    let dim = |k| v.get(k)?.as_u64().filter(|n| (1..=10_000).contains(n)).map(|n| n as u16);
-    Some((dim("cols")?, dim("rows")?))
+    let dim = |k: &str| {
+        let n = v.get(k)?;
+        let whole =
+            n.as_u64().or_else(|| n.as_f64().filter(|f| f.fract() == 0.0 && *f >= 1.0).map(|f| f as u64));
+        whole.filter(|n| (1..=10_000).contains(n)).map(|n| n as u16)
+    };
+    Some(match (dim("cols"), dim("rows")) {
+        (Some(cols), Some(rows)) => Ok((cols, rows)),
+        _ => Err("cols and rows must be integers 1-10000"),
+    })
+}
+
+/// A frame from the terminal's socket: keystrokes, or a resize.
+fn client_frame(term: &Term, bytes: &[u8]) -> std::io::Result<()> {
+    match parse_resize(bytes) {
+        None => term.input(bytes),
+        Some(Ok((cols, rows))) => term.resize(cols, rows),
+        Some(Err(why)) => {
+            info!("terminal {} project={}: resize refused ({why})", term.id, term.project);
+            Ok(())
+        }
+    }
 }
 
 /// The connector's environment for the shell, without the connector's own
@@ -567,8 +640,77 @@ mod tests {
 
     #[test]
     fn resize_messages() {
-        assert_eq!(parse_resize(r#"{"type":"resize","cols":120,"rows":40}"#), Some((120, 40)));
-        assert_eq!(parse_resize(r#"{"type":"resize","cols":0,"rows":40}"#), None);
-        assert_eq!(parse_resize("ls\r"), None);
+        let parse = |s: &str| parse_resize(s.as_bytes());
+        assert_eq!(parse(r#"{"type":"resize","cols":120,"rows":40}"#), Some(Ok((120, 40))));
+        assert_eq!(parse(r#"{"rows":1,"cols":10000,"type":"resize"}"#), Some(Ok((10000, 1))));
+        assert_eq!(parse(r#"{"type":"resize","cols":80.0,"rows":24}"#), Some(Ok((80, 24))));
+        // resize messages with bad sizes: refused, not keystrokes
+        for bad in [
+            r#"{"type":"resize","cols":0,"rows":40}"#,
+            r#"{"type":"resize","cols":10001,"rows":40}"#,
+            r#"{"type":"resize","cols":-3,"rows":40}"#,
+            r#"{"type":"resize","cols":80.5,"rows":40}"#,
+            r#"{"type":"resize","cols":"80","rows":40}"#,
+            r#"{"type":"resize","cols":80}"#,
+            r#"{"type":"resize"}"#,
+        ] {
+            assert!(matches!(parse(bad), Some(Err(_))), "{bad}");
+        }
+        // keystrokes: not JSON, not a resize, or not starting with `{`
+        for keys in [
+            "ls\r",
+            r#"{"type":"resize""#,
+            r#"{"type":"other","cols":1,"rows":1}"#,
+            r#" {"type":"resize","cols":1,"rows":1}"#,
+            r#"["resize"]"#,
+        ] {
+            assert_eq!(parse(keys), None, "{keys}");
+        }
+    }
+
+    fn state(now: Instant) -> State {
+        State {
+            ring: Ring { bytes: VecDeque::new(), cap: 16, dropped: 0 },
+            attached: None,
+            exit_code: None,
+            exited_at: None,
+            reader_done: false,
+            last_activity: now,
+            detached_at: None,
+            hangup_at: None,
+            closed: false,
+            carry: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn an_exited_http_terminal_is_kept_30_s_then_forgotten() {
+        let limits = Limits::default();
+        let t0 = Instant::now();
+        let mut st = state(t0);
+        st.exit_code = Some(0);
+        st.exited_at = Some(t0);
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        assert_eq!(verdict(&st, true, &limits, at(0)), Verdict::Keep);
+        assert_eq!(verdict(&st, true, &limits, at(29)), Verdict::Keep);
+        assert_eq!(verdict(&st, true, &limits, at(30)), Verdict::Forget);
+        // a WebSocket terminal, or a closed HTTP one, goes at once
+        assert_eq!(verdict(&st, false, &limits, at(0)), Verdict::Forget);
+        st.closed = true;
+        assert_eq!(verdict(&st, true, &limits, at(0)), Verdict::Forget);
+    }
+
+    #[test]
+    fn the_reaper_hangs_up_detached_and_idle_terminals_and_kills_after_the_grace() {
+        let limits = Limits::default();
+        let t0 = Instant::now();
+        let mut st = state(t0);
+        assert_eq!(verdict(&st, false, &limits, t0 + limits.terminal_idle / 2), Verdict::Keep);
+        assert_eq!(verdict(&st, false, &limits, t0 + limits.terminal_idle), Verdict::HangUp("idle"));
+        st.detached_at = Some(t0);
+        assert_eq!(verdict(&st, false, &limits, t0 + limits.terminal_detach), Verdict::HangUp("detached"));
+        st.hangup_at = Some(t0);
+        assert_eq!(verdict(&st, false, &limits, t0 + HANGUP_GRACE / 2), Verdict::Keep);
+        assert_eq!(verdict(&st, false, &limits, t0 + HANGUP_GRACE), Verdict::Kill);
     }
 }
