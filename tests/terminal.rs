@@ -72,6 +72,13 @@ fn reaped(pid: i32, server: u32) -> bool {
     !alive(pid) && ppid(pid) != Some(server as i32)
 }
 
+/// The number of threads of a process.
+fn threads(pid: u32) -> i64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
+    let line = status.lines().find(|l| l.starts_with("Threads:")).expect("a Threads line");
+    line["Threads:".len()..].trim().parse().expect("a thread count")
+}
+
 fn ping_ok(srv: &Server) {
     let (status, v) = srv.call(TA, "ping", json!({}));
     assert_eq!((status, &v["ok"]), (200, &json!(true)), "ping: {v}");
@@ -209,6 +216,7 @@ fn closing_the_socket_kills_the_shell_and_its_background_jobs() {
 #[test]
 fn twenty_terminals_then_the_per_project_limit() {
     let (_tmp, srv) = start("ws-many", Some(json!({"terminalsPerProject": 20})));
+    let threads_before = threads(srv.pid());
     let mut socks: Vec<Ws> = (0..20).map(|_| ws_connect(&srv.addr, &target(TA, ""))).collect();
     for (i, ws) in socks.iter_mut().enumerate() {
         ws.send_text(&format!("echo n{i}-$(({i}*1000+7))\r"));
@@ -220,6 +228,10 @@ fn twenty_terminals_then_the_per_project_limit() {
     pids.sort();
     pids.dedup();
     assert_eq!(pids.len(), 20, "20 distinct shells");
+    // a socket's pump is its connection's thread; the shell's waiter is the
+    // only other one (and one `terminals` thread for them all)
+    let grew = threads(srv.pid()) - threads_before;
+    assert!(grew <= 2 * 20 + 1, "{grew} more threads for 20 terminals");
     // the 21st is refused before the upgrade; the other project is not limited by this one
     let (status, body, head) = upgrade_raw(&srv, &target(TA, ""), None);
     assert_eq!((status, body.as_str()), (429, r#"{"error":"too many terminals"}"#), "{head}");
@@ -389,6 +401,35 @@ fn session_reattach_replays_and_keeps_the_shell() {
     assert!(big2.cursor() <= len, "big-4 not in the replay frame: {:?}", big2.first_frames);
     big2.send_text("exit\r");
     assert_eq!(big2.wait_close(Duration::from_secs(8)), Some(1000));
+}
+
+#[test]
+fn a_detached_session_keeps_running_and_replays_its_latest_output() {
+    let (tmp, srv) = start("ws-detached-run", None);
+    let mut ws = ws_connect(&srv.addr, &target(TA, "&session=busy"));
+    // 3 s from now the shell prints 20000 lines (about 200 KB: far more than
+    // a PTY holds), then marks a file; the socket is gone by then
+    ws.send_text(
+        "sleep 3; i=0; while [ $i -lt 20000 ]; do echo line-$i; i=$((i+1)); done; echo fin > done.txt\r",
+    );
+    ws.expect("done.txt");
+    ws.drop_tcp();
+    let done = tmp.join("a/done.txt");
+    assert!(
+        eventually(Duration::from_secs(60), || done.exists()),
+        "the detached shell did not get through its output (nobody read its PTY?)"
+    );
+    let mut back = ws_connect(&srv.addr, &target(TA, "&session=busy"));
+    back.expect("line-19999");
+    let (text, len) = back.first_frames[0];
+    assert!(text && len <= 64 << 10 && len > 60 << 10, "the replay: {:?}", back.first_frames);
+    assert!(back.cursor() <= len, "line-19999 is not in the replay frame");
+    assert!(
+        !String::from_utf8_lossy(&back.out[..len]).contains("line-1\r\n"),
+        "the replay is not the latest"
+    );
+    assert_eq!(ask(&mut back, "still"), "still");
+    back.close_clean();
 }
 
 // ------------------------------------------------------------ 10. SIGPIPE
@@ -660,6 +701,38 @@ fn http_terminal_actions() {
     assert_eq!((status, v["error"].clone()), (400, json!("bad payload")), "{v}");
     input("stty size\r");
     http_output_until(&srv, &id, "43 132");
+}
+
+#[test]
+fn http_input_larger_than_the_pty_takes_at_once_arrives_whole() {
+    let (tmp, srv) = start("http-bigin", None);
+    let (_, v) = srv.call(TA, "terminal.spawn", json!({}));
+    let id = v["sessionId"].as_str().expect("sessionId").to_string();
+    let input = |data: &str| {
+        let (status, v) = srv.call(TA, "terminal.input", json!({"sessionId": id, "data": data}));
+        assert_eq!((status, v), (200, json!({"ok": true})), "input of {} bytes", data.len());
+    };
+    input("stty -echo; cat > big.txt; echo got-$((6*7))\r");
+    http_output_until(&srv, &id, "$ ");
+    // 2000 lines of 50 bytes in one request: a PTY takes a few KiB at a time
+    let line = format!("{}\n", "x".repeat(49));
+    input(&line.repeat(2000));
+    // then Ctrl-D, once the shell has read most of it: until then the
+    // terminal is busy (what it accepted is written in order meanwhile)
+    poll("terminal.input accepted again", || {
+        let (status, v) = srv.call(TA, "terminal.input", json!({"sessionId": id, "data": "\x04"}));
+        match status {
+            200 => Some(()),
+            503 => {
+                assert_eq!(v["error"], "terminal busy", "{v}");
+                None
+            }
+            _ => panic!("terminal.input: {status} {v}"),
+        }
+    });
+    http_output_until(&srv, &id, "got-42");
+    let size = std::fs::metadata(tmp.join("a/big.txt")).expect("big.txt").len();
+    assert_eq!(size, 100_000, "what cat received");
 }
 
 /// terminal.output until `cond` holds on the data seen so far; (all data, the last answer).

@@ -364,8 +364,9 @@ impl App {
             },
         };
         let (terminals, key) = (Arc::clone(&self.terminals), key.to_string());
-        out.resp =
-            Response::upgrade(Box::new(move |stream| terminals.serve_socket(term, stream, &key, text)));
+        out.resp = Response::upgrade(Box::new(move |stream: std::net::TcpStream| {
+            terminals.serve_socket(term, stream, &key, text)
+        }));
         out
     }
 
