@@ -4,7 +4,8 @@
 # Idempotent: running it again replaces the binary and the unit when they
 # differ, and never touches an existing config file.
 #
-#   sh install.sh [--prefix DIR] [--binary PATH] [--config PATH] [--public] [--no-systemd]
+#   sh install.sh [--prefix DIR] [--binary PATH] [--config PATH] [--user NAME]
+#                 [--public] [--no-systemd] [--print-unit]
 #
 # See `sh install.sh --help`.
 set -eu
@@ -20,6 +21,8 @@ BINARY=
 CONFIG=/etc/aion-connector/aion.config.json
 SYSTEMD=yes
 PUBLIC=no
+SERVICE_USER=aion-connector
+PRINT_UNIT=no
 
 BINARY_CHANGED=no
 UNIT_CHANGED=no
@@ -38,9 +41,13 @@ Options:
   --binary PATH    install this binary instead of building from this checkout
   --config PATH    config file (default /etc/aion-connector/aion.config.json);
                    an existing file is never modified
+  --user NAME      run the service as NAME (default aion-connector, a system
+                   user created with its home in /var/lib/aion-connector);
+                   --user root works but is not recommended
   --public         in a new starter config, listen on 0.0.0.0 instead of
                    127.0.0.1
   --no-systemd     do not write or enable the systemd unit
+  --print-unit     print the systemd unit this would write, and exit
   -h, --help       show this help
 
 Without --binary the script runs `cargo build --release` in the checkout it
@@ -120,6 +127,19 @@ parse_args() {
 			SYSTEMD=no
 			shift
 			;;
+		--user)
+			[ $# -ge 2 ] || usage_error "--user needs a name"
+			SERVICE_USER=$2
+			shift 2
+			;;
+		--user=*)
+			SERVICE_USER=${1#--user=}
+			shift
+			;;
+		--print-unit)
+			PRINT_UNIT=yes
+			shift
+			;;
 		-h | --help)
 			usage
 			exit 0
@@ -131,6 +151,9 @@ parse_args() {
 	done
 
 	[ -n "$PREFIX" ] || usage_error "--prefix must not be empty"
+	case $SERVICE_USER in
+	'' | -* | *[!a-z0-9_-]*) usage_error "--user: a user name of lowercase letters, digits, - and _: $SERVICE_USER" ;;
+	esac
 	[ -n "$CONFIG" ] || usage_error "--config must not be empty"
 	PREFIX=$(absolute "$PREFIX")
 	CONFIG=$(absolute "$CONFIG")
@@ -323,7 +346,23 @@ EOF
 	say "edit it: use your AION project id instead of \"default\" and make the token match AION's"
 }
 
+# The shell the web terminal runs for the service user.
+service_shell() {
+	if [ -x /bin/bash ]; then
+		echo /bin/bash
+	else
+		echo /bin/sh
+	fi
+}
+
 unit_text() {
+	if [ "$SERVICE_USER" = root ]; then
+		home=/root
+		protect_home=no
+	else
+		home=$STATE_DIR
+		protect_home=yes
+	fi
 	cat <<EOF
 # Written by aion-connector's install.sh; rerunning it rewrites this file.
 # Local changes belong in a drop-in: systemctl edit aion-connector
@@ -336,37 +375,103 @@ Wants=network-online.target
 [Service]
 Type=simple
 ExecStart=$PREFIX/bin/aion-connector $CONFIG
+User=$SERVICE_USER
+Group=$SERVICE_USER
 # Relative project dirs in the config resolve against this directory.
 StateDirectory=aion-connector
 StateDirectoryMode=0700
 WorkingDirectory=$STATE_DIR
-# Agents keep their logins and settings under HOME (as the Node original).
-Environment=HOME=/root
+# Agents keep their logins and settings under HOME.
+Environment=HOME=$home
+Environment=SHELL=$(service_shell)
 Restart=always
 RestartSec=5
 KillMode=control-group
 TimeoutStopSec=20
+UMask=0077
 
-# Hardening. The connector and the agents it runs must write the project
-# dirs, which can be anywhere (/root, /home, /srv, /var/lib, ...), and the
-# agents write their own state under HOME. So ProtectSystem=full (read-only
-# /usr, /boot, /etc) rather than strict, and no ProtectHome=. Tighten with a
-# drop-in if your project dirs are known, e.g.
-#   ProtectSystem=strict
-#   ReadWritePaths=/srv/aion /root
+# Hardening, as far as agents allow: they need the network, a writable home
+# and workspace, pseudo-terminals, Node's JIT (so no MemoryDenyWriteExecute)
+# and, for agents that sandbox their tools (bubblewrap), namespaces.
+# The file system is read-only but for the state dir (home and the default
+# workspace); project dirs elsewhere need a drop-in, e.g.
+#   [Service]
+#   ReadWritePaths=/srv/aion
 NoNewPrivileges=yes
 PrivateTmp=yes
-ProtectSystem=full
+PrivateDevices=yes
+ProtectSystem=strict
+ProtectHome=$protect_home
 ProtectKernelTunables=yes
 ProtectKernelModules=yes
+ProtectKernelLogs=yes
 ProtectControlGroups=yes
+ProtectClock=yes
+ProtectHostname=yes
+ProtectProc=invisible
 RestrictSUIDSGID=yes
-LockPersonality=yes
 RestrictRealtime=yes
+RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6
+LockPersonality=yes
+CapabilityBoundingSet=
+AmbientCapabilities=
+SystemCallArchitectures=native
+SystemCallFilter=@system-service
+SystemCallErrorNumber=EPERM
+KeyringMode=private
+RemoveIPC=yes
 
 [Install]
 WantedBy=multi-user.target
 EOF
+}
+
+# The service user: created when missing (a system user, home in the state
+# dir, no password); an upgrade from a root install gets its files back.
+ensure_user() {
+	if [ "$SERVICE_USER" = root ]; then
+		say "warning: the service will run as root (--user root): agents and the web terminal get root's rights"
+		return 0
+	fi
+	if ! id -u "$SERVICE_USER" >/dev/null 2>&1; then
+		create_user
+		say "created system user $SERVICE_USER (home $STATE_DIR)"
+	fi
+	group=$(id -gn "$SERVICE_USER")
+	mkdir -p -- "$STATE_DIR"
+	chmod 0700 "$STATE_DIR"
+	# Upgrades from a root install: the state (spooled posts, workspaces,
+	# their mapping) and the config change hands; nothing is moved or lost.
+	chown -R "$SERVICE_USER:$group" "$STATE_DIR"
+	if [ -f "$CONFIG" ]; then
+		chown "$SERVICE_USER:$group" "$CONFIG"
+		chmod 0600 "$CONFIG"
+	fi
+	config_dir=${CONFIG%/*}
+	if [ "$config_dir" = /etc/aion-connector ] && [ -d "$config_dir" ]; then
+		chown "$SERVICE_USER:$group" "$config_dir"
+		chmod 0700 "$config_dir"
+	fi
+	if [ -d /root/.claude ] || [ -d /root/.codex ] || [ -d /root/.gemini ]; then
+		say "note: agent logins made as root stay in /root; log the agents in as the service user:"
+		say "  sudo -u $SERVICE_USER -H sh -c 'cd && claude'   (or codex, gemini, ...)"
+	fi
+}
+
+create_user() {
+	shell=$(service_shell)
+	if command -v useradd >/dev/null 2>&1; then
+		useradd --system --user-group --home-dir "$STATE_DIR" --no-create-home \
+			--shell "$shell" --comment "AION Connector" "$SERVICE_USER" ||
+			die "cannot create the user $SERVICE_USER"
+	elif command -v adduser >/dev/null 2>&1; then
+		# BusyBox (Alpine)
+		addgroup -S "$SERVICE_USER" 2>/dev/null || true
+		adduser -S -D -H -h "$STATE_DIR" -s "$shell" -G "$SERVICE_USER" "$SERVICE_USER" ||
+			die "cannot create the user $SERVICE_USER"
+	else
+		die "no useradd or adduser to create the user $SERVICE_USER; create it, or use --user"
+	fi
 }
 
 install_unit() {
@@ -441,9 +546,16 @@ install_manpage() {
 
 main() {
 	parse_args "$@"
+	if [ "$PRINT_UNIT" = yes ]; then
+		unit_text
+		exit 0
+	fi
 	install_binary
 	install_manpage
 	install_config
+	if [ "$SYSTEMD" = yes ] && command -v systemctl >/dev/null 2>&1; then
+		ensure_user
+	fi
 	install_unit
 	say "check the config with: $PREFIX/bin/aion-connector check $CONFIG"
 }

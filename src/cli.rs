@@ -123,6 +123,9 @@ fn check(path: &Path) -> Result<i32, Error> {
     for w in &warnings {
         eprintln!("warning: {}: {w}", path.display());
     }
+    for w in config::advice(path, &config) {
+        eprintln!("warning: {w}");
+    }
     let path_var = std::env::var_os("PATH").unwrap_or_default();
     let mut uses_acpx = false;
     for p in &config.projects {

@@ -4,8 +4,9 @@
 //! runs and the terminals.
 
 use crate::config::{Config, Project};
-use crate::workspace::Sensitive;
+use crate::logging::warn;
 use crate::workspace::git::{self, RepoSpec, SyncResult};
+use crate::workspace::{Refusal, Sensitive};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -18,10 +19,19 @@ pub struct ProjectState {
     pub root: PathBuf,
     token_digest: [u8; 32],
     pub sensitive: Sensitive,
-    /// The first repository this process synced: the default workspace.
-    first_synced: Mutex<Option<String>>,
+    /// Workspace name → directory under the root (`.` for the root), in the
+    /// order first mapped; the first is the default workspace.
+    workspaces: Mutex<Vec<Mapping>>,
+    /// Where the mapping is kept across restarts.
+    mapping_file: PathBuf,
     /// Syncs of one project run one at a time.
     sync_lock: Mutex<()>,
+}
+
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
+struct Mapping {
+    name: String,
+    dir: String,
 }
 
 impl ProjectState {
@@ -40,31 +50,126 @@ impl ProjectState {
         crate::delivery::signing::sha256_hex(self.config.token.0.as_bytes(), &[b"aion-mcp"])
     }
 
-    /// The first repository this process synced: the default workspace.
-    pub fn first_synced(&self) -> Option<String> {
-        self.first_synced.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    /// The mapped workspaces, in order, with their absolute paths.
+    pub fn workspaces(&self) -> Vec<(String, PathBuf)> {
+        let dir = |rel: &str| if rel == "." { self.root.clone() } else { self.root.join(rel) };
+        self.mapped().iter().map(|m| (m.name.clone(), dir(&m.dir))).collect()
     }
 
-    /// Syncs `specs` one project-wide sync at a time; the first repository
-    /// synced becomes the default workspace.
+    /// The real directory of workspace `name`, or of the first mapped one
+    /// when `name` is None. Nothing mapped: [`Refusal::NoWorkspace`] (the
+    /// baseline's answer, on which platforms sync).
+    pub fn workspace(&self, name: Option<&str>) -> Result<PathBuf, Refusal> {
+        let rel = {
+            let mapped = self.mapped();
+            let found = match name {
+                None => mapped.first().ok_or(Refusal::NoWorkspace)?,
+                Some(n) => mapped.iter().find(|m| m.name == n).ok_or(if mapped.is_empty() {
+                    Refusal::NoWorkspace
+                } else {
+                    Refusal::UnknownWorkspace
+                })?,
+            };
+            found.dir.clone()
+        };
+        crate::workspace::mapped_dir(&self.root, &rel)
+    }
+
+    fn mapped(&self) -> std::sync::MutexGuard<'_, Vec<Mapping>> {
+        self.workspaces.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Syncs `specs` one project-wide sync at a time; each repo synced is
+    /// mapped under its name (a name synced again keeps its place) and the
+    /// mapping is saved. A failed sync maps nothing.
     pub fn sync_all(&self, specs: &[RepoSpec], timeout: Duration) -> Vec<SyncResult> {
         let _one_at_a_time = self.sync_lock.lock().unwrap_or_else(|e| e.into_inner());
         let results: Vec<SyncResult> = specs
             .iter()
             .map(|spec| git::sync(&self.root, spec, self.config.allow_file_urls, timeout))
             .collect();
-        if let Some(first_ok) = results.iter().find(|r| r.ok) {
-            let mut first = self.first_synced.lock().unwrap_or_else(|e| e.into_inner());
-            first.get_or_insert_with(|| first_ok.name.clone());
+        let saved = {
+            let mut mapped = self.mapped();
+            let before = mapped.len();
+            let mut changed = false;
+            for (spec, _) in specs.iter().zip(&results).filter(|(_, r)| r.ok) {
+                match mapped.iter_mut().find(|m| m.name == spec.name) {
+                    Some(m) if m.dir == spec.dir => {}
+                    Some(m) => {
+                        m.dir = spec.dir.clone();
+                        changed = true;
+                    }
+                    None => mapped.push(Mapping { name: spec.name.clone(), dir: spec.dir.clone() }),
+                }
+            }
+            (changed || mapped.len() != before).then(|| mapped.clone())
+        };
+        if let Some(list) = saved
+            && let Err(e) = save_mapping(&self.mapping_file, &self.config.id, &list)
+        {
+            warn!(
+                "project {}: cannot save the workspace mapping to {}: {e}; it holds until a restart",
+                self.config.id,
+                self.mapping_file.display()
+            );
         }
         results
     }
 }
 
+/// `<stateDir>/workspaces/<hash of the project id>.json`: the project id is
+/// any text, the file name must not be.
+fn mapping_path(state_dir: &Path, project: &str) -> PathBuf {
+    let digest = Sha256::digest(project.as_bytes());
+    let name: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+    state_dir.join("workspaces").join(format!("{name}.json"))
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct MappingFile {
+    project: String,
+    workspaces: Vec<Mapping>,
+}
+
+fn load_mapping(path: &Path, project: &str) -> Vec<Mapping> {
+    let Ok(text) = std::fs::read_to_string(path) else { return Vec::new() };
+    match serde_json::from_str::<MappingFile>(&text) {
+        Ok(f) if f.project == project => f
+            .workspaces
+            .into_iter()
+            .filter(|m| m.dir == "." || git::repo_dir(&m.dir, None).as_deref() == Ok(m.dir.as_str()))
+            .collect(),
+        _ => {
+            warn!("project {project}: ignoring an unreadable workspace mapping {}", path.display());
+            Vec::new()
+        }
+    }
+}
+
+/// Written to a temp file and renamed: a crash leaves the old or the new file.
+fn save_mapping(path: &Path, project: &str, list: &[Mapping]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let body = MappingFile { project: project.to_string(), workspaces: list.to_vec() };
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+    f.write_all(serde_json::to_string_pretty(&body).map_err(std::io::Error::other)?.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
 /// The projects of `config`; `roots[i]` is the canonical dir of project i.
 /// Each project is denied, on top of its sensitive files, `own_files` (the
 /// config, the state dir) and the dirs of other projects nested inside it.
-pub fn projects(config: &mut Config, roots: Vec<PathBuf>, own_files: &[PathBuf]) -> Vec<Arc<ProjectState>> {
+pub fn projects(
+    config: &mut Config,
+    roots: Vec<PathBuf>,
+    own_files: &[PathBuf],
+    state_dir: &Path,
+) -> Vec<Arc<ProjectState>> {
     let all_roots = roots.clone();
     std::mem::take(&mut config.projects)
         .into_iter()
@@ -76,12 +181,14 @@ pub fn projects(config: &mut Config, roots: Vec<PathBuf>, own_files: &[PathBuf])
                 .filter(|d| d.starts_with(&root) && **d != root)
                 .cloned()
                 .collect();
+            let mapping_file = mapping_path(state_dir, &p.id);
             Arc::new(ProjectState {
                 token_digest: Sha256::digest(p.token.0.as_bytes()).into(),
                 sensitive: Sensitive::new(&p.sensitive).deny_paths(deny),
+                workspaces: Mutex::new(load_mapping(&mapping_file, &p.id)),
+                mapping_file,
                 root,
                 config: p,
-                first_synced: Mutex::new(None),
                 sync_lock: Mutex::new(()),
             })
         })

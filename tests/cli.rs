@@ -340,3 +340,28 @@ fn sigterm_exits_0_and_logs_stopped() {
 fn sigint_exits_0_and_logs_stopped() {
     signal_test(Signal::SIGINT);
 }
+
+#[test]
+fn check_warns_about_a_readable_config_and_short_tokens() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = TempDir::new("checkadvice");
+    let long = "0123456789abcdef0123456789abcdef";
+    let cfg = config(
+        json!({
+            "short": {"token": "guessable", "dir": "./s"},
+            "long": {"token": long, "dir": "./l"}
+        }),
+        None,
+    );
+    let path = write_cfg(&tmp, "aion.config.json", &cfg);
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (code, out, err) = run(&["check", &path], tmp.path(), &[]);
+    assert_eq!(code, 0, "warnings are not errors: {out}{err}");
+    assert!(err.contains("readable by others (mode 644)") && err.contains("chmod 600"), "{err}");
+    assert!(err.contains("projects.short.token is shorter than 32 characters"), "{err}");
+    assert!(!err.contains("projects.long.token"), "{err}");
+    assert!(!err.contains("guessable") && !err.contains(long), "a token printed: {err}");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let (_, _, err) = run(&["check", &path], tmp.path(), &[]);
+    assert!(!err.contains("readable by"), "{err}");
+}

@@ -14,7 +14,16 @@ fn start(tmp: &TempDir, dir: &std::path::Path, sensitive: Option<Value>) -> Serv
     if let Some(s) = sensitive {
         project["sensitive"] = s;
     }
-    Server::start(tmp.path(), &config(json!({ "p": project }), None))
+    let srv = Server::start(tmp.path(), &config(json!({ "p": project }), None));
+    map_project_dir(&srv, TOKEN);
+    srv
+}
+
+/// `{"name":"."}` maps the project dir itself as the workspace (the baseline's
+/// way to serve a dir that is not a cloned repo).
+fn map_project_dir(srv: &Server, token: &str) {
+    let (status, v) = srv.call(token, "repos.sync", json!({"repos": [{"name": "."}]}));
+    assert_eq!(status, 200, "{v}");
 }
 
 fn file(name: &str, path: &str) -> Value {
@@ -82,7 +91,10 @@ fn tree_git_repo_uses_tracked_and_untracked_not_ignored() {
     // untracked but not ignored: listed; ignored: not listed
     write(repo.join("new.txt"), "new");
     write(repo.join("build.log"), "noise");
-    let srv = start(&tmp, &root, None);
+    let project = json!({"token": TOKEN, "dir": root.to_str().unwrap()});
+    let srv = Server::start(tmp.path(), &config(json!({ "p": project }), None));
+    let (status, v) = srv.call(TOKEN, "repos.sync", json!({"repos": [{"name": "repo"}]}));
+    assert_eq!(status, 200, "{v}");
 
     let mut want = expected_tree();
     let files = want.as_array_mut().unwrap();
@@ -229,6 +241,26 @@ fn read_path_traversal() {
 }
 
 #[test]
+fn impossible_names_are_4xx_not_server_errors() {
+    let tmp = TempDir::new("longname");
+    let root = tmp.join("proj");
+    write(root.join("hello.txt"), "hello");
+    let srv = start(&tmp, &root, None);
+    let long = "x".repeat(256);
+    for (path, want) in [
+        (long.clone(), 400),
+        (format!("a/{long}/b"), 400),
+        ("y/".repeat(2100), 400),
+        ("hello.txt/inside".to_string(), 404),
+    ] {
+        for action in ["files.read", "files.tree"] {
+            let (status, text) = srv.post(&request_body(TOKEN, action, json!({"path": path})));
+            assert_eq!(status, want, "{action} {:.40}: {text}", path);
+        }
+    }
+}
+
+#[test]
 fn read_sensitive_denied_and_lookalikes_readable() {
     let tmp = TempDir::new("sensitive");
     let root = tmp.join("proj");
@@ -300,6 +332,8 @@ fn the_connectors_own_files_and_nested_projects_are_never_served() {
         "b": {"token": "tok-b-0123456789", "dir": "./b"}
     });
     let srv = Server::start(tmp.path(), &config(projects, Some(json!({"stateDir": "./state"}))));
+    map_project_dir(&srv, "tok-a-0123456789");
+    map_project_dir(&srv, "tok-b-0123456789");
     let (status, v) = srv.call("tok-a-0123456789", "files.read", json!({"path": "notes.txt"}));
     assert_eq!((status, v["content"].as_str()), (200, Some("fine")), "{v}");
     for path in ["aion.config.json", "b/secret-plan.txt", "state/outbox/.lock"] {

@@ -22,6 +22,15 @@ fn start(tmp: &TempDir, dir: &Path, allow_file_urls: bool) -> Server {
     Server::start(tmp.path(), &config(json!({ "p": project }), None))
 }
 
+/// Maps each of `names` (existing directories under the project dir, or `.`
+/// for the project dir itself) as a workspace, as a platform does with
+/// `repos.sync` entries without a url.
+fn map(srv: &Server, names: &[&str]) {
+    let repos: Vec<Value> = names.iter().map(|n| json!({ "name": n })).collect();
+    let (status, v) = srv.call(TOKEN, "repos.sync", json!({ "repos": repos }));
+    assert_eq!(status, 200, "{v}");
+}
+
 /// A fresh repository with `files` committed.
 fn repo_with(path: &Path, files: &[(&str, &str)]) {
     std::fs::create_dir_all(path).unwrap();
@@ -75,6 +84,7 @@ fn status_lists_every_kind_of_change() {
     write(repo.join("ud/x.txt"), "x\n");
     write(repo.join("ud/y.txt"), "y\n");
     let srv = start(&tmp, &root, false);
+    map(&srv, &["repo"]);
 
     let (status, v) = srv.call(TOKEN, "git.status", json!({}));
     assert_eq!(status, 200, "{v}");
@@ -104,6 +114,7 @@ fn clean_repo_status_is_empty_array() {
     let root = tmp.join("proj");
     repo_with(&root.join("repo"), &[("a.txt", "a\n")]);
     let srv = start(&tmp, &root, false);
+    map(&srv, &["repo"]);
     let (status, text) = srv.post(&request_body(TOKEN, "git.status", json!({})));
     assert_eq!(status, 200);
     assert_eq!(text, "[]");
@@ -120,6 +131,7 @@ fn diff_content_sensitive_excluded_and_paths_filter() {
     git(&repo, &["add", "b.txt"]);
     write(repo.join(".env"), "SECRET=2\n");
     let srv = start(&tmp, &root, false);
+    map(&srv, &["repo"]);
 
     let (status, v) = srv.call(TOKEN, "git.diff", json!({}));
     assert_eq!(status, 200, "{v}");
@@ -157,6 +169,7 @@ fn diff_before_the_first_commit() {
     git(&repo, &["add", "s.txt"]);
     write(repo.join("s.txt"), "staged\nthen changed\n");
     let srv = start(&tmp, &root, false);
+    map(&srv, &["repo"]);
     let (status, v) = srv.call(TOKEN, "git.diff", json!({}));
     assert_eq!(status, 200, "{v}");
     let diff = v["diff"].as_str().unwrap();
@@ -171,6 +184,7 @@ fn not_a_git_repository_is_400() {
     let root = tmp.join("proj");
     write(root.join("f.txt"), "f");
     let srv = start(&tmp, &root, false);
+    map(&srv, &["."]);
     for action in ["git.status", "git.diff"] {
         let (status, text) = srv.post(&request_body(TOKEN, action, json!({})));
         assert_eq!(status, 400, "{action}: {text}");
@@ -185,32 +199,68 @@ fn workspaces_list_and_selection() {
     repo_with(&root.join("zeta"), &[("which.txt", "zeta")]);
     repo_with(&root.join("alpha"), &[("which.txt", "alpha")]);
     write(root.join("notrepo/which.txt"), "notrepo");
-    write(root.join("file.txt"), "plain");
+    write(root.join("which.txt"), "root");
     let srv = start(&tmp, &root, false);
 
+    // Nothing mapped yet: the baseline's answer, on which platforms sync.
+    let (status, v) = srv.call(TOKEN, "workspaces", json!({}));
+    assert_eq!((status, v), (200, json!({"list": []})));
+    for action in ["files.tree", "git.status", "git.diff"] {
+        let (status, text) = srv.post(&request_body(TOKEN, action, json!({})));
+        assert_eq!((status, text.as_str()), (404, r#"{"error":"no workspace"}"#), "{action}");
+    }
+    let (status, text) = srv.post(&request_body(TOKEN, "files.read", json!({"path":"which.txt"})));
+    assert_eq!((status, text.as_str()), (404, r#"{"error":"no workspace"}"#));
+
+    // Mapped in the order synced; the first mapped is the default.
+    map(&srv, &["zeta", "alpha", "."]);
     let (status, v) = srv.call(TOKEN, "workspaces", json!({}));
     assert_eq!(status, 200, "{v}");
     assert_eq!(
         v,
         json!({"list":[
+            {"name":"zeta","path":root.join("zeta").to_str().unwrap()},
             {"name":"alpha","path":root.join("alpha").to_str().unwrap()},
-            {"name":"zeta","path":root.join("zeta").to_str().unwrap()}
+            {"name":".","path":root.to_str().unwrap()}
         ]})
     );
-
-    // absent workspace: the first of the list
     let (status, v) = srv.call(TOKEN, "files.read", json!({"path":"which.txt"}));
-    assert_eq!(status, 200, "{v}");
-    assert_eq!(v["content"], "alpha");
-    let (status, v) = srv.call(TOKEN, "files.read", json!({"workspace":"zeta","path":"which.txt"}));
-    assert_eq!(status, 200, "{v}");
-    assert_eq!(v["content"], "zeta");
-    for ws in ["nope", "notrepo", "../proj", "..", ".", "zeta/..", ""] {
+    assert_eq!((status, v["content"].as_str()), (200, Some("zeta")), "{v}");
+    for (ws, want) in [("alpha", "alpha"), (".", "root")] {
+        let (status, v) = srv.call(TOKEN, "files.read", json!({"workspace": ws, "path":"which.txt"}));
+        assert_eq!((status, v["content"].as_str()), (200, Some(want)), "{ws}: {v}");
+    }
+    for ws in ["nope", "notrepo", "../proj", "..", "zeta/..", ""] {
         let (status, text) =
             srv.post(&request_body(TOKEN, "files.read", json!({"workspace": ws, "path":"which.txt"})));
         assert_eq!(status, 404, "workspace {ws:?}: {text}");
         assert_eq!(text, r#"{"error":"unknown workspace"}"#, "workspace {ws:?}");
     }
+    // Without a url only an existing directory can be mapped.
+    let (status, v) = srv.call(TOKEN, "repos.sync", json!({"repos": [{"name": "missing"}]}));
+    assert_eq!(status, 422, "{v}");
+}
+
+#[test]
+fn the_mapping_survives_a_restart() {
+    let tmp = TempDir::new("wsrestart");
+    let root = tmp.join("proj");
+    repo_with(&root.join("app"), &[("which.txt", "app")]);
+    let srv = start(&tmp, &root, false);
+    map(&srv, &["app", "."]);
+    drop(srv);
+    let srv = start(&tmp, &root, false);
+    let (status, v) = srv.call(TOKEN, "workspaces", json!({}));
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(
+        v,
+        json!({"list":[
+            {"name":"app","path":root.join("app").to_str().unwrap()},
+            {"name":".","path":root.to_str().unwrap()}
+        ]})
+    );
+    let (status, v) = srv.call(TOKEN, "files.read", json!({"path":"which.txt"}));
+    assert_eq!((status, v["content"].as_str()), (200, Some("app")), "{v}");
 }
 
 #[test]
@@ -223,6 +273,9 @@ fn symlinked_repo_outside_is_not_a_workspace() {
     repo_with(&root.join("zzz"), &[("mine.txt", "mine\n")]);
     std::os::unix::fs::symlink(&outside, root.join("aaa-link")).unwrap();
     let srv = start(&tmp, &root, false);
+    let (status, v) = srv.call(TOKEN, "repos.sync", json!({"repos": [{"name": "aaa-link"}]}));
+    assert_eq!(status, 422, "a symlink mapped as a workspace: {v}");
+    map(&srv, &["zzz"]);
 
     let (status, v) = srv.call(TOKEN, "workspaces", json!({}));
     assert_eq!(status, 200, "{v}");
@@ -255,7 +308,8 @@ fn sync_never_follows_a_symlinked_target_out_of_the_project() {
     let before = git(&outside, &["rev-parse", "HEAD"]);
     let root = tmp.join("proj");
     std::fs::create_dir_all(&root).unwrap();
-    std::os::unix::fs::symlink(&outside, root.join("repo")).unwrap();
+    // The clone's directory comes from the url: `…/upstream` → `upstream`.
+    std::os::unix::fs::symlink(&outside, root.join("upstream")).unwrap();
     let srv = start(&tmp, &root, true);
     let url = format!("file://{}", upstream.display());
     let (status, v) = srv.call(TOKEN, "repos.sync", json!({"repos":[{"name":"repo","url":url}]}));
@@ -273,6 +327,7 @@ fn diff_over_8_mib_is_truncated() {
     let line = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcde\n";
     write(repo.join("big.txt"), line.repeat(9 * 1024 * 1024 / line.len() + 1));
     let srv = start(&tmp, &root, false);
+    map(&srv, &["repo"]);
     let (status, v) = srv.call(TOKEN, "git.diff", json!({}));
     assert_eq!(status, 200);
     assert_eq!(v["truncated"], true, "no truncated flag");
@@ -337,7 +392,9 @@ fn sync_clone_update_unchanged() {
     let up = Upstream::new(&tmp, "up", "main", "v1\n");
     let root = tmp.join("proj");
     let srv = start(&tmp, &root, true);
-    let dest = root.join("r");
+    // The baseline's rule: the clone goes to the url's last segment without
+    // `.git` (`…/up.git` → `up`), whatever the name.
+    let dest = root.join("up");
 
     let (status, v) = sync(&srv, json!([{"name":"r","url":up.url()}]));
     assert_eq!(status, 200, "{v}");
@@ -382,14 +439,15 @@ fn sync_uses_remote_default_branch_or_the_given_one() {
     let (status, v) = sync(&srv, json!([{"name":"t","url":up.url()}]));
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["repos"][0]["branch"], "trunk", "{v}");
-    assert_eq!(git(&root.join("t"), &["rev-parse", "--abbrev-ref", "HEAD"]), "trunk");
-    assert_eq!(std::fs::read_to_string(root.join("t/README")).unwrap(), "on trunk\n");
+    assert_eq!(git(&root.join("up"), &["rev-parse", "--abbrev-ref", "HEAD"]), "trunk");
+    assert_eq!(std::fs::read_to_string(root.join("up/README")).unwrap(), "on trunk\n");
 
     let (status, v) = sync(&srv, json!([{"name":"d","url":up.url(),"branch":"dev"}]));
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["repos"][0]["branch"], "dev", "{v}");
     assert_head(&v["repos"][0]["head"], &dev_head);
-    assert_eq!(std::fs::read_to_string(root.join("d/README")).unwrap(), "on dev\n");
+    // Same url, same directory: the clone is switched to the branch asked for.
+    assert_eq!(std::fs::read_to_string(root.join("up/README")).unwrap(), "on dev\n");
 }
 
 #[test]
@@ -414,7 +472,7 @@ fn sync_refuses_to_discard_local_changes() {
     let up = Upstream::new(&tmp, "up", "main", "v1\n");
     let root = tmp.join("proj");
     let srv = start(&tmp, &root, true);
-    let dest = root.join("r");
+    let dest = root.join("up");
     let (status, v) = sync(&srv, json!([{"name":"r","url":up.url()}]));
     assert_eq!(status, 200, "{v}");
     let cloned_head = git(&dest, &["rev-parse", "HEAD"]);
@@ -440,7 +498,7 @@ fn sync_refuses_diverged_history() {
     let up = Upstream::new(&tmp, "up", "main", "v1\n");
     let root = tmp.join("proj");
     let srv = start(&tmp, &root, true);
-    let dest = root.join("r");
+    let dest = root.join("up");
     let (status, v) = sync(&srv, json!([{"name":"r","url":up.url()}]));
     assert_eq!(status, 200, "{v}");
 
@@ -472,11 +530,17 @@ fn sync_rejects_dangerous_urls_names_and_branches() {
         json!({"name":"r","url":"-oProxyCommand=touch /tmp/x"}),
         json!({"name":"r","url":format!("ext::sh -c touch% {}", pwned.display())}),
         json!({"name":"r","url":up.url(),"branch":"--upload-pack=x"}),
-        json!({"name":"a/b","url":up.url()}),
-        json!({"name":"..","url":up.url()}),
-        json!({"name":"../escape","url":up.url()}),
-        json!({"name":".","url":up.url()}),
         json!({"name":"","url":up.url()}),
+        json!({"name":"a\nb","url":up.url()}),
+        // the directory comes from the url: it must be one plain name
+        json!({"name":"r","url":format!("{}/..", up.url())}),
+        json!({"name":"r","url":"https://example.com/org/-evil.git"}),
+        json!({"name":"r","url":"https://example.com/org/.hidden.git"}),
+        json!({"name":"r","url":format!("https://example.com/{}.git", "x".repeat(256))}),
+        // without a url the name is the directory
+        json!({"name":"../escape"}),
+        json!({"name":"a/b"}),
+        json!({"name":".."}),
     ];
     for repo in bad {
         let (status, v) = sync(&srv, json!([repo.clone()]));
@@ -497,7 +561,7 @@ fn sync_refuses_local_urls_without_allow_file_urls() {
     for url in [up.url(), up.bare.to_str().unwrap().to_string()] {
         let (status, v) = sync(&srv, json!([{"name":"r","url":url}]));
         assert!((400..500).contains(&status), "{url}: {status} {v}");
-        assert!(!root.join("r/README").exists(), "{url} was cloned");
+        assert!(!root.join("up/README").exists(), "{url} was cloned");
     }
 }
 
@@ -536,7 +600,7 @@ fn sync_repo_token_never_leaks() {
     let (status, v) = sync(&srv, json!([{"name":"r","url":up.url(),"token":REPO_TOKEN}]));
     assert_eq!(status, 200, "{v}");
     assert!(!v.to_string().contains(REPO_TOKEN), "{v}");
-    let cfg = std::fs::read_to_string(root.join("r/.git/config")).unwrap();
+    let cfg = std::fs::read_to_string(root.join("up/.git/config")).unwrap();
     assert!(!cfg.contains(REPO_TOKEN), "{cfg}");
 
     // over HTTP the token is sent, but never in the URL, the answer or the config
@@ -550,7 +614,7 @@ fn sync_repo_token_never_leaks() {
     for line in requests.lines().filter(|l| l.starts_with("GET ") || l.starts_with("POST ")) {
         assert!(!line.contains(REPO_TOKEN), "token in the request line: {line}");
     }
-    if let Ok(cfg) = std::fs::read_to_string(root.join("h/.git/config")) {
+    if let Ok(cfg) = std::fs::read_to_string(root.join("repo/.git/config")) {
         assert!(!cfg.contains(REPO_TOKEN), "{cfg}");
     }
 
@@ -559,4 +623,62 @@ fn sync_repo_token_never_leaks() {
     });
     assert!(!err.contains(REPO_TOKEN), "{err}");
     assert!(!err.contains(TOKEN), "{err}");
+}
+
+#[test]
+fn a_clone_the_node_connector_made_is_reused() {
+    let tmp = TempDir::new("migrate");
+    let up = Upstream::new(&tmp, "app", "main", "v1\n");
+    let root = tmp.join("proj");
+    // The original cloned into the url's last segment with the token in the
+    // origin url (https only; a file url stands in for it here).
+    std::fs::create_dir_all(&root).unwrap();
+    git(&root, &["clone", "-q", up.bare.to_str().unwrap(), "app"]);
+    git(&root.join("app"), &["remote", "set-url", "origin", &format!("{}?tok-OLD", up.url())]);
+    let new_head = up.commit("README", "v2\n");
+    let srv = start(&tmp, &root, true);
+    let (status, v) = sync(&srv, json!([{"name":"my-app","url":up.url()}]));
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["repos"][0]["action"], "updated", "not reused: {v}");
+    assert_eq!(git(&root.join("app"), &["rev-parse", "HEAD"]), new_head);
+    assert_eq!(git(&root.join("app"), &["remote", "get-url", "origin"]), up.url());
+    let (status, v) = srv.call(TOKEN, "workspaces", json!({}));
+    assert_eq!(status, 200);
+    assert_eq!(v, json!({"list":[{"name":"my-app","path":root.join("app").to_str().unwrap()}]}));
+}
+
+#[test]
+fn credentials_in_a_repo_url_travel_like_a_token() {
+    const PASS: &str = "PASS-in-url-SECRET";
+    let tmp = TempDir::new("urlcreds");
+    let root = tmp.join("proj");
+    let srv = start(&tmp, &root, false);
+    let (addr, seen) = fake_http_git();
+    let url = format!("http://alice:{PASS}@{addr}/org/app.git");
+    let (status, v) = sync(&srv, json!([{"name":"app","url":url}]));
+    assert_eq!(status, 422, "the fake server answers 404: {v}");
+    assert!(!v.to_string().contains(PASS), "{v}");
+    let requests = seen.lock().unwrap().clone();
+    assert!(!requests.contains(PASS), "the password in clear in a request: {requests}");
+    // alice:PASS-in-url-SECRET, as HTTP Basic credentials
+    let basic = "Authorization: Basic YWxpY2U6UEFTUy1pbi11cmwtU0VDUkVU";
+    assert!(requests.contains(basic), "no Basic credentials sent: {requests}");
+    if let Ok(cfg) = std::fs::read_to_string(root.join("app/.git/config")) {
+        assert!(!cfg.contains(PASS), "{cfg}");
+    }
+    let err = srv.wait_stderr("the repos.sync log line", |s| s.contains("repos.sync"));
+    assert!(!err.contains(PASS), "{err}");
+}
+
+#[test]
+fn a_clone_s_git_config_is_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = TempDir::new("cfgmode");
+    let up = Upstream::new(&tmp, "up", "main", "v1\n");
+    let root = tmp.join("proj");
+    let srv = start(&tmp, &root, true);
+    let (status, v) = sync(&srv, json!([{"name":"r","url":up.url()}]));
+    assert_eq!(status, 200, "{v}");
+    let mode = std::fs::metadata(root.join("up/.git/config")).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "{mode:o}");
 }

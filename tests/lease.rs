@@ -910,3 +910,39 @@ fn connector_ends_its_leases_on_shutdown() {
     assert!(srv.leases().is_empty());
     assert_clean(&srv);
 }
+
+/// An Aion that says `ready` and then hangs up at once, every time: the
+/// wrapper backs off (1, 2, 4 … s) and logs the streak once, instead of
+/// redialling every second with two log lines each time. Real time (no scale).
+#[test]
+fn an_aion_that_drops_every_connection_is_redialled_with_a_growing_pause() {
+    use std::io::{BufRead, BufReader, Write};
+    let dir = TempDir::new("flap");
+    let sock = dir.join("aion.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let accepts = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = accepts.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { return };
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let mut line = String::new();
+            let _ = BufReader::new(&conn).read_line(&mut line);
+            let hello: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
+            let ready = json!({"action":"session.ready","protocolVersion":1,"holderId":hello["holderId"]});
+            let _ = (&conn).write_all(format!("{ready}\n").as_bytes());
+            let _ = conn.shutdown(std::net::Shutdown::Both);
+        }
+    });
+    let (code, _, err) = run(
+        &["lease", "--app", CHROME, "--socket", sock.to_str().unwrap(), "--", "sleep", "6.5"],
+        dir.path(),
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    let n = accepts.load(std::sync::atomic::Ordering::SeqCst);
+    // At 0, 1, 3 (and perhaps 6.x) s with the backoff; 7 with a 1 s redial.
+    assert!((2..=4).contains(&n), "{n} connections in 6.5 s; stderr:\n{err}");
+    let connected = err.lines().filter(|l| l.contains("connected to Aion")).count();
+    assert_eq!(connected, 1, "stderr:\n{err}");
+}

@@ -288,6 +288,8 @@ fn projects_are_isolated() {
         None,
     );
     let srv = Server::start(tmp.path(), &cfg);
+    let (status, v) = srv.call("tok-A", "repos.sync", json!({"repos": [{"name": "."}]}));
+    assert_eq!(status, 200, "{v}");
 
     let (status, v) = srv.call("tok-A", "files.tree", json!({}));
     assert_eq!(status, 200, "{v}");
@@ -297,8 +299,10 @@ fn projects_are_isolated() {
 
     let (status, v) = srv.call("tok-A", "workspaces", json!({}));
     assert_eq!(status, 200, "{v}");
-    assert_eq!(v, json!({"list": []}));
+    assert_eq!(v, json!({"list": [{"name": ".", "path": a.to_str().unwrap()}]}));
 
+    let (status, v) = srv.call("tok-B", "repos.sync", json!({"repos": [{"name": "repo-b"}]}));
+    assert_eq!(status, 200, "{v}");
     let (status, v) = srv.call("tok-B", "workspaces", json!({}));
     assert_eq!(status, 200, "{v}");
     assert_eq!(v, json!({"list":[{"name":"repo-b","path":repo_b.to_str().unwrap()}]}));

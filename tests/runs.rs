@@ -106,6 +106,10 @@ impl Rig {
         assert!(!err.contains(INVOKE_TOKEN), "the invoke token is in stderr:\n{err}");
     }
 
+    fn assert_log_mentions(&self, what: &str) {
+        self.wait_log(what);
+    }
+
     fn wait_log(&self, what: &str) -> String {
         self.server.wait_stderr(what, |s| s.contains(what))
     }
@@ -190,7 +194,7 @@ fn invoke_answers_at_once_and_checks_its_payload() {
         json!({"agent": "fake", "prompt": "x", "callback": "ftp://example.invalid/"}),
         json!({"agent": "fake", "prompt": "x", "callback": "not a url"}),
         json!({"agent": "fake", "prompt": 5}),
-        json!({"agent": "fake", "prompt": "x", "repos": [{"name": "../up", "url": "https://h/r.git"}]}),
+        json!({"agent": "fake", "prompt": "x", "repos": [{"name": "up", "url": "https://h/.hidden.git"}]}),
         json!({"agent": "fake", "prompt": "x", "repos": [{"name": "r", "url": "-upload-pack=x"}]}),
         json!({"agent": "fake", "prompt": "x", "repos": "r"}),
     ] {
@@ -552,7 +556,8 @@ fn changed_lists_the_working_tree_and_the_commits_of_the_run() {
 fn payload_repos_are_synced_first_and_become_the_cwd() {
     let rig = Rig::new("repos", fake(), json!({}));
     let platform = Platform::start();
-    let origin = rig.dir.join("origin");
+    // Cloned into the url's last segment: `…/w` → `proj/w`.
+    let origin = rig.dir.join("w");
     std::fs::create_dir_all(&origin).unwrap();
     git(&origin, &["init", "-q"]);
     write(origin.join("README"), "hi\n");
@@ -676,17 +681,28 @@ fn a_run_cut_by_a_crash_of_the_connector_is_closed_on_restart() {
     rig.server.child.kill().unwrap();
     rig.server.child.wait().unwrap();
     let call = rig.main_call("sleep");
-    let _ =
-        nix::sys::signal::killpg(nix::unistd::Pid::from_raw(call.pgid), nix::sys::signal::Signal::SIGKILL);
+    // The agent outlives the killed connector (nothing could end it) …
+    let agent = nix::unistd::Pid::from_raw(call.pid);
+    assert!(nix::sys::signal::kill(agent, None).is_ok(), "the agent died with the connector");
     rig.restart();
+    // … until the connector starts again on the same state dir.
+    let connector = rig.server.child.id() as i32;
+    let left = || {
+        marked_processes(&format!("FAKE_ACPX_LOG={}", rig.log.display()))
+            .into_iter()
+            .filter(|pid| *pid != connector)
+            .collect::<Vec<_>>()
+    };
+    assert!(eventually(Duration::from_secs(10), || left().is_empty()), "still alive: {:?}", left());
     let posts = platform.wait_closed("k");
     let bodies = check_run(&posts, TOKEN);
     assert_eq!(bodies.len(), 2, "{bodies:?}");
     assert_eq!(bodies[0]["text"], "sleeping");
     assert_eq!(
         bodies[1],
-        json!({"sessionId": "k", "seq": 1, "error": "the connector stopped before the run ended", "token": INVOKE_TOKEN})
+        json!({"sessionId": "k", "seq": 1, "error": "the connector restarted", "token": INVOKE_TOKEN})
     );
+    rig.assert_log_mentions("left running by a previous connector");
     assert_eq!(posts[1].path, "/internal/agent-error");
     assert!(eventually(Duration::from_secs(5), || rig.spool_files().is_empty()), "{:?}", rig.spool_files());
     rig.assert_no_tokens();

@@ -147,6 +147,34 @@ pub fn parse(text: &str, cwd: &Path) -> Result<(Config, Vec<String>), Vec<String
     }
 }
 
+/// What is allowed but unsafe about a loaded config, one line each: a file
+/// readable by group or others (it holds the tokens), tokens short enough to
+/// guess (a token opens a shell on this machine).
+pub fn advice(path: &Path, config: &Config) -> Vec<String> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = Vec::new();
+    if let Ok(meta) = std::fs::metadata(path)
+        && meta.mode() & 0o077 != 0
+    {
+        out.push(format!(
+            "{} is readable by {} (mode {:o}) and holds the tokens: chmod 600 {}",
+            path.display(),
+            if meta.mode() & 0o007 != 0 { "others" } else { "its group" },
+            meta.mode() & 0o777,
+            path.display()
+        ));
+    }
+    for p in &config.projects {
+        if p.token.0.chars().count() < 32 {
+            out.push(format!(
+                "projects.{}.token is shorter than 32 characters: a token opens a shell here, make it long and random",
+                p.id
+            ));
+        }
+    }
+    out
+}
+
 /// The `lease` section, one parser for push mode's config and poll mode's
 /// file: the same types and ranges, problems named by JSON path, the socket
 /// path resolved against `cwd`. Returns the settings, problems and warnings.

@@ -29,6 +29,8 @@ use std::time::{Duration, Instant};
 pub const MIN_SECONDS: u32 = 60;
 pub const MAX_SECONDS: u32 = 1800;
 const HANDSHAKE: Duration = Duration::from_secs(5);
+/// A connection that lived this long resets the reconnect backoff.
+const STABLE: Duration = Duration::from_secs(30);
 
 #[derive(Clone, Debug)]
 pub struct LeaseConfig {
@@ -288,14 +290,29 @@ impl Inner {
     fn run(self: &Arc<Self>, rx: &Receiver<Ctl>) {
         let mut backoff = Duration::from_secs(1);
         let mut said_missing = false;
+        // Connections that Aion drops soon after `ready`: the backoff keeps
+        // growing and only the first of a streak is logged.
+        let mut flapping = false;
         loop {
             let pause = match self.connect() {
                 Ok(stream) => {
                     said_missing = false;
-                    backoff = Duration::from_secs(1);
+                    if !flapping {
+                        info!("lease: connected to Aion as {}", self.config.holder);
+                    }
+                    let since = Instant::now();
                     self.set_link(Link::Up);
-                    let served = self.serve(stream, rx);
+                    let served = self.serve(stream, rx, !flapping);
                     self.set_link(Link::Down);
+                    if since.elapsed() >= self.scaled(STABLE) {
+                        backoff = Duration::from_secs(1);
+                        flapping = false;
+                    } else if !flapping {
+                        warn!(
+                            "lease: Aion keeps dropping the connection; retrying with a growing pause, quietly"
+                        );
+                        flapping = true;
+                    }
                     match served {
                         Served::Stopped => return,
                         Served::Lost => backoff,
@@ -367,7 +384,6 @@ impl Inner {
         match msg.get("action").and_then(Value::as_str) {
             Some("session.ready") => {
                 let _ = stream.set_read_timeout(None);
-                info!("lease: connected to Aion as {}", self.config.holder);
                 Ok(stream)
             }
             Some("session.error") => {
@@ -385,15 +401,16 @@ impl Inner {
 
     /// A live connection: begins what is wanted, renews at half the lease,
     /// ends what is no longer used; returns when it is lost or stopped.
-    fn serve(self: &Arc<Self>, stream: UnixStream, rx: &Receiver<Ctl>) -> Served {
-        let served = self.serve_connection(&stream, rx);
+    /// `loud`: log the loss (not while Aion keeps dropping connections).
+    fn serve(self: &Arc<Self>, stream: UnixStream, rx: &Receiver<Ctl>, loud: bool) -> Served {
+        let served = self.serve_connection(&stream, rx, loud);
         // Whatever ended it, this connection is over: its reader sees EOF.
         *self.writer() = None;
         let _ = stream.shutdown(std::net::Shutdown::Both);
         served
     }
 
-    fn serve_connection(self: &Arc<Self>, stream: &UnixStream, rx: &Receiver<Ctl>) -> Served {
+    fn serve_connection(self: &Arc<Self>, stream: &UnixStream, rx: &Receiver<Ctl>, loud: bool) -> Served {
         // A write to an Aion that stopped reading fails after a while instead
         // of holding the apps table (close checks answer from it).
         let _ = stream.set_write_timeout(Some(Duration::from_secs(2)));
@@ -425,7 +442,9 @@ impl Inner {
                 Ok(Ctl::Changed) | Err(RecvTimeoutError::Timeout) => {}
                 Ok(Ctl::Line(g, msg)) if g == generation => refused = self.on_message(&msg),
                 Ok(Ctl::Disconnected(g)) if g == generation => {
-                    warn!("lease: the connection to Aion was lost; reconnecting");
+                    if loud {
+                        warn!("lease: the connection to Aion was lost; reconnecting");
+                    }
                     self.forget_grants();
                     return Served::Lost;
                 }

@@ -123,8 +123,15 @@ pub fn run(config: PollConfig, shutdown: Arc<Shutdown>) -> Result<i32, Error> {
     let state = crate::config::state_dir(config.state_dir.as_deref());
     let signer =
         Arc::new(PollSigner { token: config.agent_token.0.clone(), server_url: config.server_url.clone() });
-    let outbox = Outbox::open(&state.join("poll-outbox"), signer, config.delivery)
+    let spool = state.join("poll-outbox");
+    let outbox = Outbox::open(&spool, signer, config.delivery)
         .map_err(|source| Error::StateDir { path: state.clone(), source })?;
+    // Sessions a killed poll connector on this spool left running end now.
+    crate::process::instance::set(&spool);
+    let ended = crate::process::instance::end_previous(Duration::from_secs(2));
+    if ended > 0 {
+        warn!("ended {ended} process(es) left running by a previous connector on this state dir");
+    }
     let rt = Arc::new(Runtime {
         client: Client::new(Duration::from_secs(30)),
         signer: PollSigner { token: config.agent_token.0.clone(), server_url: config.server_url.clone() },

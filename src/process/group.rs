@@ -26,6 +26,9 @@ pub struct Group {
 impl Group {
     pub fn spawn(cmd: &mut Command) -> io::Result<Group> {
         unblock_signals_in_child(cmd);
+        if let Some(mark) = super::instance::mark() {
+            cmd.env(super::instance::VAR, mark);
+        }
         let child = cmd.process_group(0).spawn()?;
         let pid = child.id() as i32;
         Ok(Group { child: Mutex::new(Some(child)), pid, status: Mutex::new(None) })

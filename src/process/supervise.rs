@@ -133,12 +133,16 @@ fn release_readers(stop: &AtomicBool, done: impl Fn() -> bool, grace: Duration) 
 /// environment: descendants that left the group with setsid, such as acpx's
 /// queue owner. Linux only (it reads /proc); elsewhere it finds nothing.
 pub fn sweep(marker: &str, grace: Duration) -> usize {
-    let found = marked(marker);
-    for pid in &found {
+    end_all(marked(|var| var == marker.as_bytes()), grace)
+}
+
+/// SIGTERM to each of `pids`, SIGKILL to those still alive after `grace`.
+pub fn end_all(pids: Vec<i32>, grace: Duration) -> usize {
+    for pid in &pids {
         let _ = nix::sys::signal::kill(Pid::from_raw(*pid), Signal::SIGTERM);
     }
     let deadline = Instant::now() + grace;
-    let mut left = found.clone();
+    let mut left = pids.clone();
     while !left.is_empty() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
         left.retain(|pid| alive(*pid));
@@ -146,11 +150,13 @@ pub fn sweep(marker: &str, grace: Duration) -> usize {
     for pid in left {
         let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
     }
-    found.len()
+    pids.len()
 }
 
+/// Every other process with an environment variable (`NAME=value` bytes)
+/// that `wanted` accepts. Linux only (it reads /proc); elsewhere none.
 #[cfg(target_os = "linux")]
-fn marked(marker: &str) -> Vec<i32> {
+pub fn marked(wanted: impl Fn(&[u8]) -> bool) -> Vec<i32> {
     let me = std::process::id() as i32;
     let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
     entries
@@ -158,14 +164,13 @@ fn marked(marker: &str) -> Vec<i32> {
         .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
         .filter(|&pid| pid != me)
         .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/environ"))
-                .is_ok_and(|env| env.split(|&b| b == 0).any(|var| var == marker.as_bytes()))
+            std::fs::read(format!("/proc/{pid}/environ")).is_ok_and(|env| env.split(|&b| b == 0).any(&wanted))
         })
         .collect()
 }
 
 #[cfg(not(target_os = "linux"))]
-fn marked(_marker: &str) -> Vec<i32> {
+pub fn marked(_wanted: impl Fn(&[u8]) -> bool) -> Vec<i32> {
     Vec::new()
 }
 

@@ -420,7 +420,7 @@ impl<'a> Run<'a> {
             Delivery::Callback => {
                 let mut body = serde_json::Map::new();
                 body.insert("sessionId".into(), invoke.session.clone().into());
-                body.insert("error".into(), "the connector stopped before the run ended".into());
+                body.insert("error".into(), "the connector restarted".into());
                 body.insert("token".into(), invoke.token.clone().into());
                 let fallback =
                     Fallback { url: format!("{base}/internal/agent-error"), key: key.clone(), body };
@@ -456,7 +456,7 @@ impl<'a> Run<'a> {
                 self.events.error(&msg);
                 return format!("error ({msg})");
             }
-            cwd = self.project.root.join(&self.invoke.repos[0].name);
+            cwd = self.project.root.join(&self.invoke.repos[0].dir);
         }
         let Some(agent) = self.project.config.agents.iter().find(|a| a.name == self.invoke.agent) else {
             self.events.error("unknown agent");

@@ -200,15 +200,16 @@ impl App {
                 ok(&json!({ "agents": agents }))
             }
             "workspaces" => {
-                let list: Vec<Value> = workspace::list(&p.root)
+                let list: Vec<Value> = p
+                    .workspaces()
                     .into_iter()
                     .map(|(name, path)| json!({ "name": name, "path": path.display().to_string() }))
                     .collect();
                 ok(&json!({ "list": list }))
             }
             "files.tree" => {
-                let root = self.workspace(p, args)?;
                 let sub = args.string("path")?;
+                let root = self.workspace(p, args)?;
                 let listing = match sub {
                     Some(s) => workspace::resolve(&root, s, &p.sensitive).map(|r| r.rel).map_err(refusal)?,
                     None => String::new(),
@@ -217,8 +218,8 @@ impl App {
                 ok(&workspace::tree(&root, sub, &p.sensitive, git_listing).map_err(refusal)?)
             }
             "files.read" => {
-                let root = self.workspace(p, args)?;
                 let path = args.required("path")?;
+                let root = self.workspace(p, args)?;
                 ok(&workspace::read(&root, path, &p.sensitive).map_err(refusal)?)
             }
             "git.status" => {
@@ -226,8 +227,8 @@ impl App {
                 ok(&git::status(&root, self.limits.git).map_err(git_error)?)
             }
             "git.diff" => {
-                let root = self.workspace(p, args)?;
                 let paths = args.strings("paths")?;
+                let root = self.workspace(p, args)?;
                 for path in &paths {
                     workspace::check_pathspec(&root, path, &p.sensitive).map_err(refusal)?;
                 }
@@ -370,21 +371,9 @@ impl App {
         out
     }
 
-    /// The payload's `workspace`, else the first repo synced, else the first
-    /// listed, else the project dir.
+    /// The payload's `workspace`, else the first one mapped.
     fn workspace(&self, p: &ProjectState, args: &Payload<'_>) -> Result<PathBuf, Response> {
-        if let Some(name) = args.string("workspace")? {
-            return workspace::named(&p.root, name).map_err(refusal);
-        }
-        let first = p.first_synced();
-        if let Some(path) = first.and_then(|name| workspace::named(&p.root, &name).ok()) {
-            return Ok(path);
-        }
-        Ok(workspace::list(&p.root)
-            .into_iter()
-            .next()
-            .map(|(_, path)| path)
-            .unwrap_or_else(|| p.root.clone()))
+        p.workspace(args.string("workspace")?).map_err(refusal)
     }
 
     fn sync(&self, p: &ProjectState, args: &Payload<'_>) -> Result<Response, Response> {
@@ -437,17 +426,14 @@ impl App {
             return Err(detail(400, "bad payload", "payload.model must not be empty or start with '-'"));
         }
         let callback = args.string("callback")?;
-        if let Some(url) = callback {
-            let lower = url.to_ascii_lowercase();
-            if !(lower.starts_with("http://") || lower.starts_with("https://"))
-                || url.chars().any(char::is_whitespace)
-            {
-                return Err(detail(
-                    400,
-                    "bad payload",
-                    "payload.callback must be an http:// or https:// URL",
-                ));
-            }
+        if let Some(url) = callback
+            && !is_http_url(url)
+        {
+            return Err(detail(
+                400,
+                "bad payload",
+                "payload.callback must be an http:// or https:// URL with a host and a port 1-65535",
+            ));
         }
         let repos = match args.0.get("repos") {
             None | Some(Value::Null) => Vec::new(),
@@ -484,6 +470,32 @@ impl App {
     }
 }
 
+/// `http[s]://host[:port][/…]` with a host and, if given, a port 1-65535; no
+/// whitespace or control characters anywhere.
+fn is_http_url(url: &str) -> bool {
+    let lower = url.to_ascii_lowercase();
+    let Some(rest) = lower.strip_prefix("http://").or_else(|| lower.strip_prefix("https://")) else {
+        return false;
+    };
+    if url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return false;
+    }
+    let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, hp)| hp);
+    let (host, port) = match host_port.strip_prefix('[') {
+        // [v6]:port
+        Some(v6) => match v6.split_once(']') {
+            Some((h, p)) => (h, p.strip_prefix(':')),
+            None => return false,
+        },
+        None => match host_port.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (host_port, None),
+        },
+    };
+    !host.is_empty() && port.is_none_or(|p| p.parse::<u16>().is_ok_and(|n| n > 0))
+}
+
 /// `payload.repos` validated into specs (400 naming the first problem).
 fn repo_specs(items: &[Value], allow_file: bool) -> Result<Vec<RepoSpec>, Response> {
     if items.len() > MAX_REPOS {
@@ -506,12 +518,18 @@ fn repo_specs(items: &[Value], allow_file: bool) -> Result<Vec<RepoSpec>, Respon
         let need = |v: Option<String>, k: &str| {
             v.ok_or_else(|| detail(400, "bad payload", format!("payload.repos[{i}].{k} is required")))
         };
-        let spec = RepoSpec {
-            name: need(field("name")?, "name")?,
-            url: need(field("url")?, "url")?,
-            branch: field("branch")?,
-            token: field("token")?.filter(|t| !t.is_empty()),
+        let name = need(field("name")?, "name")?;
+        // Credentials in the url travel like `token`, never in argv or on disk.
+        let (url, userinfo) = match field("url")? {
+            Some(u) => {
+                let (stripped, info) = git::split_userinfo(&u);
+                (Some(stripped), info)
+            }
+            None => (None, None),
         };
+        let dir = git::repo_dir(&name, url.as_deref()).map_err(|why| detail(400, "bad payload", why))?;
+        let token = field("token")?.filter(|t| !t.is_empty()).or(userinfo);
+        let spec = RepoSpec { name, dir, url, branch: field("branch")?, token };
         git::check_spec(&spec, allow_file).map_err(|why| detail(400, "bad payload", why))?;
         specs.push(spec);
     }
@@ -567,6 +585,10 @@ fn refusal(r: Refusal) -> Response {
         Refusal::NotAFile => err(400, "not a file"),
         Refusal::NotADirectory => err(400, "not a directory"),
         Refusal::UnknownWorkspace => err(404, "unknown workspace"),
+        Refusal::NoWorkspace => err(404, "no workspace"),
+        Refusal::TooLong => {
+            detail(400, "bad payload", "a path name is longer than 255 bytes or the path than 4096")
+        }
         Refusal::Io(msg) => detail(500, "io error", msg),
     }
 }
@@ -622,6 +644,27 @@ impl Payload<'_> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn callback_urls_need_a_host_and_a_real_port() {
+        for good in
+            ["http://h", "https://h:443/x", "http://127.0.0.1:8080", "http://[::1]:9/p", "http://u:p@h:1"]
+        {
+            assert!(super::is_http_url(good), "{good}");
+        }
+        for bad in [
+            "ftp://h",
+            "http://",
+            "http://h:99999",
+            "http://h:0",
+            "http://h:x",
+            "http://:80",
+            "http://h /x",
+            "http://[::1",
+        ] {
+            assert!(!super::is_http_url(bad), "{bad}");
+        }
+    }
+
     #[test]
     fn queries_decode() {
         let q = super::parse_query("token=a%2Bb%3D&session=my+id&x&bad=%zz%4");

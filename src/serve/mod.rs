@@ -52,16 +52,27 @@ pub fn run(explicit: Option<PathBuf>) -> Result<i32, Error> {
     for w in warnings {
         warn!("config: {w}");
     }
+    for w in config::advice(&path, &config) {
+        warn!("config: {w}");
+    }
     let roots = project::prepare_roots(&config)?;
     let state = config::state_dir(config.state_dir.as_deref());
     std::fs::create_dir_all(&state).map_err(|source| Error::StateDir { path: state.clone(), source })?;
     // The connector's own files are never served, whatever project dir holds them.
     let own_files: Vec<PathBuf> =
         [path.as_path(), state.as_path()].iter().filter_map(|p| p.canonicalize().ok()).collect();
-    let projects = project::projects(&mut config, roots, &own_files);
+    let projects = project::projects(&mut config, roots, &own_files, &state);
     let signer = Arc::new(project::ProjectKeys(projects.clone()));
-    let outbox = Outbox::open(&state.join("outbox"), signer, config.limits.delivery)
+    let spool = state.join("outbox");
+    let outbox = Outbox::open(&spool, signer, config.limits.delivery)
         .map_err(|source| Error::StateDir { path: state.clone(), source })?;
+    // The spool dir is ours now (the outbox holds its lock): whatever an
+    // earlier connector on it left running is ended before work is accepted.
+    crate::process::instance::set(&spool);
+    let ended = crate::process::instance::end_previous(Duration::from_secs(2));
+    if ended > 0 {
+        warn!("ended {ended} process(es) left running by a previous connector on this state dir");
+    }
     let addr = format!("{}:{}", config.host, config.port);
     let bind_err = |source| Error::Bind { addr: addr.clone(), source };
     let addrs: Vec<_> = (config.host.as_str(), config.port).to_socket_addrs().map_err(bind_err)?.collect();

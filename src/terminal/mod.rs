@@ -648,6 +648,9 @@ fn shell_env(id: &str) -> Vec<(String, String)> {
     env.push(("TERM".into(), "xterm-256color".into()));
     env.push(("COLORTERM".into(), "truecolor".into()));
     env.push(("AION_TERMINAL_ID".into(), id.into()));
+    if let Some(mark) = crate::process::instance::mark() {
+        env.push((crate::process::instance::VAR.into(), mark.into()));
+    }
     env
 }
 

@@ -69,7 +69,12 @@ impl Git<'_> {
             ("credential.interactive", "false".into()),
         ];
         if let Some(token) = self.token {
-            let basic = base64(format!("x-access-token:{token}").as_bytes());
+            // `user:password` (from a url's userinfo, or a token such as
+            // `oauth2:glpat-…`) is sent as it is; a bare token as GitHub's
+            // `x-access-token:TOKEN`.
+            let credentials =
+                if token.contains(':') { token.to_string() } else { format!("x-access-token:{token}") };
+            let basic = base64(credentials.as_bytes());
             config.push(("http.extraHeader", format!("Authorization: Basic {basic}")));
         }
         cmd.env("GIT_CONFIG_COUNT", config.len().to_string());
@@ -276,8 +281,12 @@ pub fn diff(
 /// One repository to sync, as validated from the payload.
 #[derive(Clone)]
 pub struct RepoSpec {
+    /// The workspace name the platform maps (any text; `.` is the project dir).
     pub name: String,
-    pub url: String,
+    /// The clone's directory under the project dir ([`repo_dir`]), `.` for
+    /// the project dir itself.
+    pub dir: String,
+    pub url: Option<String>,
     pub branch: Option<String>,
     pub token: Option<String>,
 }
@@ -299,17 +308,71 @@ pub struct SyncResult {
 }
 
 /// Why a repo spec is refused before git is run (the caller answers 400).
+/// Takes the credentials out of `scheme://user:pass@host/…`: the url without
+/// them, and `user:pass` percent-decoded (None when the url has none). They
+/// then travel like a repo `token` (an HTTP header through the environment):
+/// never in git's argv, `.git/config` or a log.
+pub fn split_userinfo(url: &str) -> (String, Option<String>) {
+    let Some(start) = url.find("://").map(|i| i + 3) else { return (url.to_string(), None) };
+    let rest = &url[start..];
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let Some(at) = rest[..end].rfind('@') else { return (url.to_string(), None) };
+    let info = percent_decode(&rest[..at]);
+    let stripped = format!("{}{}", &url[..start], &rest[at + 1..]);
+    (stripped, Some(info).filter(|i| !i.is_empty() && i != ":"))
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let hex = |j: usize| b.get(j).and_then(|c| (*c as char).to_digit(16));
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if let (b'%', Some(hi), Some(lo)) = (b[i], hex(i + 1), hex(i + 2)) {
+            out.push((hi * 16 + lo) as u8);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Where the baseline clones a repo: the URL's last path segment without
+/// `.git` (`…/app.git` → `app`), else the `name`; `{"name":"."}` without a url
+/// is the project dir itself (`.`). The result must be one plain directory
+/// name: not `.`/`..`, not hidden, not an option, at most 255 bytes.
+pub fn repo_dir(name: &str, url: Option<&str>) -> Result<String, String> {
+    let from_url = url.map(|u| {
+        let u = u.trim().trim_end_matches('/');
+        let u = u.strip_suffix(".git").unwrap_or(u);
+        u.rsplit(['/', ':']).next().unwrap_or("").to_string()
+    });
+    let dir = match from_url.filter(|d| !d.is_empty()) {
+        Some(d) => d,
+        None if name == "." => return Ok(".".into()),
+        None => name.to_string(),
+    };
+    if dir.starts_with(['.', '-']) || dir.contains(['/', '\\', '\0']) || dir.chars().any(char::is_control) {
+        return Err(format!(
+            "repo {name}: directory {dir:?} (from the url, else the name) must be one plain, non-hidden directory name"
+        ));
+    }
+    if dir.len() > 255 {
+        return Err(format!("repo {name}: directory name longer than 255 bytes"));
+    }
+    Ok(dir)
+}
+
 pub fn check_spec(spec: &RepoSpec, allow_file: bool) -> Result<(), String> {
     let n = &spec.name;
-    if n.is_empty()
-        || n.len() > 255
-        || n.starts_with('.')
-        || n.contains(['/', '\\', '\0'])
-        || n.chars().any(char::is_control)
-    {
-        return Err(format!("repo name {n:?} must be one plain path component"));
+    if n.is_empty() || n.len() > 255 || n.chars().any(char::is_control) {
+        return Err(format!("repo name {n:?} must be 1-255 characters without control characters"));
     }
-    let url = spec.url.trim();
+    let Some(url) = spec.url.as_deref().map(str::trim) else {
+        return Ok(());
+    };
     if url.is_empty() || url.starts_with('-') || url.chars().any(char::is_control) {
         return Err(format!("repo {n}: url must not be empty or start with '-'"));
     }
@@ -370,7 +433,7 @@ fn url_kind(url: &str) -> UrlKind {
 /// Clones or fast-forwards one repository under `project_root`. Never
 /// discards work: local changes or divergence are reported, nothing is reset.
 pub fn sync(project_root: &Path, spec: &RepoSpec, allow_file: bool, timeout: Duration) -> SyncResult {
-    let target = project_root.join(&spec.name);
+    let target = if spec.dir == "." { project_root.to_path_buf() } else { project_root.join(&spec.dir) };
     let mut result = SyncResult {
         name: spec.name.clone(),
         ok: false,
@@ -383,16 +446,27 @@ pub fn sync(project_root: &Path, spec: &RepoSpec, allow_file: bool, timeout: Dur
     let deadline = Instant::now() + timeout;
     let at = |cwd| Git { cwd, deadline, token: spec.token.as_deref(), allow_file };
     let meta = target.symlink_metadata();
-    let outcome = if meta.is_err() {
-        clone(&at(project_root), spec, &target)
-    } else if meta.is_ok_and(|m| m.is_dir()) && target.join(".git").exists() {
-        update(&at(&target), spec)
-    } else {
-        Err(GitError::Failed(format!(
+    let is_repo = meta.as_ref().is_ok_and(|m| m.is_dir()) && target.join(".git").exists();
+    let outcome = match spec.url.as_deref() {
+        Some(_) if meta.is_err() => clone(&at(project_root), spec, &target),
+        Some(url) if is_repo => update(&at(&target), spec, url),
+        Some(_) => Err(GitError::Failed(format!(
             "{} exists and is not a git repository (symlinks are not followed)",
-            spec.name
-        )))
+            spec.dir
+        ))),
+        // No url: only an existing directory can be mapped (the project dir
+        // for "."); nothing is fetched.
+        None if meta.as_ref().is_ok_and(|m| m.is_dir()) => Ok("mapped"),
+        None => Err(GitError::Failed(format!("{} does not exist and no url was given to clone", spec.dir))),
     };
+    if let Ok(action) = outcome
+        && !target.join(".git").exists()
+    {
+        // A plain directory mapped without git: no branch or head to report.
+        result.ok = true;
+        result.action = Some(action);
+        return result;
+    }
     match outcome {
         Ok(action) => {
             let git = at(&target);
@@ -414,9 +488,16 @@ fn clone(git: &Git<'_>, spec: &RepoSpec, target: &Path) -> Result<&'static str, 
     if let Some(b) = &spec.branch {
         args.extend(["--branch", b]);
     }
-    args.extend(["--", spec.url.trim(), &target_str]);
+    args.extend(["--", spec.url.as_deref().unwrap_or("").trim(), &target_str]);
     match git.ok(&args) {
-        Ok(_) => Ok("cloned"),
+        Ok(_) => {
+            // Owner-only, whatever the umask: it names the remote.
+            let _ = std::fs::set_permissions(
+                target.join(".git/config"),
+                std::os::unix::fs::PermissionsExt::from_mode(0o600),
+            );
+            Ok("cloned")
+        }
         Err(e) => {
             // Only what this clone created is removed (the target did not exist).
             let _ = std::fs::remove_dir_all(target);
@@ -425,8 +506,8 @@ fn clone(git: &Git<'_>, spec: &RepoSpec, target: &Path) -> Result<&'static str, 
     }
 }
 
-fn update(git: &Git<'_>, spec: &RepoSpec) -> Result<&'static str, GitError> {
-    let url = spec.url.trim();
+fn update(git: &Git<'_>, spec: &RepoSpec, url: &str) -> Result<&'static str, GitError> {
+    let url = url.trim();
     let current = git.ok(&["remote", "get-url", "origin"]).map(|u| u.trim().to_string());
     if current.as_deref().ok() != Some(url) {
         // A changed url is followed; an absent origin is added.
@@ -506,6 +587,17 @@ mod tests {
         assert_eq!(url_kind("/srv/x"), UrlKind::Local);
         assert_eq!(url_kind("./a:b"), UrlKind::Local);
         assert_eq!(url_kind("ftp://x/y"), UrlKind::Unknown("ftp".into()));
+    }
+
+    #[test]
+    fn userinfo_is_taken_out_of_urls() {
+        assert_eq!(
+            split_userinfo("https://u%40x:p%3Ass@host/org/r.git"),
+            ("https://host/org/r.git".to_string(), Some("u@x:p:ss".to_string()))
+        );
+        assert_eq!(split_userinfo("https://tok@h/r"), ("https://h/r".to_string(), Some("tok".to_string())));
+        assert_eq!(split_userinfo("https://h/a@b"), ("https://h/a@b".to_string(), None));
+        assert_eq!(split_userinfo("git@github.com:a/b.git"), ("git@github.com:a/b.git".to_string(), None));
     }
 
     #[test]

@@ -25,6 +25,10 @@ pub enum Refusal {
     NotAFile,
     NotADirectory,
     UnknownWorkspace,
+    /// Nothing is mapped yet: the platform is expected to `repos.sync`.
+    NoWorkspace,
+    /// A name over 255 bytes or a path over 4096: no file can have it.
+    TooLong,
     Io(String),
 }
 
@@ -120,9 +124,13 @@ pub fn resolve(root: &Path, asked: &str, sensitive: &Sensitive) -> Result<Resolv
     if asked.contains('\0') || asked.starts_with('/') {
         return Err(Refusal::Traversal);
     }
+    if asked.len() > 4096 {
+        return Err(Refusal::TooLong);
+    }
     let mut depth: usize = 0;
     for c in Path::new(asked).components() {
         match c {
+            Component::Normal(name) if name.len() > 255 => return Err(Refusal::TooLong),
             Component::Normal(_) => depth += 1,
             Component::ParentDir => depth = depth.checked_sub(1).ok_or(Refusal::Traversal)?,
             Component::CurDir => {}
@@ -144,7 +152,14 @@ pub fn resolve(root: &Path, asked: &str, sensitive: &Sensitive) -> Result<Resolv
                 None => Err(Refusal::Traversal),
             };
         }
-        Err(e) => return Err(Refusal::Io(e.to_string())),
+        Err(e) => {
+            return Err(match e.raw_os_error().map(nix::errno::Errno::from_raw) {
+                // through a file (`a.txt/x`), or a symlink loop: nothing there
+                Some(nix::errno::Errno::ENOTDIR | nix::errno::Errno::ELOOP) => Refusal::NotFound,
+                Some(nix::errno::Errno::ENAMETOOLONG) => Refusal::TooLong,
+                _ => Refusal::Io(e.to_string()),
+            });
+        }
     };
     let rel = inside(root, &real).ok_or(Refusal::Traversal)?;
     if sensitive.matches(&rel) || sensitive.denies(&real) {
@@ -170,37 +185,16 @@ fn inside(root: &Path, path: &Path) -> Option<String> {
     Some(parts.join("/"))
 }
 
-/// Git repositories directly under the project dir, by name. A symlink is
-/// never a workspace: it could lead anywhere.
-pub fn list(project_root: &Path) -> Vec<(String, PathBuf)> {
-    let Ok(entries) = std::fs::read_dir(project_root) else { return Vec::new() };
-    let mut out: Vec<(String, PathBuf)> = entries
-        .filter_map(Result::ok)
-        .filter_map(|e| {
-            let name = e.file_name().into_string().ok()?;
-            let path = e.path();
-            let real_dir = e.file_type().is_ok_and(|t| t.is_dir());
-            (real_dir && path.join(".git").exists()).then_some((name, path))
-        })
-        .collect();
-    out.sort();
-    out
-}
-
-/// The workspace named by the client: one path component naming a repository
-/// directly under the project root, itself inside the root once resolved.
-pub fn named(project_root: &Path, name: &str) -> Result<PathBuf, Refusal> {
-    let single = !name.is_empty()
-        && name != "."
-        && name != ".."
-        && !name.contains(['/', '\0'])
-        && project_root.join(name).symlink_metadata().is_ok_and(|m| m.is_dir())
-        && project_root.join(name).join(".git").exists();
-    if !single {
-        return Err(Refusal::UnknownWorkspace);
+/// The real directory of a mapped workspace (`rel` is `.` for the project
+/// dir itself, else one directory below it): it must still exist, and once
+/// symlinks are resolved it must still be the project dir or inside it.
+pub fn mapped_dir(project_root: &Path, rel: &str) -> Result<PathBuf, Refusal> {
+    let path = if rel == "." { project_root.to_path_buf() } else { project_root.join(rel) };
+    let real = path.canonicalize().map_err(|_| Refusal::NotFound)?;
+    inside(project_root, &real).ok_or(Refusal::Traversal)?;
+    if !real.is_dir() {
+        return Err(Refusal::NotADirectory);
     }
-    let real = project_root.join(name).canonicalize().map_err(|_| Refusal::UnknownWorkspace)?;
-    inside(project_root, &real).filter(|r| !r.is_empty()).ok_or(Refusal::UnknownWorkspace)?;
     Ok(real)
 }
 
