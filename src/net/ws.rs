@@ -158,7 +158,12 @@ impl<L: Link> Socket<L> {
             // character: that tail is dropped, not sent as U+FFFD.
             let start =
                 if first { bytes.iter().take(3).take_while(|b| *b & 0xC0 == 0x80).count() } else { 0 };
-            let text = crate::text::utf8_chunk(&mut self.carry, &bytes[start..]);
+            let text = match (start, self.carry.is_empty()) {
+                // The usual case, whole characters only: no copy.
+                (0, true) => String::from_utf8(bytes)
+                    .unwrap_or_else(|e| crate::text::utf8_chunk(&mut self.carry, e.as_bytes())),
+                _ => crate::text::utf8_chunk(&mut self.carry, &bytes[start..]),
+            };
             if text.is_empty() {
                 return Ok(()); // all of it waits in the carry
             }
