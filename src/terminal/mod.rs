@@ -177,6 +177,7 @@ impl Term {
     fn write_pending(&self, st: &mut State) {
         while !st.pending.is_empty() {
             match (&self.master).write(&st.pending) {
+                Ok(0) => return,
                 Ok(n) => {
                     st.pending.drain(..n);
                 }

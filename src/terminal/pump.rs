@@ -237,6 +237,7 @@ impl<L: Link> Pump<'_, L> {
     fn write_keys(&mut self) {
         while !self.keys.is_empty() {
             match (&self.term.master).write(&self.keys) {
+                Ok(0) => return,
                 Ok(n) => {
                     self.keys.drain(..n);
                 }
