@@ -16,62 +16,33 @@
 # started here is stopped on exit.
 set -euo pipefail
 
-HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-ROOT=$(cd "$HERE/.." && pwd)
-TARGET=x86_64-unknown-linux-musl
-APPS=${BENCH_APPS:-50}
-CLOSES=${BENCH_CLOSES:-1000}
-INTERVAL_MS=${BENCH_INTERVAL_MS:-2}
-SCALE=${BENCH_SCALE:-1000}
-OVERHEAD_RUNS=${BENCH_OVERHEAD_RUNS:-100}
-PY=${PYTHON:-python3}
-HELPER="$HERE/leasebench.py"
-
-for v in APPS CLOSES INTERVAL_MS SCALE OVERHEAD_RUNS; do
-    if ! [[ ${!v} =~ ^[0-9]+$ ]] || (( ${!v} < 1 )); then
-        echo "lease.sh: BENCH_$v must be a positive integer" >&2
-        exit 2
-    fi
-done
-(( APPS <= 500 )) || { echo "lease.sh: BENCH_APPS is capped at 500" >&2; exit 2; }
-(( CLOSES * INTERVAL_MS <= 20000 )) || { echo "lease.sh: the close-check run is capped at 20 s" >&2; exit 2; }
-(( SCALE <= 10000 )) || { echo "lease.sh: BENCH_SCALE is capped at 10000" >&2; exit 2; }
-(( OVERHEAD_RUNS <= 1000 )) || { echo "lease.sh: BENCH_OVERHEAD_RUNS is capped at 1000" >&2; exit 2; }
-
-TMP=$(mktemp -d "${TMPDIR:-/tmp}/aion-lease.XXXXXX")
-PIDS=()
-NOTES=()
-
 # shellcheck source=bench/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
-
-cleanup() {
-    stop_pids
-    rm -rf "$TMP"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
+APPS=$(setting BENCH_APPS 50 1 500)
+CLOSES=$(setting BENCH_CLOSES 1000 1)
+INTERVAL_MS=$(setting BENCH_INTERVAL_MS 2 1)
+SCALE=$(setting BENCH_SCALE 1000 1 10000)
+OVERHEAD_RUNS=$(setting BENCH_OVERHEAD_RUNS 100 1 1000)
+(( CLOSES * INTERVAL_MS <= 20000 )) || usage "the close-check run is capped at 20 s"
+HELPER="$HERE/leasebench.py"
+HELPER_TIMEOUT=60
+bench_init lease
 
 # ---------------------------------------------------------------- 0. tools
-command -v "$PY" >/dev/null || die "$PY not found"
+need_py
 HYPERFINE=$(command -v hyperfine || true)
 [[ -n $HYPERFINE ]] || note "hyperfine not found: the overhead figure uses a Python loop of $OVERHEAD_RUNS runs"
 unset AION_LEASE_TIME_SCALE
 
 # ---------------------------------------------------------------- 1. build
-build_connector
-VERSION=$("$BIN" --version 2>/dev/null | head -n1 || true)
+bench_binary
 
 # ---------------------------------------------------------------- 2. close checks
 # closes NAME SCALE: one wrapper with $APPS apps, $CLOSES close checks.
 closes() {
     local name=$1 scale=$2 f="$TMP/$1.kv"
     log "close checks ($name): $APPS apps, $CLOSES checks every $INTERVAL_MS ms, AION_LEASE_TIME_SCALE=$scale"
-    if ! timeout 60 "$PY" "$HELPER" closes "$BIN" "$TMP/$name.sock" "$APPS" "$CLOSES" "$scale" "$INTERVAL_MS" \
-        >"$f" 2>"$TMP/$name.err"; then
-        note "$name: helper failed: $(head -n 3 "$TMP/$name.err" | tr '\n' ' ')"
-    fi
+    helper "$name" closes "$BIN" "$TMP/$name.sock" "$APPS" "$CLOSES" "$scale" "$INTERVAL_MS"
     [[ $(kv "$f" leased_apps) == "$APPS" ]] || note "$name: only $(kv "$f" leased_apps)/$APPS apps were leased"
     [[ $(kv "$f" early_exit) == - ]] || note "$name: the wrapper exited early with $(kv "$f" early_exit)"
     [[ $(kv "$f" closes_replied) == "$CLOSES" ]] \
@@ -99,12 +70,7 @@ SOCK="$TMP/overhead.sock"
 "$PY" "$HELPER" serve "$SOCK" "$TMP/serve.kv" >"$TMP/serve.out" 2>"$TMP/serve.err" &
 SERVE_PID=$!
 PIDS+=("$SERVE_PID")
-for ((i = 0; i < 100; i++)); do
-    [[ -s $TMP/serve.out ]] && break
-    alive "$SERVE_PID" || break
-    sleep 0.05
-done
-[[ -s $TMP/serve.out ]] || die "the lease server did not start: $(head -n 3 "$TMP/serve.err")"
+wait_for 5 "$SERVE_PID" test -s "$TMP/serve.out" || die "the lease server did not start: $(head -n 3 "$TMP/serve.err")"
 WRAP="$BIN lease --app com.bench.overhead --socket $SOCK -- true"
 NOSOCK="$BIN lease --app com.bench.overhead --socket $TMP/absent.sock -- true"
 WARMUP=5
@@ -142,7 +108,6 @@ done
 [[ $(kv "$s" leases_left) == 0 ]] || note "overhead: $(kv "$s" leases_left) leases left held after the runs"
 
 # ---------------------------------------------------------------- summary
-row() { printf '%-44s %s\n' "$1" "$2"; }
 over() { # over NAME: "+X ms" over plain true (medians)
     awk -v a="$(kv "$o" "$1_median_ms")" -v b="$(kv "$o" plain_median_ms)" \
         'BEGIN{ if (a ~ /^[0-9.]+$/ && b ~ /^[0-9.]+$/) printf "+%.2f ms", a-b; else printf "-" }'
@@ -155,10 +120,7 @@ closerow() {
     row "   wrapper CPU / RSS" "$(kv "$f" wrapper_cpu_pct) % of one core, $(kv "$f" wrapper_rss_kb) kB"
     row "   SIGTERM -> exit / leases left" "exit $(kv "$f" sigterm_exit) in $(kv "$f" sigterm_ms) ms / $(kv "$f" leases_left)"
 }
-echo
-echo "aion-connector lease bench  ($(date -u +%Y-%m-%dT%H:%M:%SZ), $(nproc) cores, ${VERSION:-version unknown})"
-printf '%s\n' "--------------------------------------------------------------------------------------------"
-row "build" "$BUILD_KIND"
+table_start "aion-connector lease bench  ($(date -u +%Y-%m-%dT%H:%M:%SZ), $(nproc) cores, ${VERSION:-version unknown})"
 closerow idle "a. close check -> reply, no renewals"
 closerow loaded "a. close check -> reply, scale $SCALE"
 row "   ($APPS apps, $CLOSES checks, 1 in 10 not held)" "every $INTERVAL_MS ms, open loop, timed by a Python server"
@@ -167,10 +129,4 @@ row "   lease -- true, server answering" "median $(kv "$o" wrap_median_ms) ms, p
 row "   lease -- true, no socket" "median $(kv "$o" nosock_median_ms) ms, p90 $(kv "$o" nosock_p90_ms) ms ($(over nosock))"
 row "   server: hellos / granted / refused / ends" "$(kv "$s" hellos) / $(kv "$s" begins) / $(kv "$s" refused) / $(kv "$s" ends) for $WRAP_RUNS runs"
 row "   measured with" "$OVERHEAD_TOOL"
-printf '%s\n' "--------------------------------------------------------------------------------------------"
-if (( ${#NOTES[@]} )); then
-    echo "problems / notes:"
-    printf '  - %s\n' "${NOTES[@]}"
-else
-    echo "problems / notes: none"
-fi
+table_end

@@ -18,77 +18,21 @@
 # Only 127.0.0.1 is ever contacted. Every process started here is stopped on exit.
 set -euo pipefail
 
-HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-ROOT=$(cd "$HERE/.." && pwd)
-TARGET=x86_64-unknown-linux-musl
-IDLE_SECONDS=${BENCH_IDLE_SECONDS:-60}
-IDLE_POLL_MS=${BENCH_IDLE_POLL_MS:-5000}
-DELAY_RUNS=${BENCH_DELAY_RUNS:-20}
-DELAY_POLL_MS=${BENCH_DELAY_POLL_MS:-500}
-THROUGHPUT_MB=${BENCH_THROUGHPUT_MB:-50}
-BUSY_SESSIONS=${BENCH_BUSY_SESSIONS:-5}
-BUSY_SECONDS=${BENCH_BUSY_SECONDS:-10}
-BUSY_KBPS=${BENCH_BUSY_KBPS:-1000}
-PY=${PYTHON:-python3}
-HELPER="$HERE/pollbench.py"
-
-for v in IDLE_SECONDS IDLE_POLL_MS DELAY_RUNS DELAY_POLL_MS THROUGHPUT_MB BUSY_SESSIONS BUSY_SECONDS BUSY_KBPS; do
-    if ! [[ ${!v} =~ ^[0-9]+$ ]] || (( ${!v} < 1 )); then
-        echo "poll.sh: BENCH_$v must be a positive integer" >&2
-        exit 2
-    fi
-done
-(( IDLE_SECONDS <= 600 )) || { echo "poll.sh: BENCH_IDLE_SECONDS is capped at 600" >&2; exit 2; }
-(( IDLE_POLL_MS >= 10 && DELAY_POLL_MS >= 10 )) || { echo "poll.sh: poll intervals are at least 10 ms" >&2; exit 2; }
-(( DELAY_RUNS <= 200 && DELAY_POLL_MS <= 10000 )) || { echo "poll.sh: figure b is capped at 200 runs of 10 s" >&2; exit 2; }
-(( THROUGHPUT_MB <= 500 )) || { echo "poll.sh: BENCH_THROUGHPUT_MB is capped at 500" >&2; exit 2; }
-(( BUSY_SESSIONS <= 50 && BUSY_SECONDS <= 120 && BUSY_KBPS <= 20000 )) \
-    || { echo "poll.sh: figure d is capped at 50 sessions, 120 s, 20000 kB/s" >&2; exit 2; }
-
-TMP=$(mktemp -d "${TMPDIR:-/tmp}/aion-poll.XXXXXX")
-# The agents and every session they start inherit this; cleanup finds them by it.
-MARK="AION_BENCH_MARK=$TMP"
-PIDS=()
-NOTES=()
-
 # shellcheck source=bench/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
-
-cleanup() {
-    local pid
-    stop_pids
-    for pid in $(marked); do
-        kill -KILL "$pid" 2>/dev/null || true
-    done
-    rm -rf "$TMP"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-
-# expect FILE KEY VALUE LABEL: note when KEY in FILE is not VALUE.
-expect() {
-    local got
-    got=$(kv "$1" "$2")
-    [[ $got == "$3" ]] || note "$4: $2=$got (expected $3)"
-}
-
-# helper NAME ARGS...: run one pollbench subcommand in the background (so that
-# cleanup can stop it), output in $TMP/NAME.kv, diagnostics in $TMP/NAME.log.
-helper() {
-    local name=$1 code=0 pid
-    shift
-    mkdir -p "$TMP/$name"
-    AION_BENCH_MARK=$TMP AION_TOKEN=$TOKEN "$PY" "$HELPER" "$@" >"$TMP/$name.kv" 2>"$TMP/$name.log" &
-    pid=$!
-    PIDS+=("$pid")
-    wait "$pid" || code=$?
-    if (( code != 0 )); then
-        note "$name: helper exited with code $code: $(tail -n 2 "$TMP/$name.log" | tr '\n' ' ')"
-    elif [[ -s $TMP/$name.log ]]; then
-        note "$name: $(head -n 3 "$TMP/$name.log" | tr '\n' ' ')"
-    fi
-}
+IDLE_SECONDS=$(setting BENCH_IDLE_SECONDS 60 1 600)
+IDLE_POLL_MS=$(setting BENCH_IDLE_POLL_MS 5000 10)
+DELAY_RUNS=$(setting BENCH_DELAY_RUNS 20 1 200)
+DELAY_POLL_MS=$(setting BENCH_DELAY_POLL_MS 500 10 10000)
+THROUGHPUT_MB=$(setting BENCH_THROUGHPUT_MB 50 1 500)
+BUSY_SESSIONS=$(setting BENCH_BUSY_SESSIONS 5 1 50)
+BUSY_SECONDS=$(setting BENCH_BUSY_SECONDS 10 1 120)
+BUSY_KBPS=$(setting BENCH_BUSY_KBPS 1000 1 20000)
+HELPER="$HERE/pollbench.py"
+bench_init poll
+# The helper starts the agents; they and every session they start inherit $MARK,
+# and cleanup finds them by it.
+mkdir -p "$TMP/idle" "$TMP/delay" "$TMP/throughput" "$TMP/busy"
 
 # common_checks FILE PREFIX LABEL LOG: exit code, log, signatures of one agent run.
 common_checks() {
@@ -104,15 +48,12 @@ common_checks() {
 }
 
 # ---------------------------------------------------------------- 0. tools
-command -v "$PY" >/dev/null || die "$PY not found"
-"$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))' || die "$PY is older than 3.11"
-TOKEN=$(od -An -N32 -tx1 /dev/urandom | tr -d ' \n')
+need_py
+TOKEN=$(new_token)
+HELPER_ENV=("$MARK" "AION_TOKEN=$TOKEN")
 
 # ---------------------------------------------------------------- 1. build
-build_connector
-cp "$BIN" "$TMP/aion-connector"
-BIN="$TMP/aion-connector"
-VERSION=$("$BIN" --version 2>/dev/null | head -n1 || true)
+bench_binary
 
 # ---------------------------------------------------------------- a. idle CPU
 log "a. idle agent, pollInterval $IDLE_POLL_MS ms, for $IDLE_SECONDS s"
@@ -160,11 +101,7 @@ left=$(marked | wc -l)
 (( left == 0 )) || note "$left agent / session processes still alive after the runs"
 
 # ---------------------------------------------------------------- table
-row() { printf '%-44s %s\n' "$1" "$2"; }
-echo
-echo "aion-connector poll-mode bench ($VERSION, $(uname -m), $(nproc) cores)"
-printf '%s\n' "--------------------------------------------------------------------------------------------"
-row "build" "$BUILD_KIND"
+table_start "aion-connector poll-mode bench ($VERSION, $(uname -m), $(nproc) cores)"
 row "a. idle CPU, poll every $IDLE_POLL_MS ms" "$(kv "$A" idle_cpu_per_hour_s) s/hour (utime+stime: $(kv "$A" idle_cpu_ms) ms in $(kv "$A" idle_seconds) s, 10 ms ticks)"
 row "   same, from schedstat (ns)" "$(kv "$A" idle_sched_per_hour_s) s/hour ($(kv "$A" idle_sched_ms) ms in $(kv "$A" idle_seconds) s; $(kv "$A" idle_cpu_per_poll_ms) ms per request)"
 row "   requests in the window" "$(kv "$A" idle_polls) polls (gap min / median / max $(kv "$A" idle_poll_gap_min_ms) / $(kv "$A" idle_poll_gap_median_ms) / $(kv "$A" idle_poll_gap_max_ms) ms), $(kv "$A" idle_status_posts) status posts"
@@ -182,10 +119,4 @@ row "   before / after" "$(kv "$U" busy_rss_before_kb) kB, $(kv "$U" busy_thread
 row "   spool on disk / undelivered, peak" "$(mb "$(kv "$U" busy_spool_peak_bytes)") / $(mb "$(kv "$U" busy_backlog_peak_bytes)") (100 ms samples)"
 row "   agent CPU / delivered" "$(kv "$U" busy_cpu_ms) ms / $(kv "$U" busy_bytes) bytes in $(kv "$U" busy_seconds) s, $(kv "$U" busy_sessions_intact) of $BUSY_SESSIONS sessions intact"
 row "shutdown (SIGTERM -> exit) a / b / c / d" "$(kv "$A" idle_exit) in $(kv "$A" idle_stop_ms) ms / $(kv "$D" delay_exit) in $(kv "$D" delay_stop_ms) ms / $(kv "$T" tp_exit) in $(kv "$T" tp_stop_ms) ms / $(kv "$U" busy_exit) in $(kv "$U" busy_stop_ms) ms"
-printf '%s\n' "--------------------------------------------------------------------------------------------"
-if (( ${#NOTES[@]} )); then
-    echo "problems / notes:"
-    printf '  - %s\n' "${NOTES[@]}"
-else
-    echo "problems / notes: none"
-fi
+table_end

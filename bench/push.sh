@@ -14,59 +14,25 @@
 # Only 127.0.0.1 is ever contacted. Every server started here is stopped on exit.
 set -euo pipefail
 
-HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-ROOT=$(cd "$HERE/.." && pwd)
-TARGET=x86_64-unknown-linux-musl
-RUNS=${BENCH_RUNS:-50}
-DURATION=${BENCH_DURATION:-10}
-IDLE_CONNS=${BENCH_IDLE_CONNS:-300}
-REFERENCE=${BENCH_REFERENCE:-auto}
-PY=${PYTHON:-python3}
-HELPER="$HERE/pushbench.py"
-LUA="$HERE/ping.lua"
-
-for v in RUNS DURATION IDLE_CONNS; do
-    if ! [[ ${!v} =~ ^[0-9]+$ ]] || (( ${!v} < 1 )); then
-        echo "push.sh: BENCH_$v must be a positive integer" >&2
-        exit 2
-    fi
-done
-(( DURATION <= 60 )) || { echo "push.sh: BENCH_DURATION is capped at 60 s" >&2; exit 2; }
-
-TMP=$(mktemp -d "${TMPDIR:-/tmp}/aion-bench.XXXXXX")
-PIDS=()
-NOTES=()
-
 # shellcheck source=bench/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
-
-cleanup() {
-    stop_pids
-    rm -rf "$TMP"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
+RUNS=$(setting BENCH_RUNS 50 1)
+DURATION=$(setting BENCH_DURATION 10 1 60)
+IDLE_CONNS=$(setting BENCH_IDLE_CONNS 300 1)
+REFERENCE=${BENCH_REFERENCE:-auto}
+HELPER="$HERE/pushbench.py"
+ROW_W=40
+bench_init bench
 
 # ---------------------------------------------------------------- 0. tools
-command -v "$PY" >/dev/null || die "$PY not found"
-command -v file >/dev/null || die "file(1) not found"
-if ! command -v wrk >/dev/null; then
-    log "wrk missing: apt-get install -y wrk"
-    if ! timeout 300 apt-get install -y wrk >"$TMP/apt.log" 2>&1; then
-        note "wrk could not be installed; throughput figures skipped"
-    fi
-fi
+need_py
+need file
+want_wrk || note "wrk could not be installed; throughput figures skipped"
 
 # ---------------------------------------------------------------- 1. build
-BUILD_KIND=""
-build_connector
-BIN_BUILT=$BIN
-
+bench_binary
 SIZE_BUILT=$(stat -c %s "$BIN_BUILT")
 FILE_BUILT=$(file -b "$BIN_BUILT")
-BIN="$TMP/aion-connector"
-cp "$BIN_BUILT" "$BIN"
 STRIP_NOTE="as built (already stripped)"
 if [[ $FILE_BUILT == *"not stripped"* ]]; then
     strip "$BIN"
@@ -80,58 +46,27 @@ if [[ $FILE_OUT == *"statically linked"* || $FILE_OUT == *"static-pie linked"* ]
 else
     note "binary is NOT statically linked: $FILE_OUT"
 fi
-VERSION=$("$BIN" --version 2>/dev/null | head -n1 || true)
 
 # ---------------------------------------------------------------- config
-TOKEN=$(od -An -N32 -tx1 /dev/urandom | tr -d ' \n')
-mkdir -p "$TMP/ws"
+TOKEN=$(new_token)
 CONFIG="$TMP/aion.config.json"
-cat >"$CONFIG" <<EOF
-{"port":0,"host":"127.0.0.1","projects":{"bench":{"token":"$TOKEN","dir":"$TMP/ws","agents":{"claude":{"description":"Claude Code"}}}}}
-EOF
-chmod 600 "$CONFIG"
-
-# start_server NAME: start $BIN with $CONFIG in $TMP; sets SRV_PID and SRV_ADDR.
-start_server() {
-    local name=$1 i line=""
-    # Each server its own state dir (a spool directory takes one connector).
-    (cd "$TMP" && XDG_STATE_HOME="$TMP/state-$name" exec "$BIN" "$CONFIG") >"$TMP/$name.out" 2>"$TMP/$name.err" &
-    SRV_PID=$!
-    PIDS+=("$SRV_PID")
-    for ((i = 0; i < 100; i++)); do
-        if [[ -s $TMP/$name.out ]] && (( $(wc -l <"$TMP/$name.out") >= 1 )); then
-            IFS= read -r line <"$TMP/$name.out"
-            break
-        fi
-        alive "$SRV_PID" || break
-        sleep 0.05
-    done
-    if [[ $line != "listening on "* ]]; then
-        tail -n 5 "$TMP/$name.err" >&2 || true
-        die "server $name did not print 'listening on ADDR' (first line: '${line}')"
-    fi
-    SRV_ADDR=${line#listening on }
-    [[ $SRV_ADDR == 127.0.0.1:* ]] || die "server $name listens on $SRV_ADDR, expected 127.0.0.1:PORT"
-}
+write_config "$CONFIG" '{"claude":{"description":"Claude Code"}}'
 
 # log_check NAME LABEL: count per-request log lines, non-200 ones, WARN/ERROR lines.
 log_check() {
-    local f="$TMP/$1.err" total non200 warn
+    local f="$TMP/$1.err" total non200
     total=$(grep -c 'status=' "$f" || true)
     non200=$(grep 'status=' "$f" | grep -vc 'status=200' || true)
-    warn=$(grep -cE '\[(WARN|ERROR)\]' "$f" || true)
-    LOG_SUMMARY="$total request lines, $non200 non-200, $warn WARN/ERROR"
     if (( non200 > 0 )); then
         note "$2: $non200 non-200 request log lines, e.g.: $(grep 'status=' "$f" | grep -v 'status=200' | head -n 1)"
     fi
-    if (( warn > 0 )); then
-        note "$2: $warn WARN/ERROR log lines, e.g.: $(grep -E '\[(WARN|ERROR)\]' "$f" | head -n 1)"
-    fi
+    log_warns "$f" "$2"
+    LOG_SUMMARY="$total request lines, $non200 non-200, $WARNS WARN/ERROR"
 }
 
 # ---------------------------------------------------------------- 2. idle RSS
 log "idle RSS (server A, one ping)"
-start_server a
+start_connector a "$CONFIG"
 A_PID=$SRV_PID
 A_ADDR=$SRV_ADDR
 "$PY" "$HELPER" ping "$A_ADDR" "$TOKEN" 1 >"$TMP/ping.kv"
@@ -143,10 +78,7 @@ IDLE_THREADS=$(threads "$A_PID")
 
 # ---------------------------------------------------------------- 3. exec -> first ping
 log "exec -> first answered ping, $RUNS runs"
-XDG_STATE_HOME="$TMP/state-startup" "$PY" "$HELPER" startup "$BIN" "$CONFIG" "$RUNS" >"$TMP/startup.kv" 2>"$TMP/startup.err" || true
-if [[ -s $TMP/startup.err ]]; then
-    note "startup runs reported: $(head -n 3 "$TMP/startup.err" | tr '\n' ' ')"
-fi
+helper startup XDG_STATE_HOME="$TMP/state-startup" startup "$BIN" "$CONFIG" "$RUNS"
 (( $(kv "$TMP/startup.kv" startup_failures) == 0 )) 2>/dev/null \
     || note "startup: $(kv "$TMP/startup.kv" startup_failures) failed runs"
 (( $(kv "$TMP/startup.kv" startup_non200) == 0 )) 2>/dev/null \
@@ -160,50 +92,30 @@ LOAD_PEAK=0
 LOAD_HWM=0
 if command -v wrk >/dev/null; then
     log "wrk -t2 -c16 -d${DURATION}s --latency (ping, keep-alive)"
-    AION_TOKEN=$TOKEN timeout $((DURATION + 20)) \
-        wrk -t2 -c16 -d"${DURATION}s" --latency -s "$LUA" "http://$A_ADDR/" >"$TMP/wrk.txt" 2>&1 &
-    WRK_PID=$!
-    PIDS+=("$WRK_PID")
-    for ((i = 0; i < (DURATION + 20) * 10; i++)); do
-        alive "$WRK_PID" || break
-        r=$(rss_kb "$A_PID")
-        (( r > LOAD_PEAK )) && LOAD_PEAK=$r
-        sleep 0.1
-    done
-    WRK_CODE=0
-    wait "$WRK_PID" || WRK_CODE=$?
-    (( WRK_CODE == 0 )) || note "wrk exited with code $WRK_CODE"
+    wrk_ping wrk "$A_ADDR" "$TOKEN" "$DURATION" "$A_PID"
     LOAD_HWM=$(hwm_kb "$A_PID")
     alive "$A_PID" || note "server A died during the wrk run"
-    "$PY" "$HELPER" wrk "$TMP/wrk.txt" >"$TMP/wrk.kv"
     WRK_DONE=yes
     log "wrk output:"
     sed 's/^/    /' "$TMP/wrk.txt" >&2
-    [[ $(kv "$TMP/wrk.kv" wrk_non2xx) == 0 ]] \
-        || note "wrk: $(kv "$TMP/wrk.kv" wrk_non2xx) non-2xx/3xx responses"
-    [[ $(kv "$TMP/wrk.kv" wrk_socket_errors) == none ]] \
-        || note "wrk socket errors: $(kv "$TMP/wrk.kv" wrk_socket_errors)"
 fi
 AFTER_LOAD_RSS=$(rss_kb "$A_PID")
-stop "$A_PID"
-A_STOP="exit $STOP_CODE in ${STOP_MS} ms"
-[[ $STOP_CODE == 0 ]] || note "server A: SIGTERM after load gave exit code $STOP_CODE"
+stop_server "$A_PID" "server A (after load)"
+A_STOP=$STOPPED
 log_check a "server A (idle + wrk)"
 A_LOG=$LOG_SUMMARY
 
 # ---------------------------------------------------------------- 5. idle connections
 log "$IDLE_CONNS idle keep-alive connections (server B)"
-start_server b
+start_connector b "$CONFIG"
 B_PID=$SRV_PID
-"$PY" "$HELPER" idle "$SRV_ADDR" "$TOKEN" "$B_PID" "$IDLE_CONNS" >"$TMP/idle.kv" 2>"$TMP/idle.err" || true
-[[ -s $TMP/idle.err ]] && note "idle helper: $(head -n 3 "$TMP/idle.err" | tr '\n' ' ')"
+helper idle idle "$SRV_ADDR" "$TOKEN" "$B_PID" "$IDLE_CONNS"
 [[ $(kv "$TMP/idle.kv" idle_conns_answered) == "$IDLE_CONNS" ]] \
     || note "idle: only $(kv "$TMP/idle.kv" idle_conns_answered)/$IDLE_CONNS connections got their ping answered"
 [[ $(kv "$TMP/idle.kv" idle_conns_still_open) == "$IDLE_CONNS" ]] \
     || note "idle: $(kv "$TMP/idle.kv" idle_conns_still_open)/$IDLE_CONNS connections still open after the fresh pings"
 [[ $(kv "$TMP/idle.kv" idle_errors) == none ]] || note "idle errors: $(kv "$TMP/idle.kv" idle_errors)"
-stop "$B_PID"
-[[ $STOP_CODE == 0 ]] || note "server B: SIGTERM gave exit code $STOP_CODE"
+stop_server "$B_PID" "server B"
 log_check b "server B (idle connections)"
 B_LOG=$LOG_SUMMARY
 
@@ -237,16 +149,12 @@ EOF
     "$NGINX" -p "$TMP/nginx" -c "$TMP/nginx/nginx.conf" >"$TMP/nginx/out" 2>&1 &
     NGX_PID=$!
     PIDS+=("$NGX_PID")
-    for ((i = 0; i < 50; i++)); do
+    nginx_up() {
         "$PY" "$HELPER" ping "127.0.0.1:$PORT" x 1 >"$TMP/ngx.kv" 2>/dev/null || true
-        [[ $(kv "$TMP/ngx.kv" ping_statuses) == 200x1 ]] && break
-        alive "$NGX_PID" || break
-        sleep 0.1
-    done
-    if [[ $(kv "$TMP/ngx.kv" ping_statuses) == 200x1 ]]; then
-        AION_TOKEN=x timeout $((DURATION + 20)) \
-            wrk -t2 -c16 -d"${DURATION}s" --latency -s "$LUA" "http://127.0.0.1:$PORT/" >"$TMP/ref.txt" 2>&1 || true
-        "$PY" "$HELPER" wrk "$TMP/ref.txt" >"$TMP/ref.kv"
+        [[ $(kv "$TMP/ngx.kv" ping_statuses) == 200x1 ]]
+    }
+    if wait_for 5 "$NGX_PID" nginx_up; then
+        wrk_ping ref "127.0.0.1:$PORT" x "$DURATION"
         REF="$(kv "$TMP/ref.kv" wrk_rps) req/s, p50 $(kv "$TMP/ref.kv" wrk_p50_ms) ms, p99 $(kv "$TMP/ref.kv" wrk_p99_ms) ms"
     else
         REF="skipped (nginx did not start: $(head -n 1 "$TMP/nginx/out" "$TMP/nginx/error.log" 2>/dev/null | tr '\n' ' '))"
@@ -255,14 +163,10 @@ EOF
 fi
 
 # ---------------------------------------------------------------- summary
-row() { printf '%-40s %s\n' "$1" "$2"; }
 s=$TMP/startup.kv
 w=$TMP/wrk.kv
 d=$TMP/idle.kv
-echo
-echo "aion-connector push bench  ($(date -u +%Y-%m-%dT%H:%M:%SZ), $(nproc) cores, ${VERSION:-version unknown})"
-printf '%s\n' "--------------------------------------------------------------------------------------------"
-row "build" "$BUILD_KIND"
+table_start "aion-connector push bench  ($(date -u +%Y-%m-%dT%H:%M:%SZ), $(nproc) cores, ${VERSION:-version unknown})"
 row "1. binary size" "$SIZE bytes ($(awk -v b="$SIZE" 'BEGIN{printf "%.2f MB, %.2f MiB", b/1e6, b/1048576}')), $STRIP_NOTE"
 row "   file" "$FILE_OUT"
 row "   static" "$STATIC"
@@ -284,10 +188,4 @@ row "   conns opened / answered / still open" "$(kv "$d" idle_conns_opened) / $(
 row "   fresh ping while they are open" "median $(kv "$d" idle_fresh_ping_median_ms) ms, max $(kv "$d" idle_fresh_ping_max_ms) ms ($(kv "$d" idle_fresh_statuses))"
 row "   server B log" "$B_LOG"
 row "6. reference (nginx fixed 200, same wrk)" "$REF"
-printf '%s\n' "--------------------------------------------------------------------------------------------"
-if (( ${#NOTES[@]} )); then
-    echo "problems / notes:"
-    printf '  - %s\n' "${NOTES[@]}"
-else
-    echo "problems / notes: none"
-fi
+table_end

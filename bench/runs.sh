@@ -16,144 +16,56 @@
 # Only 127.0.0.1 is ever contacted. Every process started here is stopped on exit.
 set -euo pipefail
 
-HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-ROOT=$(cd "$HERE/.." && pwd)
-TARGET=x86_64-unknown-linux-musl
-LINES=${BENCH_LINES:-10000}
-PACED_LINES=${BENCH_PACED_LINES:-1000}
-PACED_US=${BENCH_PACED_US:-1000}
-STARTUP_RUNS=${BENCH_STARTUP_RUNS:-30}
-OUTAGE_SECONDS=${OUTAGE_SECONDS:-60}
-OUTAGE_RATE=${OUTAGE_RATE:-2000}
-PY=${PYTHON:-python3}
-HELPER="$HERE/runsbench.py"
-FAKE="$HERE/fake-acpx"
-
-for v in LINES PACED_LINES PACED_US STARTUP_RUNS OUTAGE_SECONDS OUTAGE_RATE; do
-    if ! [[ ${!v} =~ ^[0-9]+$ ]] || (( ${!v} < 1 )); then
-        echo "runs.sh: $v must be a positive integer" >&2
-        exit 2
-    fi
-done
-(( LINES <= 1000000 )) || { echo "runs.sh: BENCH_LINES is capped at 1000000" >&2; exit 2; }
-(( PACED_LINES * PACED_US <= 60000000 )) || { echo "runs.sh: the paced run is capped at 60 s" >&2; exit 2; }
-(( STARTUP_RUNS <= 200 )) || { echo "runs.sh: BENCH_STARTUP_RUNS is capped at 200" >&2; exit 2; }
-(( OUTAGE_SECONDS >= 2 && OUTAGE_SECONDS <= 600 )) || { echo "runs.sh: OUTAGE_SECONDS must be 2-600" >&2; exit 2; }
-(( OUTAGE_RATE <= 100000 )) || { echo "runs.sh: OUTAGE_RATE is capped at 100000" >&2; exit 2; }
-[[ -x $FAKE ]] || { echo "runs.sh: $FAKE is not executable" >&2; exit 2; }
-
-TMP=$(mktemp -d "${TMPDIR:-/tmp}/aion-runs.XXXXXX")
-# Every fake acpx (and the emitter it execs) inherits this through the connector,
-# so that cleanup can find them by their environment, by pid.
-MARK="AION_BENCH_MARK=$TMP"
-PIDS=()
-NOTES=()
-
 # shellcheck source=bench/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
-
-cleanup() {
-    local pid
-    stop_pids
-    for pid in $(marked); do
-        kill -KILL "$pid" 2>/dev/null || true
-    done
-    rm -rf "$TMP"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-
-# expect FILE KEY VALUE LABEL: note when KEY in FILE is not VALUE.
-expect() {
-    local got
-    got=$(kv "$1" "$2")
-    [[ $got == "$3" ]] || note "$4: $2=$got (expected $3)"
-}
+LINES=$(setting BENCH_LINES 10000 1 1000000)
+PACED_LINES=$(setting BENCH_PACED_LINES 1000 1)
+PACED_US=$(setting BENCH_PACED_US 1000 1)
+STARTUP_RUNS=$(setting BENCH_STARTUP_RUNS 30 1 200)
+OUTAGE_SECONDS=$(setting OUTAGE_SECONDS 60 2 600)
+OUTAGE_RATE=$(setting OUTAGE_RATE 2000 1 100000)
+(( PACED_LINES * PACED_US <= 60000000 )) || usage "the paced run is capped at 60 s"
+HELPER="$HERE/runsbench.py"
+FAKE="$HERE/fake-acpx"
+[[ -x $FAKE ]] || usage "$FAKE is not executable"
+# Every fake acpx (and the emitter it execs) inherits $MARK through the connector,
+# so that cleanup can find them by their environment, by pid.
+bench_init runs
 
 # ---------------------------------------------------------------- 0. tools
-command -v "$PY" >/dev/null || die "$PY not found"
-"$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))' || die "$PY is older than 3.11"
-# The interpreter itself (not a pyenv shim) for the fake agent, whose start-up is in figure 1.
-PYBIN=$("$PY" -c 'import sys; print(sys.executable)')
+need_py # PYBIN, the interpreter itself, runs the fake agent, whose start-up is in figure 1
 
 # ---------------------------------------------------------------- 1. build
-build_connector
-cp "$BIN" "$TMP/aion-connector"
-BIN="$TMP/aion-connector"
-VERSION=$("$BIN" --version 2>/dev/null | head -n1 || true)
+bench_binary
 
 # ---------------------------------------------------------------- config, fake acpx
-mkdir -p "$TMP/bin" "$TMP/ws"
+mkdir -p "$TMP/bin"
 ln -s "$FAKE" "$TMP/bin/acpx"
-TOKEN=$(od -An -N32 -tx1 /dev/urandom | tr -d ' \n')
+TOKEN=$(new_token)
 export AION_TOKEN=$TOKEN  # for the helper only; never in argv
 
-# write_config NAME AGENT_JSON: $TMP/NAME.json with its own stateDir $TMP/NAME-state.
+# config NAME AGENT_JSON: $TMP/NAME.json with its own stateDir $TMP/NAME-state.
 # shutdownSeconds 3, stopGraceSeconds 1: a connector stopped during the outage (Ctrl-C)
 # ends its run (the fake ignores `acpx cancel`) and gives up delivering within the 5 s
 # that cleanup waits before SIGKILL.
-write_config() {
-    cat >"$TMP/$1.json" <<EOF
-{"port":0,"host":"127.0.0.1","stateDir":"$TMP/$1-state","limits":{"shutdownSeconds":3,"stopGraceSeconds":1},"projects":{"bench":{"token":"$TOKEN","dir":"$TMP/ws","agents":{"pi":$2}}}}
-EOF
-    chmod 600 "$TMP/$1.json"
+config() {
+    write_config "$TMP/$1.json" "{\"pi\":$2}" \
+        "\"stateDir\":\"$TMP/$1-state\",\"limits\":{\"shutdownSeconds\":3,\"stopGraceSeconds\":1}"
 }
 
-# start_server NAME: start $BIN with $TMP/NAME.json in $TMP, fake acpx first on PATH;
-# sets SRV_PID and SRV_ADDR.
-start_server() {
-    local name=$1 i line=""
-    (cd "$TMP" && exec env PATH="$TMP/bin:$PATH" "$MARK" AION_BENCH_STARTS="$TMP/starts.txt" \
-        AION_BENCH_PY="$PYBIN" AION_TOKEN= \
-        "$BIN" "$TMP/$name.json") >"$TMP/$name.out" 2>"$TMP/$name.err" &
-    SRV_PID=$!
-    PIDS+=("$SRV_PID")
-    for ((i = 0; i < 100; i++)); do
-        if [[ -s $TMP/$name.out ]]; then
-            IFS= read -r line <"$TMP/$name.out" || true
-            [[ $line == *:* ]] && break
-        fi
-        alive "$SRV_PID" || break
-        sleep 0.05
-    done
-    if [[ $line != "listening on "* ]]; then
-        tail -n 5 "$TMP/$name.err" >&2 || true
-        die "server $name did not print 'listening on ADDR' (first line: '${line}')"
-    fi
-    SRV_ADDR=${line#listening on }
-    [[ $SRV_ADDR == 127.0.0.1:* ]] || die "server $name listens on $SRV_ADDR, expected 127.0.0.1:PORT"
-}
-
-# helper NAME ARGS...: run the Python helper in the background (so that a signal
-# reaches the trap at once), output in $TMP/NAME.kv and $TMP/NAME.herr.
-helper() {
-    local name=$1 code=0
-    shift
-    "$PY" "$HELPER" "$@" >"$TMP/$name.kv" 2>"$TMP/$name.herr" &
-    local hp=$!
-    PIDS+=("$hp")
-    wait "$hp" || code=$?
-    (( code == 0 )) || note "helper $name exited with code $code: $(tail -n 3 "$TMP/$name.herr" | tr '\n' ' ')"
-    if (( code == 0 )) && [[ -s $TMP/$name.herr ]]; then
-        note "helper $name said: $(head -n 3 "$TMP/$name.herr" | tr '\n' ' ')"
-    fi
+# serve NAME: start_connector with $TMP/NAME.json, the fake acpx first on PATH.
+serve() {
+    start_connector "$1" "$TMP/$1.json" PATH="$TMP/bin:$PATH" AION_BENCH_STARTS="$TMP/starts.txt" \
+        AION_BENCH_PY="$PYBIN" AION_TOKEN=
 }
 
 # log_check NAME LABEL [ALLOWED_WARN_REGEX]: WARN/ERROR lines and run outcomes in a server log.
 log_check() {
-    local f="$TMP/$1.err" warn allowed runs errors
-    warn=$(grep -cE '\[(WARN|ERROR)\]' "$f" || true)
-    allowed=0
-    if [[ -n ${3:-} ]]; then
-        allowed=$(grep -E '\[(WARN|ERROR)\]' "$f" | grep -cE "$3" || true)
-    fi
+    local f="$TMP/$1.err" runs errors
+    log_warns "$f" "$2" "${3:-}"
     runs=$(grep -c '\] run .* ended: ' "$f" || true)
     errors=$(grep -c '\] run .* ended: error' "$f" || true)
-    LOG_SUMMARY="$runs runs ended ($errors with an error), $warn WARN/ERROR ($allowed expected)"
-    if (( warn > allowed )); then
-        note "$2: $((warn - allowed)) unexpected WARN/ERROR log lines, e.g.: $(grep -E '\[(WARN|ERROR)\]' "$f" | { if [[ -n ${3:-} ]]; then grep -vE "$3"; else cat; fi; } | head -n 1)"
-    fi
+    LOG_SUMMARY="$runs runs ended ($errors with an error), $WARNS WARN/ERROR ($WARNS_OK expected)"
     if (( errors > 0 )); then
         note "$2: $errors runs ended with an error, e.g.: $(grep '\] run .* ended: error' "$f" | head -n 1)"
     fi
@@ -184,12 +96,12 @@ order_summary() { # order_summary FILE PREFIX
 }
 
 # ---------------------------------------------------------------- server A: burst, paced, start-up (session)
-write_config a '{"description":"Pi"}'
-write_config b '{"description":"Pi","mode":"exec"}'
-write_config c '{"description":"Pi"}'
+config a '{"description":"Pi"}'
+config b '{"description":"Pi","mode":"exec"}'
+config c '{"description":"Pi"}'
 
 log "server A (session mode)"
-start_server a
+serve a
 A_PID=$SRV_PID
 A_ADDR=$SRV_ADDR
 sleep 0.2
@@ -209,20 +121,18 @@ helper st_session startup "$A_ADDR" "$STARTUP_RUNS" "$TMP/starts.txt" session
 expect "$TMP/st_session.kv" startup_failures none "start-up (session)"
 A_RSS_END=$(rss_kb "$A_PID")
 A_THREADS_END=$(threads "$A_PID")
-stop "$A_PID" 15
-A_STOP="exit $STOP_CODE in ${STOP_MS} ms"
-[[ $STOP_CODE == 0 ]] || note "server A: SIGTERM gave exit code $STOP_CODE"
+stop_server "$A_PID" "server A" 15
+A_STOP=$STOPPED
 log_check a "server A (burst, paced, start-up)"
 A_LOG=$LOG_SUMMARY
 
 # ---------------------------------------------------------------- server B: start-up (exec)
 log "4b. start-up, exec mode, $STARTUP_RUNS invokes"
-start_server b
+serve b
 B_PID=$SRV_PID
 helper st_exec startup "$SRV_ADDR" "$STARTUP_RUNS" "$TMP/starts.txt" exec
 expect "$TMP/st_exec.kv" startup_failures none "start-up (exec)"
-stop "$B_PID" 15
-[[ $STOP_CODE == 0 ]] || note "server B: SIGTERM gave exit code $STOP_CODE"
+stop_server "$B_PID" "server B" 15
 log_check b "server B (exec start-up)"
 B_LOG=$LOG_SUMMARY
 
@@ -234,7 +144,7 @@ helper spawn spawn "$FAKE" "$STARTUP_RUNS" "$TMP/spawn-starts.txt"
 
 # ---------------------------------------------------------------- server C: outage
 log "3. callback down for ${OUTAGE_SECONDS}s, agent printing $OUTAGE_RATE lines/s"
-start_server c
+serve c
 C_PID=$SRV_PID
 helper outage outage "$SRV_ADDR" "$C_PID" "$TMP/c-state" "$OUTAGE_SECONDS" "$OUTAGE_RATE"
 O="$TMP/outage.kv"
@@ -250,9 +160,8 @@ O_H2=$(kv "$O" outage_rss_max_second_half_kb)
 if [[ $O_H1 =~ ^[0-9]+$ && $O_H2 =~ ^[0-9]+$ ]] && (( O_H2 > O_H1 + 1024 )); then
     note "outage: RSS grew from max $O_H1 kB (first half) to $O_H2 kB (second half)"
 fi
-stop "$C_PID" 15
-C_STOP="exit $STOP_CODE in ${STOP_MS} ms"
-[[ $STOP_CODE == 0 ]] || note "server C: SIGTERM gave exit code $STOP_CODE"
+stop_server "$C_PID" "server C" 15
+C_STOP=$STOPPED
 log_check c "server C (outage)" 'outbox: .*(Connection refused|connect|retrying)'
 C_LOG=$LOG_SUMMARY
 
@@ -260,16 +169,12 @@ left=$(marked | wc -l)
 (( left == 0 )) || note "$left fake acpx / emitter processes still alive after the runs"
 
 # ---------------------------------------------------------------- table
-row() { printf '%-44s %s\n' "$1" "$2"; }
 B="$TMP/burst.kv"
 P="$TMP/paced.kv"
 S="$TMP/st_session.kv"
 E="$TMP/st_exec.kv"
 W="$TMP/spawn.kv"
-echo
-echo "aion-connector agent-run bench ($VERSION, $(uname -m), $(nproc) cores)"
-printf '%s\n' "--------------------------------------------------------------------------------------------"
-row "build" "$BUILD_KIND"
+table_start "aion-connector agent-run bench ($VERSION, $(uname -m), $(nproc) cores)"
 row "idle RSS (server A, before any run)" "$IDLE_RSS kB ($(mib "$IDLE_RSS")), $IDLE_THREADS threads"
 row "1. burst: $LINES lines -> callback" "total $(kv "$B" burst_total_s) s invoke -> complete received, $(kv "$B" burst_posts_per_s) posts/s"
 row "   first post / agent print time" "first post $(kv "$B" burst_first_post_ms) ms after invoke; agent printed all lines in $(kv "$B" burst_agent_print_ms) ms; delivery $(kv "$B" burst_delivery_posts_per_s) posts/s"
@@ -297,10 +202,4 @@ row "   baseline: Python Popen -> fake start" "$(kv "$W" spawn_main_median_ms) /
 row "   failures (session / exec)" "$(kv "$S" startup_failures) / $(kv "$E" startup_failures)"
 row "server logs A / B / C" "$A_LOG / $B_LOG / $C_LOG"
 row "shutdown A / C" "$A_STOP / $C_STOP; RSS at the end of A: $A_RSS_END kB, $A_THREADS_END threads"
-printf '%s\n' "--------------------------------------------------------------------------------------------"
-if (( ${#NOTES[@]} )); then
-    echo "problems / notes:"
-    printf '  - %s\n' "${NOTES[@]}"
-else
-    echo "problems / notes: none"
-fi
+table_end

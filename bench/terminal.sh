@@ -16,132 +16,41 @@
 # the shells they start) is stopped on exit.
 set -euo pipefail
 
-HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-ROOT=$(cd "$HERE/.." && pwd)
-TARGET=x86_64-unknown-linux-musl
-FILE_MB=${BENCH_FILE_MB:-100}
-TP_RUNS=${BENCH_TP_RUNS:-5}
-KEYS=${BENCH_KEYS:-500}
-TERMINALS=${BENCH_TERMINALS:-100}
-ROUNDS=${BENCH_IDLE_ROUNDS:-2}
-PY=${PYTHON:-python3}
-HELPER="$HERE/termbench.py"
-
-for v in FILE_MB TP_RUNS KEYS TERMINALS ROUNDS; do
-    if ! [[ ${!v} =~ ^[0-9]+$ ]] || (( ${!v} < 1 )); then
-        echo "terminal.sh: the BENCH_ setting for $v must be a positive integer" >&2
-        exit 2
-    fi
-done
-(( FILE_MB <= 1000 )) || { echo "terminal.sh: BENCH_FILE_MB is capped at 1000" >&2; exit 2; }
-(( TP_RUNS <= 10 )) || { echo "terminal.sh: BENCH_TP_RUNS is capped at 10" >&2; exit 2; }
-(( KEYS <= 5000 )) || { echo "terminal.sh: BENCH_KEYS is capped at 5000" >&2; exit 2; }
-(( TERMINALS >= 2 && TERMINALS <= 190 )) || { echo "terminal.sh: BENCH_TERMINALS must be 2-190" >&2; exit 2; }
-(( ROUNDS <= 5 )) || { echo "terminal.sh: BENCH_IDLE_ROUNDS is capped at 5" >&2; exit 2; }
-
-TMP=$(mktemp -d "${TMPDIR:-/tmp}/aion-termbench.XXXXXX")
-PIDS=()
-SRV_PIDS=()
-NOTES=()
-
 # shellcheck source=bench/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
-
-# marked_pids SRV_PID: processes whose environment carries a terminal id of that
-# connector (AION_TERMINAL_ID=t<pid>-…), i.e. the shells it started and their children.
-marked_pids() {
-    local p
-    for p in /proc/[0-9]*; do
-        if { tr '\0' '\n' <"$p/environ"; } 2>/dev/null | grep -q "^AION_TERMINAL_ID=t$1-"; then
-            printf '%s\n' "${p#/proc/}"
-        fi
-    done
-}
-
-cleanup() {
-    local pid i
-    stop_pids
-    for pid in "${SRV_PIDS[@]}"; do
-        while read -r i; do
-            [[ -n $i ]] && kill -KILL "$i" 2>/dev/null
-        done < <(marked_pids "$pid")
-    done
-    rm -rf "$TMP"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-status_kb() { awk -v k="$2:" '$1 == k {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
+FILE_MB=$(setting BENCH_FILE_MB 100 1 1000)
+TP_RUNS=$(setting BENCH_TP_RUNS 5 1 10)
+KEYS=$(setting BENCH_KEYS 500 1 5000)
+TERMINALS=$(setting BENCH_TERMINALS 100 2 190)
+ROUNDS=$(setting BENCH_IDLE_ROUNDS 2 1 5)
+HELPER="$HERE/termbench.py"
+HELPER_TIMEOUT=300
+HELPER_STDERR=log # termbench reports each run on stderr
+ROW_W=42
+bench_init termbench
 
 # ---------------------------------------------------------------- 0. tools
-command -v "$PY" >/dev/null || die "$PY not found"
-"$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))' || die "$PY is older than 3.11"
-for c in cat stty sh; do command -v "$c" >/dev/null || die "$c not found"; done
+need_py
+need cat stty sh
 
 # ---------------------------------------------------------------- 1. build
-build_connector
-cp "$BIN" "$TMP/aion-connector"
-BIN="$TMP/aion-connector"
-VERSION=$("$BIN" --version 2>/dev/null | head -n1 || true)
+bench_binary
 
 # ---------------------------------------------------------------- config
-TOKEN=$(od -An -N32 -tx1 /dev/urandom | tr -d ' \n')
+TOKEN=$(new_token)
 export AION_TOKEN=$TOKEN # for the helper only; the connector drops AION_* from shells
-mkdir -p "$TMP/ws"
 CONFIG="$TMP/aion.config.json"
-cat >"$CONFIG" <<EOF
-{"port":0,"host":"127.0.0.1","limits":{"terminalsPerProject":200},"projects":{"bench":{"token":"$TOKEN","dir":"$TMP/ws","agents":{"claude":{"description":"Claude Code"}}}}}
-EOF
-chmod 600 "$CONFIG"
-
-# start_server NAME: start $BIN with $CONFIG in $TMP, SHELL=/bin/sh; sets SRV_PID and SRV_ADDR.
-start_server() {
-    local name=$1 i line=""
-    (cd "$TMP" && SHELL=/bin/sh XDG_STATE_HOME="$TMP/state-$name" exec "$BIN" "$CONFIG") >"$TMP/$name.out" 2>"$TMP/$name.err" &
-    SRV_PID=$!
-    PIDS+=("$SRV_PID")
-    SRV_PIDS+=("$SRV_PID")
-    for ((i = 0; i < 100; i++)); do
-        if [[ -s $TMP/$name.out ]]; then
-            IFS= read -r line <"$TMP/$name.out" || true
-            [[ $line == "listening on "* ]] && break
-        fi
-        alive "$SRV_PID" || break
-        sleep 0.05
-    done
-    if [[ $line != "listening on "* ]]; then
-        tail -n 5 "$TMP/$name.err" >&2 || true
-        die "server $name did not print 'listening on ADDR' (first line: '${line}')"
-    fi
-    SRV_ADDR=${line#listening on }
-    [[ $SRV_ADDR == 127.0.0.1:* ]] || die "server $name listens on $SRV_ADDR, expected 127.0.0.1:PORT"
-}
+write_config "$CONFIG" '{"claude":{"description":"Claude Code"}}' '"limits":{"terminalsPerProject":200}'
 
 # finish_server NAME PID LABEL: SIGTERM, exit code, shells left, WARN/ERROR lines; sets SUMMARY.
 finish_server() {
-    local name=$1 pid=$2 label=$3 left warn opened
-    stop "$pid"
-    [[ $STOP_CODE == 0 ]] || note "$label: SIGTERM gave exit code $STOP_CODE"
-    left=$(marked_pids "$pid" | wc -l)
+    local name=$1 pid=$2 label=$3 left opened
+    stop_server "$pid" "$label"
+    left=$(shells_of "$pid" | wc -l)
     (( left == 0 )) || note "$label: $left shell processes still alive after the connector exited"
     opened=$(grep -c 'opened (websocket' "$TMP/$name.err" || true)
-    warn=$(grep -cE '\[(WARN|ERROR)\]' "$TMP/$name.err" || true)
-    if (( warn > 0 )); then
-        note "$label: $warn WARN/ERROR log lines, e.g.: $(grep -E '\[(WARN|ERROR)\]' "$TMP/$name.err" | head -n 1)"
-    fi
-    SUMMARY="$opened terminals opened, $warn WARN/ERROR lines; SIGTERM: exit $STOP_CODE in ${STOP_MS} ms, shells left: $left"
-}
-
-# helper NAME ARGS...: run a helper subcommand into $TMP/NAME.kv; a failure is a note.
-helper() {
-    local name=$1
-    shift
-    if ! timeout 300 "$PY" "$HELPER" "$@" >"$TMP/$name.kv" 2>"$TMP/$name.err"; then
-        note "$name helper failed: $(tail -n 2 "$TMP/$name.err" | tr '\n' ' ')"
-    fi
-    if [[ -s $TMP/$name.err ]]; then
-        sed 's/^/    /' "$TMP/$name.err" >&2
-    fi
+    log_warns "$TMP/$name.err" "$label"
+    SUMMARY="$opened terminals opened, $WARNS WARN/ERROR lines; SIGTERM: $STOPPED, shells left: $left"
 }
 
 # ---------------------------------------------------------------- 2. throughput
@@ -149,7 +58,7 @@ log "writing a ${FILE_MB} MB test file"
 helper mkfile mkfile "$TMP/big.txt" "$FILE_MB"
 [[ $(kv "$TMP/mkfile.kv" file_bytes) == "$((FILE_MB * 1000000))" ]] || die "could not write the test file"
 
-start_server a
+start_connector a "$CONFIG" SHELL=/bin/sh
 A_PID=$SRV_PID
 A_ADDR=$SRV_ADDR
 A_RSS0=$(status_kb "$A_PID" VmRSS)
@@ -181,7 +90,7 @@ A_LOG=$SUMMARY
 
 # ---------------------------------------------------------------- 4. idle terminals
 log "$TERMINALS idle terminals, $ROUNDS rounds (server B)"
-start_server b
+start_connector b "$CONFIG" SHELL=/bin/sh
 B_PID=$SRV_PID
 helper idle idle "$SRV_ADDR" "$B_PID" "$TERMINALS" "$ROUNDS"
 d=$TMP/idle.kv
@@ -208,12 +117,8 @@ finish_server b "$B_PID" "server B"
 B_LOG=$SUMMARY
 
 # ---------------------------------------------------------------- summary
-row() { printf '%-42s %s\n' "$1" "$2"; }
 e=$TMP/echo.kv
-echo
-echo "aion-connector terminal bench  ($(date -u +%Y-%m-%dT%H:%M:%SZ), $(nproc) cores, ${VERSION:-version unknown})"
-printf '%s\n' "--------------------------------------------------------------------------------------------"
-row "build" "$BUILD_KIND"
+table_start "aion-connector terminal bench  ($(date -u +%Y-%m-%dT%H:%M:%SZ), $(nproc) cores, ${VERSION:-version unknown})"
 row "1. cat ${FILE_MB} MB over /ws" "$(kv "$t" tp_ws_mbs) MB/s (median of $(kv "$t" tp_runs): $(kv "$t" tp_ws_all)), $(kv "$t" tp_ws_wall_s) s, $(kv "$t" tp_ws_bytes) bytes"
 row "   bare PTY (pty.fork + cat, same file)" "$(kv "$t" tp_bare_mbs) MB/s (runs: $(kv "$t" tp_bare_all)), $(kv "$t" tp_bare_wall_s) s, $(kv "$t" tp_bare_bytes) bytes"
 row "   ratio /ws : bare" "$(kv "$t" tp_ratio)  (aim >= 0.8)"
@@ -239,10 +144,4 @@ for ((r = 1; r <= ROUNDS; r++)); do
 done
 row "   VmHWM of server B" "$(kv "$d" idle_hwm_kb) kB"
 row "   server B log / shutdown" "$B_LOG"
-printf '%s\n' "--------------------------------------------------------------------------------------------"
-if (( ${#NOTES[@]} )); then
-    echo "problems / notes:"
-    printf '  - %s\n' "${NOTES[@]}"
-else
-    echo "problems / notes: none"
-fi
+table_end

@@ -1,8 +1,8 @@
 //! The command line: parses the arguments and hands over to a mode —
 //! `aion-connector [CONFIG]` serves push mode (the Node original's CLI,
 //! [`crate::serve`]), `poll` runs poll mode ([`crate::poll`]), `lease` wraps a
-//! command in Aion leases ([`crate::lease::wrap`]); `check [CONFIG]` validates
-//! a config here.
+//! command in Aion leases ([`crate::lease::wrap`]), `mcp` is the agents' MCP
+//! server ([`crate::mcp`]); `check [CONFIG]` validates a config here.
 
 use crate::config::{self, DEFAULT_CONFIG, starter};
 use crate::error::Error;
@@ -22,6 +22,8 @@ Usage:
   aion-connector lease --app KEY [--app KEY…] [--seconds N] [--socket PATH]
                        [--holder ID] [--name NAME] -- CMD [ARGS…]
                                    hold Aion leases on apps while CMD runs
+  aion-connector mcp               MCP server on stdio for an agent of a run
+                                   (started by acpx through .acpxrc.json)
   aion-connector --help | --version
 
 CONFIG defaults to ./aion.config.json. If it is not given and that file does
@@ -63,6 +65,28 @@ Settings (file key / environment variable, the environment wins):
 See aion-connector(1), POLL MODE.
 ";
 
+const MCP_HELP: &str = "\
+aion-connector mcp — the MCP server of an agent run (stdio, JSON-RPC 2.0 lines)
+
+Usage:
+  aion-connector mcp
+
+acpx starts it for the agent from the `aion` entry the connector writes into
+the project's .acpxrc.json. Tools: run_background, check_background,
+stop_background, display_set, display_clear. Each tool call goes to the
+connector on its local socket; the background processes are the connector's.
+
+Environment (set by the .acpxrc.json entry):
+  AION_CONNECTOR_SOCKET   the connector's socket (<stateDir>/mcp.sock)
+  AION_PROJECT            the project id
+  AION_MCP_KEY            the project's MCP key
+  AION_SESSION_ID, AION_CALLBACK, AION_TOKEN
+                          the run's session, callback URL and callback token
+                          (display_set, display_clear)
+
+See aion-connector(1), MCP SERVER.
+";
+
 pub fn run(args: Vec<OsString>) -> Result<i32, Error> {
     let args: Vec<String> = args
         .into_iter()
@@ -83,6 +107,12 @@ pub fn run(args: Vec<OsString>) -> Result<i32, Error> {
         ["check", ..] => Err(Error::Usage("usage: aion-connector check [CONFIG]".into())),
         ["poll", rest @ ..] => poll(rest),
         ["lease", rest @ ..] => crate::lease::wrap::run(rest),
+        ["mcp", "-h" | "--help"] => {
+            print!("{MCP_HELP}");
+            Ok(0)
+        }
+        ["mcp"] => crate::mcp::run(),
+        ["mcp", ..] => Err(Error::Usage("usage: aion-connector mcp (it takes no arguments)".into())),
         [] => crate::serve::run(None),
         [path] if !path.starts_with('-') => crate::serve::run(Some(PathBuf::from(path))),
         [flag] => Err(Error::Usage(format!("unknown option {flag}"))),

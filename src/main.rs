@@ -3,21 +3,24 @@
 //!
 //! Dependencies run one way (README, "Hacking"):
 //! - command line: [`cli`];
-//! - mode wiring: [`serve`] (push mode and its router), [`poll`], the `lease`
-//!   command in [`lease::wrap`];
-//! - domain: [`project`], [`workspace`], [`runs`], [`terminal`], [`poll`]'s
-//!   sessions, [`lease`]'s holder;
+//! - mode wiring: [`serve`] (push mode, its router and its local socket),
+//!   [`poll`], [`mcp`] (the agents' MCP server), the `lease` command in
+//!   [`lease::wrap`];
+//! - domain: [`project`], [`workspace`], [`runs`], [`terminal`],
+//!   [`background`], [`poll`]'s sessions, [`lease`]'s holder;
 //! - mechanisms: [`process`] (groups, supervision, PTY), [`delivery`] (outbox,
 //!   HTTP client, signing), [`net`] (HTTP server, WebSocket), [`config`],
 //!   [`shutdown`];
 //! - leaves: [`text`], [`nonce`], [`version`], [`logging`], [`error`].
 
+mod background;
 mod cli;
 mod config;
 mod delivery;
 mod error;
 mod lease;
 mod logging;
+mod mcp;
 mod net;
 mod nonce;
 mod poll;

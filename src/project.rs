@@ -45,9 +45,20 @@ impl ProjectState {
     /// The key an `aion-connector mcp` server of this project presents on the
     /// connector's local socket: HMAC-SHA256(project token, "aion-mcp"), so
     /// the token itself is never written into the project dir.
-    #[expect(dead_code, reason = "seam for the mcp server and .acpxrc.json, being built on branches")]
     pub fn mcp_key(&self) -> String {
         crate::delivery::signing::sha256_hex(self.config.token.0.as_bytes(), &[b"aion-mcp"])
+    }
+
+    /// Whether `key` is this project's [`ProjectState::mcp_key`], in constant
+    /// time (the length of a key is no secret: it is always 71 bytes).
+    pub fn mcp_key_matches(&self, key: &str) -> bool {
+        let want = self.mcp_key();
+        let (want, key) = (want.as_bytes(), key.as_bytes());
+        let mut diff = u8::from(want.len() != key.len());
+        for (i, w) in want.iter().enumerate() {
+            diff |= w ^ key.get(i).copied().unwrap_or(0);
+        }
+        std::hint::black_box(diff) == 0
     }
 
     /// The mapped workspaces, in order, with their absolute paths.

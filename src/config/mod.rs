@@ -67,6 +67,8 @@ pub struct Limits {
     pub terminal_detach: Duration,
     /// How often an idle WebSocket is pinged; silence for twice that ends it.
     pub ws_ping: Duration,
+    /// Background processes (an agent's `run_background`) running per project.
+    pub background_per_project: usize,
 }
 
 impl Default for Limits {
@@ -88,6 +90,7 @@ impl Default for Limits {
             terminal_idle: Duration::from_secs(3600),
             terminal_detach: Duration::from_secs(300),
             ws_ping: Duration::from_secs(30),
+            background_per_project: 8,
         }
     }
 }
@@ -319,6 +322,7 @@ impl Checker {
             "terminalIdleSeconds",
             "terminalDetachSeconds",
             "wsPingSeconds",
+            "backgroundPerProject",
         ];
         let Some(fields) = self.object(v, "limits", &known) else { return };
         for (key, v) in fields {
@@ -357,6 +361,9 @@ impl Checker {
                     set(&mut limits.terminal_detach, self.integer(v, &path, 0, 7 * 86_400), secs)
                 }
                 "wsPingSeconds" => set(&mut limits.ws_ping, self.integer(v, &path, 1, 3_600), secs),
+                "backgroundPerProject" => {
+                    set(&mut limits.background_per_project, self.integer(v, &path, 1, 1_000), |n| n as usize)
+                }
                 _ => {}
             }
         }

@@ -6,3 +6,4 @@
 pub mod client;
 pub mod outbox;
 pub mod signing;
+mod spool;

@@ -303,7 +303,7 @@ impl Runtime {
             return;
         }
         match kind {
-            "start_session" => self.start(id, &session, ins),
+            "start_session" => self.start(&session, ins),
             "command" => {
                 let input = ins.get("input").and_then(Value::as_str).unwrap_or("");
                 let tx = self.sessions().get(&session).map(|s| s.input.clone());
@@ -345,14 +345,8 @@ impl Runtime {
     }
 
     /// `start_session`: over the cap → `rejected`; else spawn → `started`.
-    fn start(self: &Arc<Self>, id: &str, session: &str, ins: &Value) {
-        let mut stream = match self.stream(session) {
-            Ok(s) => s,
-            Err(e) => {
-                self.report_error(&format!("cannot spool output: {e}"), Some(id), Some(session));
-                return;
-            }
-        };
+    fn start(self: &Arc<Self>, session: &str, ins: &Value) {
+        let mut stream = self.stream(session);
         let mut seq_holder = 0u64;
         let busy = self.sessions().contains_key(session);
         if busy || self.sessions().len() >= self.config.max_sessions {
@@ -511,7 +505,7 @@ impl Runtime {
         }
     }
 
-    fn stream(&self, session: &str) -> std::io::Result<Stream> {
+    fn stream(&self, session: &str) -> Stream {
         let id = format!("{}-{}-{:x}", now_ms(), std::process::id(), crate::nonce::nonce());
         let mut body = serde_json::Map::new();
         body.insert("sessionId".into(), session.into());
@@ -528,9 +522,7 @@ impl Runtime {
         let record =
             Record { url: self.url("/api/agent/events"), key: "agent".into(), seq: *seq, last, body };
         *seq += 1;
-        if let Err(e) = stream.push(&record) {
-            error!("Cannot spool an event of {session}: {e}");
-        }
+        stream.push(&record);
     }
 
     /// The streamer: output batched for `outputFlushInterval`, chunks
@@ -571,9 +563,7 @@ impl Runtime {
                 body,
             };
             *record_seq += 1;
-            if let Err(e) = stream.push(&record) {
-                error!("Cannot spool output of {session}: {e}");
-            }
+            stream.push(&record);
             pending.clear();
             *pending_bytes = 0;
         };

@@ -55,6 +55,12 @@ impl Child {
         self.group.take_stderr().map(|pipe| Stoppable { pipe, stop: Arc::clone(&self.stop_reading) })
     }
 
+    /// Any other pipe from the child (such as one pipe given as both stdout
+    /// and stderr), given up on together with the child's own.
+    pub fn stoppable<R>(&self, pipe: R) -> Stoppable<R> {
+        Stoppable { pipe, stop: Arc::clone(&self.stop_reading) }
+    }
+
     pub fn stdin(&self) -> Option<ChildStdin> {
         self.group.take_stdin()
     }

@@ -94,7 +94,17 @@ pub struct Runs {
     /// Set (under the `active` lock) when shutdown begins: no new run starts.
     closing: std::sync::atomic::AtomicBool,
     next: AtomicU64,
+    /// The last display post of each (project id, session): its outbox stream
+    /// id, while it may still be undelivered. The inner lock is held while a
+    /// post of that session is queued, so they go one after the other.
+    displays: Mutex<HashMap<(String, String), LastDisplay>>,
 }
+
+/// The outbox stream id of a session's last display post.
+type LastDisplay = Arc<Mutex<Option<String>>>;
+
+/// How long a display post waits for the session's previous one to be delivered.
+const DISPLAY_WAIT: Duration = Duration::from_secs(5);
 
 impl Runs {
     pub fn new(outbox: Arc<Outbox>, limits: Limits, leases: Option<Leases>) -> Arc<Runs> {
@@ -105,6 +115,7 @@ impl Runs {
             active: Mutex::new(HashMap::new()),
             closing: std::sync::atomic::AtomicBool::new(false),
             next: AtomicU64::new(0),
+            displays: Mutex::new(HashMap::new()),
         })
     }
 
@@ -182,8 +193,9 @@ impl Runs {
     /// `display_set` / `display_clear` of an agent's MCP server (`url` empty to
     /// clear): `{"url","token","sessionId"}` POSTed to
     /// `{callback}/internal/agent-display` through the signed, retried outbox.
-    /// Returns false when it could not be queued (logged).
-    #[expect(dead_code, reason = "seam for the mcp server's display tools, being built on a branch")]
+    /// The posts of a session arrive in order: one is queued only once the
+    /// previous one is delivered, which it waits for up to five seconds;
+    /// past that it is refused (the platform is not taking posts).
     pub fn display(
         &self,
         project: &ProjectState,
@@ -191,14 +203,33 @@ impl Runs {
         callback: &str,
         token: &str,
         url: &str,
-    ) -> bool {
+    ) -> Result<(), String> {
+        let key = project.config.id.clone();
+        let last = {
+            let mut displays = self.displays.lock().unwrap_or_else(|p| p.into_inner());
+            if displays.len() > 256 {
+                displays.retain(|_, last| {
+                    last.try_lock().map_or(true, |id| id.as_deref().is_some_and(|id| self.outbox.pending(id)))
+                });
+            }
+            Arc::clone(displays.entry((key.clone(), session.to_string())).or_default())
+        };
+        let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(previous) = last.as_deref() {
+            let deadline = Instant::now() + DISPLAY_WAIT;
+            while self.outbox.pending(previous) {
+                if Instant::now() >= deadline {
+                    return Err("the previous display post is not delivered yet (is the platform up?)".into());
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
         let base = callback.trim_end_matches('/');
         let mut body = serde_json::Map::new();
         body.insert("url".into(), url.into());
         body.insert("token".into(), token.into());
         body.insert("sessionId".into(), session.into());
         let target = format!("{base}/internal/agent-display");
-        let key = project.config.id.clone();
         let id = format!("display-{}-{:x}", std::process::id(), crate::nonce::nonce());
         let fallback = Fallback { url: target.clone(), key: key.clone(), body: body.clone() };
         let record = Record {
@@ -208,13 +239,9 @@ impl Runs {
             last: true,
             body: serde_json::Value::Object(body).to_string(),
         };
-        match self.outbox.stream(&id, &fallback).and_then(|mut s| s.push(&record)) {
-            Ok(()) => true,
-            Err(e) => {
-                error!("display for session {session}: cannot queue the post: {e}");
-                false
-            }
-        }
+        self.outbox.stream(&id, &fallback).push(&record);
+        *last = Some(id);
+        Ok(())
     }
 
     /// Waits (bounded) until no run is left.
@@ -275,13 +302,7 @@ impl Events {
                     last,
                     body,
                 };
-                if let Err(e) = stream.push(&record) {
-                    error!(
-                        "run {}: cannot spool event {}: {e}; events of this run are lost",
-                        self.session, event.seq
-                    );
-                    self.sink = Sink::Nowhere;
-                }
+                stream.push(&record);
             }
             Sink::Live(tx) => {
                 event.kind = Some(kind);
@@ -424,16 +445,7 @@ impl<'a> Run<'a> {
                 body.insert("token".into(), invoke.token.clone().into());
                 let fallback =
                     Fallback { url: format!("{base}/internal/agent-error"), key: key.clone(), body };
-                match runs.outbox.stream(id, &fallback) {
-                    Ok(stream) => Sink::Outbox(stream),
-                    Err(e) => {
-                        error!(
-                            "run {}: cannot open its outbox: {e}; its events are only logged",
-                            invoke.session
-                        );
-                        Sink::Nowhere
-                    }
-                }
+                Sink::Outbox(runs.outbox.stream(id, &fallback))
             }
         };
         let events =

@@ -6,6 +6,7 @@
 //! Nothing imports it but the push-mode wiring in `serve/mod.rs`.
 
 use crate::config::Limits;
+use crate::delivery::client::is_http_url;
 use crate::logging::info;
 use crate::net::http::{Handler, Request, Response};
 use crate::project::ProjectState;
@@ -468,32 +469,6 @@ impl App {
             }),
         }
     }
-}
-
-/// `http[s]://host[:port][/…]` with a host and, if given, a port 1-65535; no
-/// whitespace or control characters anywhere.
-fn is_http_url(url: &str) -> bool {
-    let lower = url.to_ascii_lowercase();
-    let Some(rest) = lower.strip_prefix("http://").or_else(|| lower.strip_prefix("https://")) else {
-        return false;
-    };
-    if url.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return false;
-    }
-    let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
-    let host_port = authority.rsplit_once('@').map_or(authority, |(_, hp)| hp);
-    let (host, port) = match host_port.strip_prefix('[') {
-        // [v6]:port
-        Some(v6) => match v6.split_once(']') {
-            Some((h, p)) => (h, p.strip_prefix(':')),
-            None => return false,
-        },
-        None => match host_port.rsplit_once(':') {
-            Some((h, p)) => (h, Some(p)),
-            None => (host_port, None),
-        },
-    };
-    !host.is_empty() && port.is_none_or(|p| p.parse::<u16>().is_ok_and(|n| n > 0))
 }
 
 /// `payload.repos` validated into specs (400 naming the first problem).

@@ -1,15 +1,20 @@
 //! Push mode's wiring: reads the config (writing a starter one on first run),
 //! prepares the projects and the state dir, opens the outbox, binds the port,
 //! prints `listening on ADDR`, serves Channel Protocol v1 through the router
-//! in [`channel`], and shuts down in order on SIGINT/SIGTERM: runs stopped
-//! (each posts its closing event), terminals hung up, leases ended, the
-//! outbox drained until the deadline.
+//! in [`channel`], answers the agents' MCP servers on the local socket
+//! `<stateDir>/mcp.sock` ([`local`]), and shuts down in order on
+//! SIGINT/SIGTERM: runs stopped (each posts its closing event), terminals
+//! hung up, background processes ended, leases ended, the outbox drained
+//! until the deadline.
 //!
 //! Threads: the accept loop runs on the main thread ([`crate::net::http`]
-//! names the connection threads); the domain modules name their own.
+//! names the connection threads, [`crate::net::local`] the local socket's);
+//! the domain modules name their own.
 
 mod channel;
+mod local;
 
+use crate::background::Background;
 use crate::config::{self, DEFAULT_CONFIG, starter};
 use crate::delivery::outbox::Outbox;
 use crate::error::Error;
@@ -87,6 +92,8 @@ pub fn run(explicit: Option<PathBuf>) -> Result<i32, Error> {
     let runs = Runs::new(Arc::clone(&outbox), limits.clone(), leases.clone());
     let terminals = Terminals::new(limits.clone())
         .map_err(|source| Error::Io { what: "starting the terminals", source })?;
+    let background = Background::new(limits.background_per_project, limits.stop_grace);
+    let socket = local::start(&state, projects.clone(), Arc::clone(&background), Arc::clone(&runs))?;
     let app = Arc::new(App::new(projects, limits.clone(), Arc::clone(&runs), Arc::clone(&terminals)));
     {
         let mut out = std::io::stdout().lock();
@@ -99,8 +106,11 @@ pub fn run(explicit: Option<PathBuf>) -> Result<i32, Error> {
         deadline.set(Some(Instant::now() + limits.shutdown));
         runs.stop_all();
         terminals.close_all();
+        background.close();
     })
     .map_err(|source| Error::Io { what: "serving", source })?;
+    socket.stop();
+    background.finish();
     // Runs post their closing events; the outbox gets the rest of the time.
     let deadline = deadline.get().unwrap_or_else(|| Instant::now() + limits.shutdown);
     let left = runs.wait_idle(deadline.max(Instant::now() + limits.stop_grace + Duration::from_secs(3)));

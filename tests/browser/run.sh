@@ -16,7 +16,9 @@
 # Installs what is missing, idempotently: Debian's chromium (apt-get, needs root)
 # and @xterm/xterm + playwright-core (npm, into AION_BROWSER_DIR). No browser is
 # downloaded by Playwright. Only 127.0.0.1 is used; every process started here
-# is stopped on exit. Exit 0 on success, 1 on a failed check, 2 on a setup error.
+# is stopped on exit. Exit 0 on success, 1 on a failed check, 2 when what the
+# test needs is missing and cannot be installed here (not root, no npm, no
+# network): cargo test then reports the test as skipped, with the reason.
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -29,6 +31,7 @@ CHROMIUM=/usr/bin/chromium
 PY=${PYTHON:-python3}
 
 log() { printf '[browser-e2e] %s\n' "$*" >&2; }
+# What the test needs cannot be had here: exit 2 (the Rust test skips).
 setup_fail() { log "SETUP ERROR: $*"; exit 2; }
 fail() { log "FAIL: $*"; exit 1; }
 
@@ -58,7 +61,7 @@ cleanup() {
     # A Chromium left behind by a killed driver: found by its profile dir, which only this run uses.
     local p cmd
     for p in /proc/[0-9]*; do
-        cmd=$(tr '\0' ' ' <"$p/cmdline" 2>/dev/null) || continue
+        cmd=$(tr '\0' ' ' 2>/dev/null <"$p/cmdline") || continue
         if [[ $cmd == *"--user-data-dir=$TMP/profile"* ]]; then
             kill -KILL "${p#/proc/}" 2>/dev/null || true
         fi
@@ -74,7 +77,8 @@ command -v node >/dev/null || setup_fail "node not found (apt-get install -y nod
 command -v npm >/dev/null || setup_fail "npm not found (apt-get install -y npm)"
 
 if [[ ! -x $CHROMIUM ]]; then
-    (( EUID == 0 )) || setup_fail "$CHROMIUM missing and not root: apt-get install -y chromium"
+    (( EUID == 0 )) || setup_fail "$CHROMIUM is missing and only root can install it (this is uid $EUID):" \
+        "as root, apt-get install -y --no-install-recommends chromium"
     log "installing Debian chromium (apt-get)"
     export DEBIAN_FRONTEND=noninteractive
     timeout 600 apt-get update >"$TMP/apt.log" 2>&1 || { tail -n 5 "$TMP/apt.log" >&2; setup_fail "apt-get update failed"; }
@@ -91,6 +95,10 @@ npm_has() {
 }
 mkdir -p "$OUT"
 if ! npm_has @xterm/xterm "$XTERM_VERSION" || ! npm_has playwright-core "$PLAYWRIGHT_VERSION"; then
+    # Offline, npm install retries for many minutes: ask the registry once first.
+    npm ping --fetch-retries=0 --fetch-timeout=15000 >/dev/null 2>&1 \
+        || setup_fail "the npm registry ($(npm config get registry 2>/dev/null)) cannot be reached (offline?)" \
+            "and @xterm/xterm@$XTERM_VERSION + playwright-core@$PLAYWRIGHT_VERSION are not in $OUT"
     log "npm install @xterm/xterm@$XTERM_VERSION playwright-core@$PLAYWRIGHT_VERSION into $OUT"
     [[ -f $OUT/package.json ]] || printf '{"name":"aion-browser-e2e","private":true}\n' >"$OUT/package.json"
     (cd "$OUT" && timeout 600 npm install --no-audit --no-fund --loglevel=error \
@@ -116,10 +124,10 @@ fi
 if [[ -z $BIN ]]; then
     log "no built connector: cargo build --release"
     (cd "$ROOT" && timeout 900 cargo build --release) >"$TMP/build.log" 2>&1 \
-        || { tail -n 20 "$TMP/build.log" >&2; setup_fail "cargo build --release failed"; }
+        || { tail -n 20 "$TMP/build.log" >&2; fail "cargo build --release failed"; }
     BIN="$TARGET_DIR/release/aion-connector"
 fi
-[[ -x $BIN ]] || setup_fail "$BIN is not executable"
+[[ -x $BIN ]] || fail "$BIN is not executable"
 log "connector: $BIN"
 
 # ---------------------------------------------------------------- connector
@@ -151,7 +159,7 @@ PIDS+=("$SRV_PID")
 line=$(first_line "$TMP/connector.out" "$SRV_PID" 'listening on *')
 if [[ $line != "listening on 127.0.0.1:"* ]]; then
     tail -n 5 "$TMP/connector.err" >&2 || true
-    setup_fail "connector did not print 'listening on 127.0.0.1:PORT' (got '$line')"
+    fail "connector did not print 'listening on 127.0.0.1:PORT' (got '$line')"
 fi
 WS_PORT=${line##*:}
 

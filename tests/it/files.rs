@@ -1,10 +1,8 @@
 //! files.tree and files.read: shapes, order, sensitive files, path traversal.
 
-mod common;
-
 use std::os::unix::fs::symlink;
 
-use common::*;
+use crate::util::*;
 use serde_json::{Value, json};
 
 const TOKEN: &str = "tok-files-SECRET";

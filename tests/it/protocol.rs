@@ -2,14 +2,12 @@
 //! HTTP/1.1 behaviour (keep-alive, pipelining, 100-continue, chunked),
 //! resource limits and logging.
 
-mod common;
-
 use std::io::{BufReader, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::util::*;
 use serde_json::{Value, json};
 
 const TOKEN: &str = "tok-alpha-SECRET-0001";

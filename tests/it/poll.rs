@@ -1,13 +1,11 @@
 //! Poll mode (issue 5, PROTOCOL.md §2): the real binary (`aion-connector poll`)
-//! against a fake server (common::PollServer) that hands out instructions,
+//! against a fake server (util::PollServer) that hands out instructions,
 //! checks the bearer token on every request and the timestamped signature on
 //! every POST, and records acks, events, output chunks, status and errors.
 //! Session commands are small `sh` scripts; nothing here asserts timing beyond
 //! generous deadlines (bench/poll.sh measures it).
 
-mod common;
-
-use common::*;
+use crate::util::*;
 use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 use std::thread;
@@ -180,7 +178,8 @@ fn ack_comes_before_acting_and_a_repeated_id_runs_once() {
     rig.server.wait_for("a second ack of i2", DEADLINE, |s| {
         s.acks().iter().filter(|(_, st, ids)| *st == 200 && ids.contains(&"i2".to_string())).count() == 2
     });
-    thread::sleep(Duration::from_millis(600));
+    // The agent says it has seen i2 (and does not run it) instead of starting it.
+    rig.agent.wait_stderr("i2 seen before", DEADLINE, |s| s.contains("Instruction i2 seen before"));
     assert_eq!(rig.server.event_names("s2"), ["started", "exited"], "{}", rig.server.dump(20));
 
     // A failed ack: nothing is acted on; the instruction comes again and runs once.
@@ -296,12 +295,11 @@ fn ten_thousand_lines_arrive_whole_in_few_posts() {
     check_poll_session(&rig.server, "paced");
     let expected: String = (0..100).map(|i| format!("p{i}\n")).collect();
     assert_eq!(rig.server.text("paced", "stdout"), expected);
+    // Streamed while it runs (not all at the end), batched by the flush
+    // interval: the typical gap between posts is about 200 ms, however long
+    // the ~2 s of output take on a loaded machine.
     let posts = rig.server.output_posts("paced");
-    assert!(
-        (2..=40).contains(&posts.len()),
-        "{} output posts for 100 lines over ~2 s with a 200 ms flush interval",
-        posts.len()
-    );
+    assert!(posts.len() >= 2, "{} output posts for 100 lines over ~2 s", posts.len());
     let mut gaps: Vec<Duration> = posts.windows(2).map(|w| w[1].at - w[0].at).collect();
     gaps.sort();
     if !gaps.is_empty() {
@@ -330,11 +328,16 @@ fn server_outage_loses_and_repeats_nothing() {
     rig.start_sh("i1", "o", "i=0; while [ $i -lt 300 ]; do echo line$i; i=$((i+1)); sleep 0.01; done");
     rig.server.wait_for("some output of o", DEADLINE, |s| s.chunks("o").len() >= 2);
     let down_ms = now_ms();
+    let down = Instant::now();
     rig.server.down();
-    thread::sleep(Duration::from_millis(2500));
+    rig.agent.wait_stderr("the outage noticed", DEADLINE, |s| s.contains("Cannot poll the server"));
+    // The outage itself (not a synchronisation): it lasts 2.5 s while the
+    // session keeps printing, so output is produced while nothing is delivered.
+    thread::sleep(Duration::from_millis(2500).saturating_sub(down.elapsed()));
     let up_ms = now_ms();
     rig.server.up();
-    rig.server.wait_event("o", "exited", Duration::from_secs(25));
+    // (the agent's backoff reached 2-4 s during the outage)
+    rig.server.wait_event("o", "exited", Duration::from_secs(60));
 
     let (names, chunks) = check_poll_session(&rig.server, "o");
     assert_eq!(names, ["started", "exited"]);
@@ -359,6 +362,9 @@ fn a_refused_token_backs_off_without_spinning() {
     let server = PollServer::start(TOKEN);
     server.set_refuse(true);
     let mut rig = Rig::with_server("poll-401", server, &[]);
+    rig.agent.wait_stderr("the refusal", DEADLINE, |s| s.contains("refused the agent token"));
+    // Time passing is the test: with pollInterval 100 a spinning agent would
+    // poll ~40 times in these 4 s; one that backs off, not again.
     thread::sleep(Duration::from_secs(4));
     let n = rig.server.requests().len();
     assert!(n >= 1, "the agent never polled");
@@ -406,11 +412,16 @@ fn status_is_posted_at_session_start_and_end_and_periodically() {
     rig.finish();
     drop(rig);
 
+    // STATUS_INTERVAL=300: statuses keep coming (4 of them, waited for), and
+    // not faster than the interval allows (each gap at least half of it).
     let rig = Rig::new("poll-status-interval", &[("STATUS_INTERVAL", "300")]);
-    let t0 = Instant::now();
-    thread::sleep(Duration::from_millis(1500));
-    let n = rig.server.statuses().iter().filter(|(at, _)| *at <= t0 + Duration::from_millis(1500)).count();
-    assert!((3..=8).contains(&n), "{n} statuses in 1.5 s with STATUS_INTERVAL=300");
+    rig.server.wait_for("4 statuses", DEADLINE, |s| s.statuses().len() >= 4);
+    let at: Vec<Instant> = rig.server.statuses().iter().map(|(at, _)| *at).collect();
+    let gaps: Vec<Duration> = at.windows(2).map(|w| w[1] - w[0]).collect();
+    assert!(
+        gaps.iter().all(|g| *g >= Duration::from_millis(150)),
+        "statuses closer than half of STATUS_INTERVAL=300: gaps {gaps:?}"
+    );
     rig.finish();
 }
 
@@ -424,7 +435,13 @@ fn bad_instructions_are_reported_as_errors() {
     rig.server.push(json!({"id": "e3", "type": "reboot", "sessionId": "s"}));
     rig.server.push(json!({"type": "start_session", "sessionId": "noid"}));
     rig.server.wait_for("4 errors", DEADLINE, |s| s.errors().len() >= 4);
-    thread::sleep(Duration::from_millis(300));
+    // Errors are posted by the poll loop itself, before its next GET: two more
+    // GETs (the first may hand out again what was not acked) and every error
+    // of those rounds has arrived.
+    let fourth = rig.server.requests().iter().filter(|r| r.is_post("/api/agent/errors")).nth(3).unwrap().at;
+    rig.server.wait_for("two polls after the errors", DEADLINE, |s| {
+        s.requests().iter().filter(|r| r.method == "GET" && r.at > fourth).count() >= 2
+    });
     let errors = rig.server.errors();
     let by = |id: &str| -> Value {
         errors
@@ -469,7 +486,9 @@ fn environment_overrides_the_file() {
         [("SERVER_URL", url.as_str()), ("AGENT_TOKEN", TOKEN), ("AION_STATE_DIR", state.to_str().unwrap())];
     let agent = PollAgent::start(&["--config", file.to_str().unwrap()], dir.path(), &env);
     first_get(&server, DEADLINE);
-    thread::sleep(Duration::from_millis(1000));
+    // Time passing is the test: without the file's pollInterval 60000 the
+    // agent would poll again within the default 5 s (±10%).
+    thread::sleep(Duration::from_secs(6));
     let gets = server.requests().iter().filter(|r| r.method == "GET").count();
     assert_eq!(gets, 1, "pollInterval 60000 from the file is not used:\n{}", server.dump(20));
     server.assert_clean();
@@ -590,7 +609,7 @@ fn terminate_kills_a_session_that_ignores_sigterm() {
     rig.server.wait_for("ready", DEADLINE, |s| s.text("x", "stdout") == "ready\n");
     let t = Instant::now();
     rig.server.push(json!({"id": "t1", "type": "terminate_session", "sessionId": "x"}));
-    rig.server.wait_event("x", "terminated", Duration::from_secs(15));
+    rig.server.wait_event("x", "terminated", Duration::from_secs(60));
     let took = t.elapsed();
     assert!(took >= Duration::from_secs(3), "terminated after {took:?}: the 5 s grace was not given");
     assert!(gone_soon(pid), "{pid} still alive");
@@ -612,7 +631,7 @@ fn posts_spooled_while_the_server_is_down_are_delivered_after_a_restart() {
     rig.server.down();
     rig.agent.wait_stderr("the session's end", DEADLINE, |s| s.contains("Session exited: sp"));
     // SIGTERM with the server down: the outbox tries for up to ~10 s, then exits 0 leaving the spool
-    let st = rig.agent.signal_and_wait(Signal::SIGTERM, Duration::from_secs(20));
+    let st = rig.agent.signal_and_wait(Signal::SIGTERM, Duration::from_secs(120));
     assert_eq!(st.code(), Some(0), "exit status: {st:?}\n{}", rig.agent.stderr());
     let spool = rig.dir.join("state/poll-outbox");
     let files: Vec<String> = std::fs::read_dir(&spool)
@@ -662,6 +681,20 @@ fn a_crashed_agent_closes_the_session_on_the_next_start() {
     rig.start_sh("i1", "cr", "echo alive; sleep 300");
     rig.wait_event("cr", "started");
     rig.server.wait_for("alive", DEADLINE, |s| s.text("cr", "stdout") == "alive\n");
+    // The server has both posts; the kill comes once the agent has recorded
+    // them as delivered too (a kill between the server's answer and that
+    // record would rightly post the last one again after the restart).
+    let status = rig.dir.join("state/poll-outbox.status");
+    let delivered = || {
+        let text = std::fs::read_to_string(&status).unwrap_or_default();
+        serde_json::from_str::<Value>(text.trim()).ok().and_then(|v| v["delivered"].as_u64()).unwrap_or(0)
+    };
+    assert!(
+        eventually(DEADLINE, || delivered() >= 2),
+        "{} post(s) confirmed in {}",
+        delivered(),
+        status.display()
+    );
     rig.agent.signal_and_wait(Signal::SIGKILL, Duration::from_secs(5));
     let state = rig.dir.join("state");
     let url = rig.server.url();
@@ -687,6 +720,8 @@ fn a_refused_token_also_pauses_status_posts() {
     let server = PollServer::start(TOKEN);
     server.set_refuse(true);
     let rig = Rig::with_server("poll-401-status", server, &[("STATUS_INTERVAL", "300")]);
+    rig.agent.wait_stderr("the refusal", DEADLINE, |s| s.contains("refused the agent token"));
+    // Time passing is the test: statuses every 300 ms would be ~10 posts in 3 s.
     thread::sleep(Duration::from_secs(3));
     let n = rig.server.requests().len();
     assert!(n <= 3, "{n} requests in 3 s against a 401 (statusInterval 300):\n{}", rig.server.dump(6));
@@ -767,7 +802,7 @@ fn a_missing_cwd_is_named_in_the_failed_event() {
 
 #[test]
 fn sessions_hold_the_lease_apps_while_they_run() {
-    use common::lease_server::LeaseServer;
+    use crate::util::lease_server::LeaseServer;
     const APP: &str = "com.google.Chrome";
     let dir = TempDir::new("poll-lease");
     let aion = LeaseServer::start(&dir.join("aion.sock"));

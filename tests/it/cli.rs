@@ -1,14 +1,12 @@
 //! The command line: version, help, check, the embedded default config,
 //! exit codes and signals.
 
-mod common;
-
 use std::io::{BufReader, Read, Write};
 use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::util::*;
 use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 

@@ -1,14 +1,12 @@
 //! git.status, git.diff, workspaces and repos.sync against real git.
 
-mod common;
-
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::thread;
 
-use common::*;
+use crate::util::*;
 use serde_json::{Value, json};
 
 const TOKEN: &str = "tok-git-SECRET";

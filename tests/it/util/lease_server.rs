@@ -102,8 +102,6 @@ impl Default for Rules {
 #[derive(Clone, Debug)]
 pub struct Lease {
     pub holder: String,
-    pub seconds: u64,
-    pub granted: Instant,
     pub expires: Instant,
 }
 
@@ -223,7 +221,7 @@ impl LeaseServer {
         self.st.next_conn.load(Ordering::SeqCst)
     }
 
-    /// Connections open now.
+    /// Connections open now (one is closed once its end has been read).
     pub fn live_connections(&self) -> usize {
         lock(&self.st.conns).len()
     }
@@ -317,11 +315,6 @@ impl LeaseServer {
         while self.st.listening.load(Ordering::SeqCst) && start.elapsed() < Duration::from_secs(5) {
             thread::sleep(Duration::from_millis(1));
         }
-    }
-
-    /// Whether the server listens now (not refusing).
-    pub fn listening(&self) -> bool {
-        self.st.listening.load(Ordering::SeqCst)
     }
 }
 
@@ -561,8 +554,7 @@ fn lease_request(st: &State, conn: u64, holder: &str, action: &str, msg: &Value)
         _ => {}
     }
     let expires = now + Duration::from_secs(secs).div_f64(scale);
-    leases
-        .insert(app.to_string(), Lease { holder: holder.to_string(), seconds: secs, granted: now, expires });
+    leases.insert(app.to_string(), Lease { holder: holder.to_string(), expires });
     drop(leases);
     st.result(conn, rid, "accepted", Some(app), Some(secs));
 }

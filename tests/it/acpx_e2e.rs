@@ -1,11 +1,11 @@
 //! End to end with the real acpx 0.19.1 (on Node 22) driving the mock ACP
 //! agent tests/fixtures/mock-acp-agent.js. acpx and Node come from
 //! tests/fixtures/install-acpx.sh (npm), cached in target/acpx-e2e (or
-//! $AION_E2E_DIR); the test installs them when they are missing.
+//! $AION_E2E_DIR); the test installs them when they are missing. When that
+//! cannot be done (no npm, no network, not Linux x86_64) the test is skipped
+//! with the installer's reason (a failure under AION_TEST_REQUIRE_ALL=1).
 
-mod common;
-
-use common::*;
+use crate::util::*;
 use serde_json::{Value, json};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -15,8 +15,9 @@ use std::time::{Duration, Instant};
 const TOKEN: &str = "e2e-project-token-41f0c2d9a8b7";
 const INVOKE_TOKEN: &str = "e2e-invoke-token-77aa";
 
-/// Node's and acpx's bin dirs, installing them first if needed.
-fn acpx_bins() -> (PathBuf, PathBuf) {
+/// Node's and acpx's bin dirs, installing them first if needed; None (the
+/// test is skipped) when the installer cannot get them.
+fn acpx_bins() -> Option<(PathBuf, PathBuf)> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let script = root.join("tests/fixtures/install-acpx.sh");
     let mut cmd = Command::new("sh");
@@ -26,20 +27,22 @@ fn acpx_bins() -> (PathBuf, PathBuf) {
     }
     let out = cmd.output().expect("run tests/fixtures/install-acpx.sh");
     if !out.status.success() {
-        panic!(
+        let why = format!(
             "tests/fixtures/install-acpx.sh could not install acpx 0.19.1 and Node.js 22 ({}):\n{}\n\
              It needs npm and the npm registry: install Node.js with npm (Debian/Ubuntu: \
              `apt-get install -y npm`; macOS: `brew install node`), or put an installed copy in \
              target/acpx-e2e (or $AION_E2E_DIR), then run the test again.",
             out.status,
-            String::from_utf8_lossy(&out.stderr)
+            String::from_utf8_lossy(&out.stderr).trim_end()
         );
+        skip("acpx_e2e::real_acpx_runs_the_mock_agent_continues_its_session_and_cancels", &why);
+        return None;
     }
     let stdout = String::from_utf8(out.stdout).unwrap();
     let mut lines = stdout.lines().map(PathBuf::from);
     let (node, acpx) = (lines.next().unwrap(), lines.next().unwrap());
     assert!(node.join("node").exists() && acpx.join("acpx").exists(), "{stdout}");
-    (node, acpx)
+    Some((node, acpx))
 }
 
 /// The AION_RUN_ID of every live process started with HOME=`home` (ours).
@@ -84,7 +87,7 @@ fn acp_session(lines: &[Value]) -> String {
 #[test]
 fn real_acpx_runs_the_mock_agent_continues_its_session_and_cancels() {
     let t0 = Instant::now();
-    let (node_bin, acpx_bin) = acpx_bins();
+    let Some((node_bin, acpx_bin)) = acpx_bins() else { return };
     let dir = TempDir::new("acpx-e2e");
     let home = dir.join("home");
     let agent = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/mock-acp-agent.js");
@@ -97,7 +100,7 @@ fn real_acpx_runs_the_mock_agent_continues_its_session_and_cancels() {
     let cfg = dir.join("aion.config.json");
     let config = json!({
         "port": 0, "host": "127.0.0.1",
-        "limits": {"stopGraceSeconds": 10},
+        "limits": {"stopGraceSeconds": 120},
         "projects": {"p": {"token": TOKEN, "dir": proj, "agents": {"mock": {"description": "Mock ACP agent"}}}}
     });
     std::fs::write(&cfg, config.to_string()).unwrap();
@@ -118,7 +121,7 @@ fn real_acpx_runs_the_mock_agent_continues_its_session_and_cancels() {
     };
     let closed = |n: usize| {
         // The delivered posts of the n-th run (0-based) of the session, once closed.
-        let posts = poll_within(Duration::from_secs(60), "the run to close", || {
+        let posts = poll_within(Duration::from_secs(150), "the run to close", || {
             let all = platform.delivered();
             let ends: Vec<usize> =
                 all.iter().enumerate().filter(|(_, p)| p.closes()).map(|(i, _)| i).collect();
@@ -179,10 +182,17 @@ fn real_acpx_runs_the_mock_agent_continues_its_session_and_cancels() {
         .iter()
         .filter(|l| l["params"]["update"]["content"]["text"].as_str().is_some_and(|t| t.starts_with("tick ")))
         .count();
-    assert!(ticks < 50, "the turn was not cancelled: all {ticks} ticks streamed");
+    // The agent answers a session/cancel that lands mid-turn with stopReason
+    // "cancelled" (after tick 0, before its 50th): acpx cancel reached it.
     assert!(
-        took < Duration::from_secs(5),
-        "stop took {took:?}: acpx cancel did not end the run (stopGraceSeconds is 10)"
+        lines.iter().any(|l| l["result"]["stopReason"] == "cancelled"),
+        "the turn was not cancelled ({ticks} ticks streamed): {lines:?}"
+    );
+    // (2-4 s measured, 7.5 s on a crowded machine: acpx's start and the
+    // cancel; the grace would be 120 s)
+    assert!(
+        took < Duration::from_secs(80),
+        "stop took {took:?}: acpx cancel did not end the run (stopGraceSeconds is 120)"
     );
     for id in &ids {
         let marker = format!("AION_RUN_ID={id}");
@@ -200,17 +210,5 @@ fn real_acpx_runs_the_mock_agent_continues_its_session_and_cancels() {
     // Hygiene: nothing of ours may outlive the test.
     for pid in marked_processes(&format!("HOME={}", home.display())) {
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
-    }
-}
-
-/// `poll` with its own deadline.
-fn poll_within<T>(within: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(start.elapsed() < within, "timed out after {within:?} waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
     }
 }

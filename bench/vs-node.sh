@@ -1,0 +1,130 @@
+#!/usr/bin/env bash
+# bench/vs-node.sh: figure 4 of push.sh (ping over keep-alive, wrk -t2 -c16)
+# side by side: our binary and the Node original it replaces (HeapVoid/
+# aion-connector, dist/cli.js), same config, same token, same wrk run, each
+# server's log going to a file. See bench/README.md.
+#
+# Usage: ORIG_CLI=/path/to/dist/cli.js bench/vs-node.sh   (about 50 s after the build)
+# Env:   ORIG_CLI=path            the original's dist/cli.js, its node_modules (ws,
+#                                 node-pty) beside it; unset: our column only
+#        NODE=node                the Node.js that runs it
+#        BENCH_BIN=path           skip the build, measure this binary
+#        BENCH_DURATION=10        wrk seconds per run
+#        BENCH_ROUNDS=2           runs per server, alternating ours / Node
+#        PYTHON=python3
+#
+# The original is only run from where it is: never copy it into this repository.
+# Only 127.0.0.1 is ever contacted. Every server started here is stopped on exit.
+set -euo pipefail
+
+# shellcheck source=bench/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+DURATION=$(setting BENCH_DURATION 10 1 60)
+ROUNDS=$(setting BENCH_ROUNDS 2 1 10)
+NODE=${NODE:-node}
+HELPER="$HERE/pushbench.py"
+bench_init vs-node
+
+# ---------------------------------------------------------------- 0. tools, the original
+need_py
+want_wrk || die "wrk is missing and could not be installed: apt-get install -y wrk (as root)"
+ORIG=""
+if [[ -z ${ORIG_CLI:-} ]]; then
+    ORIG_SKIP="skipped: ORIG_CLI is unset (ORIG_CLI=/path/to/dist/cli.js of the original)"
+elif [[ ! -f $ORIG_CLI ]]; then
+    die "ORIG_CLI=$ORIG_CLI is not a file"
+elif [[ $(realpath "$ORIG_CLI") == "$ROOT"/* ]]; then
+    die "ORIG_CLI=$ORIG_CLI is inside this repository: keep the original outside it"
+elif ! command -v "$NODE" >/dev/null; then
+    ORIG_SKIP="skipped: $NODE not found (set NODE)"
+else
+    ORIG=$(realpath "$ORIG_CLI")
+    NODE_VERSION=$("$NODE" --version)
+fi
+[[ -n $ORIG ]] || note "Node original $ORIG_SKIP"
+
+# ---------------------------------------------------------------- 1. build, configs
+bench_binary
+TOKEN=$(new_token)
+AGENTS='{"claude":{"description":"Claude Code"}}'
+write_config "$TMP/ours.json" "$AGENTS"
+# The original takes port 0 for its default, 7777: it gets a free port of its own.
+if [[ -n $ORIG ]]; then
+    CONFIG_PORT=$("$PY" "$HELPER" freeport)
+    write_config "$TMP/node.json" "$AGENTS"
+    unset CONFIG_PORT
+fi
+
+# ---------------------------------------------------------------- 2. servers
+LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
+KEYS=(ours)
+start_connector ours "$TMP/ours.json"
+declare -A ADDR PID IDLE
+ADDR[ours]=$SRV_ADDR
+PID[ours]=$SRV_PID
+if [[ -n $ORIG ]]; then
+    KEYS+=(node)
+    # It prints "[aion-connector] listening on HOST:PORT" once it is bound.
+    start_server node env "$MARK" "$NODE" "$ORIG" "$TMP/node.json"
+    ADDR[node]=$SRV_ADDR
+    PID[node]=$SRV_PID
+fi
+for k in "${KEYS[@]}"; do
+    "$PY" "$HELPER" ping "${ADDR[$k]}" "$TOKEN" 1 >"$TMP/$k-ping.kv"
+    [[ $(kv "$TMP/$k-ping.kv" ping_statuses) == 200x1 ]] \
+        || die "$k: a ping answered $(kv "$TMP/$k-ping.kv" ping_statuses), expected 200x1"
+    IDLE[$k]=$(rss_kb "${PID[$k]}")
+    log "$k: 1 s of wrk to warm up"
+    wrk_ping "$k-warmup" "${ADDR[$k]}" "$TOKEN" 1
+done
+
+# ---------------------------------------------------------------- 3. alternating runs
+# measure KEY ROUND: one wrk run; a line "rps p50 p99 load1 peak_rss requests" in $TMP/KEY.runs.
+measure() {
+    local k=$1 r=$2 load f
+    load=$(cut -d' ' -f1 /proc/loadavg)
+    log "$k, run $r/$ROUNDS: wrk -t2 -c16 -d${DURATION}s --latency (load average $load)"
+    wrk_ping "$k-$r" "${ADDR[$k]}" "$TOKEN" "$DURATION" "${PID[$k]}"
+    f=$TMP/$k-$r.kv
+    alive "${PID[$k]}" || die "$k died during run $r: $(tail -n 3 "$TMP/$k.err" | tr '\n' ' ')"
+    printf '%s %s %s %s %s %s\n' "$(kv "$f" wrk_rps)" "$(kv "$f" wrk_p50_ms)" "$(kv "$f" wrk_p99_ms)" \
+        "$load" "$LOAD_PEAK" "$(kv "$f" wrk_requests)" >>"$TMP/$k.runs"
+}
+for ((r = 1; r <= ROUNDS; r++)); do
+    for k in "${KEYS[@]}"; do measure "$k" "$r"; done
+done
+LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)
+
+declare -A STOP_AS
+for k in "${KEYS[@]}"; do
+    stop_server "${PID[$k]}" "$k"
+    STOP_AS[$k]=$STOPPED
+    log_warns "$TMP/$k.err" "$k"
+done
+
+# ---------------------------------------------------------------- summary
+med() { # med KEY COLUMN: median of that column of $TMP/KEY.runs (req/s whole, ms to 3 places)
+    cut -d' ' -f"$2" "$TMP/$1.runs" | sort -g | awk -v f="$([[ $2 == 1 ]] && echo %.0f || echo %.3f)" \
+        '{v[NR]=$1} END{ printf f, (NR % 2) ? v[(NR+1)/2] : (v[NR/2]+v[NR/2+1])/2 }'
+}
+each() { # each KEY: "rps / p99 ms (load)" of every run
+    awk '{printf "%s%s / %s ms (load %s)", (NR > 1 ? "; " : ""), $1, $3, $4}' "$TMP/$1.runs"
+}
+peak() { sort -g "$TMP/$1.runs" -k5 | tail -n 1 | cut -d' ' -f5; }
+column() { # column KEY LABEL
+    local k=$1 reqs
+    reqs=$(( $(awk '{s+=$6} END{print s}' "$TMP/$k.runs") + $(kv "$TMP/$k-warmup.kv" wrk_requests) ))
+    row "$2" "$(med "$k" 1) req/s, p50 $(med "$k" 2) ms, p99 $(med "$k" 3) ms (median of $ROUNDS)"
+    row "   each run: req/s / p99 (load average)" "$(each "$k")"
+    row "   RSS idle / peak under load" "${IDLE[$k]} kB / $(peak "$k") kB ($(mib "$(peak "$k")"))"
+    row "   log lines (stdout+stderr) / SIGTERM" "$(cat "$TMP/$k.out" "$TMP/$k.err" | grep -c . || true) for $reqs requests (warm-up included); ${STOP_AS[$k]}"
+}
+table_start "aion-connector vs the Node original: ping over keep-alive  ($(date -u +%Y-%m-%dT%H:%M:%SZ), $(nproc) cores, ${VERSION:-version unknown})"
+row "Node original" "${ORIG:-$ORIG_SKIP}${ORIG:+ ($NODE $NODE_VERSION)}"
+row "load average 1/5/15 min, start / end" "$LOAD_START / $LOAD_END"
+column ours "ours (wrk -t2 -c16 ${DURATION}s, ping)"
+if [[ -n $ORIG ]]; then
+    column node "Node original (same wrk run)"
+    row "ours / Node original" "$(awk -v a="$(med ours 1)" -v b="$(med node 1)" 'BEGIN{printf "%.2f", a/b}') x the req/s, $(awk -v a="$(med ours 3)" -v b="$(med node 3)" 'BEGIN{printf "%.2f", a/b}') x the p99"
+fi
+table_end

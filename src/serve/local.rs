@@ -1,0 +1,116 @@
+//! Push mode's local socket, wired: `<stateDir>/mcp.sock` ([`crate::net::local`]
+//! frames it) answers the agents' `aion-connector mcp` servers. Each request
+//! is checked (its project exists, its key is that project's MCP key) and
+//! handed to the background processes or to the runs (`display`), and gets
+//! one log line, never a key, token or command.
+//!
+//! Threads: those of [`crate::net::local`]; the handler runs on the
+//! connection's thread.
+
+use crate::background::{Background, Refused};
+use crate::delivery::client::is_http_url;
+use crate::error::Error;
+use crate::logging::info;
+use crate::net::local::{self, Op, Request, refusal};
+use crate::project::ProjectState;
+use crate::runs::Runs;
+use serde_json::{Value, json};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+struct Local {
+    projects: Vec<Arc<ProjectState>>,
+    background: Arc<Background>,
+    runs: Arc<Runs>,
+}
+
+/// Binds `<state>/mcp.sock` ([`local::SOCKET_FILE`]) and serves it until the server is stopped.
+pub fn start(
+    state: &Path,
+    projects: Vec<Arc<ProjectState>>,
+    background: Arc<Background>,
+    runs: Arc<Runs>,
+) -> Result<local::Server, Error> {
+    // Absolute: the MCP servers find it from the project dir.
+    let path = state.canonicalize().unwrap_or_else(|_| state.to_path_buf()).join(local::SOCKET_FILE);
+    let fail = |source| Error::StateDir { path: path.clone(), source };
+    let listener = local::bind(&path).map_err(fail)?;
+    let me = Local { projects, background, runs };
+    local::serve(listener, &path, Arc::new(move |line: &[u8]| me.handle(line))).map_err(fail)
+}
+
+impl Local {
+    fn handle(&self, line: &[u8]) -> Value {
+        let t0 = Instant::now();
+        let req: Request = match serde_json::from_slice(line) {
+            Ok(r) => r,
+            Err(e) => {
+                info!("local: bad request ({:?})", e.classify());
+                return refusal("bad_request", &format!("bad request: {e}"));
+            }
+        };
+        let op = req.op.name();
+        let Some(project) = self.authenticate(&req.project, &req.key) else {
+            info!("local {op} project={} refused: unknown project or wrong key", req.project);
+            return refusal("auth", "unknown project or wrong key (AION_PROJECT, AION_MCP_KEY)");
+        };
+        let answer = self.dispatch(project, req.op);
+        info!(
+            "local {op} project={} ok={} ms={:.2}",
+            project.config.id,
+            answer["ok"] == true,
+            t0.elapsed().as_secs_f64() * 1e3
+        );
+        answer
+    }
+
+    fn authenticate(&self, id: &str, key: &str) -> Option<&Arc<ProjectState>> {
+        self.projects.iter().find(|p| p.config.id == id).filter(|p| p.mcp_key_matches(key))
+    }
+
+    fn dispatch(&self, project: &ProjectState, op: Op) -> Value {
+        let id = project.config.id.as_str();
+        let one = |r: Result<_, Refused>| match r {
+            Ok(snapshot) => json!({"ok": true, "process": snapshot}),
+            Err(why) => refused(&why),
+        };
+        match op {
+            Op::BgStart { command, cwd } => {
+                if command.trim().is_empty() {
+                    return refusal("bad_request", "command is required");
+                }
+                one(self.background.start(project, &command, cwd.as_deref()))
+            }
+            Op::BgCheck { pid } => one(self.background.check(id, pid)),
+            Op::BgStop { pid } => one(self.background.stop(id, pid)),
+            Op::BgList {} => json!({"ok": true, "processes": self.background.list(id)}),
+            Op::Display { session, callback, token, url } => {
+                if callback.is_empty() {
+                    return refusal("no_callback", "no callback URL (AION_CALLBACK is empty)");
+                }
+                if !is_http_url(&callback) {
+                    return refusal(
+                        "bad_request",
+                        "the callback (AION_CALLBACK) must be an http:// or https:// URL with a host",
+                    );
+                }
+                match self.runs.display(project, &session, &callback, &token, &url) {
+                    Ok(()) => json!({"ok": true}),
+                    Err(why) => refusal("display", &why),
+                }
+            }
+        }
+    }
+}
+
+fn refused(why: &Refused) -> Value {
+    let kind = match why {
+        Refused::Cap(_) => "cap",
+        Refused::Cwd(_) => "cwd",
+        Refused::Spawn(_) => "spawn",
+        Refused::NotFound => "not_found",
+        Refused::ShuttingDown => "shutting_down",
+    };
+    refusal(kind, &why.to_string())
+}
