@@ -136,7 +136,9 @@ for ((r = 1; r <= ROUNDS; r++)); do
     p=idle_r$r
     row "   round $r: 1 terminal" "$(kv "$d" "${p}_rss1_kb") kB, $(kv "$d" "${p}_threads1") threads"
     row "   round $r: $TERMINALS terminals" "$(kv "$d" "${p}_rssN_kb") kB ($(mib "$(kv "$d" "${p}_rssN_kb")")), $(kv "$d" "${p}_threadsN") threads; $(kv "$d" "${p}_echoed")/$TERMINALS echo a key"
-    row "   round $r: per idle terminal" "$(kv "$d" "${p}_per_term_kb") kB  (aim <= 150 kB)"
+    tpt=$(awk -v a="$(kv "$d" "${p}_threads1")" -v b="$(kv "$d" "${p}_threadsN")" -v n="$TERMINALS" \
+        'BEGIN{ if (a ~ /^[0-9]+$/ && b ~ /^[0-9]+$/) printf "%.2f", (b - a) / (n - 1); else print "-" }')
+    row "   round $r: per idle terminal" "$(kv "$d" "${p}_per_term_kb") kB, $tpt threads  (aim <= 150 kB)"
     row "   round $r: the $(kv "$d" "${p}_shells") shells themselves" "VmRSS sum $(kv "$d" "${p}_shell_rss_kb") kB, Pss sum $(kv "$d" "${p}_shell_pss_kb") kB"
     row "   round $r: after closing all" "$(kv "$d" "${p}_rss_after_kb") kB, $(kv "$d" "${p}_threads_after") threads, shells left $(kv "$d" "${p}_shells_left")"
 done

@@ -58,7 +58,8 @@ pub struct Limits {
     pub delivery: Duration,
     /// Between SIGTERM and SIGKILL when a run is stopped.
     pub stop_grace: Duration,
-    /// Live terminals per project (WebSocket and HTTP together).
+    /// Live terminals per project (WebSocket and HTTP together, reattachable
+    /// ones waiting for their socket included).
     pub terminals_per_project: usize,
     /// A terminal with no input or output this long is hung up.
     pub terminal_idle: Duration,
@@ -85,7 +86,7 @@ impl Default for Limits {
             run_output_bytes: 64 << 20,
             delivery: Duration::from_secs(86_400),
             stop_grace: Duration::from_secs(5),
-            terminals_per_project: 16,
+            terminals_per_project: 64,
             terminal_idle: Duration::from_secs(3600),
             terminal_detach: Duration::from_secs(300),
             ws_ping: Duration::from_secs(30),

@@ -1,32 +1,60 @@
 //! WebSocket framing for the terminal, the only file that uses tungstenite.
-//! The HTTP loop hands over the raw `TcpStream` of an upgrade request; after
-//! the 101 one thread reads frames and another writes them, each with its own
-//! tungstenite state on a clone of the socket. Frames tungstenite wants to
-//! send while reading (pong, close reply) are not written by the reading side:
-//! they go, encoded, to the writing thread, so frames never interleave.
+//! After the HTTP loop hands over an upgrade request's connection, a
+//! [`Socket`] answers the 101 and from then on is driven by one thread (the
+//! terminal's pump) over a non-blocking [`Link`]: it says which readiness to
+//! poll for, reads client messages until the link has nothing more, and
+//! queues output frames, of which at most one waits for the link at a time.
+//! Pongs and the close reply are queued by tungstenite itself and written by
+//! the next read or flush.
 
-use crossbeam_channel::Sender;
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
-use std::time::Duration;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::time::Instant;
 use tungstenite::protocol::{CloseFrame, Role, WebSocket, WebSocketConfig, frame::coding::CloseCode};
 use tungstenite::{Error as WsError, Message};
 
-/// What the writing thread is asked to send. Its channel's receiver is owned
-/// by the writing thread of one connection.
-pub enum Out {
-    /// Terminal output.
-    Data(Vec<u8>),
-    /// Frames already encoded by the reading side (pongs, the close reply).
-    Frames(Vec<u8>),
-    /// Close the connection with this code.
-    Close(u16),
+/// The byte stream under a WebSocket, non-blocking: a TCP connection today;
+/// a TLS session over one would implement this too.
+pub trait Link: Read + Write + Send {
+    /// The descriptor whose readiness is polled.
+    fn fd(&self) -> BorrowedFd<'_>;
+    /// Bytes received and decoded but not read yet, which polling the
+    /// descriptor would not show (TLS keeps whole records).
+    fn buffered(&self) -> bool {
+        false
+    }
+    /// Makes reads and writes return `WouldBlock` instead of waiting.
+    fn set_nonblocking(&self) -> io::Result<()>;
+    /// Ends the connection both ways.
+    fn shutdown(&self);
+}
+
+impl Link for TcpStream {
+    fn fd(&self) -> BorrowedFd<'_> {
+        self.as_fd()
+    }
+    fn set_nonblocking(&self) -> io::Result<()> {
+        TcpStream::set_nonblocking(self, true)
+    }
+    fn shutdown(&self) {
+        let _ = TcpStream::shutdown(self, std::net::Shutdown::Both);
+    }
 }
 
 /// What the client sent.
 pub enum In {
     Binary(Vec<u8>),
     Text(String),
+}
+
+/// What reading found.
+pub enum Got {
+    Message(In),
+    /// Nothing more for now.
+    Nothing,
+    /// The connection is over (closed, broken, or a protocol error).
+    Gone,
 }
 
 /// Small buffers: terminal traffic is keystrokes one way and screen updates
@@ -45,134 +73,160 @@ pub fn accept_key(key: &str) -> String {
     tungstenite::handshake::derive_accept_key(key.trim().as_bytes())
 }
 
-struct ReadHalf {
-    stream: TcpStream,
-    to_writer: Sender<Out>,
-}
-
-impl Read for ReadHalf {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.stream.read(buf)
-    }
-}
-
-impl Write for ReadHalf {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.to_writer.send(Out::Frames(buf.to_vec())).map_err(|_| io::ErrorKind::BrokenPipe)?;
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-struct WriteHalf(TcpStream);
-
-impl Read for WriteHalf {
-    fn read(&mut self, _: &mut [u8]) -> io::Result<usize> {
-        Err(io::ErrorKind::WouldBlock.into())
-    }
-}
-
-impl Write for WriteHalf {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.write(buf)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        self.0.flush()
-    }
-}
-
-pub struct Reader {
-    ws: WebSocket<ReadHalf>,
-}
-
-pub struct Writer {
-    ws: WebSocket<WriteHalf>,
-    stream: TcpStream,
+/// The server side of one terminal WebSocket.
+pub struct Socket<L: Link> {
+    ws: WebSocket<L>,
     text: bool,
     /// The start of a UTF-8 sequence split across two PTY reads (text frames).
     carry: Vec<u8>,
+    /// No output sent yet: a replay may begin inside a character.
+    first: bool,
+    /// Frames wait in tungstenite's buffer for the link to take them.
+    unflushed: bool,
+    /// When the client last sent anything (a pong included).
+    heard: Instant,
 }
 
-/// Splits an upgraded connection; `idle` bounds how long the reader waits
-/// for any frame (the writer pings more often than that).
-pub fn split(
-    stream: TcpStream,
-    to_writer: Sender<Out>,
-    text: bool,
-    idle: Duration,
-) -> io::Result<(Reader, Writer)> {
-    stream.set_read_timeout(Some(idle))?;
-    stream.set_write_timeout(Some(Duration::from_secs(30)))?;
-    let write_side = stream.try_clone()?;
-    let raw = stream.try_clone()?;
-    let reader = ReadHalf { stream, to_writer };
-    Ok((
-        Reader { ws: WebSocket::from_raw_socket(reader, Role::Server, Some(config())) },
-        Writer {
-            ws: WebSocket::from_raw_socket(WriteHalf(write_side), Role::Server, Some(config())),
-            stream: raw,
+impl<L: Link> Socket<L> {
+    /// Answers the upgrade (`key` is the client's `Sec-WebSocket-Key`); the
+    /// link is non-blocking from then on. Output goes as text frames, or as
+    /// binary ones when `text` is false.
+    pub fn accept(mut link: L, key: &str, text: bool) -> io::Result<Socket<L>> {
+        let head = format!(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
+            accept_key(key)
+        );
+        link.write_all(head.as_bytes())?;
+        link.set_nonblocking()?;
+        Ok(Socket {
+            ws: WebSocket::from_raw_socket(link, Role::Server, Some(config())),
             text,
             carry: Vec::new(),
-        },
-    ))
-}
+            first: true,
+            unflushed: false,
+            heard: Instant::now(),
+        })
+    }
 
-impl Reader {
-    /// The next data message; None when the connection is over (closed,
-    /// broken, or silent for longer than `idle`).
-    pub fn next(&mut self) -> Option<In> {
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.ws.get_ref().fd()
+    }
+
+    /// Output (or a pong, or a close) waits for the link to be writable.
+    pub fn wants_write(&self) -> bool {
+        self.unflushed
+    }
+
+    /// Received bytes wait in the link (poll would not show them).
+    pub fn buffered(&self) -> bool {
+        self.ws.get_ref().buffered()
+    }
+
+    /// When the client last sent anything, a pong included.
+    pub fn heard(&self) -> Instant {
+        self.heard
+    }
+
+    /// The next client message, if one has arrived whole.
+    pub fn read(&mut self) -> Got {
         loop {
-            match self.ws.read() {
-                Ok(Message::Binary(b)) => return Some(In::Binary(b.to_vec())),
-                Ok(Message::Text(t)) => return Some(In::Text(t.to_string())),
-                Ok(Message::Close(_)) => {
-                    // tungstenite queued the close reply; push it to the writer.
+            let msg = match self.ws.read() {
+                Ok(msg) => msg,
+                Err(WsError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => return Got::Nothing,
+                Err(_) => return Got::Gone,
+            };
+            self.heard = Instant::now();
+            match msg {
+                Message::Binary(b) => return Got::Message(In::Binary(b.to_vec())),
+                Message::Text(t) => return Got::Message(In::Text(t.to_string())),
+                Message::Close(_) => {
+                    // tungstenite queued the reply: out it goes, if the link takes it.
                     let _ = self.ws.flush();
-                    return None;
+                    return Got::Gone;
                 }
-                Ok(_) => continue, // ping (answered through the writer), pong
-                Err(WsError::ConnectionClosed | WsError::AlreadyClosed) => return None,
-                Err(_) => return None,
+                Message::Ping(_) => self.unflushed = true, // the pong is queued
+                Message::Pong(_) | Message::Frame(_) => {}
             }
         }
     }
-}
 
-impl Writer {
-    pub fn send(&mut self, out: Out) -> io::Result<()> {
-        match out {
-            Out::Data(bytes) => {
-                let msg = if self.text {
-                    Message::text(crate::text::utf8_chunk(&mut self.carry, &bytes))
-                } else {
-                    Message::binary(bytes)
-                };
-                self.ws.send(msg).map_err(to_io)
+    /// Queues PTY output as one frame and writes what the link takes.
+    pub fn output(&mut self, bytes: Vec<u8>) -> io::Result<()> {
+        let first = std::mem::replace(&mut self.first, false);
+        let msg = if self.text {
+            // A replay cut from a ring may start with the tail of a
+            // character: that tail is dropped, not sent as U+FFFD.
+            let start =
+                if first { bytes.iter().take(3).take_while(|b| *b & 0xC0 == 0x80).count() } else { 0 };
+            let text = match (start, self.carry.is_empty()) {
+                // The usual case, whole characters only: no copy.
+                (0, true) => String::from_utf8(bytes)
+                    .unwrap_or_else(|e| crate::text::utf8_chunk(&mut self.carry, e.as_bytes())),
+                _ => crate::text::utf8_chunk(&mut self.carry, &bytes[start..]),
+            };
+            if text.is_empty() {
+                return Ok(()); // all of it waits in the carry
             }
-            Out::Frames(raw) => self.stream.write_all(&raw),
-            Out::Close(code) => {
-                let frame = CloseFrame { code: CloseCode::from(code), reason: "".into() };
-                let _ = self.ws.close(Some(frame));
-                self.ws.flush().map_err(to_io)
-            }
-        }
+            Message::text(text)
+        } else {
+            Message::binary(bytes)
+        };
+        self.send(msg)
     }
 
     pub fn ping(&mut self) -> io::Result<()> {
-        self.ws.send(Message::Ping(Vec::new().into())).map_err(to_io)
+        self.send(Message::Ping(Vec::new().into()))
+    }
+
+    /// Queues a close frame with `code`; the connection is over once the
+    /// client answers (or a deadline of the caller's runs out).
+    pub fn close(&mut self, code: u16) -> io::Result<()> {
+        let frame = CloseFrame { code: CloseCode::from(code), reason: "".into() };
+        match self.ws.close(Some(frame)) {
+            Ok(()) => {
+                self.unflushed = false;
+                Ok(())
+            }
+            Err(e) => self.settle(e),
+        }
+    }
+
+    /// Writes what waits; Ok also while the link is still full.
+    pub fn flush(&mut self) -> io::Result<()> {
+        match self.ws.flush() {
+            Ok(()) => {
+                self.unflushed = false;
+                Ok(())
+            }
+            Err(e) => self.settle(e),
+        }
+    }
+
+    fn send(&mut self, msg: Message) -> io::Result<()> {
+        match self.ws.send(msg) {
+            Ok(()) => {
+                self.unflushed = false;
+                Ok(())
+            }
+            Err(e) => self.settle(e),
+        }
+    }
+
+    /// A write that did not finish: WouldBlock leaves the frames queued;
+    /// anything else ends the connection.
+    fn settle(&mut self, e: WsError) -> io::Result<()> {
+        match e {
+            WsError::Io(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                self.unflushed = true;
+                Ok(())
+            }
+            WsError::Io(e) => Err(e),
+            other => Err(io::Error::other(other.to_string())),
+        }
     }
 
     /// Ends the connection for both sides at once.
     pub fn shutdown(&self) {
-        let _ = self.stream.shutdown(std::net::Shutdown::Both);
-    }
-}
-
-fn to_io(e: WsError) -> io::Error {
-    match e {
-        WsError::Io(e) => e,
-        other => io::Error::other(other.to_string()),
+        self.ws.get_ref().shutdown();
     }
 }

@@ -280,17 +280,31 @@ impl App {
             }
             "terminal.resize" => {
                 let term = self.http_terminal(p, args)?;
-                let need = |k| {
-                    args.dimension(k)?
-                        .ok_or_else(|| detail(400, "bad payload", format!("payload.{k} is required")))
-                };
-                let (cols, rows) = (need("cols")?, need("rows")?);
-                term.resize(cols, rows).map_err(|e| detail(500, "terminal failed", e.to_string()))?;
+                // As the original, whose resize was a no-op: without sizes
+                // nothing changes; given, both must be valid.
+                match (args.dimension("cols")?, args.dimension("rows")?) {
+                    (None, None) => {}
+                    (Some(cols), Some(rows)) => {
+                        term.resize(cols, rows).map_err(|e| detail(500, "terminal failed", e.to_string()))?
+                    }
+                    (cols, _) => {
+                        let k = if cols.is_none() { "cols" } else { "rows" };
+                        return Err(detail(
+                            400,
+                            "bad payload",
+                            format!("payload.{k} is required with the other"),
+                        ));
+                    }
+                }
                 ok(&json!({ "ok": true }))
             }
             "terminal.close" => {
-                let term = self.http_terminal(p, args)?;
-                self.terminals.close(&term);
+                // Idempotent, as the original: closing what is gone (or never
+                // was this project's) is `{"ok":true}` too, and ends nothing.
+                let id = args.string("sessionId")?.unwrap_or("");
+                if let Some(term) = self.terminals.find_http(&p.config.id, id) {
+                    self.terminals.close(&term);
+                }
                 ok(&json!({ "ok": true }))
             }
             _ => err(400, "unknown action"),
@@ -302,9 +316,10 @@ impl App {
         self.terminals.find_http(&p.config.id, id).ok_or_else(|| err(404, "no session"))
     }
 
-    /// `GET /ws?token=…[&session=ID][&encoding=text][&cols=C&rows=R]`: checks
-    /// the token and the upgrade headers, and the project's terminal limit,
-    /// all before the 101.
+    /// `GET /ws?token=…[&session=ID][&encoding=text|binary][&cols=C&rows=R]`:
+    /// checks the token, the upgrade headers, the query and the project's
+    /// terminal limit, all before the 101. Output goes as text frames (the
+    /// original's) unless `encoding=binary`.
     fn websocket(&self, req: &Request) -> Outcome<'_> {
         let mut out =
             Outcome { action: "terminal.ws".into(), project: "-", resp: err(500, "internal error") };
@@ -331,7 +346,14 @@ impl App {
         }
         let dim = |k| get(k).and_then(|v| v.parse::<u16>().ok()).filter(|n| (1..=10_000).contains(n));
         let (cols, rows) = (dim("cols").unwrap_or(80), dim("rows").unwrap_or(24));
-        let text = get("encoding") == Some("text");
+        let text = match get("encoding") {
+            None | Some("text") => true,
+            Some("binary") => false,
+            Some(_) => {
+                out.resp = detail(400, "bad payload", "encoding must be text or binary");
+                return out;
+            }
+        };
         let existing = session.and_then(|s| self.terminals.find_session(&project.config.id, s));
         let term = match existing {
             Some(term) => term,
@@ -344,8 +366,9 @@ impl App {
             },
         };
         let (terminals, key) = (Arc::clone(&self.terminals), key.to_string());
-        out.resp =
-            Response::upgrade(Box::new(move |stream| terminals.serve_socket(term, stream, &key, text)));
+        out.resp = Response::upgrade(Box::new(move |stream: std::net::TcpStream| {
+            terminals.serve_socket(term, stream, &key, text)
+        }));
         out
     }
 

@@ -90,7 +90,8 @@ pub fn run(explicit: Option<PathBuf>) -> Result<i32, Error> {
         .any(|p| p.config.agents.iter().any(|a| !a.lease_apps.is_empty()))
         .then(|| Leases::start((&config.lease).into()));
     let runs = Runs::new(Arc::clone(&outbox), limits.clone(), leases.clone());
-    let terminals = Terminals::new(limits.clone());
+    let terminals = Terminals::new(limits.clone())
+        .map_err(|source| Error::Io { what: "starting the terminals", source })?;
     let background = Background::new(limits.background_per_project, limits.stop_grace);
     let socket = local::start(&state, projects.clone(), Arc::clone(&background), Arc::clone(&runs))?;
     let app = Arc::new(App::new(projects, limits.clone(), Arc::clone(&runs), Arc::clone(&terminals)));

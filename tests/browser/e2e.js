@@ -84,6 +84,10 @@ async function main() {
     await page.keyboard.type('stty size', { delay: 10 });
     await page.keyboard.press('Enter');
     await waitForLine(page, '30 100', 'stty size after the resize message');
+    // UTF-8 output, written by term.write(e.data) as it comes.
+    await page.keyboard.type("printf '\\303\\251t\\303\\251-%s\\n' $((40+2))", { delay: 5 });
+    await page.keyboard.press('Enter');
+    await waitForLine(page, '\u00e9t\u00e9-42', 'printf of UTF-8');
     await page.screenshot({ path: process.env.E2E_SHOT });
     const lines = (await screen(page)).filter((l) => l.trim() !== '');
     console.log('screen:\n' + lines.map((l) => '    | ' + l).join('\n'));

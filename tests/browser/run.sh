@@ -2,8 +2,10 @@
 # tests/browser/run.sh: end-to-end test of the WebSocket terminal in a real
 # browser. xterm.js in Debian's headless Chromium, driven by playwright-core,
 # connects to a connector's /ws, types `echo hi-$((40+2))` + Enter and waits for
-# `hi-42` on the terminal screen, then checks that the resize message reached
-# the PTY (`stty size` answers `30 100`). Screenshot: $AION_BROWSER_DIR/terminal.png.
+# `hi-42` on the terminal screen (the page does `term.write(e.data)`, as a page
+# written for the original: text frames), then checks that the resize message reached
+# the PTY (`stty size` answers `30 100`) and that UTF-8 output shows whole
+# (`été-42`). Screenshot: $AION_BROWSER_DIR/terminal.png.
 #
 # Usage: tests/browser/run.sh        (about 10 s once installed)
 # Env:   AION_BROWSER_DIR=dir        npm cache and output (default target/browser-e2e)
@@ -132,7 +134,7 @@ log "connector: $BIN"
 TOKEN=$(od -An -N32 -tx1 /dev/urandom | tr -d ' \n')
 mkdir -p "$TMP/ws" "$TMP/web" "$TMP/profile"
 cat >"$TMP/config.json" <<JSON
-{"port":0,"host":"127.0.0.1","projects":{"e2e":{"token":"$TOKEN","dir":"$TMP/ws","agents":{"claude":{"description":"Claude Code"}}}}}
+{"port":0,"host":"127.0.0.1","stateDir":"$TMP/state","projects":{"e2e":{"token":"$TOKEN","dir":"$TMP/ws","agents":{"claude":{"description":"Claude Code"}}}}}
 JSON
 chmod 600 "$TMP/config.json"
 
@@ -196,5 +198,5 @@ if grep -qE '\[(WARN|ERROR)\]' "$TMP/connector.err"; then
     log "connector WARN/ERROR lines:"
     grep -E '\[(WARN|ERROR)\]' "$TMP/connector.err" | head -n 5 >&2
 fi
-log "PASS: typed 'echo hi-\$((40+2))' in xterm.js, the terminal shows hi-42; stty size after resize: 30 100"
+log "PASS: typed 'echo hi-\$((40+2))' in xterm.js, the terminal shows hi-42; stty size after resize: 30 100; UTF-8 été-42"
 log "screenshot: $OUT/terminal.png"

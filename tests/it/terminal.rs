@@ -70,6 +70,13 @@ fn reaped(pid: i32, server: u32) -> bool {
     !alive(pid) && ppid(pid) != Some(server as i32)
 }
 
+/// The number of threads of a process.
+fn threads(pid: u32) -> i64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
+    let line = status.lines().find(|l| l.starts_with("Threads:")).expect("a Threads line");
+    line["Threads:".len()..].trim().parse().expect("a thread count")
+}
+
 fn ping_ok(srv: &Server) {
     let (status, v) = srv.call(TA, "ping", json!({}));
     assert_eq!((status, &v["ok"]), (200, &json!(true)), "ping: {v}");
@@ -132,8 +139,8 @@ fn echo_through_binary_and_text_frames() {
         ws.send_binary(&[*b]);
     }
     ws.expect("hi-54");
-    assert_eq!(ws.text_frames, 0, "binary frames unless ?encoding=text");
-    assert!(ws.binary_frames > 0);
+    assert_eq!(ws.binary_frames, 0, "text frames unless ?encoding=binary (the original's)");
+    assert!(ws.text_frames > 0);
 
     // the shell's world: project dir, TERM, the marker, no connector secrets
     assert_eq!(ask(&mut ws, "$(pwd)"), tmp.join("a").to_str().unwrap());
@@ -207,6 +214,7 @@ fn closing_the_socket_kills_the_shell_and_its_background_jobs() {
 #[test]
 fn twenty_terminals_then_the_per_project_limit() {
     let (_tmp, srv) = start("ws-many", Some(json!({"terminalsPerProject": 20})));
+    let threads_before = threads(srv.pid());
     let mut socks: Vec<Ws> = (0..20).map(|_| ws_connect(&srv.addr, &target(TA, ""))).collect();
     for (i, ws) in socks.iter_mut().enumerate() {
         ws.send_text(&format!("echo n{i}-$(({i}*1000+7))\r"));
@@ -218,6 +226,10 @@ fn twenty_terminals_then_the_per_project_limit() {
     pids.sort();
     pids.dedup();
     assert_eq!(pids.len(), 20, "20 distinct shells");
+    // a socket's pump is its connection's thread; the shell's waiter is the
+    // only other one (and one `terminals` thread for them all)
+    let grew = threads(srv.pid()) - threads_before;
+    assert!(grew <= 2 * 20 + 1, "{grew} more threads for 20 terminals");
     // the 21st is refused before the upgrade; the other project is not limited by this one
     let (status, body, head) = upgrade_raw(&srv, &target(TA, ""), None);
     assert_eq!((status, body.as_str()), (429, r#"{"error":"too many terminals"}"#), "{head}");
@@ -338,8 +350,8 @@ fn session_reattach_replays_and_keeps_the_shell() {
     a2.expect("first-2");
     let first = a2.first_frames.first().copied();
     assert!(
-        first.is_some_and(|(text, len)| !text && a2.cursor() <= len),
-        "the replay is the first (binary) frame: frames {:?}, match ends at {}",
+        first.is_some_and(|(text, len)| text && a2.cursor() <= len),
+        "the replay is the first (text) frame: frames {:?}, match ends at {}",
         a2.first_frames,
         a2.cursor()
     );
@@ -384,10 +396,39 @@ fn session_reattach_replays_and_keeps_the_shell() {
     let mut big2 = ws_connect(&srv.addr, &target(TA, "&session=big"));
     big2.expect("big-4");
     let (text, len) = big2.first_frames[0];
-    assert!(!text && len <= 64 << 10 && len > 60 << 10, "replay frame: {:?}", big2.first_frames);
+    assert!(text && len <= 64 << 10 && len > 60 << 10, "replay frame: {:?}", big2.first_frames);
     assert!(big2.cursor() <= len, "big-4 not in the replay frame: {:?}", big2.first_frames);
     big2.send_text("exit\r");
     assert_eq!(big2.wait_close(Duration::from_secs(8)), Some(1000));
+}
+
+#[test]
+fn a_detached_session_keeps_running_and_replays_its_latest_output() {
+    let (tmp, srv) = start("ws-detached-run", None);
+    let mut ws = ws_connect(&srv.addr, &target(TA, "&session=busy"));
+    // 3 s from now the shell prints 20000 lines (about 200 KB: far more than
+    // a PTY holds), then marks a file; the socket is gone by then
+    ws.send_text(
+        "sleep 3; i=0; while [ $i -lt 20000 ]; do echo line-$i; i=$((i+1)); done; echo fin > done.txt\r",
+    );
+    ws.expect("done.txt");
+    ws.drop_tcp();
+    let done = tmp.join("a/done.txt");
+    assert!(
+        eventually(Duration::from_secs(60), || done.exists()),
+        "the detached shell did not get through its output (nobody read its PTY?)"
+    );
+    let mut back = ws_connect(&srv.addr, &target(TA, "&session=busy"));
+    back.expect("line-19999");
+    let (text, len) = back.first_frames[0];
+    assert!(text && len <= 64 << 10 && len > 60 << 10, "the replay: {:?}", back.first_frames);
+    assert!(back.cursor() <= len, "line-19999 is not in the replay frame");
+    assert!(
+        !String::from_utf8_lossy(&back.out[..len]).contains("line-1\r\n"),
+        "the replay is not the latest"
+    );
+    assert_eq!(ask(&mut back, "still"), "still");
+    back.close_clean();
 }
 
 // ------------------------------------------------------------ 10. SIGPIPE
@@ -431,6 +472,139 @@ fn encoding_text_sends_whole_utf8() {
     assert_eq!(ws.binary_frames, 0, "no binary frames with ?encoding=text");
     assert!(ws.text_frames > 0);
     ws.close_clean();
+}
+
+/// The shell prints `P42`, the first two bytes of 😀, pauses 0.5 s, then
+/// the last two bytes and `E42`: the two halves of the character come out
+/// of the PTY in separate reads. `$((6*7))` keeps the typed line's echo from
+/// matching. Returns what followed `P42` in the frame that brought it.
+fn print_split_emoji(ws: &mut Ws) -> Vec<u8> {
+    ws.send_text("printf 'P%s\\360\\237' $((6*7)); sleep 0.5; printf '\\230\\200E%s\\n' $((6*7))\r");
+    ws.expect("P42");
+    let rest = ws.out[ws.cursor()..].to_vec();
+    ws.expect("E42");
+    rest
+}
+
+#[test]
+fn text_frames_by_default_never_split_a_character() {
+    let (_tmp, srv) = start("ws-utf8", None);
+    let mut ws = ws_connect(&srv.addr, &target(TA, ""));
+    let mut split = false;
+    for _ in 0..3 {
+        let mark = ws.cursor();
+        // nothing of the character came with P42: its first half waited for the second
+        split |= print_split_emoji(&mut ws).is_empty();
+        let text = String::from_utf8(ws.out[mark..ws.cursor()].to_vec()).expect("text frames are UTF-8");
+        assert!(text.contains("P42😀E42"), "{text:?}");
+        assert!(!text.contains('\u{FFFD}'), "a character was cut: {text:?}");
+        if split {
+            break;
+        }
+    }
+    assert!(split, "the two halves of the character never came in separate reads");
+    // the explicit form of the default
+    let mut explicit = ws_connect(&srv.addr, &target(TA, "&encoding=text"));
+    assert_eq!(ask(&mut explicit, "$(printf '\\360\\237\\230\\200')"), "😀");
+    assert_eq!((ws.binary_frames, explicit.binary_frames), (0, 0), "binary frames without ?encoding=binary");
+    assert!(ws.text_frames > 0 && explicit.text_frames > 0);
+    ws.close_clean();
+    explicit.close_clean();
+    // anything else is refused before the upgrade
+    let (status, body, _) = upgrade_raw(&srv, &target(TA, "&encoding=utf16"), None);
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap(),
+        json!({"error": "bad payload", "detail": "encoding must be text or binary"})
+    );
+}
+
+#[test]
+fn encoding_binary_sends_the_pty_bytes_as_they_come() {
+    let (_tmp, srv) = start("ws-binary", None);
+    let mut ws = ws_connect(&srv.addr, &target(TA, "&encoding=binary"));
+    let mut split = false;
+    for _ in 0..3 {
+        let mark = ws.cursor();
+        // the frame that brought P42 ended with the first half of the character
+        split |= print_split_emoji(&mut ws) == b"\xF0\x9F";
+        assert!(ws.out[mark..ws.cursor()].windows(7).any(|w| w == "P42😀".as_bytes()));
+        if split {
+            break;
+        }
+    }
+    assert!(split, "the two halves of the character never came in separate frames");
+    assert_eq!(ws.text_frames, 0, "text frames with ?encoding=binary");
+    assert!(ws.binary_frames > 0);
+    ws.close_clean();
+}
+
+#[test]
+fn resize_messages_with_bad_sizes_are_refused_and_never_typed() {
+    let (_tmp, srv) = start("ws-badresize", None);
+    let mut ws = ws_connect(&srv.addr, &target(TA, ""));
+    assert_eq!(ask(&mut ws, "$(stty size)"), "24 80");
+    let mark = ws.cursor();
+    for bad in [
+        r#"{"type":"resize","cols":0,"rows":40}"#,
+        r#"{"type":"resize","cols":10001,"rows":40}"#,
+        r#"{"type":"resize","cols":-1,"rows":40}"#,
+        r#"{"type":"resize","cols":100.5,"rows":40}"#,
+        r#"{"type":"resize","cols":"100","rows":40}"#,
+        r#"{"type":"resize","cols":100}"#,
+        r#"{"type":"resize"}"#,
+    ] {
+        ws.send_text(bad);
+        ws.send_binary(bad.as_bytes());
+    }
+    assert_eq!(ask(&mut ws, "$(stty size)"), "24 80", "a refused resize changed the size");
+    let seen = String::from_utf8_lossy(&ws.out[mark..]).into_owned();
+    assert!(
+        !seen.contains("resize") && !seen.contains("cols"),
+        "a resize message reached the shell: {seen:?}"
+    );
+    // a good one in a binary frame works too (the original does not tell them apart)
+    ws.send_binary(br#"{"type":"resize","cols":99,"rows":33}"#);
+    assert_eq!(ask(&mut ws, "$(stty size)"), "33 99");
+    // JSON that is not a resize message is keystrokes, as in the original
+    ws.send_text(r#"{"type":"other"}"#);
+    ws.send_binary(b"\x15"); // Ctrl-U: forget the line
+    assert_eq!(ask(&mut ws, "ok"), "ok");
+    assert!(String::from_utf8_lossy(&ws.out[mark..]).contains(r#"{"type":"other"}"#), "not typed");
+    ws.close_clean();
+}
+
+#[test]
+fn sixty_four_terminals_per_project_by_default() {
+    // a team's browser tabs: HTTP terminals, live sockets and reattachable
+    // sessions waiting for theirs all count
+    let (_tmp, mut srv) = start("ws-cap", None);
+    let mut live = Vec::new();
+    for i in 0..64 {
+        match i % 3 {
+            0 => {
+                let (status, v) = srv.call(TA, "terminal.spawn", json!({}));
+                assert_eq!(status, 200, "terminal {i}: {v}");
+            }
+            1 => live.push(ws_connect(&srv.addr, &target(TA, ""))),
+            _ => ws_connect(&srv.addr, &target(TA, &format!("&session=tab{i}"))).drop_tcp(),
+        }
+    }
+    let (status, body, head) = upgrade_raw(&srv, &target(TA, ""), None);
+    assert_eq!((status, body.as_str()), (429, r#"{"error":"too many terminals"}"#), "the 65th: {head}");
+    let (status, body, _) = upgrade_raw(&srv, &target(TA, "&session=tab65"), None);
+    assert_eq!((status, body.as_str()), (429, r#"{"error":"too many terminals"}"#), "a 65th session");
+    let (status, v) = srv.call(TA, "terminal.spawn", json!({}));
+    assert_eq!((status, v), (429, json!({"error": "too many terminals"})), "a 65th HTTP terminal");
+    // a waiting session is reattached, not counted twice
+    let mut tab = ws_connect(&srv.addr, &target(TA, "&session=tab2"));
+    assert_eq!(ask(&mut tab, "back"), "back");
+    // the other project is not limited by this one
+    let mut other = ws_connect(&srv.addr, &target(TB, ""));
+    assert_eq!(ask(&mut other, "b"), "b");
+    assert_eq!(ask(&mut live[0], "a"), "a");
+    let status = srv.signal_and_wait(Signal::SIGTERM, Duration::from_secs(20));
+    assert_eq!(status.code(), Some(0), "stderr:\n{}", srv.stderr());
 }
 
 // ------------------------------------------------------------ 12. descriptors
@@ -502,52 +676,139 @@ fn http_terminal_actions() {
     input("printf '\\342\\202\\254\\n'\r");
     http_output_until(&srv, &id, "€");
 
-    // the other project cannot use the id; unknown ids are 404
+    // the other project cannot use the id; unknown ids are 404, except for
+    // terminal.close, which is idempotent as the original's (and ends nothing)
     let no = json!({"error": "no session"});
     for (token, sid) in [(TB, id.as_str()), (TA, "t-nope"), (TA, "")] {
         for (action, extra) in [
             ("terminal.input", json!({"data": "echo x\r"})),
             ("terminal.output", json!({})),
             ("terminal.resize", json!({"cols": 10, "rows": 10})),
-            ("terminal.close", json!({})),
         ] {
             let mut payload = extra;
             payload["sessionId"] = json!(sid);
             let (status, v) = srv.call(token, action, payload);
             assert_eq!((status, &v), (404, &no), "{action} {sid:?} with {token}");
         }
+        let (status, v) = srv.call(token, "terminal.close", json!({"sessionId": sid}));
+        assert_eq!((status, v), (200, json!({"ok": true})), "terminal.close {sid:?} with {token}");
     }
+    // resize without sizes is a no-op (the original ignored them); one size alone is a 400
+    let (status, v) = srv.call(TA, "terminal.resize", json!({"sessionId": id}));
+    assert_eq!((status, v), (200, json!({"ok": true})));
+    let (status, v) = srv.call(TA, "terminal.resize", json!({"sessionId": id, "cols": 50}));
+    assert_eq!((status, v["error"].clone()), (400, json!("bad payload")), "{v}");
+    input("stty size\r");
+    http_output_until(&srv, &id, "43 132");
+}
 
-    input("exit\r");
-    poll("alive:false after exit", || {
+#[test]
+fn http_input_larger_than_the_pty_takes_at_once_arrives_whole() {
+    let (tmp, srv) = start("http-bigin", None);
+    let (_, v) = srv.call(TA, "terminal.spawn", json!({}));
+    let id = v["sessionId"].as_str().expect("sessionId").to_string();
+    let input = |data: &str| {
+        let (status, v) = srv.call(TA, "terminal.input", json!({"sessionId": id, "data": data}));
+        assert_eq!((status, v), (200, json!({"ok": true})), "input of {} bytes", data.len());
+    };
+    input("stty -echo; cat > big.txt; echo got-$((6*7))\r");
+    http_output_until(&srv, &id, "$ ");
+    // 2000 lines of 50 bytes in one request: a PTY takes a few KiB at a time
+    let line = format!("{}\n", "x".repeat(49));
+    input(&line.repeat(2000));
+    // then Ctrl-D, once the shell has read most of it: until then the
+    // terminal is busy (what it accepted is written in order meanwhile)
+    poll("terminal.input accepted again", || {
+        let (status, v) = srv.call(TA, "terminal.input", json!({"sessionId": id, "data": "\x04"}));
+        match status {
+            200 => Some(()),
+            503 => {
+                assert_eq!(v["error"], "terminal busy", "{v}");
+                None
+            }
+            _ => panic!("terminal.input: {status} {v}"),
+        }
+    });
+    http_output_until(&srv, &id, "got-42");
+    let size = std::fs::metadata(tmp.join("a/big.txt")).expect("big.txt").len();
+    assert_eq!(size, 100_000, "what cat received");
+}
+
+/// terminal.output until `cond` holds on the data seen so far; (all data, the last answer).
+fn http_output_while(srv: &Server, id: &str, what: &str, cond: impl Fn(&str) -> bool) -> (String, Value) {
+    let mut seen = String::new();
+    poll(what, || {
         let (status, v) = srv.call(TA, "terminal.output", json!({"sessionId": id}));
         assert_eq!(status, 200, "{v}");
-        (v["alive"] == false).then_some(())
-    });
-    let (status, v) = srv.call(TA, "terminal.close", json!({"sessionId": id}));
-    assert_eq!((status, v.clone()), (200, json!({"ok": true})));
+        seen.push_str(v["data"].as_str().expect("data"));
+        cond(&seen).then(|| (seen.clone(), v))
+    })
+}
 
-    // terminal.close ends a live shell
-    let (_, v) = srv.call(TA, "terminal.spawn", json!({}));
-    let id2 = v["sessionId"].as_str().unwrap().to_string();
-    let (_, v) = srv.call(TA, "terminal.input", json!({"sessionId": id2, "data": "echo P$((1+1))=$$\r"}));
-    assert_eq!(v["ok"], true);
-    let seen = http_output_until(&srv, &id2, "P2=");
-    let seen = if seen.split("P2=").nth(1).is_some_and(|r| r.contains('\n')) {
-        seen
-    } else {
-        http_output_until(&srv, &id2, "\n$")
+#[test]
+fn http_terminal_end_of_life() {
+    let (_tmp, srv) = start("http-eol", None);
+    let spawn = || {
+        let (status, v) = srv.call(TA, "terminal.spawn", json!({}));
+        assert_eq!(status, 200, "{v}");
+        v["sessionId"].as_str().expect("sessionId").to_string()
     };
+    let call = |action: &str, id: &str, extra: Value| {
+        let mut payload = extra;
+        payload["sessionId"] = json!(id);
+        srv.call(TA, action, payload)
+    };
+    let no = json!({"error": "no session"});
+
+    // the shell exits: its output ends with the original's marker, alive turns false
+    let id = spawn();
+    let (status, v) = call("terminal.input", &id, json!({"data": "echo bye-$((6*7)); exit\r"}));
+    assert_eq!((status, v), (200, json!({"ok": true})));
+    let (seen, last) =
+        http_output_while(&srv, &id, "the exit marker", |seen| seen.contains("[process exited]"));
+    assert!(seen.contains("bye-42"), "{seen:?}");
+    assert!(seen.ends_with("\r\n[process exited]"), "output does not end with the marker: {seen:?}");
+    assert_eq!(last["alive"], false, "the answer with the marker: {last}");
+    // input is refused, the rest of the output can still be read (none is left)
+    let (status, v) = call("terminal.input", &id, json!({"data": "echo again\r"}));
+    assert_eq!((status, &v), (404, &no), "input after the exit");
+    let (status, v) = call("terminal.output", &id, json!({}));
+    assert_eq!(
+        (status, v),
+        (200, json!({"ok": true, "data": "", "alive": false})),
+        "output right after the exit"
+    );
+    // closed: gone at once
+    let (status, v) = call("terminal.close", &id, json!({}));
+    assert_eq!((status, v), (200, json!({"ok": true})));
+    let (status, v) = call("terminal.output", &id, json!({}));
+    assert_eq!((status, &v), (404, &no), "output after terminal.close");
+
+    // terminal.close on a live shell: every later call is `no session` at once,
+    // and the shell is hung up and reaped
+    let id = spawn();
+    let (_, v) = call("terminal.input", &id, json!({"data": "echo P$((1+1))=$$\r"}));
+    assert_eq!(v["ok"], true, "{v}");
+    let (seen, _) = http_output_while(&srv, &id, "the shell's pid", |seen| {
+        seen.split("P2=").nth(1).is_some_and(|rest| rest.contains('\n'))
+    });
     let pid: i32 =
         seen.split("P2=").nth(1).unwrap().lines().next().unwrap().trim().parse().expect("pid of the shell");
     assert!(alive(pid));
-    let (status, _) = srv.call(TA, "terminal.close", json!({"sessionId": id2}));
-    assert_eq!(status, 200);
-    poll("alive:false after terminal.close", || {
-        let (_, v) = srv.call(TA, "terminal.output", json!({"sessionId": id2}));
-        (v["alive"] == false).then_some(())
-    });
+    let (status, v) = call("terminal.close", &id, json!({}));
+    assert_eq!((status, v), (200, json!({"ok": true})));
+    for (action, extra) in [
+        ("terminal.input", json!({"data": "echo x\r"})),
+        ("terminal.output", json!({})),
+        ("terminal.resize", json!({"cols": 10, "rows": 10})),
+    ] {
+        let (status, v) = call(action, &id, extra);
+        assert_eq!((status, &v), (404, &no), "{action} right after terminal.close");
+    }
+    let (status, v) = call("terminal.close", &id, json!({}));
+    assert_eq!((status, v), (200, json!({"ok": true})), "a second terminal.close");
     assert!(eventually(Duration::from_secs(5), || reaped(pid, srv.pid())), "shell {pid} left behind");
+    ping_ok(&srv);
 }
 
 // ------------------------------------------------------------ 14. SIGTERM
