@@ -105,6 +105,9 @@ pub struct Project {
     /// Extra deny patterns on top of the built-in sensitive-file list.
     pub sensitive: Vec<String>,
     pub allow_file_urls: bool,
+    /// `"events": true`: every ACP update of a run other than message text is
+    /// posted too (`agent-event`, `"type":"event"` stream lines).
+    pub events: bool,
 }
 
 #[derive(Debug)]
@@ -415,7 +418,7 @@ impl Checker {
     }
 
     fn project(&mut self, id: &str, v: &Json, path: &str, cwd: &Path) -> Option<Project> {
-        let known = ["token", "dir", "agents", "sensitive", "allowFileUrls"];
+        let known = ["token", "dir", "agents", "sensitive", "allowFileUrls", "events"];
         let fields = self.object(v, path, &known)?;
         let get = |k: &str| fields.iter().find(|(key, _)| key == k).map(|(_, v)| v);
         let (token, dir) = (join(path, "token"), join(path, "dir"));
@@ -448,15 +451,17 @@ impl Checker {
         let agents = get("agents").map(|v| self.agents(v, &join(path, "agents"))).unwrap_or_default();
         let sensitive =
             get("sensitive").map(|v| self.patterns(v, &join(path, "sensitive"))).unwrap_or_default();
-        let allow_file_urls = match get("allowFileUrls") {
+        let mut switch = |k: &str| match get(k) {
             None => false,
             Some(Json::Bool(b)) => *b,
             Some(other) => {
                 let msg = format!("expected true or false, found {}", other.kind());
-                self.problem(&join(path, "allowFileUrls"), msg);
+                self.problem(&join(path, k), msg);
                 false
             }
         };
+        let allow_file_urls = switch("allowFileUrls");
+        let events = switch("events");
         Some(Project {
             id: id.to_string(),
             token: Secret(token?),
@@ -464,6 +469,7 @@ impl Checker {
             agents,
             sensitive,
             allow_file_urls,
+            events,
         })
     }
 
@@ -607,8 +613,9 @@ pub fn valid_agent_name(name: &str) -> bool {
         && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
 }
 
-/// JSON kept in document order (serde_json's map would sort it).
-#[derive(Debug)]
+/// JSON kept in document order (serde_json's map would sort it); written
+/// back in that order too (the `.acpxrc.json` a run updates).
+#[derive(Debug, PartialEq)]
 pub enum Json {
     Null,
     Bool(bool),
@@ -636,6 +643,32 @@ impl Json {
             Json::Num(n) => n.to_string(),
             Json::Bool(b) => b.to_string(),
             other => other.kind().to_string(),
+        }
+    }
+}
+
+impl serde::Serialize for Json {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::{SerializeMap, SerializeSeq};
+        match self {
+            Json::Null => s.serialize_unit(),
+            Json::Bool(b) => s.serialize_bool(*b),
+            Json::Num(n) => n.serialize(s),
+            Json::Str(v) => s.serialize_str(v),
+            Json::Arr(items) => {
+                let mut seq = s.serialize_seq(Some(items.len()))?;
+                for item in items {
+                    seq.serialize_element(item)?;
+                }
+                seq.end()
+            }
+            Json::Obj(fields) => {
+                let mut map = s.serialize_map(Some(fields.len()))?;
+                for (k, v) in fields {
+                    map.serialize_entry(k, v)?;
+                }
+                map.end()
+            }
         }
     }
 }

@@ -74,11 +74,25 @@ impl Child {
     /// readers drain until `drained` (at most two seconds), then tells them to
     /// stop waiting. Returns how many processes were swept.
     pub fn finish(&self, drained: impl Fn() -> bool) -> usize {
-        let swept = sweep(&self.marker, DRAIN);
+        let swept = self.sweep();
         release_readers(&self.stop_reading, drained, DRAIN);
         swept
     }
+
+    /// [`sweep`] of this child's marker; how many processes it ended.
+    pub fn sweep(&self) -> usize {
+        sweep(&self.marker, DRAIN)
+    }
+
+    /// Tells the readers of its pipes to stop waiting (for an owner that
+    /// drains them itself, for at most [`DRAIN`] after the leader is gone).
+    pub fn release_readers(&self) {
+        self.stop_reading.store(true, Ordering::SeqCst);
+    }
 }
+
+/// How long an owner lets the readers drain after the leader is gone.
+pub const DRAIN_AFTER_EXIT: Duration = DRAIN;
 
 /// Ends a group: `first` (a polite request such as `acpx cancel`, bounded by
 /// the grace) if given, then SIGTERM, then SIGKILL once `grace` has passed

@@ -1,59 +1,69 @@
 //! Agent runs: `invoke` starts one, `stop` ends it. A run syncs the payload's
-//! repositories, runs the agent through acpx (or the agent's own argv
-//! template) in its own process group with stdin from /dev/null and no shell,
-//! turns each line of its output into an `output` event, and closes with
-//! exactly one `complete` or `error`. Events go, in order and numbered by
-//! `seq`, to the callback through the [`Outbox`], or to a live NDJSON answer.
+//! repositories, composes the prompt ([`prompt`]), registers the connector's
+//! MCP server in the project's `.acpxrc.json` ([`acpxrc`]), ensures the acpx
+//! session, and runs the agent in the project dir through acpx (or the
+//! agent's own argv template, [`command`]) in its own process group, with no
+//! shell. acpx's JSON is read as the Node connector v0.3.3 reads it ([`acp`]):
+//! each piece of message text is one `output` post, the end of the turn
+//! closes the run with `complete` at once, an empty turn or a session that
+//! needs reconnecting is retried (twice at most). Every post is numbered by
+//! one `seq` and goes, in order, to the callback through the outbox or to a
+//! live NDJSON answer ([`events`]); exactly one `complete` or `error` closes
+//! the run, last.
 //!
-//! The agent is a [`supervise::Child`] marked `AION_RUN_ID`: when the run
-//! ends, every process carrying the marker is swept, so acpx's detached queue
-//! owner does not outlive it.
+//! Each attempt is a [`crate::process::supervise::Child`] marked
+//! `AION_RUN_ID`: when it ends, every process carrying the marker is swept,
+//! so acpx's detached queue owner does not outlive it ([`attempt`]).
 //!
-//! Threads of a run, all named after its id and all joined by the run thread:
-//! - `run-ID`: the run thread; syncs repos, spawns the agent, waits for it,
-//!   owns the run's events after the pump is done and posts the closing one;
-//!   ends with the run;
-//! - `run-out-ID` (scoped): reads stdout line by line into output events;
-//!   ends at EOF or when released after the agent is gone;
-//! - `run-err-ID`: keeps the tail of stderr; ends at EOF or when released;
-//! - `run-ctl-ID`: owns the receiver of the run's [`Control`] channel; ends
-//!   the process group on stop, timeout or shutdown, or returns when told
-//!   the agent exited.
+//! Threads: `run-ID`, the run thread (one per run; it syncs, writes the
+//! config, runs the attempts one after the other and reads their output,
+//! then closes the run; it ends with the run), plus the threads of the
+//! attempt under way, which it joins ([`attempt`]).
+
+mod acp;
+mod acpxrc;
+mod attempt;
+mod command;
+mod events;
+pub mod prompt;
 
 use crate::config::{Agent, Limits};
-use crate::delivery::outbox::{Fallback, Outbox, Record, Stream};
+use crate::delivery::outbox::{Fallback, Outbox, Record};
 use crate::lease::Leases;
 use crate::logging::{error, info, warn};
-use crate::process::{
-    self as proc,
-    supervise::{self, Child},
-};
+use crate::process::{self as proc, supervise};
 use crate::project::ProjectState;
 use crate::workspace::git::{self, Change, RepoSpec};
+use acp::{Line, Summary};
+use attempt::{Cut, Outcome};
+use command::Mode;
 use crossbeam_channel::{Receiver, Sender};
-use serde::Serialize;
+use events::{Events, Kind, Sink};
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read};
-use std::path::Path;
-use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// Attempts after the first: an empty turn or `needs reconnect` is retried this often.
+const RETRIES: u32 = 2;
 
 /// A validated `invoke`.
 pub struct Invoke {
     pub agent: String,
+    /// The user's prompt as sent; the agent gets it composed with `context`.
     pub prompt: String,
+    pub context: prompt::Context,
     pub session: String,
     pub model: Option<String>,
     /// Base URL of the platform's callbacks.
     pub callback: Option<String>,
-    /// Echoed in every event body ("" if the invoke had none).
+    /// Echoed in every post ("" if the invoke had none).
     pub token: String,
     pub repos: Vec<RepoSpec>,
 }
 
-/// Where a run's events go.
+/// Where a run's posts go.
 pub enum Delivery {
     Callback,
     /// The live NDJSON answer; the connection thread owns the receiver.
@@ -68,20 +78,21 @@ pub enum Refused {
     ShuttingDown,
 }
 
-/// Messages to a run's control thread (which owns the receiver).
+/// Messages to a run (the control thread of its attempt under way owns a
+/// clone of the receiver; between attempts the run thread looks).
 enum Control {
     Stop,
     Shutdown,
-    /// The process has exited; the control thread can end.
-    Exited,
 }
 
-/// Why a run ended before its agent was done.
-#[derive(Clone, Copy)]
-enum Cut {
-    Stopped,
-    Shutdown,
-    TimedOut(Duration),
+/// A run in the registry.
+struct Active {
+    id: String,
+    control: Sender<Control>,
+    events: Arc<Mutex<Events>>,
+    /// Disconnected when the run thread ends: a next run of the session,
+    /// started once this one is closed, waits for its cleanup.
+    done: Receiver<()>,
 }
 
 pub struct Runs {
@@ -89,14 +100,19 @@ pub struct Runs {
     limits: Limits,
     /// Aion leases for agents with `leaseApps` (None: no agent has any).
     leases: Option<Leases>,
-    /// Running runs by (project id, session), with their control senders.
-    active: Mutex<HashMap<(String, String), Sender<Control>>>,
+    /// Running runs by (project id, session).
+    active: Mutex<HashMap<(String, String), Active>>,
     /// Set (under the `active` lock) when shutdown begins: no new run starts.
-    closing: std::sync::atomic::AtomicBool,
+    closing: AtomicBool,
     next: AtomicU64,
-    /// The last display post of each (project id, session): its outbox stream
-    /// id, while it may still be undelivered. The inner lock is held while a
-    /// post of that session is queued, so they go one after the other.
+    /// The connector's own binary, the `aion` MCP server's command (None: unknown).
+    exe: Option<PathBuf>,
+    /// `<stateDir>/mcp.sock`, where the MCP servers reach the connector.
+    socket: PathBuf,
+    /// The last display post of each (project id, session): the outbox
+    /// stream it went into, while it may still be undelivered. The inner lock
+    /// is held while a post of that session is queued, so they go one after
+    /// the other.
     displays: Mutex<HashMap<(String, String), LastDisplay>>,
 }
 
@@ -106,24 +122,36 @@ type LastDisplay = Arc<Mutex<Option<String>>>;
 /// How long a display post waits for the session's previous one to be delivered.
 const DISPLAY_WAIT: Duration = Duration::from_secs(5);
 
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 impl Runs {
-    pub fn new(outbox: Arc<Outbox>, limits: Limits, leases: Option<Leases>) -> Arc<Runs> {
+    /// `state_dir` must be absolute: it is written into `.acpxrc.json`.
+    pub fn new(outbox: Arc<Outbox>, limits: Limits, leases: Option<Leases>, state_dir: &Path) -> Arc<Runs> {
+        let exe = std::env::current_exe().and_then(|p| p.canonicalize());
+        if let Err(e) = &exe {
+            warn!("cannot tell the path of this binary ({e}): agents run without the aion MCP server");
+        }
         Arc::new(Runs {
             outbox,
             limits,
             leases,
             active: Mutex::new(HashMap::new()),
-            closing: std::sync::atomic::AtomicBool::new(false),
+            closing: AtomicBool::new(false),
             next: AtomicU64::new(0),
+            exe: exe.ok(),
+            socket: state_dir.join("mcp.sock"),
             displays: Mutex::new(HashMap::new()),
         })
     }
 
-    fn active(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), Sender<Control>>> {
-        self.active.lock().unwrap_or_else(|p| p.into_inner())
+    fn active(&self) -> MutexGuard<'_, HashMap<(String, String), Active>> {
+        lock(&self.active)
     }
 
-    /// Registers and starts a run; refused while its session runs or the
+    /// Registers and starts a run; refused while its session runs (a run
+    /// already closed but still cleaning up is waited for instead) or the
     /// project is at its cap.
     pub fn start(
         self: &Arc<Self>,
@@ -132,49 +160,92 @@ impl Runs {
         delivery: Delivery,
     ) -> Result<(), Refused> {
         let key = (project.config.id.clone(), invoke.session.clone());
-        let (tx, rx) = crossbeam_channel::unbounded();
-        {
-            let mut active = self.active();
-            if self.closing.load(Ordering::SeqCst) {
-                return Err(Refused::ShuttingDown);
-            }
-            if active.contains_key(&key) {
-                return Err(Refused::Busy);
-            }
-            if active.keys().filter(|(p, _)| *p == key.0).count() >= self.limits.runs_per_project {
-                return Err(Refused::TooMany);
-            }
-            active.insert(key.clone(), tx.clone());
-        }
         let millis = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis();
         let id = format!("{millis}-{}-{}", std::process::id(), self.next.fetch_add(1, Ordering::Relaxed));
+        let (control_tx, control_rx) = crossbeam_channel::unbounded();
+        let (done_tx, done_rx) = crossbeam_channel::bounded::<()>(0);
+        let mut active = self.active();
+        if self.closing.load(Ordering::SeqCst) {
+            return Err(Refused::ShuttingDown);
+        }
+        let previous = match active.get(&key) {
+            Some(run) if !lock(&run.events).closed() => return Err(Refused::Busy),
+            Some(_) => active.remove(&key),
+            None => None,
+        };
+        if previous.is_none()
+            && active.keys().filter(|(p, _)| *p == key.0).count() >= self.limits.runs_per_project
+        {
+            return Err(Refused::TooMany);
+        }
+        let events = Arc::new(Mutex::new(self.sink(&project, &id, &invoke, delivery)));
+        let wait_for = previous.as_ref().map(|p| p.done.clone());
+        active.insert(
+            key.clone(),
+            Active { id: id.clone(), control: control_tx, events: Arc::clone(&events), done: done_rx },
+        );
         let runs = Arc::clone(self);
-        let run_key = key.clone();
+        let (run_id, run_key) = (id.clone(), key.clone());
         let spawned =
             std::thread::Builder::new().name(format!("run-{id}")).stack_size(512 << 10).spawn(move || {
+                let _done = done_tx;
+                if let Some(previous) = wait_for {
+                    // The session's last run is closed but still ending its processes.
+                    let _ = previous.recv();
+                }
                 let started = Instant::now();
                 let session = invoke.session.clone();
-                let mut run = Run::new(&runs, &project, &id, invoke, delivery);
-                let outcome = run.go(rx, tx);
-                runs.active().remove(&run_key);
+                let mut run =
+                    Run { runs: &runs, project: &project, id: &run_id, invoke, events: &events, lines: 0 };
+                let outcome = run.go(&control_rx);
+                let lines = run.lines;
+                {
+                    let mut active = runs.active();
+                    if active.get(&run_key).is_some_and(|a| a.id == run_id) {
+                        active.remove(&run_key);
+                    }
+                }
                 info!(
-                    "run {session} project={} ended: {outcome} after {:.1}s, {} line(s)",
+                    "run {session} project={} ended: {outcome} after {:.1}s, {lines} line(s)",
                     project.config.id,
                     started.elapsed().as_secs_f64(),
-                    run.lines
                 );
             });
         if let Err(e) = spawned {
             error!("cannot start a run thread: {e}");
-            self.active().remove(&key);
+            active.remove(&key);
+            if let Some(previous) = previous {
+                active.insert(key, previous);
+            }
             return Err(Refused::TooMany);
         }
         Ok(())
     }
 
+    /// The run's posts: its outbox stream (closed with an `error` if the
+    /// connector dies first), its live answer, or nowhere.
+    fn sink(&self, project: &ProjectState, id: &str, invoke: &Invoke, delivery: Delivery) -> Events {
+        let base = invoke.callback.as_deref().unwrap_or("").trim_end_matches('/').to_string();
+        let key = project.config.id.as_str();
+        let sink = match delivery {
+            Delivery::Live(tx) => Sink::Live(tx),
+            Delivery::Nowhere => Sink::Nowhere,
+            Delivery::Callback => {
+                let mut body = serde_json::Map::new();
+                body.insert("sessionId".into(), invoke.session.clone().into());
+                body.insert("error".into(), "the connector restarted".into());
+                body.insert("token".into(), invoke.token.clone().into());
+                let fallback =
+                    Fallback { url: format!("{base}/internal/agent-error"), key: key.to_string(), body };
+                Sink::Outbox(self.outbox.stream(id, &fallback))
+            }
+        };
+        Events::new(sink, &invoke.session, &invoke.token, key, &base)
+    }
+
     /// Asks a session's run to stop; false when none is running.
     pub fn stop(&self, project: &str, session: &str) -> bool {
-        let tx = self.active().get(&(project.to_string(), session.to_string())).cloned();
+        let tx = self.active().get(&(project.to_string(), session.to_string())).map(|a| a.control.clone());
         tx.is_some_and(|tx| tx.send(Control::Stop).is_ok())
     }
 
@@ -183,7 +254,7 @@ impl Runs {
         let senders: Vec<Sender<Control>> = {
             let active = self.active();
             self.closing.store(true, Ordering::SeqCst);
-            active.values().cloned().collect()
+            active.values().map(|a| a.control.clone()).collect()
         };
         for tx in senders {
             let _ = tx.send(Control::Shutdown);
@@ -191,11 +262,15 @@ impl Runs {
     }
 
     /// `display_set` / `display_clear` of an agent's MCP server (`url` empty to
-    /// clear): `{"url","token","sessionId"}` POSTed to
-    /// `{callback}/internal/agent-display` through the signed, retried outbox.
-    /// The posts of a session arrive in order: one is queued only once the
-    /// previous one is delivered, which it waits for up to five seconds;
-    /// past that it is refused (the platform is not taking posts).
+    /// clear): `{"url","token","sessionId","seq"}` POSTed to
+    /// `{callback}/internal/agent-display`. While a run of that session is
+    /// open and posts to that callback (or to a live answer), the post takes
+    /// the run's next `seq` in its ordered stream; otherwise it is a stream of
+    /// its own (`seq` 0) through the signed, retried outbox. The posts of a
+    /// session arrive in order: one that leaves the stream of the previous
+    /// one is queued only once that stream is delivered, which it waits for
+    /// up to five seconds; past that it is refused (the platform is not
+    /// taking posts).
     pub fn display(
         &self,
         project: &ProjectState,
@@ -206,7 +281,7 @@ impl Runs {
     ) -> Result<(), String> {
         let key = project.config.id.clone();
         let last = {
-            let mut displays = self.displays.lock().unwrap_or_else(|p| p.into_inner());
+            let mut displays = lock(&self.displays);
             if displays.len() > 256 {
                 displays.retain(|_, last| {
                     last.try_lock().map_or(true, |id| id.as_deref().is_some_and(|id| self.outbox.pending(id)))
@@ -214,30 +289,59 @@ impl Runs {
             }
             Arc::clone(displays.entry((key.clone(), session.to_string())).or_default())
         };
-        let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(previous) = last.as_deref() {
+        let mut last = lock(&last);
+        let run = self
+            .active()
+            .get(&(key.clone(), session.to_string()))
+            .map(|a| (a.id.clone(), Arc::clone(&a.events)));
+        let wait_for_previous = |previous: &str| {
             let deadline = Instant::now() + DISPLAY_WAIT;
             while self.outbox.pending(previous) {
                 if Instant::now() >= deadline {
-                    return Err("the previous display post is not delivered yet (is the platform up?)".into());
+                    return Err(
+                        "the previous display post is not delivered yet (is the platform up?)".to_string()
+                    );
                 }
                 std::thread::sleep(Duration::from_millis(10));
             }
+            Ok(())
+        };
+        if let Some(previous) = last.as_deref()
+            && run.as_ref().is_none_or(|(id, _)| id != previous)
+        {
+            wait_for_previous(previous)?;
+        }
+        if let Some((id, events)) = run {
+            {
+                let mut events = lock(&events);
+                if events.takes_display(callback) {
+                    events.emit(Kind::Display { url, token });
+                    *last = Some(id);
+                    return Ok(());
+                }
+            }
+            if last.as_deref() == Some(id.as_str()) {
+                // The run closed since its last display: its stream goes first.
+                wait_for_previous(&id)?;
+            }
         }
         let base = callback.trim_end_matches('/');
+        if base.is_empty() {
+            return Err("no callback to post to".into());
+        }
+        let target = format!("{base}/internal/agent-display");
+        let id = format!("display-{}-{:x}", std::process::id(), crate::nonce::nonce());
         let mut body = serde_json::Map::new();
         body.insert("url".into(), url.into());
         body.insert("token".into(), token.into());
         body.insert("sessionId".into(), session.into());
-        let target = format!("{base}/internal/agent-display");
-        let id = format!("display-{}-{:x}", std::process::id(), crate::nonce::nonce());
-        let fallback = Fallback { url: target.clone(), key: key.clone(), body: body.clone() };
+        let fallback = Fallback { url: target.clone(), key: key.clone(), body };
         let record = Record {
             url: target,
             key,
             seq: 0,
             last: true,
-            body: serde_json::Value::Object(body).to_string(),
+            body: events::display_body(url, token, session, 0),
         };
         self.outbox.stream(&id, &fallback).push(&record);
         *last = Some(id);
@@ -253,673 +357,410 @@ impl Runs {
     }
 }
 
-/// A run's events, numbered, to wherever they go.
-struct Events {
-    sink: Sink,
-    seq: u64,
-    session: String,
-    token: String,
-    key: String,
-    base: String,
+/// A repository whose changes a run reports: the project dir itself, or a
+/// mapped repository inside it (`prefix` = its path from the project dir, with `/`).
+struct Repo {
+    dir: PathBuf,
+    prefix: String,
 }
 
-enum Sink {
-    Outbox(Stream),
-    Live(Sender<Vec<u8>>),
-    Nowhere,
+/// The project dir if it is a repository, then every mapped repository inside it.
+fn repos(project: &ProjectState) -> Vec<Repo> {
+    let root = project.root.as_path();
+    let mut repos = Vec::new();
+    if root.join(".git").exists() {
+        repos.push(Repo { dir: root.to_path_buf(), prefix: String::new() });
+    }
+    for (_, path) in project.workspaces() {
+        let Ok(real) = path.canonicalize() else { continue };
+        let Ok(rel) = real.strip_prefix(root) else { continue };
+        if rel.as_os_str().is_empty() || !real.join(".git").exists() || repos.iter().any(|r| r.dir == real) {
+            continue;
+        }
+        let prefix = format!("{}/", rel.to_string_lossy());
+        repos.push(Repo { dir: real, prefix });
+    }
+    repos
 }
 
-#[derive(Serialize)]
-struct Event<'a> {
-    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
-    kind: Option<&'static str>,
-    #[serde(rename = "sessionId")]
-    session_id: &'a str,
-    seq: u64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    text: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    summary: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    changed: Option<&'a [Change]>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    error: Option<&'a str>,
-    token: &'a str,
-}
-
-impl Events {
-    fn emit(&mut self, kind: &'static str, path: &str, mut event: Event<'_>) {
-        let last = kind != "output";
-        event.seq = self.seq;
-        self.seq += 1;
-        match &mut self.sink {
-            Sink::Outbox(stream) => {
-                let body = serde_json::to_string(&event).expect("events serialize");
-                let record = Record {
-                    url: format!("{}{path}", self.base),
-                    key: self.key.clone(),
-                    seq: event.seq,
-                    last,
-                    body,
-                };
-                stream.push(&record);
-            }
-            Sink::Live(tx) => {
-                event.kind = Some(kind);
-                let mut line = serde_json::to_vec(&event).expect("events serialize");
-                line.push(b'\n');
-                if tx.send(line).is_err() {
-                    // The client went away; the run goes on, unwatched.
-                    self.sink = Sink::Nowhere;
+/// What a run changed, paths from the project dir: each repository's working
+/// tree (untracked files included, renames under their new path) plus the
+/// files of commits made since `heads` (each repository's HEAD at the start).
+fn changes(project: &ProjectState, heads: &[(PathBuf, Option<String>)], timeout: Duration) -> Vec<Change> {
+    let repos = repos(project);
+    let nested: Vec<&str> = repos.iter().map(|r| r.prefix.as_str()).filter(|p| !p.is_empty()).collect();
+    let mut out = Vec::new();
+    for repo in &repos {
+        let mut changed = git::status(&repo.dir, timeout).unwrap_or_default();
+        let start = heads.iter().find(|(d, _)| *d == repo.dir).and_then(|(_, h)| h.as_deref());
+        if let Some(start) = start
+            && let Some(now) = git::head(&repo.dir, timeout)
+            && now != start
+        {
+            for c in git::committed(&repo.dir, start, &now, timeout) {
+                if !changed.iter().any(|x| x.path == c.path) {
+                    changed.push(c);
                 }
             }
-            Sink::Nowhere => {}
+        }
+        for c in changed {
+            if repo.prefix.is_empty() {
+                // The project's own: not its nested repositories (listed on
+                // their own), not the connector's .acpxrc.json.
+                let nested_here =
+                    nested.iter().any(|n| c.path == n.trim_end_matches('/') || c.path.starts_with(n));
+                if nested_here || c.path == acpxrc::FILE || c.path.starts_with(".acpxrc.json.") {
+                    continue;
+                }
+            }
+            out.push(Change { status: c.status, path: format!("{}{}", repo.prefix, c.path) });
         }
     }
-
-    fn blank(&self) -> Event<'static> {
-        Event {
-            kind: None,
-            session_id: "",
-            seq: 0,
-            text: None,
-            summary: None,
-            changed: None,
-            error: None,
-            token: "",
-        }
-    }
-
-    fn output(&mut self, text: &str) {
-        let (session, token) = (self.session.clone(), self.token.clone());
-        let ev = Event { session_id: &session, text: Some(text), token: &token, ..self.blank() };
-        self.emit("output", "/internal/agent-stream", ev);
-    }
-
-    fn complete(&mut self, summary: &str, changed: &[Change]) {
-        let (session, token) = (self.session.clone(), self.token.clone());
-        let ev = Event {
-            session_id: &session,
-            summary: Some(summary),
-            changed: Some(changed),
-            token: &token,
-            ..self.blank()
-        };
-        self.emit("complete", "/internal/agent-complete", ev);
-    }
-
-    fn error(&mut self, message: &str) {
-        let (session, token) = (self.session.clone(), self.token.clone());
-        let ev = Event { session_id: &session, error: Some(message), token: &token, ..self.blank() };
-        self.emit("error", "/internal/agent-error", ev);
-    }
+    out
 }
 
-/// What the agent's output says: its message text and whether the prompt turn finished.
-#[derive(Default)]
-struct Transcript {
-    summary: String,
-    /// Output that was not JSON (a non-ACP command), for the summary.
+/// Where each repository's HEAD is, at the start of a run.
+fn heads(project: &ProjectState, timeout: Duration) -> Vec<(PathBuf, Option<String>)> {
+    repos(project).into_iter().map(|r| (git::head(&r.dir, timeout), r.dir)).map(|(h, d)| (d, h)).collect()
+}
+
+/// Reads the output of a run's attempts: acpx's JSON (message text, events,
+/// the end of the turn) or a `command` agent's raw lines.
+struct TurnReader<'a> {
+    events: &'a Mutex<Events>,
+    mode: Mode,
+    /// The project posts its ACP updates.
+    post_events: bool,
+    /// This attempt's summary (acpx: message text and non-JSON lines).
+    summary: Summary,
+    /// A `command` agent's non-JSON lines, for its summary.
     plain: String,
-    saw_json: bool,
-    stop_reason: Option<String>,
+    /// The run's `complete` went out.
+    completed: bool,
+    /// Bytes posted so far, the cap, and whether it was reached.
+    sent: u64,
+    cap: u64,
+    capped: bool,
+    lines: u64,
+    session: &'a str,
+    changes: &'a dyn Fn() -> Vec<Change>,
 }
 
-const SUMMARY_CAP: usize = 1 << 20;
+impl TurnReader<'_> {
+    fn reset(&mut self) {
+        self.summary = Summary::default();
+        self.plain.clear();
+    }
 
-impl Transcript {
-    fn feed(&mut self, line: &str) {
-        match serde_json::from_str::<serde_json::Value>(line) {
-            Ok(serde_json::Value::Object(m)) => {
-                self.saw_json = true;
-                if let Some(text) = message_text(&m)
-                    && self.summary.len() < SUMMARY_CAP
-                {
-                    self.summary.push_str(text);
-                }
-                if let Some(reason) =
-                    m.get("result").and_then(|r| r.get("stopReason")).and_then(|r| r.as_str())
-                {
-                    self.stop_reason = Some(reason.to_string());
-                }
-            }
-            _ => {
-                if self.plain.len() < SUMMARY_CAP {
-                    self.plain.push_str(line);
+    /// Posts within the run's output cap; past it, one marker and nothing more.
+    fn post(&mut self, kind: Kind<'_>, size: usize) {
+        if self.capped {
+            return;
+        }
+        self.sent += size as u64 + 1;
+        let mut events = lock(self.events);
+        if self.sent > self.cap {
+            self.capped = true;
+            warn!("run {}: output limit of {} bytes reached", self.session, self.cap);
+            events.output(&format!(
+                "[aion-connector] output limit of {} bytes reached; the rest of this run's output is dropped",
+                self.cap
+            ));
+            return;
+        }
+        events.emit(kind);
+    }
+
+    /// The turn is over: `complete` now, unless it was empty (then retried).
+    fn turn_over(&mut self) {
+        if !self.summary.blank() {
+            let changed = (self.changes)();
+            lock(self.events).complete(&self.summary.text, &changed);
+            self.completed = true;
+        }
+    }
+
+    /// A `command` agent's summary: its message text if it spoke ACP, else its lines.
+    fn raw_summary(&self) -> &str {
+        if self.summary.text.is_empty() { self.plain.trim_end() } else { &self.summary.text }
+    }
+}
+
+impl attempt::Reader for TurnReader<'_> {
+    fn line(&mut self, bytes: &[u8]) -> bool {
+        self.lines += 1;
+        let line = String::from_utf8_lossy(bytes);
+        if self.mode == Mode::Template {
+            match acp::classify(&line) {
+                Line::Text(t) => self.summary.push(&t),
+                Line::Plain if self.plain.len() < acp::SUMMARY_CAP => {
+                    self.plain.push_str(&line);
                     self.plain.push('\n');
                 }
+                _ => {}
+            }
+            self.post(Kind::Output(&line), line.len());
+            return false;
+        }
+        if line.trim().is_empty() {
+            return false;
+        }
+        match acp::classify(&line) {
+            Line::Text(t) => {
+                self.summary.push(&t);
+                if !t.is_empty() {
+                    self.post(Kind::Output(&t), t.len());
+                }
+                false
+            }
+            Line::EndTurn => {
+                self.turn_over();
+                true
+            }
+            Line::Event(event) => {
+                if self.post_events {
+                    let size = serde_json::to_string(&event).map_or(0, |s| s.len());
+                    self.post(Kind::Event(&event), size);
+                }
+                false
+            }
+            Line::Other => false,
+            Line::Plain => {
+                self.summary.push(&line);
+                false
             }
         }
     }
 
-    fn summary(&self) -> &str {
-        if self.summary.is_empty() && !self.saw_json { self.plain.trim_end() } else { &self.summary }
+    fn idle_armed(&self) -> bool {
+        self.mode.acpx() && !self.summary.text.is_empty()
     }
-}
 
-/// The text of an agent message in the shapes acpx and the original knew:
-/// an ACP `session/update` with `agent_message_chunk`, a bare update, and
-/// `{"type":"text"|"message"|"agent_message"|"assistant","text"|"content":…}`.
-fn message_text(m: &serde_json::Map<String, serde_json::Value>) -> Option<&str> {
-    let update = m.get("params").and_then(|p| p.get("update")).and_then(|u| u.as_object()).unwrap_or(m);
-    if update.get("sessionUpdate").and_then(|s| s.as_str()) == Some("agent_message_chunk") {
-        let content = update.get("content")?;
-        return content
-            .get("text")
-            .and_then(|t| t.as_str())
-            .filter(|_| content.get("type").and_then(|t| t.as_str()).is_none_or(|t| t == "text"));
+    fn idle(&mut self) {
+        self.turn_over();
     }
-    let kind = m.get("type").and_then(|t| t.as_str())?;
-    if ["text", "message", "agent_message", "assistant"].contains(&kind) {
-        return m.get("text").or_else(|| m.get("content")).and_then(|t| t.as_str());
-    }
-    None
 }
 
 struct Run<'a> {
     runs: &'a Runs,
     project: &'a ProjectState,
-    id: String,
+    id: &'a str,
     invoke: Invoke,
-    events: Events,
+    events: &'a Mutex<Events>,
     lines: u64,
 }
 
-impl<'a> Run<'a> {
-    fn new(
-        runs: &'a Runs,
-        project: &'a ProjectState,
-        id: &str,
-        invoke: Invoke,
-        delivery: Delivery,
-    ) -> Run<'a> {
-        let base = invoke.callback.as_deref().unwrap_or("").trim_end_matches('/').to_string();
-        let key = project.config.id.clone();
-        let sink = match delivery {
-            Delivery::Live(tx) => Sink::Live(tx),
-            Delivery::Nowhere => Sink::Nowhere,
-            Delivery::Callback => {
-                let mut body = serde_json::Map::new();
-                body.insert("sessionId".into(), invoke.session.clone().into());
-                body.insert("error".into(), "the connector restarted".into());
-                body.insert("token".into(), invoke.token.clone().into());
-                let fallback =
-                    Fallback { url: format!("{base}/internal/agent-error"), key: key.clone(), body };
-                Sink::Outbox(runs.outbox.stream(id, &fallback))
-            }
-        };
-        let events =
-            Events { sink, seq: 0, session: invoke.session.clone(), token: invoke.token.clone(), key, base };
-        Run { runs, project, id: id.to_string(), invoke, events, lines: 0 }
+impl Run<'_> {
+    fn error(&self, msg: &str) -> String {
+        lock(self.events).error(msg);
+        format!("error ({msg})")
     }
 
     /// The whole run; returns what its log line says.
-    fn go(&mut self, control: Receiver<Control>, control_tx: Sender<Control>) -> String {
+    fn go(&mut self, control: &Receiver<Control>) -> String {
         let limits = &self.runs.limits;
-        let mut cwd = self.project.root.clone();
+        let root = self.project.root.clone();
+        let session = self.invoke.session.clone();
+        if let Some(msg) = stopped_early(control) {
+            return self.error(msg);
+        }
         if !self.invoke.repos.is_empty() {
             let results = self.project.sync_all(&self.invoke.repos, limits.git);
             if let Some(failed) = results.iter().find(|r| !r.ok) {
-                let msg = format!(
-                    "repos.sync failed: {}: {}",
-                    failed.name,
-                    failed.error.as_deref().unwrap_or("failed")
-                );
-                self.events.error(&msg);
-                return format!("error ({msg})");
+                let why = failed.error.as_deref().unwrap_or("failed");
+                return self.error(&format!("repos.sync failed: {}: {why}", failed.name));
             }
-            cwd = self.project.root.join(&self.invoke.repos[0].dir);
         }
         let Some(agent) = self.project.config.agents.iter().find(|a| a.name == self.invoke.agent) else {
-            self.events.error("unknown agent");
-            return "error (unknown agent)".into();
+            return self.error("unknown agent");
         };
-        let head_at_start = git::head(&cwd, limits.git);
+        let mode = Mode::of(agent);
+        let prompt = prompt::compose(&self.invoke.context, &self.invoke.prompt);
+        let plan = command::plan(agent, &root, &session, self.invoke.model.as_deref(), &prompt);
+        let heads = heads(self.project, limits.git);
+        if mode.acpx() {
+            self.write_acpxrc(&root);
+        }
         let marker = format!("AION_RUN_ID={}", self.id);
-        let (ensure, argv) = commands(agent, &self.invoke);
-        if let Some(msg) = stopped_early(&control) {
-            self.events.error(msg);
-            return format!("error ({msg})");
+        if let Some(ensure) = &plan.ensure {
+            self.ensure(ensure, agent, &root);
         }
-        if let Some(ensure) = ensure
-            && let Err(msg) = self.prepare(&ensure, agent, &cwd)
-        {
+        if let Some(msg) = stopped_early(control) {
             supervise::sweep(&marker, Duration::from_secs(2));
-            self.events.error(&msg);
-            return format!("error ({msg})");
-        }
-        // A stop or shutdown that came during the sync or the ensure: no agent.
-        if let Some(msg) = stopped_early(&control) {
-            supervise::sweep(&marker, Duration::from_secs(2));
-            self.events.error(msg);
-            return format!("error ({msg})");
+            return self.error(msg);
         }
         // The agent's desktop apps stay leased until this run is over.
         let _leases = self.runs.leases.as_ref().map(|l| l.hold(&agent.lease_apps));
-        let mut cmd = command(&argv, agent, &cwd, &self.id);
-        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-        let child = match Child::spawn(&mut cmd, "AION_RUN_ID", &self.id) {
-            Ok(c) => c,
-            Err(e) => {
-                let msg = spawn_error(&argv[0], &e);
-                self.events.error(&msg);
-                return format!("error ({msg})");
-            }
-        };
-        info!(
-            "run {} project={} agent={} started (pid {})",
-            self.invoke.session,
-            self.project.config.id,
-            agent.name,
-            child.pid()
-        );
         let timeout = agent.timeout.unwrap_or(limits.run);
-        let cut: Arc<Mutex<Option<Cut>>> = Arc::new(Mutex::new(None));
-        let controller = {
-            let (group, cut, grace) = (Arc::clone(&child.group), Arc::clone(&cut), limits.stop_grace);
-            let cancel = (!agent.exec && agent.command.is_none())
-                .then(|| command(&acpx_cancel(agent, &self.invoke.session), agent, &cwd, &self.id));
-            std::thread::Builder::new().name(format!("run-ctl-{}", self.id)).stack_size(128 << 10).spawn(
-                move || {
-                    let why = match control.recv_timeout(timeout) {
-                        Ok(Control::Exited) | Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
-                            return;
-                        }
-                        Ok(Control::Stop) => Cut::Stopped,
-                        Ok(Control::Shutdown) => Cut::Shutdown,
-                        Err(crossbeam_channel::RecvTimeoutError::Timeout) => Cut::TimedOut(timeout),
-                    };
-                    *cut.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
-                    supervise::terminate(&group, cancel, grace);
-                },
-            )
+        let deadline = Instant::now() + timeout;
+        let git_timeout = limits.git;
+        let project = self.project;
+        let changed = || changes(project, &heads, git_timeout);
+        let mut reader = TurnReader {
+            events: self.events,
+            mode,
+            post_events: self.project.config.events,
+            summary: Summary::default(),
+            plain: String::new(),
+            completed: false,
+            sent: 0,
+            cap: limits.run_output_bytes,
+            capped: false,
+            lines: 0,
+            session: &session,
+            changes: &changed,
         };
-        if let Err(e) = &controller {
-            // Without a controller neither stop nor the timeout can end the
-            // agent: refuse to run it unsupervised.
-            error!("run {}: cannot start its control thread: {e}", self.invoke.session);
-            child.group.signal(nix::sys::signal::Signal::SIGKILL);
-        }
-        let stderr = child.stderr().and_then(|pipe| {
-            let spawned = std::thread::Builder::new()
-                .name(format!("run-err-{}", self.id))
-                .stack_size(128 << 10)
-                .spawn(move || tail(pipe, 8 << 10));
-            spawned.inspect_err(|e| error!("run: cannot start its stderr reader: {e}")).ok()
-        });
-        let mut transcript = Transcript::default();
-        let cap = limits.run_output_bytes;
-        let (events, lines, session) = (&mut self.events, &mut self.lines, self.invoke.session.as_str());
-        let (id, child) = (&self.id, &child);
-        let status = std::thread::scope(|scope| {
-            // The pump reads stdout on its own thread: a process that escaped the
-            // group (a detached daemon) may hold the pipe open after the agent
-            // exits, and only the sweep below ends it.
-            let mut pump_thread = None;
-            if let Some(out) = child.stdout() {
-                let transcript = &mut transcript;
-                match std::thread::Builder::new()
-                    .name(format!("run-out-{id}"))
-                    .stack_size(256 << 10)
-                    .spawn_scoped(scope, move || pump(out, events, transcript, lines, cap, session))
-                {
-                    Ok(handle) => pump_thread = Some(handle),
-                    Err(e) => {
-                        error!("run {session}: cannot start its output thread: {e}");
-                        child.group.signal(nix::sys::signal::Signal::SIGKILL);
-                    }
+        let program = plan.argv[0].clone();
+        let mut attempts = 0;
+        let outcome = loop {
+            attempts += 1;
+            reader.reset();
+            let setup = attempt::Setup {
+                cmd: command::command(&plan.argv, agent, &root, self.id),
+                id: self.id,
+                session: &session,
+                control,
+                deadline,
+                timeout,
+                cancel: plan.cancel.as_ref().map(|c| command::command(c, agent, &root, self.id)),
+                grace: limits.stop_grace,
+            };
+            let outcome = attempt::run(setup, &mut reader);
+            if reader.completed || !outcome.spawned || outcome.cut.is_some() || !mode.acpx() {
+                break outcome;
+            }
+            let code = outcome.status.as_ref().ok().and_then(std::process::ExitStatus::code);
+            let reconnect = !outcome.turn_over && (code == Some(5) || (code != Some(0) && outcome.reconnect));
+            let empty = outcome.turn_over;
+            if (reconnect || empty) && attempts <= RETRIES {
+                let why = if reconnect {
+                    format!("reconnect needed (exit {code:?})")
+                } else {
+                    "empty response".into()
+                };
+                info!("run {session}: {why}, retry {attempts}/{RETRIES}");
+                if let Some(msg) = stopped_early(control) {
+                    self.lines = reader.lines;
+                    return self.error(msg);
                 }
+                continue;
             }
-            let status = child.wait();
-            let _ = control_tx.send(Control::Exited);
-            if let Ok(handle) = controller {
-                let _ = handle.join();
+            break outcome;
+        };
+        self.lines = reader.lines;
+        if reader.completed {
+            if let Some(cut) = outcome.cut {
+                info!("run {session}: {} after its turn was over", cut_message(cut));
             }
-            // Whatever still holds the pipes (it dropped the marker) does not
-            // hold the run: what it wrote so far is read, then no more.
-            let swept = child.finish(|| pump_thread.as_ref().is_none_or(|h| h.is_finished()));
-            if swept > 0 {
-                info!("run {session}: ended {swept} process(es) it left behind");
+            return "complete".into();
+        }
+        let Outcome { status, cut, turn_over, stderr, spawned, .. } = outcome;
+        if !spawned {
+            let e = status.err().unwrap_or_else(|| std::io::Error::other("not started"));
+            return self.error(&command::spawn_error(&program, &e));
+        }
+        if let Some(cut) = cut {
+            return self.error(&cut_message(cut));
+        }
+        if mode.acpx() && turn_over {
+            return self.error(&format!("Agent returned an empty response after {attempts} attempt(s)"));
+        }
+        match &status {
+            Ok(s) if s.success() => {
+                let summary =
+                    if mode.acpx() { reader.summary.text.clone() } else { reader.raw_summary().to_string() };
+                let changed = changed();
+                lock(self.events).complete(&summary, &changed);
+                format!("complete ({} changed)", changed.len())
             }
-            status
-        });
-        let stderr_tail = stderr.and_then(|h| h.join().ok()).unwrap_or_default();
-        let cut = *cut.lock().unwrap_or_else(|p| p.into_inner());
-        self.finish(cut, status, &transcript, &stderr_tail, &cwd, head_at_start.as_deref(), &argv[0])
+            _ => self.error(&failure(&stderr, &status, &program)),
+        }
     }
 
-    /// `acpx <agent> sessions ensure --name S`: bounded, its own group.
-    fn prepare(&self, argv: &[String], agent: &Agent, cwd: &Path) -> Result<(), String> {
-        let mut cmd = command(argv, agent, cwd, &self.id);
+    /// Registers the `aion` MCP server in the project's `.acpxrc.json`.
+    fn write_acpxrc(&self, root: &Path) {
+        let Some(exe) = &self.runs.exe else { return };
+        let key = self.project.mcp_key();
+        let mcp = acpxrc::Mcp {
+            command: exe,
+            callback: self.invoke.callback.as_deref().unwrap_or(""),
+            token: &self.invoke.token,
+            session: &self.invoke.session,
+            project: &self.project.config.id,
+            socket: &self.runs.socket,
+            key: &key,
+        };
+        if let Err(e) = acpxrc::write(root, &mcp, self.runs.limits.git) {
+            warn!("run {}: {e}", self.invoke.session);
+        }
+    }
+
+    /// `acpx --cwd DIR AGENT sessions ensure --name S`, bounded, its own
+    /// group; a failure is logged and the run goes on (as the Node connector).
+    fn ensure(&self, argv: &[String], agent: &Agent, cwd: &Path) {
+        let mut cmd = command::command(argv, agent, cwd, self.id);
+        let session = &self.invoke.session;
         match proc::run(&mut cmd, Duration::from_secs(120), 64 << 10) {
-            Err(e) => Err(spawn_error(&argv[0], &e)),
-            Ok(out) if out.success() => Ok(()),
-            Ok(out) if out.status.is_none() => Err("acpx sessions ensure timed out".into()),
-            Ok(out) => Err(format!("acpx sessions ensure failed: {}", last_words(&out.stderr))),
+            Err(e) => warn!("run {session}: ensure session: {}", command::spawn_error(&argv[0], &e)),
+            Ok(out) if out.success() => {}
+            Ok(out) if out.status.is_none() => warn!("run {session}: ensure session: timed out"),
+            Ok(out) => {
+                let text = String::from_utf8_lossy(&out.stderr);
+                warn!(
+                    "run {session}: ensure session: {}",
+                    text.chars().take(200).collect::<String>().trim_end()
+                );
+            }
         }
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn finish(
-        &mut self,
-        cut: Option<Cut>,
-        status: std::io::Result<std::process::ExitStatus>,
-        transcript: &Transcript,
-        stderr_tail: &[u8],
-        cwd: &Path,
-        head_at_start: Option<&str>,
-        program: &str,
-    ) -> String {
-        let msg = match cut {
-            Some(Cut::Stopped) => Some("stopped".to_string()),
-            Some(Cut::Shutdown) => Some("the connector is shutting down".to_string()),
-            Some(Cut::TimedOut(t)) => Some(format!("timed out after {}s", t.as_secs())),
-            None => match &status {
-                Ok(s) if s.success() || transcript.stop_reason.is_some() => None,
-                Ok(s) => {
-                    let how = match (s.code(), std::os::unix::process::ExitStatusExt::signal(s)) {
-                        (Some(code), _) => format!("exited with code {code}"),
-                        (None, Some(sig)) => format!("was killed by signal {sig}"),
-                        _ => "failed".to_string(),
-                    };
-                    let words = last_words(stderr_tail);
-                    Some(if words.is_empty() {
-                        format!("{program} {how}")
-                    } else {
-                        format!("{program} {how}: {words}")
-                    })
-                }
-                Err(e) => Some(format!("cannot wait for {program}: {e}")),
-            },
-        };
-        if let Some(msg) = msg {
-            self.events.error(&msg);
-            return format!("error ({msg})");
-        }
-        let changed = changes(cwd, head_at_start, self.runs.limits.git);
-        self.events.complete(transcript.summary(), &changed);
-        format!("complete ({} changed)", changed.len())
     }
 }
 
-/// Reads the agent's stdout line by line into events, up to the output cap.
-fn pump(
-    out: supervise::Stoppable<std::process::ChildStdout>,
-    events: &mut Events,
-    transcript: &mut Transcript,
-    lines: &mut u64,
-    cap: u64,
-    session: &str,
-) {
-    let mut reader = BufReader::with_capacity(64 << 10, out);
-    let mut line = Vec::new();
-    let mut sent: u64 = 0;
-    let mut capped = false;
-    loop {
-        line.clear();
-        match read_line(&mut reader, &mut line, 1 << 20) {
-            Ok(0) | Err(_) => break,
-            Ok(_) => {}
-        }
-        while line.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
-            line.pop();
-        }
-        let text = String::from_utf8_lossy(&line);
-        transcript.feed(&text);
-        *lines += 1;
-        if capped {
-            continue;
-        }
-        sent += line.len() as u64 + 1;
-        if sent > cap {
-            capped = true;
-            warn!("run {session}: output limit of {cap} bytes reached");
-            events.output(&format!(
-                "[aion-connector] output limit of {cap} bytes reached; the rest of this run's output is dropped"
-            ));
-            continue;
-        }
-        events.output(&text);
+fn cut_message(cut: Cut) -> String {
+    match cut {
+        Cut::Stopped => "stopped".into(),
+        Cut::Shutdown => "Connector shutting down".into(),
+        Cut::TimedOut(t) => format!("timed out after {}s", t.as_secs()),
     }
 }
 
-/// A stop or shutdown that arrived before the agent started.
+/// A stop or shutdown that arrived before an attempt started.
 fn stopped_early(control: &Receiver<Control>) -> Option<&'static str> {
     match control.try_recv() {
         Ok(Control::Stop) => Some("stopped"),
-        Ok(Control::Shutdown) => Some("the connector is shutting down"),
+        Ok(Control::Shutdown) => Some("Connector shutting down"),
         _ => None,
     }
 }
 
-/// One line, at most `max` bytes (a longer one comes in pieces).
-fn read_line(reader: &mut impl BufRead, line: &mut Vec<u8>, max: usize) -> std::io::Result<usize> {
-    loop {
-        let buf = reader.fill_buf()?;
-        if buf.is_empty() {
-            return Ok(line.len());
-        }
-        let room = max - line.len();
-        let window = &buf[..buf.len().min(room)];
-        if let Some(i) = window.iter().position(|&b| b == b'\n') {
-            line.extend_from_slice(&window[..=i]);
-            reader.consume(i + 1);
-            return Ok(line.len());
-        }
-        let n = window.len();
-        line.extend_from_slice(window);
-        reader.consume(n);
-        if line.len() >= max {
-            return Ok(line.len());
-        }
+/// A failed agent's error: the first 500 characters of its stderr, as the
+/// Node connector sends; how it ended when it said nothing.
+fn failure(stderr: &[u8], status: &std::io::Result<std::process::ExitStatus>, program: &str) -> String {
+    let text = String::from_utf8_lossy(stderr);
+    if !text.trim().is_empty() {
+        return text.chars().take(500).collect();
     }
-}
-
-/// The last `cap` bytes a pipe gave.
-fn tail(mut pipe: impl Read, cap: usize) -> Vec<u8> {
-    let mut kept = Vec::new();
-    let mut chunk = [0u8; 8192];
-    while let Ok(n) = pipe.read(&mut chunk) {
-        if n == 0 {
-            break;
-        }
-        kept.extend_from_slice(&chunk[..n]);
-        if kept.len() > 2 * cap {
-            kept.drain(..kept.len() - cap);
-        }
+    match status {
+        Ok(s) => match (s.code(), std::os::unix::process::ExitStatusExt::signal(s)) {
+            (Some(code), _) => format!("{program} exited with code {code}"),
+            (None, Some(sig)) => format!("{program} was killed by signal {sig}"),
+            _ => format!("{program} failed"),
+        },
+        Err(e) => format!("cannot wait for {program}: {e}"),
     }
-    if kept.len() > cap {
-        kept.drain(..kept.len() - cap);
-    }
-    kept
-}
-
-/// The last few non-empty lines of stderr, as one line.
-fn last_words(stderr: &[u8]) -> String {
-    let words = proc::last_lines(stderr, 5, " | ");
-    let start = words.len().saturating_sub(2000);
-    words[words.ceil_char_boundary(start)..].to_string()
-}
-
-fn spawn_error(program: &str, e: &std::io::Error) -> String {
-    if e.kind() == std::io::ErrorKind::NotFound {
-        if program == "acpx" {
-            "acpx not found on PATH (npm install -g acpx; it needs Node.js 22 or later)".into()
-        } else {
-            format!("{program} not found on PATH")
-        }
-    } else {
-        format!("cannot start {program}: {e}")
-    }
-}
-
-/// The command of a run: the agent's own argv template, one-shot `acpx exec`,
-/// or (the original's default) a persistent acpx session, first ensured.
-fn commands(agent: &Agent, inv: &Invoke) -> (Option<Vec<String>>, Vec<String>) {
-    if let Some(template) = &agent.command {
-        let vars = [
-            ("prompt", inv.prompt.as_str()),
-            ("session", inv.session.as_str()),
-            ("model", inv.model.as_deref().unwrap_or("")),
-            ("agent", agent.name.as_str()),
-        ];
-        return (None, template.iter().map(|t| fill(t, &vars)).collect());
-    }
-    let mut argv: Vec<String> = ["acpx", "--format", "json", "--approve-all"].map(String::from).to_vec();
-    if let Some(model) = &inv.model {
-        argv.extend(["--model".into(), model.clone()]);
-    }
-    argv.push(agent.name.clone());
-    if agent.exec {
-        argv.extend(["exec".into(), "--".into(), inv.prompt.clone()]);
-        return (None, argv);
-    }
-    argv.extend(["-s".into(), inv.session.clone(), "--".into(), inv.prompt.clone()]);
-    let ensure =
-        ["acpx", &agent.name, "sessions", "ensure", "--name", &inv.session].map(String::from).to_vec();
-    (Some(ensure), argv)
-}
-
-/// Replaces `{name}` placeholders in one pass: text that comes in through a
-/// value (a prompt mentioning `{session}`) is never expanded again.
-fn fill(template: &str, vars: &[(&str, &str)]) -> String {
-    let mut out = String::with_capacity(template.len());
-    let mut rest = template;
-    while let Some(open) = rest.find('{') {
-        out.push_str(&rest[..open]);
-        let after = &rest[open + 1..];
-        let hit = after
-            .find('}')
-            .and_then(|close| vars.iter().find(|(k, _)| *k == &after[..close]).map(|(_, v)| (close, *v)));
-        match hit {
-            Some((close, value)) => {
-                out.push_str(value);
-                rest = &after[close + 1..];
-            }
-            None => {
-                out.push('{');
-                rest = after;
-            }
-        }
-    }
-    out.push_str(rest);
-    out
-}
-
-fn acpx_cancel(agent: &Agent, session: &str) -> Vec<String> {
-    ["acpx", &agent.name, "cancel", "-s", session].map(String::from).to_vec()
-}
-
-/// A process of the run: in `cwd`, the agent's env added, stdin from
-/// /dev/null, marked with the run id so that nothing it leaves survives it.
-fn command(argv: &[String], agent: &Agent, cwd: &Path, id: &str) -> Command {
-    let mut cmd = Command::new(&argv[0]);
-    cmd.args(&argv[1..]).current_dir(cwd).stdin(Stdio::null()).env("AION_RUN_ID", id);
-    for (k, v) in &agent.env {
-        cmd.env(k, v);
-    }
-    cmd
-}
-
-/// What the run changed: the working tree's changes (untracked included,
-/// renames under their new path) plus files of commits made during the run.
-fn changes(cwd: &Path, head_at_start: Option<&str>, timeout: Duration) -> Vec<Change> {
-    let mut changed = git::status(cwd, timeout).unwrap_or_default();
-    if let Some(start) = head_at_start
-        && let Some(now) = git::head(cwd, timeout)
-        && now != start
-    {
-        for c in git::committed(cwd, start, &now, timeout) {
-            if !changed.iter().any(|x| x.path == c.path) {
-                changed.push(c);
-            }
-        }
-    }
-    changed
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::process::ExitStatusExt;
 
     #[test]
-    fn summary_joins_agent_message_chunks_and_sees_the_result() {
-        let mut t = Transcript::default();
-        for line in [
-            r#"{"jsonrpc":"2.0","method":"session/update","params":{"sessionId":"s","update":{"sessionUpdate":"agent_message_chunk","content":{"type":"text","text":"Hello, "}}}}"#,
-            r#"{"jsonrpc":"2.0","method":"session/update","params":{"sessionId":"s","update":{"sessionUpdate":"tool_call","title":"x"}}}"#,
-            r#"{"sessionUpdate":"agent_message_chunk","content":{"type":"text","text":"world"}}"#,
-            r#"{"type":"text","text":"!"}"#,
-            r#"{"jsonrpc":"2.0","id":2,"result":{"stopReason":"end_turn"}}"#,
-        ] {
-            t.feed(line);
-        }
-        assert_eq!(t.summary(), "Hello, world!");
-        assert_eq!(t.stop_reason.as_deref(), Some("end_turn"));
-        let mut plain = Transcript::default();
-        plain.feed("just text");
-        assert_eq!(plain.summary(), "just text");
-    }
-
-    #[test]
-    fn long_lines_come_in_pieces() {
-        let data = format!("{}\nshort\n", "x".repeat(10));
-        let mut r = BufReader::with_capacity(4, data.as_bytes());
-        let mut line = Vec::new();
-        let mut got = Vec::new();
-        loop {
-            line.clear();
-            if read_line(&mut r, &mut line, 6).unwrap() == 0 {
-                break;
-            }
-            got.push(String::from_utf8(line.clone()).unwrap());
-        }
-        assert_eq!(got, ["xxxxxx", "xxxx\n", "short\n"]);
-    }
-
-    #[test]
-    fn templates_fill_in_one_pass() {
-        let vars = [("prompt", "say {session} {x}"), ("session", "S")];
-        assert_eq!(fill("-p={prompt}|{session}|{other}|{", &vars), "-p=say {session} {x}|S|{other}|{");
-    }
-
-    #[test]
-    fn the_prompt_is_one_argument_after_a_double_dash() {
-        let agent = Agent {
-            name: "pi".into(),
-            description: String::new(),
-            command: None,
-            exec: false,
-            timeout: None,
-            env: vec![],
-            lease_apps: vec![],
-        };
-        let inv = Invoke {
-            agent: "pi".into(),
-            prompt: "--help; rm -rf /".into(),
-            session: "s1".into(),
-            model: Some("m".into()),
-            callback: None,
-            token: String::new(),
-            repos: vec![],
-        };
-        let (ensure, argv) = commands(&agent, &inv);
-        assert_eq!(ensure.unwrap(), ["acpx", "pi", "sessions", "ensure", "--name", "s1"]);
-        assert_eq!(
-            argv,
-            [
-                "acpx",
-                "--format",
-                "json",
-                "--approve-all",
-                "--model",
-                "m",
-                "pi",
-                "-s",
-                "s1",
-                "--",
-                "--help; rm -rf /"
-            ]
-        );
+    fn a_failure_is_the_head_of_stderr_or_how_it_ended() {
+        let exit3 = Ok(std::process::ExitStatus::from_raw(3 << 8));
+        assert_eq!(failure(b"boom\n", &exit3, "acpx"), "boom\n");
+        assert_eq!(failure("é".repeat(600).as_bytes(), &exit3, "acpx"), "é".repeat(500));
+        assert_eq!(failure(b" \n", &exit3, "acpx"), "acpx exited with code 3");
+        let killed = Ok(std::process::ExitStatus::from_raw(9));
+        assert_eq!(failure(b"", &killed, "acpx"), "acpx was killed by signal 9");
     }
 }

@@ -10,7 +10,7 @@ use crate::delivery::client::is_http_url;
 use crate::logging::info;
 use crate::net::http::{Handler, Request, Response};
 use crate::project::ProjectState;
-use crate::runs::{Delivery, Invoke, Refused, Runs};
+use crate::runs::{Delivery, Invoke, Refused, Runs, prompt};
 use crate::terminal::{self, Terminals};
 use crate::workspace::git::{self, GitError, RepoSpec, SyncResult};
 use crate::workspace::{self, Refusal};
@@ -441,10 +441,28 @@ impl App {
             Some(Value::Array(items)) => repo_specs(items, p.config.allow_file_urls)?,
             Some(_) => return Err(detail(400, "bad payload", "payload.repos must be an array")),
         };
+        let context = prompt::Context {
+            system: args.string("system")?.map(str::to_string),
+            memory: args.string("memory")?.map(str::to_string),
+            instructions: args.string("instructions")?.map(str::to_string),
+            history: history(args.0.get("history"))?,
+        };
+        let composed = prompt::compose(&context, prompt).len();
+        if composed > prompt::MAX_ARGUMENT {
+            return Err(detail(
+                400,
+                "bad payload",
+                format!(
+                    "the prompt with its system, memory, instructions and history is {composed} bytes; at most {} fit in one argument",
+                    prompt::MAX_ARGUMENT
+                ),
+            ));
+        }
         let live = callback.is_none() && args.0.get("stream") == Some(&Value::Bool(true));
         let invoke = Invoke {
             agent: agent.to_string(),
             prompt: prompt.to_string(),
+            context,
             session: session.to_string(),
             model: model.map(str::to_string),
             callback: callback.map(str::to_string),
@@ -469,6 +487,29 @@ impl App {
             }),
         }
     }
+}
+
+/// `payload.history`: an array of objects whose `role`, `source` and `text`
+/// are used when they are strings (400 naming the first item that is not an object).
+fn history(v: Option<&Value>) -> Result<Vec<prompt::HistoryItem>, Response> {
+    let items = match v {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::Array(items)) => items,
+        Some(_) => return Err(detail(400, "bad payload", "payload.history must be an array of objects")),
+    };
+    let mut out = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        let Value::Object(m) = item else {
+            return Err(detail(400, "bad payload", format!("payload.history[{i}] must be an object")));
+        };
+        let field = |k: &str| m.get(k).and_then(Value::as_str).map(str::to_string);
+        out.push(prompt::HistoryItem {
+            role: field("role"),
+            source: field("source"),
+            text: field("text").unwrap_or_default(),
+        });
+    }
+    Ok(out)
 }
 
 /// `payload.repos` validated into specs (400 naming the first problem).

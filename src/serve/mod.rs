@@ -63,6 +63,8 @@ pub fn run(explicit: Option<PathBuf>) -> Result<i32, Error> {
     let roots = project::prepare_roots(&config)?;
     let state = config::state_dir(config.state_dir.as_deref());
     std::fs::create_dir_all(&state).map_err(|source| Error::StateDir { path: state.clone(), source })?;
+    // Absolute: the MCP servers' socket path is written into project dirs.
+    let state = state.canonicalize().map_err(|source| Error::StateDir { path: state.clone(), source })?;
     // The connector's own files are never served, whatever project dir holds them.
     let own_files: Vec<PathBuf> =
         [path.as_path(), state.as_path()].iter().filter_map(|p| p.canonicalize().ok()).collect();
@@ -89,7 +91,7 @@ pub fn run(explicit: Option<PathBuf>) -> Result<i32, Error> {
         .iter()
         .any(|p| p.config.agents.iter().any(|a| !a.lease_apps.is_empty()))
         .then(|| Leases::start((&config.lease).into()));
-    let runs = Runs::new(Arc::clone(&outbox), limits.clone(), leases.clone());
+    let runs = Runs::new(Arc::clone(&outbox), limits.clone(), leases.clone(), &state);
     let terminals = Terminals::new(limits.clone())
         .map_err(|source| Error::Io { what: "starting the terminals", source })?;
     let background = Background::new(limits.background_per_project, limits.stop_grace);

@@ -203,6 +203,41 @@ pub fn committed(dir: &Path, from: &str, to: &str, timeout: Duration) -> Vec<Cha
     changes
 }
 
+/// Adds `pattern` to the repository's `info/exclude` (the one git reads for
+/// `dir`, a linked worktree's too) unless a line already says it. Ok(true):
+/// added.
+pub fn exclude(dir: &Path, pattern: &str, timeout: Duration) -> Result<bool, GitError> {
+    require_repo(dir)?;
+    let out = local(dir, timeout).ok(&["rev-parse", "--git-path", "info/exclude"])?;
+    let file = dir.join(out.trim_end_matches('\n'));
+    let io = |e: std::io::Error| GitError::Failed(format!("{}: {e}", file.display()));
+    let current = match std::fs::read_to_string(&file) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(io(e)),
+    };
+    if current.lines().any(|l| l.trim_end() == pattern) {
+        return Ok(false);
+    }
+    if let Some(parent) = file.parent() {
+        std::fs::create_dir_all(parent).map_err(io)?;
+    }
+    let mut add = String::new();
+    if !current.is_empty() && !current.ends_with('\n') {
+        add.push('\n');
+    }
+    add.push_str(pattern);
+    add.push('\n');
+    use std::io::Write;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&file)
+        .and_then(|mut f| f.write_all(add.as_bytes()))
+        .map_err(io)?;
+    Ok(true)
+}
+
 /// Tracked plus untracked-but-not-ignored files under `sub` ("" for all).
 pub fn ls_files(dir: &Path, sub: &str, timeout: Duration) -> Option<Vec<String>> {
     dir.join(".git").exists().then_some(())?;

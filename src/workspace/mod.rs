@@ -78,6 +78,10 @@ impl Sensitive {
 
 fn builtin(c: &str) -> bool {
     c == ".git"
+        // The MCP config written before each acpx run (it holds the invoke
+        // token), and its temporary twins while it is written.
+        || c == ".acpxrc.json"
+        || c.starts_with(".acpxrc.json.")
         || c == ".env"
         || c.starts_with(".env.")
         || c.ends_with(".pem")
@@ -426,12 +430,15 @@ mod tests {
             "data/x.sqlite",
             "private/keys/a",
             "private/keys",
+            ".acpxrc.json",
+            ".acpxrc.json.123-ab.tmp",
         ] {
             assert!(s.matches(denied), "{denied} should be sensitive");
         }
         for fine in [
             ".github/workflows/ci.yml",
             ".envrc",
+            "acpxrc.json",
             "id_rsa.pub",
             "keys.txt",
             "environment.md",

@@ -1,0 +1,239 @@
+//! A run's posts, numbered by one `seq` over every kind (retries and display
+//! posts included), to the callback through the outbox or as lines of a live
+//! NDJSON answer. The first closing post (`complete` or `error`) is the last:
+//! anything emitted after it is dropped.
+//!
+//! Shared (behind a mutex) by the run thread and [`super::Runs::display`],
+//! so a display post of a running session takes its place in the same order.
+
+use crate::delivery::outbox::{Record, Stream};
+use crate::workspace::git::Change;
+use crossbeam_channel::Sender;
+use serde::ser::{Serialize, SerializeMap, Serializer};
+use serde_json::Value;
+
+/// One post of a run.
+pub enum Kind<'a> {
+    /// A piece of the agent's message text (or a raw line of a `command` agent).
+    Output(&'a str),
+    /// An ACP update other than message text (projects with `"events": true`).
+    Event(&'a Value),
+    /// A display URL set (or cleared, "") by the agent's MCP server; its token.
+    Display {
+        url: &'a str,
+        token: &'a str,
+    },
+    Complete {
+        summary: &'a str,
+        changed: &'a [Change],
+    },
+    Error(&'a str),
+}
+
+impl Kind<'_> {
+    fn name(&self) -> &'static str {
+        match self {
+            Kind::Output(_) => "output",
+            Kind::Event(_) => "event",
+            Kind::Display { .. } => "display",
+            Kind::Complete { .. } => "complete",
+            Kind::Error(_) => "error",
+        }
+    }
+
+    fn path(&self) -> &'static str {
+        match self {
+            Kind::Output(_) => "/internal/agent-stream",
+            Kind::Event(_) => "/internal/agent-event",
+            Kind::Display { .. } => "/internal/agent-display",
+            Kind::Complete { .. } => "/internal/agent-complete",
+            Kind::Error(_) => "/internal/agent-error",
+        }
+    }
+
+    fn closes(&self) -> bool {
+        matches!(self, Kind::Complete { .. } | Kind::Error(_))
+    }
+}
+
+/// A body in the Node connector's key order, `seq` last (`type` first in a live stream).
+struct Body<'a> {
+    live: bool,
+    kind: &'a Kind<'a>,
+    session: &'a str,
+    token: &'a str,
+    seq: u64,
+}
+
+impl Serialize for Body<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut m = s.serialize_map(None)?;
+        if self.live {
+            m.serialize_entry("type", self.kind.name())?;
+        }
+        match self.kind {
+            Kind::Display { url, token } => {
+                m.serialize_entry("url", url)?;
+                m.serialize_entry("token", token)?;
+                m.serialize_entry("sessionId", self.session)?;
+                m.serialize_entry("seq", &self.seq)?;
+                return m.end();
+            }
+            Kind::Output(text) => {
+                m.serialize_entry("sessionId", self.session)?;
+                m.serialize_entry("text", text)?;
+            }
+            Kind::Event(event) => {
+                m.serialize_entry("sessionId", self.session)?;
+                m.serialize_entry("event", event)?;
+            }
+            Kind::Complete { summary, changed } => {
+                m.serialize_entry("sessionId", self.session)?;
+                m.serialize_entry("summary", summary)?;
+                m.serialize_entry("changed", changed)?;
+            }
+            Kind::Error(message) => {
+                m.serialize_entry("sessionId", self.session)?;
+                m.serialize_entry("error", message)?;
+            }
+        }
+        m.serialize_entry("token", self.token)?;
+        m.serialize_entry("seq", &self.seq)?;
+        m.end()
+    }
+}
+
+/// The body of a display post outside any run's stream: `{"url","token","sessionId","seq"}`.
+pub fn display_body(url: &str, token: &str, session: &str, seq: u64) -> String {
+    let kind = Kind::Display { url, token };
+    let body = Body { live: false, kind: &kind, session, token, seq };
+    serde_json::to_string(&body).expect("a body serializes")
+}
+
+/// Where a run's posts go.
+pub enum Sink {
+    Outbox(Stream),
+    /// The live NDJSON answer; the connection thread owns the receiver.
+    Live(Sender<Vec<u8>>),
+    Nowhere,
+}
+
+pub struct Events {
+    sink: Sink,
+    seq: u64,
+    session: String,
+    token: String,
+    /// The project id: names the signing key.
+    key: String,
+    /// The callback base URL, without a trailing slash ("" without one).
+    base: String,
+    closed: bool,
+}
+
+impl Events {
+    pub fn new(sink: Sink, session: &str, token: &str, key: &str, base: &str) -> Events {
+        Events {
+            sink,
+            seq: 0,
+            session: session.to_string(),
+            token: token.to_string(),
+            key: key.to_string(),
+            base: base.to_string(),
+            closed: false,
+        }
+    }
+
+    /// Whether the closing post has been emitted.
+    pub fn closed(&self) -> bool {
+        self.closed
+    }
+
+    /// Whether a display post for `callback` belongs in this stream: it is
+    /// open, and it goes to that callback (or to a live answer).
+    pub fn takes_display(&self, callback: &str) -> bool {
+        !self.closed
+            && match self.sink {
+                Sink::Outbox(_) => !self.base.is_empty() && self.base == callback.trim_end_matches('/'),
+                Sink::Live(_) => true,
+                Sink::Nowhere => false,
+            }
+    }
+
+    /// Emits one post with the next `seq`; nothing once the run is closed.
+    pub fn emit(&mut self, kind: Kind<'_>) {
+        if self.closed {
+            return;
+        }
+        self.closed = kind.closes();
+        let seq = self.seq;
+        self.seq += 1;
+        match &mut self.sink {
+            Sink::Outbox(stream) => {
+                let body = Body { live: false, kind: &kind, session: &self.session, token: &self.token, seq };
+                let record = Record {
+                    url: format!("{}{}", self.base, kind.path()),
+                    key: self.key.clone(),
+                    seq,
+                    last: kind.closes(),
+                    body: serde_json::to_string(&body).expect("a body serializes"),
+                };
+                stream.push(&record);
+            }
+            Sink::Live(tx) => {
+                let body = Body { live: true, kind: &kind, session: &self.session, token: &self.token, seq };
+                let mut line = serde_json::to_vec(&body).expect("a body serializes");
+                line.push(b'\n');
+                if tx.send(line).is_err() {
+                    // The client went away; the run goes on, unwatched.
+                    self.sink = Sink::Nowhere;
+                }
+            }
+            Sink::Nowhere => {}
+        }
+    }
+
+    pub fn output(&mut self, text: &str) {
+        self.emit(Kind::Output(text));
+    }
+
+    pub fn complete(&mut self, summary: &str, changed: &[Change]) {
+        self.emit(Kind::Complete { summary, changed });
+    }
+
+    pub fn error(&mut self, message: &str) {
+        self.emit(Kind::Error(message));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn live() -> (Events, crossbeam_channel::Receiver<Vec<u8>>) {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        (Events::new(Sink::Live(tx), "s", "t", "p", ""), rx)
+    }
+
+    #[test]
+    fn one_seq_over_every_kind_and_nothing_after_the_close() {
+        let (mut ev, rx) = live();
+        ev.output("a");
+        ev.emit(Kind::Event(&json!({"sessionUpdate": "plan"})));
+        ev.emit(Kind::Display { url: "https://x", token: "t2" });
+        ev.complete("a", &[]);
+        ev.error("late");
+        ev.output("late");
+        let lines: Vec<String> = rx.try_iter().map(|l| String::from_utf8(l).unwrap()).collect();
+        assert_eq!(
+            lines,
+            [
+                "{\"type\":\"output\",\"sessionId\":\"s\",\"text\":\"a\",\"token\":\"t\",\"seq\":0}\n",
+                "{\"type\":\"event\",\"sessionId\":\"s\",\"event\":{\"sessionUpdate\":\"plan\"},\"token\":\"t\",\"seq\":1}\n",
+                "{\"type\":\"display\",\"url\":\"https://x\",\"token\":\"t2\",\"sessionId\":\"s\",\"seq\":2}\n",
+                "{\"type\":\"complete\",\"sessionId\":\"s\",\"summary\":\"a\",\"changed\":[],\"token\":\"t\",\"seq\":3}\n",
+            ]
+        );
+        assert!(ev.closed() && !ev.takes_display(""));
+    }
+}
