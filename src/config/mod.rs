@@ -54,6 +54,8 @@ pub struct Limits {
     pub run: Duration,
     /// Output kept per run; past it a marker line and the rest is dropped.
     pub run_output_bytes: u64,
+    /// Silence (no output at all) after some message text that ends a turn.
+    pub turn_idle: Duration,
     /// How long an undelivered post is retried before its stream is dropped.
     pub delivery: Duration,
     /// Between SIGTERM and SIGKILL when a run is stopped.
@@ -84,6 +86,7 @@ impl Default for Limits {
             runs_per_project: 4,
             run: Duration::from_secs(3600),
             run_output_bytes: 64 << 20,
+            turn_idle: Duration::from_secs(30),
             delivery: Duration::from_secs(86_400),
             stop_grace: Duration::from_secs(5),
             terminals_per_project: 64,
@@ -335,6 +338,7 @@ impl Checker {
             "runsPerProject",
             "runSeconds",
             "runOutputBytes",
+            "turnIdleSeconds",
             "deliverySeconds",
             "stopGraceSeconds",
             "terminalsPerProject",
@@ -368,6 +372,7 @@ impl Checker {
                 "runOutputBytes" => {
                     set(&mut limits.run_output_bytes, self.integer(v, &path, 1024, 1 << 40), |n| n)
                 }
+                "turnIdleSeconds" => set(&mut limits.turn_idle, self.integer(v, &path, 1, 86_400), secs),
                 "deliverySeconds" => set(&mut limits.delivery, self.integer(v, &path, 1, 30 * 86_400), secs),
                 "stopGraceSeconds" => set(&mut limits.stop_grace, self.integer(v, &path, 0, 600), secs),
                 "terminalsPerProject" => {

@@ -1,5 +1,5 @@
 //! One attempt of a run: the agent's process in its own group, its output
-//! fed line by line to the run thread, the 30-second idle rule, and its end:
+//! fed line by line to the run thread, the idle rule (30 s by default), and its end:
 //! when the turn is over (end_turn, or idle after some text) the process gets
 //! a moment to exit by itself and is then ended; a stop, the run's timeout or
 //! shutdown ends it at once; once the leader is gone whatever carries the
@@ -25,8 +25,6 @@ use std::io::{BufRead, BufReader, Read};
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-/// Silence (no stdout, no stderr) after some text that ends a turn.
-pub const IDLE: Duration = Duration::from_secs(30);
 /// How long acpx may linger after its turn is over before its group is ended.
 pub const LINGER: Duration = Duration::from_secs(1);
 /// The longest stdout line read in one piece.
@@ -79,6 +77,8 @@ pub struct Setup<'a> {
     /// When the run as a whole times out, and its timeout.
     pub deadline: Instant,
     pub timeout: Duration,
+    /// Silence (no stdout, no stderr) after some text that ends a turn.
+    pub idle: Duration,
     /// The polite first step of a stop (`acpx cancel`).
     pub cancel: Option<Command>,
     pub grace: Duration,
@@ -199,7 +199,7 @@ pub fn run(mut setup: Setup<'_>, reader: &mut dyn Reader) -> Outcome {
             }
         }
         let mut drain_until = exited.is_some().then(|| Instant::now() + DRAIN_AFTER_EXIT);
-        let mut last_activity = Instant::now();
+        let (mut last_activity, idle) = (Instant::now(), setup.idle);
         loop {
             let now = Instant::now();
             if let Some(until) = drain_until
@@ -210,7 +210,7 @@ pub fn run(mut setup: Setup<'_>, reader: &mut dyn Reader) -> Outcome {
             let wait = match drain_until {
                 Some(until) => until - now,
                 None if !turn_over && reader.idle_armed() => {
-                    (last_activity + IDLE).saturating_duration_since(now)
+                    (last_activity + idle).saturating_duration_since(now)
                 }
                 None => Duration::from_secs(3600),
             };
@@ -243,9 +243,9 @@ pub fn run(mut setup: Setup<'_>, reader: &mut dyn Reader) -> Outcome {
                     if drain_until.is_none()
                         && !turn_over
                         && reader.idle_armed()
-                        && last_activity.elapsed() >= IDLE
+                        && last_activity.elapsed() >= idle
                     {
-                        info!("run {session}: idle {}s: the turn is taken as over", IDLE.as_secs());
+                        info!("run {session}: idle {}s: the turn is taken as over", idle.as_secs());
                         reader.idle();
                         turn_over = true;
                         let _ = end_tx.send(Ending::TurnOver);

@@ -622,6 +622,7 @@ impl Run<'_> {
                 control,
                 deadline,
                 timeout,
+                idle: limits.turn_idle,
                 cancel: plan.cancel.as_ref().map(|c| command::command(c, agent, &root, self.id)),
                 grace: limits.stop_grace,
             };

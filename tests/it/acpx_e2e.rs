@@ -68,19 +68,24 @@ fn run_ids_under(home: &Path) -> BTreeSet<String> {
     ids
 }
 
-fn outputs(bodies: &[Value]) -> Vec<Value> {
+/// The message text a run posted, piece by piece.
+fn outputs(bodies: &[Value]) -> Vec<String> {
     bodies[..bodies.len() - 1]
         .iter()
-        .map(|b| {
-            let text = b["text"].as_str().unwrap_or_else(|| panic!("not an output: {b}"));
-            serde_json::from_str(text).unwrap_or_else(|e| panic!("output is not JSON ({e}): {text}"))
-        })
+        .map(|b| b["text"].as_str().unwrap_or_else(|| panic!("not an output: {b}")).to_string())
         .collect()
 }
 
-/// The ACP session id of the run's session/prompt request.
-fn acp_session(lines: &[Value]) -> String {
-    let prompt = lines.iter().find(|l| l["method"] == "session/prompt").expect("a session/prompt request");
+/// The requests the mock agent received so far (MOCK_ACP_RECORD).
+fn received(record: &Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(record).unwrap_or_default();
+    text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+/// The ACP session id of the last session/prompt request.
+fn acp_session(requests: &[Value]) -> String {
+    let prompt =
+        requests.iter().rev().find(|l| l["method"] == "session/prompt").expect("a session/prompt request");
     prompt["params"]["sessionId"].as_str().unwrap().to_string()
 }
 
@@ -111,8 +116,13 @@ fn real_acpx_runs_the_mock_agent_continues_its_session_and_cancels() {
         std::env::var("PATH").unwrap_or_default()
     );
     let home_s = home.display().to_string();
-    let server =
-        Server::start_args(&[cfg.to_str().unwrap()], dir.path(), &[("PATH", &path), ("HOME", &home_s)]);
+    let record = dir.join("agent-requests.jsonl");
+    let record_s = record.display().to_string();
+    let server = Server::start_args(
+        &[cfg.to_str().unwrap()],
+        dir.path(),
+        &[("PATH", &path), ("HOME", &home_s), ("MOCK_ACP_RECORD", &record_s)],
+    );
     let platform = Platform::start();
     let invoke = |prompt: &str| {
         let payload = json!({"agent": "mock", "prompt": prompt, "session": "e2e", "callback": platform.url(), "token": INVOKE_TOKEN});
@@ -132,32 +142,52 @@ fn real_acpx_runs_the_mock_agent_continues_its_session_and_cancels() {
         check_run(&posts, TOKEN)
     };
 
-    // 1. A first prompt: the output is acpx's JSON-RPC traffic; the summary the agent's message.
+    // 1. A first prompt: one post per piece of the agent's message text; the
+    // summary is the message.
     let prompt = r#"hello "e2e" $(touch pwned) --flag"#;
     invoke(prompt);
     let first = closed(0);
     let last = first.last().unwrap();
+    assert_eq!(outputs(&first), ["echo: ", prompt], "{first:?}");
     assert_eq!(last["summary"], format!("echo: {prompt}"), "{first:?}");
     assert_eq!(last["changed"], json!([]));
     assert_eq!(last["token"], INVOKE_TOKEN);
-    let lines = outputs(&first);
-    assert!(lines.iter().all(|l| l["jsonrpc"] == "2.0"), "{lines:?}");
-    assert!(lines.iter().any(|l| l["result"]["stopReason"] == "end_turn"));
-    let session = acp_session(&lines);
+    let requests = received(&record);
+    let session = acp_session(&requests);
     assert!(!proj.join("pwned").exists());
+    // acpx read the .acpxrc.json the run wrote: the agent was given the aion MCP server.
+    let opened = requests
+        .iter()
+        .rev()
+        .find(|r| r["method"] == "session/new" || r["method"] == "session/load")
+        .expect("a session/new or session/load request");
+    let servers = opened["params"]["mcpServers"].as_array().expect("mcpServers");
+    let aion = servers.iter().find(|s| s["name"] == "aion").unwrap_or_else(|| panic!("{servers:?}"));
+    assert_eq!(aion["command"], std::fs::canonicalize(BIN).unwrap().to_str().unwrap());
+    assert_eq!(aion["args"], json!(["mcp"]));
+    let env: Vec<(String, String)> = aion["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["name"].as_str().unwrap().to_string(), e["value"].as_str().unwrap().to_string()))
+        .collect();
+    assert_eq!(
+        env[..3],
+        [
+            ("AION_CALLBACK".to_string(), platform.url()),
+            ("AION_TOKEN".to_string(), INVOKE_TOKEN.to_string()),
+            ("AION_SESSION_ID".to_string(), "e2e".to_string()),
+        ]
+    );
     eprintln!("first run closed after {:?}", t0.elapsed());
 
     // 2. The same session continues: acpx loads the ACP session it created.
     invoke("second");
     let second = closed(1);
+    assert_eq!(outputs(&second), ["echo: ", "second"]);
     assert_eq!(second.last().unwrap()["summary"], "echo: second");
-    let lines = outputs(&second);
-    let load = lines.iter().find(|l| l["method"] == "session/load");
-    assert!(
-        load.is_some_and(|l| l["params"]["sessionId"] == session.as_str()) || acp_session(&lines) == session,
-        "the second run did not continue ACP session {session}: {lines:?}"
-    );
-    assert_eq!(acp_session(&lines), session);
+    let requests = received(&record);
+    assert_eq!(acp_session(&requests), session, "the second run did not continue ACP session {session}");
     eprintln!("second run closed after {:?}", t0.elapsed());
 
     // 3. A slow prompt, stopped: acpx cancel ends the turn at once.
@@ -177,17 +207,15 @@ fn real_acpx_runs_the_mock_agent_continues_its_session_and_cancels() {
     let third = closed(2);
     let took = stopped_at.elapsed();
     assert_eq!(third.last().unwrap()["error"], "stopped");
-    let lines = outputs(&third);
-    let ticks = lines
-        .iter()
-        .filter(|l| l["params"]["update"]["content"]["text"].as_str().is_some_and(|t| t.starts_with("tick ")))
-        .count();
-    // The agent answers a session/cancel that lands mid-turn with stopReason
-    // "cancelled" (after tick 0, before its 50th): acpx cancel reached it.
+    let ticks = outputs(&third).iter().filter(|t| t.starts_with("tick ")).count();
+    // The agent got a session/cancel mid-turn (after tick 0, before its 50th
+    // tick): acpx cancel reached it.
+    let requests = received(&record);
     assert!(
-        lines.iter().any(|l| l["result"]["stopReason"] == "cancelled"),
-        "the turn was not cancelled ({ticks} ticks streamed): {lines:?}"
+        requests.iter().any(|r| r["method"] == "session/cancel"),
+        "the turn was not cancelled ({ticks} ticks streamed): {requests:?}"
     );
+    assert!(ticks < 50, "the turn was not cancelled: all {ticks} ticks streamed");
     // (2-4 s measured, 7.5 s on a crowded machine: acpx's start and the
     // cancel; the grace would be 120 s)
     assert!(

@@ -193,7 +193,7 @@ pub fn check_run(posts: &[Post], key: &str) -> Vec<Value> {
         assert_eq!(v["seq"].as_u64(), Some(i as u64), "post {i} out of order: {v}");
         let kind = p.path.rsplit('/').next().unwrap();
         assert!(
-            ["agent-stream", "agent-complete", "agent-error"].contains(&kind)
+            ["agent-stream", "agent-event", "agent-display", "agent-complete", "agent-error"].contains(&kind)
                 && p.path.ends_with(&format!("/internal/{kind}")),
             "path {}",
             p.path
