@@ -755,6 +755,78 @@ mod tests {
     use super::*;
     use std::os::unix::process::ExitStatusExt;
 
+    struct NoKeys;
+    impl crate::delivery::outbox::Signer for NoKeys {
+        fn headers(&self, _: &str, _: &str, _: &[u8]) -> Option<Vec<(String, String)>> {
+            Some(Vec::new())
+        }
+    }
+
+    #[test]
+    fn a_display_post_joins_its_open_run_else_goes_on_its_own() {
+        let dir = std::env::temp_dir().join(format!(
+            "aion-display-{}-{:x}",
+            std::process::id(),
+            crate::nonce::nonce()
+        ));
+        let root = dir.join("p");
+        std::fs::create_dir_all(&root).unwrap();
+        let root = root.canonicalize().unwrap();
+        let text = serde_json::json!({"projects": {"p": {"token": "t", "dir": root, "agents": {
+            "say": {"command": ["sh", "-c", "echo hi; exec sleep 30", "{prompt}"]}
+        }}}})
+        .to_string();
+        let (mut config, _) = crate::config::parse(&text, &dir).unwrap();
+        let projects = crate::project::projects(&mut config, vec![root.clone()], &[], &dir);
+        let outbox = Outbox::open(&dir.join("outbox"), Arc::new(NoKeys), Duration::from_secs(60)).unwrap();
+        let limits = Limits { stop_grace: Duration::from_millis(100), ..Limits::default() };
+        let runs = Runs::new(outbox, limits, None, &dir);
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let invoke = Invoke {
+            agent: "say".into(),
+            prompt: "x".into(),
+            context: prompt::Context::default(),
+            session: "s".into(),
+            model: None,
+            callback: None,
+            token: "it".into(),
+            repos: vec![],
+        };
+        let p = &projects[0];
+        assert!(runs.start(Arc::clone(p), invoke, Delivery::Live(tx)).is_ok());
+        let line = |rx: &Receiver<Vec<u8>>| {
+            let l = rx.recv_timeout(Duration::from_secs(10)).expect("a stream line");
+            serde_json::from_slice::<serde_json::Value>(&l).unwrap()
+        };
+        assert_eq!(line(&rx)["text"], "hi");
+        // The run is open: the display post takes its next seq in its stream.
+        assert_eq!(runs.display(p, "s", "", "mcp-token", "https://example.com/x"), Ok(()));
+        assert_eq!(
+            line(&rx),
+            serde_json::json!({"type": "display", "url": "https://example.com/x", "token": "mcp-token", "sessionId": "s", "seq": 1})
+        );
+        assert!(runs.stop("p", "s"));
+        let closing = line(&rx);
+        assert_eq!((closing["type"].as_str(), closing["seq"].as_u64()), (Some("error"), Some(2)));
+        // Closed: no callback to post to, nothing queued; with one, a stream of its own.
+        runs.wait_idle(Instant::now() + Duration::from_secs(10));
+        assert!(runs.display(p, "s", "", "mcp-token", "").is_err());
+        assert_eq!(runs.display(p, "s", "http://127.0.0.1:9/cb/", "mcp-token", ""), Ok(()));
+        let spooled: Vec<String> = std::fs::read_dir(dir.join("outbox"))
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| n.starts_with("display-") && n.ends_with(".q"))
+            .collect();
+        assert_eq!(spooled.len(), 1);
+        let record: Record = serde_json::from_str(
+            std::fs::read_to_string(dir.join("outbox").join(&spooled[0])).unwrap().trim(),
+        )
+        .unwrap();
+        assert_eq!(record.url, "http://127.0.0.1:9/cb/internal/agent-display");
+        assert_eq!(record.body, r#"{"url":"","token":"mcp-token","sessionId":"s","seq":0}"#);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn a_failure_is_the_head_of_stderr_or_how_it_ended() {
         let exit3 = Ok(std::process::ExitStatus::from_raw(3 << 8));
