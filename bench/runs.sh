@@ -75,7 +75,7 @@ log_check() {
 check_run() {
     local f=$1 p=$2 l=$3 n=$4
     expect "$f" "${p}completed" yes "$l"
-    expect "$f" "${p}posts" $((n + 2)) "$l"  # N lines, the result line, complete
+    expect "$f" "${p}posts" $((n + 1)) "$l"  # N chunks of text, complete
     expect "$f" "${p}missing_lines" 0 "$l"
     expect "$f" "${p}seq_in_order" yes "$l"
     expect "$f" "${p}seq_dups" 0 "$l"

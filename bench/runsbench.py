@@ -17,6 +17,10 @@ Subcommands:
   startup ADDR RUNS STARTS TAG     RUNS invokes (fresh sessions, one at a time):
                                    invoke -> fake acpx exec start (from the STARTS file)
   spawn FAKE RUNS STARTS           baseline: Python Popen -> the same fake's exec start
+  endturn ADDR RUNS STARTS LINGER_MS
+                                   RUNS invokes (fresh sessions, one at a time) of a turn
+                                   of 3 chunks after which the fake lingers LINGER_MS:
+                                   end_turn written -> complete received (STARTS file)
   reference COUNT                  the callback server alone: a Python keep-alive client, posts/s
 """
 
@@ -525,6 +529,49 @@ def cmd_startup(addr: str, runs: str, starts: str, tag: str) -> None:
     ms_stats("startup_complete", complete_ms)
 
 
+def cmd_endturn(addr: str, runs: str, starts: str, linger_ms: str) -> None:
+    n = max(1, min(int(runs), 200))
+    linger = max(0, min(int(linger_ms), 10_000))
+    cb = Callback()
+    received: dict[str, int] = {}
+    failures: dict[str, int] = {}
+    deadline = time.monotonic() + 120.0 + n * linger / 1000  # the whole phase is bounded
+    for k in range(n):
+        if time.monotonic() > deadline:
+            print(f"runsbench: endturn stopped after {k} runs (time budget)", file=sys.stderr)
+            break
+        session = f"et-{k}"
+        prompt = f"lines=3 interval_us=0 linger_ms={linger} run={k}"
+        try:
+            status, answer, _, _ = invoke(addr, session, prompt, cb.url)
+        except OSError as e:
+            failures[type(e).__name__] = failures.get(type(e).__name__, 0) + 1
+            continue
+        if status != 200:
+            failures[f"http{status}"] = failures.get(f"http{status}", 0) + 1
+            print(f"runsbench: endturn invoke {k}: {status} {answer[:200]!r}", file=sys.stderr)
+            continue
+        if not wait_final(cb, session, 10.0 + linger / 1000):
+            failures["no-final"] = failures.get("no-final", 0) + 1
+            continue
+        with cb.recorder.lock:
+            fin = [p for p in cb.recorder.posts if p.path in FINAL_PATHS and session.encode() in p.body]
+        if fin[-1].path.endswith("error"):
+            failures["error-event"] = failures.get("error-event", 0) + 1
+            continue
+        received[prompt] = fin[-1].recv_ns
+    cb.close()
+    ends = read_starts(starts)
+    lat = [(t - ends[("endturn", p)]) / 1e6 for p, t in received.items() if ("endturn", p) in ends]
+    out("endturn_runs", n)
+    out("endturn_measured", len(lat))
+    out("endturn_failures", ",".join(f"{k}x{v}" for k, v in sorted(failures.items())) or "none")
+    if lat:
+        out("endturn_p50_ms", f"{pct(lat, 50):.2f}")
+        out("endturn_p99_ms", f"{pct(lat, 99):.2f}")
+        out("endturn_max_ms", f"{max(lat):.2f}")
+
+
 def cmd_spawn(fake: str, runs: str, starts: str) -> None:
     """Baseline: how long the fake itself takes from Popen to its first line."""
     n = max(1, min(int(runs), 200))
@@ -578,7 +625,7 @@ def cmd_reference(count: str) -> None:
 
 def main(argv: list[str]) -> None:
     cmds = {"burst": cmd_burst, "paced": cmd_paced, "outage": cmd_outage, "startup": cmd_startup,
-            "spawn": cmd_spawn, "reference": cmd_reference}
+            "spawn": cmd_spawn, "reference": cmd_reference, "endturn": cmd_endturn}
     if len(argv) < 2 or argv[1] not in cmds:
         sys.exit(__doc__)
     fn = cmds[argv[1]]

@@ -142,7 +142,7 @@ pub fn run(mut setup: Setup<'_>, reader: &mut dyn Reader) -> Outcome {
     };
     let (id, session) = (setup.id, setup.session);
     info!("run {session}: agent started (pid {})", child.pid());
-    let (feed_tx, feed_rx) = crossbeam_channel::bounded::<Feed>(1024);
+    let (feed_tx, feed_rx) = crossbeam_channel::bounded::<Feed>(128);
     let (end_tx, end_rx) = crossbeam_channel::unbounded::<Ending>();
     let mut stderr = Stderr::default();
     let mut turn_over = false;
