@@ -103,11 +103,18 @@ impl Serialize for Body<'_> {
     }
 }
 
-/// The body of a display post outside any run's stream: `{"url","token","sessionId","seq"}`.
-pub fn display_body(url: &str, token: &str, session: &str, seq: u64) -> String {
-    let kind = Kind::Display { url, token };
-    let body = Body { live: false, kind: &kind, session, token, seq };
-    serde_json::to_string(&body).expect("a body serializes")
+/// The body of a display post outside any run's stream, as the Node
+/// connector's MCP server sends it: `{"url","token","sessionId"}` (no `seq`:
+/// it is no post of a run).
+pub fn display_body(url: &str, token: &str, session: &str) -> String {
+    #[derive(serde::Serialize)]
+    struct Display<'a> {
+        url: &'a str,
+        token: &'a str,
+        #[serde(rename = "sessionId")]
+        session: &'a str,
+    }
+    serde_json::to_string(&Display { url, token, session }).expect("a body serializes")
 }
 
 /// Where a run's posts go.

@@ -266,7 +266,8 @@ impl Runs {
     /// `{callback}/internal/agent-display`. While a run of that session is
     /// open and posts to that callback (or to a live answer), the post takes
     /// the run's next `seq` in its ordered stream; otherwise it is a stream of
-    /// its own (`seq` 0) through the signed, retried outbox. The posts of a
+    /// its own (`{"url","token","sessionId"}`, as the Node connector's) through
+    /// the signed, retried outbox. The posts of a
     /// session arrive in order: one that leaves the stream of the previous
     /// one is queued only once that stream is delivered, which it waits for
     /// up to five seconds; past that it is refused (the platform is not
@@ -336,13 +337,8 @@ impl Runs {
         body.insert("token".into(), token.into());
         body.insert("sessionId".into(), session.into());
         let fallback = Fallback { url: target.clone(), key: key.clone(), body };
-        let record = Record {
-            url: target,
-            key,
-            seq: 0,
-            last: true,
-            body: events::display_body(url, token, session, 0),
-        };
+        let record =
+            Record { url: target, key, seq: 0, last: true, body: events::display_body(url, token, session) };
         self.outbox.stream(&id, &fallback).push(&record);
         *last = Some(id);
         Ok(())
@@ -823,7 +819,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(record.url, "http://127.0.0.1:9/cb/internal/agent-display");
-        assert_eq!(record.body, r#"{"url":"","token":"mcp-token","sessionId":"s","seq":0}"#);
+        assert_eq!(record.body, r#"{"url":"","token":"mcp-token","sessionId":"s"}"#);
         let _ = std::fs::remove_dir_all(&dir);
     }
 
