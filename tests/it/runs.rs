@@ -1181,3 +1181,95 @@ fn silence_after_some_text_ends_the_turn_and_a_blank_one_is_retried() {
     assert_eq!(the_error(&bodies), "Agent returned an empty response after 3 attempt(s)");
     assert_eq!(rig.calls().iter().filter(|c| c.argv.last().unwrap() == "idle  ").count(), 3);
 }
+
+/// `aion-connector mcp` started as acpx starts it for the agent: with the
+/// command, args and env of the `aion` entry of the project's .acpxrc.json.
+fn mcp_from_acpxrc(
+    proj: &Path,
+) -> (std::process::Child, std::process::ChildStdin, std::sync::mpsc::Receiver<Value>) {
+    use std::io::BufRead;
+    let rc: Value =
+        serde_json::from_str(&std::fs::read_to_string(proj.join(".acpxrc.json")).unwrap()).unwrap();
+    let aion = rc["mcpServers"].as_array().unwrap().iter().find(|s| s["name"] == "aion").unwrap().clone();
+    let mut cmd = std::process::Command::new(aion["command"].as_str().unwrap());
+    cmd.args(aion["args"].as_array().unwrap().iter().map(|a| a.as_str().unwrap()));
+    for e in aion["env"].as_array().unwrap() {
+        cmd.env(e["name"].as_str().unwrap(), e["value"].as_str().unwrap());
+    }
+    cmd.current_dir(proj).stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped());
+    let mut child = cmd.stderr(std::process::Stdio::null()).spawn().unwrap();
+    let stdin = child.stdin.take().unwrap();
+    let out = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(serde_json::from_str::<Value>(&line).unwrap()).is_err() {
+                break;
+            }
+        }
+    });
+    (child, stdin, rx)
+}
+
+fn mcp_call(
+    stdin: &mut std::process::ChildStdin,
+    rx: &std::sync::mpsc::Receiver<Value>,
+    id: u64,
+    method: &str,
+    params: Value,
+) -> Value {
+    use std::io::Write;
+    let line = json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}).to_string();
+    writeln!(stdin, "{line}").unwrap();
+    rx.recv_timeout(DEADLINE).unwrap_or_else(|e| panic!("no answer to {method}: {e}"))
+}
+
+#[test]
+fn a_display_post_of_the_runs_mcp_server_takes_its_place_in_the_runs_sequence() {
+    let rig = Rig::new("display", fake(), json!({"stopGraceSeconds": 1}));
+    let platform = Platform::start();
+    rig.start(json!({"agent": "fake", "prompt": "sleep", "session": "d", "callback": platform.url(), "token": INVOKE_TOKEN}));
+    poll("the first output", || platform.delivered().first().map(|_| ()));
+    let (mut child, mut stdin, rx) = mcp_from_acpxrc(&rig.proj);
+    let init = mcp_call(
+        &mut stdin,
+        &rx,
+        1,
+        "initialize",
+        json!({"protocolVersion": "2024-11-05", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}),
+    );
+    assert_eq!(init["result"]["serverInfo"]["name"], "aion", "{init}");
+    let set = mcp_call(
+        &mut stdin,
+        &rx,
+        2,
+        "tools/call",
+        json!({"name": "display_set", "arguments": {"url": "https://preview.example/"}}),
+    );
+    assert_eq!(set["result"]["content"][0]["text"], "Display set to: https://preview.example/", "{set}");
+    assert_eq!(rig.server.call(TOKEN, "stop", json!({"session": "d"})).0, 200);
+    let posts = platform.wait_closed("d");
+    let bodies = check_run(&posts, TOKEN);
+    assert_eq!(kinds(&posts), ["stream", "display", "error"]);
+    assert_eq!(
+        bodies[1],
+        json!({"url": "https://preview.example/", "token": INVOKE_TOKEN, "sessionId": "d", "seq": 1})
+    );
+    let raw = String::from_utf8(posts[1].body.clone()).unwrap();
+    assert!(raw.starts_with(r#"{"url":"https://preview.example/","token":"#), "{raw}");
+    // The run is over: a post of its own, after the run's.
+    rig.wait_log("run d project=p ended");
+    let clear = mcp_call(&mut stdin, &rx, 3, "tools/call", json!({"name": "display_clear", "arguments": {}}));
+    assert_eq!(clear["result"]["content"][0]["text"], "Display cleared", "{clear}");
+    let all = poll("the clear", || {
+        let d = platform.delivered();
+        (d.len() == 4).then_some(d)
+    });
+    assert_eq!(all[3].path, "/internal/agent-display");
+    assert_eq!(all[3].json(), json!({"url": "", "token": INVOKE_TOKEN, "sessionId": "d"}));
+    assert_eq!(all[3].signature.as_deref(), Some(hmac_sha256(TOKEN, &all[3].body).as_str()));
+    drop(stdin);
+    let _ = child.kill();
+    let _ = child.wait();
+    rig.assert_no_tokens();
+}
