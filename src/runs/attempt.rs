@@ -73,6 +73,8 @@ pub struct Setup<'a> {
     pub cmd: Command,
     pub id: &'a str,
     pub session: &'a str,
+    /// `project=P agent=A`, for the log.
+    pub label: &'a str,
     pub control: &'a Receiver<Control>,
     /// When the run as a whole times out, and its timeout.
     pub deadline: Instant,
@@ -141,7 +143,7 @@ pub fn run(mut setup: Setup<'_>, reader: &mut dyn Reader) -> Outcome {
         Err(e) => return Outcome::not_started(e),
     };
     let (id, session) = (setup.id, setup.session);
-    info!("run {session}: agent started (pid {})", child.pid());
+    info!("run {session} {} started (pid {})", setup.label, child.pid());
     let (feed_tx, feed_rx) = crossbeam_channel::bounded::<Feed>(128);
     let (end_tx, end_rx) = crossbeam_channel::unbounded::<Ending>();
     let mut stderr = Stderr::default();

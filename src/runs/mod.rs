@@ -607,6 +607,7 @@ impl Run<'_> {
             changes: &changed,
         };
         let program = plan.argv[0].clone();
+        let label = format!("project={} agent={}", self.project.config.id, agent.name);
         let mut attempts = 0;
         let outcome = loop {
             attempts += 1;
@@ -615,6 +616,7 @@ impl Run<'_> {
                 cmd: command::command(&plan.argv, agent, &root, self.id),
                 id: self.id,
                 session: &session,
+                label: &label,
                 control,
                 deadline,
                 timeout,

@@ -344,12 +344,12 @@ fn a_full_disk_loses_nothing_and_spools_again_when_space_returns() {
     let push = Push::start(dir.path(), None);
     let port = free_port();
     let callback = format!("http://127.0.0.1:{port}");
-    // "lines N": N output events and the result line as one more, then complete
+    // "lines N": N pieces of message text, then complete
     let runs = [
-        ("f0", "lines 1500", 1502),
-        ("f1", "lines 1500", 1502),
-        ("f2", "lines 1500", 1502),
-        ("s0", "lines 3", 5),
+        ("f0", "lines 1500", 1501),
+        ("f1", "lines 1500", 1501),
+        ("f2", "lines 1500", 1501),
+        ("s0", "lines 3", 4),
     ];
     for (session, prompt, _) in runs {
         push.run(session, prompt, &callback);
@@ -398,14 +398,14 @@ fn delivery_goes_on_while_the_disk_is_still_full() {
     push.proc.wait_count("ended: complete", 2, Duration::from_secs(60));
     push.wait_status("posts kept in memory", DEADLINE, |s| n(s, "memoryRecords") > 0);
     let platform = Platform::start_on(port);
-    check_sessions(&platform, &[("g0", 1002), ("g1", 1002)], Duration::from_secs(120));
+    check_sessions(&platform, &[("g0", 1001), ("g1", 1001)], Duration::from_secs(120));
     // no room left at all, not even for a new stream's files
     let full = fill(&dir.join("state"), 0);
     for s in ["h0", "h1", "h2"] {
         push.run(s, "lines 5", &callback);
     }
-    check_sessions(&platform, &[("h0", 7), ("h1", 7), ("h2", 7)], Duration::from_secs(60));
-    assert_eq!(platform.posts().len(), 2 * 1002 + 3 * 7, "a post was repeated");
+    check_sessions(&platform, &[("h0", 6), ("h1", 6), ("h2", 6)], Duration::from_secs(60));
+    assert_eq!(platform.posts().len(), 2 * 1001 + 3 * 6, "a post was repeated");
     std::fs::remove_file(&ballast).unwrap();
     std::fs::remove_file(&full).unwrap();
     push.wait_status("nothing left", Duration::from_secs(20), |s| {
@@ -611,13 +611,13 @@ fn a_crash_mid_delivery_posts_nothing_confirmed_twice_and_closes_every_run() {
         let posts = platform.wait_closed(s, Duration::from_secs(30));
         let bodies = check_run(&posts, TOKEN);
         if s != "c3" {
-            assert_eq!(bodies.len(), 32, "{s}");
+            assert_eq!(bodies.len(), 31, "{s}");
             assert!(posts.last().unwrap().path.ends_with("/agent-complete"));
         } else {
             assert_eq!(bodies.last().unwrap()["error"], "the connector restarted", "{bodies:?}");
         }
     }
-    assert_eq!(platform.delivered().len(), 3 * 32 + 2, "a post was repeated");
+    assert_eq!(platform.delivered().len(), 3 * 31 + 2, "a post was repeated");
     push.assert_spool_empty();
     assert!(push.proc.log().contains("leftover file(s)"), "{}", push.proc.tail());
 }
@@ -642,7 +642,7 @@ fn three_hundred_runs_against_a_dead_callback_fit_in_256_descriptors() {
         push.run(s, "lines 2", &callback);
     }
     push.proc.wait_count("ended: complete", 300, Duration::from_secs(120));
-    let st = push.wait_status("300 streams spooled", DEADLINE, |s| n(s, "spooledRecords") == 300 * 4);
+    let st = push.wait_status("300 streams spooled", DEADLINE, |s| n(s, "spooledRecords") == 300 * 3);
     assert_eq!((n(&st, "streams"), n(&st, "openFiles")), (300, 0), "{st}");
     let (fds, threads) = (push.proc.fds(), push.proc.threads());
     assert!(fds < 64, "{fds} descriptors open with 300 undelivered runs");
@@ -650,9 +650,9 @@ fn three_hundred_runs_against_a_dead_callback_fit_in_256_descriptors() {
     let platform = Platform::start_on(port);
     for s in &sessions {
         let posts = platform.wait_closed_within(s, Duration::from_secs(60));
-        assert_eq!(check_run(&posts, TOKEN).len(), 4, "{s}");
+        assert_eq!(check_run(&posts, TOKEN).len(), 3, "{s}");
     }
-    assert_eq!(platform.posts().len(), 300 * 4, "a post was repeated");
+    assert_eq!(platform.posts().len(), 300 * 3, "a post was repeated");
     push.assert_spool_empty();
     push.proc.assert_no_emfile();
 }
