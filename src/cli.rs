@@ -18,6 +18,10 @@ aion-connector — serve AI coding agents from this machine (Channel Protocol v1
 Usage:
   aion-connector [CONFIG]          serve push mode (HTTP on the config's host:port)
   aion-connector check [CONFIG]    validate CONFIG and name every problem
+  aion-connector fingerprint [CONFIG]
+                                   print the SHA-256 fingerprint of the TLS
+                                   certificate CONFIG serves (generating the
+                                   self-signed one if needed)
   aion-connector doctor [--unit FILE] [CONFIG]
                                    check this machine for serving CONFIG: one
                                    line per check, OK/WARN/FAIL and the fix
@@ -109,6 +113,9 @@ pub fn run(args: Vec<OsString>) -> Result<i32, Error> {
         ["check"] => check(Path::new(DEFAULT_CONFIG)),
         ["check", path] if !path.starts_with('-') => check(Path::new(path)),
         ["check", ..] => Err(Error::Usage("usage: aion-connector check [CONFIG]".into())),
+        ["fingerprint"] => fingerprint(Path::new(DEFAULT_CONFIG)),
+        ["fingerprint", path] if !path.starts_with('-') => fingerprint(Path::new(path)),
+        ["fingerprint", ..] => Err(Error::Usage("usage: aion-connector fingerprint [CONFIG]".into())),
         ["doctor", rest @ ..] => crate::doctor::run(rest),
         ["poll", rest @ ..] => poll(rest),
         ["lease", rest @ ..] => crate::lease::wrap::run(rest),
@@ -151,6 +158,22 @@ fn poll(args: &[&str]) -> Result<i32, Error> {
     let shutdown = crate::shutdown::install().map_err(|source| Error::Io { what: "signal setup", source })?;
     let config = crate::poll::config::load(config.as_deref(), &|k| std::env::var(k).ok())?;
     crate::poll::run(config, shutdown)
+}
+
+/// `tls fingerprint sha256:<hex>`, as serving prints it.
+fn fingerprint(path: &Path) -> Result<i32, Error> {
+    let (config, _) = config::load(path)?;
+    let state = crate::serve::state_dir(&config)?;
+    match crate::serve::tls(&config, path, &state)? {
+        Some(tls) => {
+            println!("tls fingerprint {}", tls.fingerprint());
+            Ok(0)
+        }
+        None => Err(Error::Config {
+            path: path.to_path_buf(),
+            problems: vec!["tls: missing (the port serves plain HTTP: no fingerprint)".into()],
+        }),
+    }
 }
 
 fn check(path: &Path) -> Result<i32, Error> {

@@ -1,20 +1,26 @@
 //! Orderly shutdown. SIGINT and SIGTERM are blocked in every thread and taken
 //! by one signal thread with `sigwait`, which sets the shutdown flag and wakes
 //! the accept loop through a socket pair. A second SIGINT exits at once.
+//! SIGHUP runs the hook set with [`Shutdown::on_hangup`] (push mode: re-read
+//! the TLS key and certificate) on the signal thread, and is otherwise
+//! ignored.
 
 use crate::logging::{info, warn};
 use nix::sys::signal::{SigSet, Signal};
 use std::io::Write;
 use std::os::unix::net::UnixStream;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 pub struct Shutdown {
     flag: AtomicBool,
     wake_tx: UnixStream,
     /// Readable once shutdown has begun; the accept loop polls it beside the listener.
     pub wake_rx: UnixStream,
+    hangup: Mutex<Option<Hook>>,
 }
+
+type Hook = Box<dyn Fn() + Send>;
 
 impl Shutdown {
     pub fn requested(&self) -> bool {
@@ -38,6 +44,11 @@ impl Shutdown {
         true
     }
 
+    /// What SIGHUP does from now on (run on the signal thread).
+    pub fn on_hangup(&self, hook: impl Fn() + Send + 'static) {
+        *self.hangup.lock().unwrap_or_else(|p| p.into_inner()) = Some(Box::new(hook));
+    }
+
     pub fn trigger(&self) {
         self.flag.store(true, Ordering::SeqCst);
         let _ = (&self.wake_tx).write(&[1]);
@@ -50,15 +61,24 @@ impl Shutdown {
 pub fn install() -> std::io::Result<Arc<Shutdown>> {
     let (wake_tx, wake_rx) = UnixStream::pair()?;
     wake_tx.set_nonblocking(true)?;
-    let shutdown = Arc::new(Shutdown { flag: AtomicBool::new(false), wake_tx, wake_rx });
+    let shutdown =
+        Arc::new(Shutdown { flag: AtomicBool::new(false), wake_tx, wake_rx, hangup: Mutex::new(None) });
     let mut set = SigSet::empty();
     set.add(Signal::SIGINT);
     set.add(Signal::SIGTERM);
+    set.add(Signal::SIGHUP);
     set.thread_block().map_err(std::io::Error::from)?;
     let s = Arc::clone(&shutdown);
     std::thread::Builder::new().name("signals".into()).stack_size(64 << 10).spawn(move || {
         loop {
             let Ok(sig) = set.wait() else { continue };
+            if sig == Signal::SIGHUP {
+                match &*s.hangup.lock().unwrap_or_else(|p| p.into_inner()) {
+                    Some(hook) => hook(),
+                    None => info!("SIGHUP: nothing to reload"),
+                }
+                continue;
+            }
             if s.requested() {
                 // A second Ctrl-C means "now"; a repeated SIGTERM (some
                 // supervisors signal the whole group) changes nothing.

@@ -29,6 +29,17 @@ pub struct Config {
     pub state_dir: Option<PathBuf>,
     /// The `lease` section: how to reach Aion (used when an agent has `leaseApps`).
     pub lease: LeaseSettings,
+    /// The `tls` section: serve HTTPS (and `wss://`) on the port.
+    pub tls: Option<TlsSettings>,
+}
+
+/// Where the port's key and certificate come from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TlsSettings {
+    /// `{"certFile": PATH, "keyFile": PATH}`: PEM files, re-read on SIGHUP.
+    Files { cert: PathBuf, key: PathBuf },
+    /// `{"selfSigned": true}`: a pair generated once into `<stateDir>/tls/`.
+    SelfSigned,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -285,7 +296,8 @@ impl Checker {
     }
 
     fn config(&mut self, root: &Json, cwd: &Path) -> Option<Config> {
-        let fields = self.object(root, "", &["port", "host", "projects", "limits", "stateDir", "lease"])?;
+        let fields =
+            self.object(root, "", &["port", "host", "projects", "limits", "stateDir", "lease", "tls"])?;
         let mut config = Config {
             host: "0.0.0.0".into(),
             port: 7777,
@@ -293,6 +305,7 @@ impl Checker {
             projects: Vec::new(),
             state_dir: None,
             lease: LeaseSettings::default(),
+            tls: None,
         };
         let mut saw_projects = false;
         for (key, v) in fields {
@@ -309,6 +322,7 @@ impl Checker {
                 },
                 "limits" => self.limits(v, &mut config.limits),
                 "lease" => config.lease = self.lease(v, cwd),
+                "tls" => config.tls = self.tls(v, cwd),
                 "stateDir" => match self.string(v, "stateDir") {
                     Some(d) if d.is_empty() => self.problem("stateDir", "must not be empty"),
                     d => config.state_dir = d.map(|d| cwd.join(d)),
@@ -324,6 +338,57 @@ impl Checker {
             self.problem("projects", "missing (an object of project id → {token, dir, agents})");
         }
         Some(config)
+    }
+
+    fn tls(&mut self, v: &Json, cwd: &Path) -> Option<TlsSettings> {
+        if cfg!(target_os = "macos") {
+            self.problem("tls", "TLS is not available in macOS builds; put a TLS proxy in front");
+            return None;
+        }
+        let fields = self.object(v, "tls", &["certFile", "keyFile", "selfSigned"])?;
+        let get = |k: &str| fields.iter().find(|(key, _)| key == k).map(|(_, v)| v);
+        let file = |c: &mut Self, k: &str| match get(k).map(|v| c.string(v, &join("tls", k))) {
+            Some(Some(p)) if p.is_empty() => {
+                c.problem(&join("tls", k), "must not be empty");
+                None
+            }
+            Some(p) => p.map(|p| cwd.join(p)),
+            None => None,
+        };
+        let cert = file(self, "certFile");
+        let key = file(self, "keyFile");
+        let self_signed = match get("selfSigned") {
+            None => None,
+            Some(Json::Bool(b)) => Some(*b),
+            Some(other) => {
+                self.problem("tls.selfSigned", format!("expected true or false, found {}", other.show()));
+                return None;
+            }
+        };
+        let has_files = get("certFile").is_some() || get("keyFile").is_some();
+        match (self_signed, has_files) {
+            (Some(true), true) => {
+                self.problem("tls", "either selfSigned or certFile and keyFile, not both");
+                None
+            }
+            (Some(true), false) => Some(TlsSettings::SelfSigned),
+            (_, true) => match (get("certFile"), get("keyFile"), cert, key) {
+                (_, _, Some(cert), Some(key)) => Some(TlsSettings::Files { cert, key }),
+                (None, ..) => {
+                    self.problem("tls.certFile", "missing (the certificate chain, PEM)");
+                    None
+                }
+                (_, None, ..) => {
+                    self.problem("tls.keyFile", "missing (the private key, PEM)");
+                    None
+                }
+                _ => None,
+            },
+            (_, false) => {
+                self.problem("tls", "needs certFile and keyFile (PEM files), or \"selfSigned\": true");
+                None
+            }
+        }
     }
 
     fn limits(&mut self, v: &Json, limits: &mut Limits) {
@@ -747,6 +812,36 @@ mod tests {
         assert_eq!(p.dir, Path::new("/srv/./projects/p"));
         let names: Vec<_> = p.agents.iter().map(|a| a.name.as_str()).collect();
         assert_eq!(names, ["pi", "claude"]);
+    }
+
+    #[test]
+    fn the_tls_section() {
+        let with = |tls: &str| {
+            check(&format!(r#"{{"projects":{{"p":{{"token":"t","dir":"d","agents":{{}}}}}},"tls":{tls}}}"#))
+        };
+        if cfg!(target_os = "macos") {
+            let problems = with(r#"{"selfSigned":true}"#).unwrap_err();
+            assert_eq!(problems, ["tls: TLS is not available in macOS builds; put a TLS proxy in front"]);
+            return;
+        }
+        assert_eq!(with(r#"{"selfSigned":true}"#).unwrap().0.tls, Some(TlsSettings::SelfSigned));
+        assert_eq!(
+            with(r#"{"certFile":"c.pem","keyFile":"/k.pem"}"#).unwrap().0.tls,
+            Some(TlsSettings::Files { cert: "/srv/c.pem".into(), key: "/k.pem".into() })
+        );
+        let cases = [
+            (r#"{"certFile":"c.pem"}"#, "tls.keyFile: missing (the private key, PEM)"),
+            (r#"{"keyFile":"k.pem"}"#, "tls.certFile: missing (the certificate chain, PEM)"),
+            (r#"{"certFile":1,"keyFile":"k"}"#, "tls.certFile: expected a string, found a number"),
+            (r#"{"selfSigned":"yes"}"#, "tls.selfSigned: expected true or false, found a string"),
+            (r#"{"selfSigned":true,"certFile":"c","keyFile":"k"}"#, "tls: either selfSigned or certFile"),
+            (r#"{}"#, "tls: needs certFile and keyFile"),
+            (r#"true"#, "tls: expected an object, found"),
+        ];
+        for (tls, want) in cases {
+            let problems = with(tls).unwrap_err();
+            assert!(problems.iter().any(|p| p.starts_with(want)), "{tls}: {problems:?}");
+        }
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //! token length), the port (free, or served by an aion-connector that takes
 //! this config's token), acpx, Node.js and the agent CLIs on PATH
 //! ([`tools`], shared with `check`), the state dir (writable, free space),
-//! TLS (a seam: there is no TLS yet), the origins of spooled callback posts
+//! TLS (files readable, key matching, not expiring within 14 days), the origins of spooled callback posts
 //! (a TCP connect each), the Aion lease socket, and the systemd unit's user.
 //!
 //! Doctor changes nothing: the one write is a probe file in the state dir,
@@ -196,7 +196,7 @@ fn diagnose(config_arg: Option<PathBuf>, unit_path: &Path) -> Vec<Finding> {
     let serves_this = unit.as_ref().and_then(|u| u.config.as_deref()).is_some_and(|c| same_file(c, &path));
     let (dir, why) = state_dir(&config, unit.as_ref().filter(|_| serves_this));
     out.extend(state::writable(&dir, why));
-    out.push(tls(&path));
+    out.push(tls(&config, &dir));
     out.extend(reach::callbacks(&dir.join("outbox")));
     out.push(reach::lease(Some(&config)));
     out.extend(unit::check(unit_path, unit.as_ref(), &path, Some(&dir)));
@@ -266,27 +266,81 @@ fn state_dir(config: &Config, unit: Option<&unit::Unit>) -> (PathBuf, &'static s
     (config::state_dir(None), "the default")
 }
 
-/// TLS: there is none yet, so this only says so. The seam: once the config
-/// has a `tls` section (cert and key files), this is where doctor checks that
-/// both files are readable, that the key matches the certificate, and that
-/// the certificate does not expire within 14 days.
-fn tls(path: &Path) -> Finding {
-    let raw: Option<serde_json::Value> =
-        std::fs::read_to_string(path).ok().and_then(|t| serde_json::from_str(&t).ok());
-    match raw.as_ref().and_then(|v| v.get("tls")) {
-        None => Finding::skip(
+/// TLS: the cert and key files are readable, the key matches the
+/// certificate, and the certificate does not expire within 14 days. A
+/// self-signed pair not generated yet is fine (the first start makes it).
+#[cfg(not(target_os = "macos"))]
+fn tls(config: &Config, state: &Path) -> Finding {
+    use crate::net::tls::{Source, inspect};
+    let source = match &config.tls {
+        None => {
+            return Finding::skip(
+                "tls",
+                "not configured (plain HTTP: add \"tls\" to the config, or put a TLS proxy in front, for remote use)",
+            );
+        }
+        Some(config::TlsSettings::SelfSigned) => Source::SelfSigned { dir: state.join("tls") },
+        Some(config::TlsSettings::Files { cert, key }) => {
+            Source::Files { cert: cert.clone(), key: key.clone() }
+        }
+    };
+    let (cert, key) = source.files();
+    if matches!(source, Source::SelfSigned { .. }) && !cert.exists() && !key.exists() {
+        return Finding::ok(
             "tls",
-            "not configured (plain HTTP: put a TLS reverse proxy in front for remote use)",
+            format!("self-signed: generated into {} on the first start", state.join("tls").display()),
+        );
+    }
+    let (fingerprint, not_after) = match inspect(&source) {
+        Ok(found) => found,
+        Err(e) => {
+            return Finding::fail(
+                "tls",
+                e,
+                format!(
+                    "check {} and {} (PEM, readable by the service user, the key of that certificate)",
+                    cert.display(),
+                    key.display()
+                ),
+            );
+        }
+    };
+    let now =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+    let renew = "renew it (certbot renew), then: systemctl reload aion-connector (SIGHUP re-reads the files)";
+    match not_after {
+        Some(t) if t <= now => Finding::fail(
+            "tls",
+            format!("{} expired {} day(s) ago", cert.display(), (now - t) / 86_400),
+            renew,
         ),
-        Some(_) => Finding::warn(
+        Some(t) if t - now < 14 * 86_400 => Finding::warn(
+            "tls",
+            format!("{} expires in {} day(s)", cert.display(), (t - now) / 86_400),
+            renew,
+        ),
+        Some(t) => Finding::ok(
             "tls",
             format!(
-                "{} has a `tls` section, but this version serves plain HTTP and ignores it",
-                path.display()
+                "{}: key matches, valid for {} more days, {fingerprint}",
+                cert.display(),
+                (t - now) / 86_400
             ),
-            "terminate TLS in a reverse proxy (README: Security notes), or remove the section",
+        ),
+        None => Finding::warn(
+            "tls",
+            format!("{}: cannot read its expiry date", cert.display()),
+            "check it: openssl x509 -noout -enddate -in FILE",
         ),
     }
+}
+
+#[cfg(target_os = "macos")]
+fn tls(_: &Config, _: &Path) -> Finding {
+    Finding::skip(
+        "tls",
+        "not available in macOS builds (plain HTTP: put a TLS proxy in front for remote use)",
+    )
 }
 
 /// Whether two paths name the same file (or the same path when either is missing).

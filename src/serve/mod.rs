@@ -61,10 +61,9 @@ pub fn run(explicit: Option<PathBuf>) -> Result<i32, Error> {
         warn!("config: {w}");
     }
     let roots = project::prepare_roots(&config)?;
-    let state = config::state_dir(config.state_dir.as_deref());
-    std::fs::create_dir_all(&state).map_err(|source| Error::StateDir { path: state.clone(), source })?;
     // Absolute: the MCP servers' socket path is written into project dirs.
-    let state = state.canonicalize().map_err(|source| Error::StateDir { path: state.clone(), source })?;
+    let state = state_dir(&config)?;
+    let tls = tls(&config, &path, &state)?;
     // The connector's own files are never served, whatever project dir holds them.
     let own_files: Vec<PathBuf> =
         [path.as_path(), state.as_path()].iter().filter_map(|p| p.canonicalize().ok()).collect();
@@ -100,9 +99,21 @@ pub fn run(explicit: Option<PathBuf>) -> Result<i32, Error> {
     {
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "listening on {local}");
+        if let Some(tls) = &tls {
+            let _ = writeln!(out, "tls fingerprint {}", tls.fingerprint());
+        }
         let _ = out.flush();
     }
     info!("aion-connector {} serving {count} project(s) from {}", VERSION, path.display());
+    if let Some(tls) = &tls {
+        // SIGHUP: the files again (certbot renewed them); new connections
+        // get the new pair, open ones keep theirs.
+        let tls = Arc::clone(tls);
+        shutdown.on_hangup(move || match tls.reload() {
+            Ok(fingerprint) => info!("SIGHUP: TLS certificate reloaded, fingerprint {fingerprint}"),
+            Err(e) => warn!("SIGHUP: TLS certificate not reloaded, keeping the old one: {e}"),
+        });
+    }
     let deadline = std::cell::Cell::new(None);
     http::serve(listener, limits.clone(), Arc::clone(&shutdown), app, || {
         deadline.set(Some(Instant::now() + limits.shutdown));
@@ -126,6 +137,46 @@ pub fn run(explicit: Option<PathBuf>) -> Result<i32, Error> {
     outbox.drain(deadline);
     info!("stopped");
     Ok(0)
+}
+
+/// The port's TLS, when the config has a `tls` section: the files loaded
+/// (the self-signed pair generated into `<state>/tls/` first if missing).
+/// A problem is a config error named by its JSON path.
+#[cfg(not(target_os = "macos"))]
+pub fn tls(
+    config: &config::Config,
+    config_path: &std::path::Path,
+    state: &std::path::Path,
+) -> Result<Option<Arc<crate::net::tls::Tls>>, Error> {
+    use crate::net::tls::{Source, Tls};
+    let source = match &config.tls {
+        None => return Ok(None),
+        Some(config::TlsSettings::SelfSigned) => Source::SelfSigned { dir: state.join("tls") },
+        Some(config::TlsSettings::Files { cert, key }) => {
+            Source::Files { cert: cert.clone(), key: key.clone() }
+        }
+    };
+    let path = if matches!(source, Source::SelfSigned { .. }) { "tls.selfSigned" } else { "tls" };
+    Tls::load(source, &config.host).map(|t| Some(Arc::new(t))).map_err(|e| Error::Config {
+        path: config_path.to_path_buf(),
+        problems: vec![format!("{path}: {e}")],
+    })
+}
+
+#[cfg(target_os = "macos")]
+pub fn tls(
+    _: &config::Config,
+    _: &std::path::Path,
+    _: &std::path::Path,
+) -> Result<Option<Arc<crate::net::tls::Tls>>, Error> {
+    Ok(None)
+}
+
+/// The state dir of `config`, created and made absolute.
+pub fn state_dir(config: &config::Config) -> Result<PathBuf, Error> {
+    let state = config::state_dir(config.state_dir.as_deref());
+    std::fs::create_dir_all(&state).map_err(|source| Error::StateDir { path: state.clone(), source })?;
+    state.canonicalize().map_err(|source| Error::StateDir { path: state.clone(), source })
 }
 
 /// Each connection and each git run holds descriptors: lift the soft limit

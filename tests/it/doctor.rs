@@ -424,13 +424,46 @@ fn the_lease_socket_and_a_tls_section_are_reported() {
     let sock = s.tmp.join("aion.sock");
     s.write_config(
         json!({"pi": {}}),
-        json!({"lease": {"socket": sock.to_str().unwrap()}, "tls": {"cert": "c.pem"}}),
+        json!({"lease": {"socket": sock.to_str().unwrap()}, "tls": {"selfSigned": true}}),
     );
     let (code, out) = s.doctor();
     assert_eq!(code, 0, "a lease socket is not required:\n{out}");
     assert!(has(&out, "WARN", "lease", "cannot connect to the Aion socket"), "{out}");
-    assert!(has(&out, "WARN", "tls", "has a `tls` section"), "{out}");
+    assert!(has(&out, "OK", "tls", "self-signed: generated into"), "{out}");
     let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
     let (_, out) = s.doctor();
     assert!(has(&out, "OK", "lease", "accepts connections"), "{out}");
+}
+
+/// The cert and key files: unreadable, mismatched, expiring soon, fine.
+#[cfg(not(target_os = "macos"))]
+#[test]
+fn tls_files_are_checked() {
+    let s = Setup::new("doc-tls");
+    s.write_config(json!({"pi": {}}), json!({"tls": {"certFile": "c.pem", "keyFile": "k.pem"}}));
+    let (code, out) = s.doctor();
+    assert_eq!(code, 1, "{out}");
+    assert!(has(&out, "FAIL", "tls", "c.pem"), "{out}");
+    let pair = |days: i64| {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+        let now = std::time::SystemTime::now();
+        params.not_before = (now - std::time::Duration::from_secs(86_400)).into();
+        params.not_after = (now + std::time::Duration::from_secs((days * 86_400) as u64)).into();
+        (params.self_signed(&key).unwrap().pem(), key.serialize_pem())
+    };
+    let (cert, key) = pair(400);
+    let (_, other_key) = pair(400);
+    std::fs::write(s.tmp.join("c.pem"), &cert).unwrap();
+    std::fs::write(s.tmp.join("k.pem"), &other_key).unwrap();
+    let (_, out) = s.doctor();
+    assert!(has(&out, "FAIL", "tls", "the key does not match the certificate"), "{out}");
+    std::fs::write(s.tmp.join("k.pem"), &key).unwrap();
+    let (_, out) = s.doctor();
+    assert!(has(&out, "OK", "tls", "key matches, valid for "), "{out}");
+    let (cert, key) = pair(5);
+    std::fs::write(s.tmp.join("c.pem"), &cert).unwrap();
+    std::fs::write(s.tmp.join("k.pem"), &key).unwrap();
+    let (_, out) = s.doctor();
+    assert!(has(&out, "WARN", "tls", "expires in "), "{out}");
 }

@@ -1,0 +1,411 @@
+//! TLS on the listening port, in-process with rustls (ring provider), no
+//! async runtime: a [`Tls`] holds the current `ServerConfig` and the
+//! certificate's fingerprint; a [`TlsStream`] is one session over its TCP
+//! socket, which the HTTP loop reads and writes blocking (with its timeouts
+//! on the TCP socket) and the terminal pump drives non-blocking (through
+//! [`crate::net::stream::Stream`], a `Link`). Not in macOS builds.
+//!
+//! Locks: the only lock is the one around the current `ServerConfig` (an
+//! `Arc` swapped by [`Tls::reload`] on SIGHUP). A connection clones the `Arc`
+//! under it when it starts and lets go before the handshake, so no lock is
+//! ever held across a read or a write; each `ServerConnection` belongs to its
+//! connection's one thread, which is also the only one to touch its socket.
+//! New connections take the new certificate; open ones keep theirs.
+//!
+//! Non-blocking TLS ([`Link`], the terminal): a read first takes decrypted
+//! bytes rustls already holds, else reads TLS records from the socket
+//! (`read_tls`), decrypts them (`process_new_packets`) and tries again; a
+//! write first pushes out the records still waiting (`write_tls`) and says
+//! `WouldBlock` while any are left, so a client that stops reading stops the
+//! writer just as over plain TCP. Decrypted bytes waiting in rustls count as
+//! readable (`Link::buffered`), since `poll` on the socket cannot see them.
+
+use rustls::ServerConnection;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use sha2::{Digest, Sha256};
+use std::io::{self, ErrorKind, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+/// The first byte of a TLS handshake record.
+pub const HANDSHAKE: u8 = 0x16;
+
+/// Where the key and certificate come from.
+#[derive(Debug, Clone)]
+pub enum Source {
+    /// PEM files (a chain, leaf first; a PKCS#8, SEC1 or PKCS#1 key).
+    Files { cert: PathBuf, key: PathBuf },
+    /// A pair generated once into `dir` (`cert.pem`, `key.pem`) and reused.
+    SelfSigned { dir: PathBuf },
+}
+
+impl Source {
+    pub fn files(&self) -> (PathBuf, PathBuf) {
+        match self {
+            Source::Files { cert, key } => (cert.clone(), key.clone()),
+            Source::SelfSigned { dir } => (dir.join("cert.pem"), dir.join("key.pem")),
+        }
+    }
+}
+
+/// The server's TLS settings, swappable while serving.
+pub struct Tls {
+    source: Source,
+    current: Mutex<(Arc<rustls::ServerConfig>, String)>,
+}
+
+impl Tls {
+    /// Loads (for `SelfSigned`, first generates) the key and certificate.
+    /// `host` is the configured listening host, put in a generated
+    /// certificate's names.
+    pub fn load(source: Source, host: &str) -> Result<Tls, String> {
+        if let Source::SelfSigned { dir } = &source {
+            ensure_self_signed(dir, host)?;
+        }
+        let current = build(&source)?;
+        Ok(Tls { source, current: Mutex::new(current) })
+    }
+
+    /// Reads the files again; on success new connections use them. Returns
+    /// the new fingerprint.
+    pub fn reload(&self) -> Result<String, String> {
+        let next = build(&self.source)?;
+        let fingerprint = next.1.clone();
+        *self.current.lock().unwrap_or_else(|p| p.into_inner()) = next;
+        Ok(fingerprint)
+    }
+
+    /// `sha256:<hex>` of the current certificate's DER.
+    pub fn fingerprint(&self) -> String {
+        self.current.lock().unwrap_or_else(|p| p.into_inner()).1.clone()
+    }
+
+    fn config(&self) -> Arc<rustls::ServerConfig> {
+        Arc::clone(&self.current.lock().unwrap_or_else(|p| p.into_inner()).0)
+    }
+
+    /// A server session for one accepted connection.
+    pub fn session(&self) -> io::Result<ServerConnection> {
+        ServerConnection::new(self.config()).map_err(io::Error::other)
+    }
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The certificate chain and key of `source`, checked to belong together.
+pub fn read_pair(source: &Source) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), String> {
+    let (cert, key) = source.files();
+    let certs = CertificateDer::pem_file_iter(&cert)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("{}: {}", cert.display(), pem_error(e)))?;
+    if certs.is_empty() {
+        return Err(format!("{}: no CERTIFICATE in it", cert.display()));
+    }
+    let key_der =
+        PrivateKeyDer::from_pem_file(&key).map_err(|e| format!("{}: {}", key.display(), pem_error(e)))?;
+    Ok((certs, key_der))
+}
+
+fn pem_error(e: rustls::pki_types::pem::Error) -> String {
+    match e {
+        rustls::pki_types::pem::Error::Io(e) => e.to_string(),
+        rustls::pki_types::pem::Error::NoItemsFound => "no PEM item of the expected kind in it".into(),
+        other => format!("not valid PEM ({other:?})"),
+    }
+}
+
+fn build(source: &Source) -> Result<(Arc<rustls::ServerConfig>, String), String> {
+    let (certs, key) = read_pair(source)?;
+    let fingerprint = fingerprint(&certs[0]);
+    let (cert_path, _) = source.files();
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| format!("{}: {}", cert_path.display(), key_error(e)))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok((Arc::new(config), fingerprint))
+}
+
+/// What doctor wants to know of a pair: both files read, the key matches
+/// the certificate. Returns the fingerprint and the certificate's notAfter
+/// (seconds since the epoch, None when it cannot be read).
+pub fn inspect(source: &Source) -> Result<(String, Option<i64>), String> {
+    let (certs, _) = read_pair(source)?;
+    let (_, fingerprint) = build(source)?;
+    Ok((fingerprint, not_after(&certs[0])))
+}
+
+fn key_error(e: rustls::Error) -> String {
+    match e {
+        rustls::Error::InconsistentKeys(_) => "the key does not match the certificate".into(),
+        other => other.to_string(),
+    }
+}
+
+/// `sha256:<64 lowercase hex>` of a certificate's DER.
+pub fn fingerprint(cert: &[u8]) -> String {
+    let digest = Sha256::digest(cert);
+    let mut out = String::with_capacity(71);
+    out.push_str("sha256:");
+    for b in digest.iter() {
+        out.push_str(&format!("{b:02x}"));
+    }
+    out
+}
+
+/// Generates the self-signed pair into `dir` unless both files are there:
+/// ECDSA P-256, CN `aion-connector`, names `host` (unless a wildcard
+/// address), `localhost`, `127.0.0.1`, `::1`; valid 2025–2049. The dir is
+/// made 0700 and the files 0600.
+pub fn ensure_self_signed(dir: &Path, host: &str) -> Result<(), String> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    if cert.exists() && key.exists() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| format!("{}: {e}", dir.display()))?;
+    let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
+    let mut names = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
+    let wildcard = matches!(host, "0.0.0.0" | "::" | "[::]" | "");
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if !wildcard && !names.iter().any(|n| n == host) {
+        names.insert(0, host.to_string());
+    }
+    let fail = |e: rcgen::Error| format!("generating the self-signed certificate: {e}");
+    let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(fail)?;
+    let mut params = rcgen::CertificateParams::new(names).map_err(fail)?;
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params.distinguished_name.push(rcgen::DnType::CommonName, "aion-connector");
+    params.not_before = rcgen::date_time_ymd(2025, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2049, 12, 31);
+    let certificate = params.self_signed(&pair).map_err(fail)?;
+    let write = |path: &Path, text: &str| -> Result<(), String> {
+        let tmp = path.with_extension("tmp");
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(|e| format!("{}: {e}", tmp.display()))?;
+        f.write_all(text.as_bytes())
+            .and_then(|()| f.sync_all())
+            .map_err(|e| format!("{}: {e}", tmp.display()))?;
+        std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
+    };
+    // The key first: a cert.pem on disk always has its key beside it.
+    write(&key, &pair.serialize_pem())?;
+    write(&cert, &certificate.pem())
+}
+
+/// A certificate's notAfter, in seconds since the epoch (a minimal DER walk:
+/// Certificate → TBSCertificate → Validity).
+pub fn not_after(cert: &[u8]) -> Option<i64> {
+    let (_, tbs_cert, _) = der(cert)?; // Certificate SEQUENCE
+    let (_, tbs, _) = der(tbs_cert)?; // TBSCertificate SEQUENCE
+    let mut rest = tbs;
+    let (tag, _, after) = der(rest)?;
+    if tag == 0xA0 {
+        rest = after; // [0] version
+    }
+    for _ in 0..3 {
+        rest = der(rest)?.2; // serial, signature, issuer
+    }
+    let (_, validity, _) = der(rest)?;
+    let (_, _, after_before) = der(validity)?;
+    let (tag, time, _) = der(after_before)?;
+    let text = std::str::from_utf8(time).ok()?;
+    let (year, rest) = match tag {
+        0x17 => {
+            let yy: i64 = text.get(..2)?.parse().ok()?;
+            (if yy < 50 { 2000 + yy } else { 1900 + yy }, text.get(2..)?)
+        }
+        0x18 => (text.get(..4)?.parse().ok()?, text.get(4..)?),
+        _ => return None,
+    };
+    let num = |r: std::ops::Range<usize>| -> Option<i64> { rest.get(r)?.parse().ok() };
+    let (month, day, h, m, s) = (num(0..2)?, num(2..4)?, num(4..6)?, num(6..8)?, num(8..10)?);
+    Some(days_from_civil(year, month, day) * 86_400 + h * 3600 + m * 60 + s)
+}
+
+/// One DER element: (tag, contents, what follows).
+fn der(bytes: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let tag = *bytes.first()?;
+    let first = *bytes.get(1)? as usize;
+    let (len, head) = if first < 0x80 {
+        (first, 2)
+    } else {
+        let n = first & 0x7f;
+        if n == 0 || n > 4 {
+            return None;
+        }
+        let mut len = 0usize;
+        for b in bytes.get(2..2 + n)? {
+            len = (len << 8) | *b as usize;
+        }
+        (len, 2 + n)
+    };
+    let end = head.checked_add(len)?;
+    Some((tag, bytes.get(head..end)?, bytes.get(end..)?))
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date.
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// A rustls server session over its TCP socket.
+pub struct TlsStream {
+    conn: ServerConnection,
+    sock: TcpStream,
+    /// Decrypted bytes wait in `conn` (as of the last read).
+    pending: bool,
+}
+
+impl TlsStream {
+    pub fn new(conn: ServerConnection, sock: TcpStream) -> TlsStream {
+        TlsStream { conn, sock, pending: false }
+    }
+
+    /// Writes waiting TLS records; `WouldBlock` (non-blocking) when the
+    /// socket is full with some left.
+    fn push(&mut self) -> io::Result<()> {
+        while self.conn.wants_write() {
+            match self.conn.write_tls(&mut self.sock) {
+                Ok(0) => return Err(ErrorKind::WriteZero.into()),
+                Ok(_) => {}
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads and decrypts more records. Ok(false): the peer closed.
+    fn pull(&mut self) -> io::Result<bool> {
+        let n = loop {
+            match self.conn.read_tls(&mut self.sock) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        };
+        if n == 0 {
+            return Ok(false);
+        }
+        match self.conn.process_new_packets() {
+            Ok(state) => {
+                self.pending = state.plaintext_bytes_to_read() > 0;
+            }
+            Err(e) => {
+                // The alert rustls queued goes out if the socket takes it.
+                let _ = self.push();
+                return Err(io::Error::new(ErrorKind::InvalidData, e));
+            }
+        }
+        // Handshake messages, key updates: sent as soon as they exist.
+        match self.push() {
+            Err(e) if e.kind() != ErrorKind::WouldBlock => Err(e),
+            _ => Ok(true),
+        }
+    }
+
+    /// Completes the handshake (blocking, within the socket's timeouts).
+    pub fn handshake(&mut self) -> io::Result<()> {
+        while self.conn.is_handshaking() {
+            self.push()?;
+            if self.conn.is_handshaking() && !self.pull()? {
+                return Err(ErrorKind::UnexpectedEof.into());
+            }
+        }
+        self.push()
+    }
+
+    pub fn sock(&self) -> &TcpStream {
+        &self.sock
+    }
+
+    /// Decrypted bytes wait in the session.
+    pub fn pending(&self) -> bool {
+        self.pending
+    }
+
+    pub fn close(&mut self) {
+        self.conn.send_close_notify();
+        let _ = self.push();
+    }
+}
+
+impl Read for TlsStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            match self.conn.reader().read(buf) {
+                Ok(n) => {
+                    if n > 0 {
+                        self.pending =
+                            self.conn.process_new_packets().is_ok_and(|s| s.plaintext_bytes_to_read() > 0);
+                    }
+                    return Ok(n);
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == ErrorKind::UnexpectedEof => return Ok(0),
+                Err(e) => return Err(e),
+            }
+            self.pending = false;
+            if !self.pull()? {
+                return Ok(0);
+            }
+        }
+    }
+}
+
+impl Write for TlsStream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        // Records still waiting: the socket is full, the caller waits too.
+        self.push()?;
+        let n = self.conn.writer().write(buf)?;
+        match self.push() {
+            Err(e) if e.kind() != ErrorKind::WouldBlock => Err(e),
+            _ => Ok(n),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.push()?;
+        self.sock.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn not_after_of_a_generated_certificate() {
+        let dir = std::env::temp_dir().join(format!("aion-tls-unit-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        ensure_self_signed(&dir, "example.test").unwrap();
+        let tls = Tls::load(Source::SelfSigned { dir: dir.clone() }, "example.test").unwrap();
+        let (certs, _) = read_pair(&Source::SelfSigned { dir: dir.clone() }).unwrap();
+        assert_eq!(tls.fingerprint(), fingerprint(&certs[0]));
+        assert_eq!(tls.fingerprint().len(), 71);
+        // 2049-12-31T00:00:00Z
+        assert_eq!(not_after(&certs[0]), Some(2_524_521_600));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
