@@ -20,6 +20,7 @@ BINARY=
 CONFIG=/etc/aion-connector/aion.config.json
 SYSTEMD=yes
 PUBLIC=no
+NEW_TLS=no
 SERVICE_USER=aion-connector
 PRINT_UNIT=no
 
@@ -46,7 +47,9 @@ Options:
                    user created with its home in /var/lib/aion-connector);
                    --user root works but is not recommended
   --public         in a new starter config, listen on 0.0.0.0 instead of
-                   127.0.0.1
+                   127.0.0.1 and serve TLS with a self-signed certificate
+                   ("tls": {"selfSigned": true}); prints its fingerprint
+                   and the URL to paste into AION
   --no-systemd     do not write or enable the systemd unit
   --print-unit     print the systemd unit this would write, and exit
   -h, --help       show this help
@@ -337,8 +340,14 @@ install_config() {
 
 	if [ "$PUBLIC" = yes ]; then
 		host=0.0.0.0
+		# Reachable from anywhere: HTTPS with a self-signed pair whose
+		# fingerprint AION pins (print_tls below).
+		tls='
+  "tls": { "selfSigned": true },'
+		NEW_TLS=yes
 	else
 		host=127.0.0.1
+		tls=
 	fi
 	agents=$(agents_json)
 	if [ -n "$agents" ]; then
@@ -355,7 +364,7 @@ install_config() {
 		cat >"$tmp" <<EOF
 {
   "port": 7777,
-  "host": "$host",
+  "host": "$host",$tls
   "projects": {
     "default": {
       "token": "$token",
@@ -377,6 +386,34 @@ EOF
 		say "no known agent CLI found on PATH; add agents to the config by hand"
 	fi
 	say "edit it: use your AION project id instead of \"default\" and make the token match AION's"
+}
+
+# A new --public config serves TLS: generate the self-signed pair now, as the
+# service user and in the service's state dir (the service reuses it), and
+# say what to paste into AION.
+print_tls() {
+	[ "$NEW_TLS" = yes ] || return 0
+	bin=$PREFIX/bin/aion-connector
+	if [ "$SYSTEMD" = no ] || ! command -v systemctl >/dev/null 2>&1; then
+		say "TLS is on (self-signed); as the user that serves the config, run:"
+		say "  $bin fingerprint $CONFIG"
+		say "and paste https://<this machine's public IP or DNS name>:7777 and that fingerprint into AION"
+		return 0
+	fi
+	mkdir -p -- "$STATE_DIR"
+	if [ "$SERVICE_USER" = root ]; then
+		fp=$(cd "$STATE_DIR" && STATE_DIRECTORY=$STATE_DIR "$bin" fingerprint "$CONFIG")
+	elif command -v runuser >/dev/null 2>&1; then
+		fp=$(cd "$STATE_DIR" && runuser -u "$SERVICE_USER" -- env STATE_DIRECTORY="$STATE_DIR" HOME="$STATE_DIR" "$bin" fingerprint "$CONFIG")
+	else
+		fp=$(cd "$STATE_DIR" && su -s /bin/sh "$SERVICE_USER" -c "STATE_DIRECTORY='$STATE_DIR' HOME='$STATE_DIR' '$bin' fingerprint '$CONFIG'")
+	fi || die "cannot generate the TLS certificate (aion-connector fingerprint $CONFIG failed)"
+	fp=${fp#tls fingerprint }
+	name=$(hostname -f 2>/dev/null || hostname 2>/dev/null || echo "<this machine>")
+	say "TLS: self-signed certificate in $STATE_DIR/tls/"
+	say "paste into AION:"
+	say "  URL:         https://$name:7777   (or https://<public IP>:7777)"
+	say "  fingerprint: $fp"
 }
 
 # The shell the web terminal runs for the service user.
@@ -418,6 +455,8 @@ WorkingDirectory=$STATE_DIR
 Environment=HOME=$home
 Environment=SHELL=$(service_shell)
 Restart=always
+# systemctl reload: SIGHUP re-reads the TLS certificate and key.
+ExecReload=/bin/kill -HUP \$MAINPID
 RestartSec=5
 KillMode=control-group
 TimeoutStopSec=20
@@ -589,6 +628,7 @@ main() {
 	if [ "$SYSTEMD" = yes ] && command -v systemctl >/dev/null 2>&1; then
 		ensure_user
 	fi
+	print_tls
 	install_unit
 	say "check the config with: $PREFIX/bin/aion-connector check $CONFIG"
 	say "check the whole setup with: $PREFIX/bin/aion-connector doctor $CONFIG"

@@ -162,50 +162,61 @@ pub fn fingerprint(cert: &[u8]) -> String {
 /// Generates the self-signed pair into `dir` unless both files are there:
 /// ECDSA P-256, CN `aion-connector`, names `host` (unless a wildcard
 /// address), `localhost`, `127.0.0.1`, `::1`; valid 2025–2049. The dir is
-/// made 0700 and the files 0600.
+/// 0700 and the files 0600. Both files are written into a fresh sibling
+/// dir that is then renamed into place, so two processes starting at once
+/// (the service and `aion-connector fingerprint`) agree on one pair.
 pub fn ensure_self_signed(dir: &Path, host: &str) -> Result<(), String> {
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
     let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
     if cert.exists() && key.exists() {
         return Ok(());
     }
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(|e| format!("{}: {e}", dir.display()))?;
-    let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
+    let parent = dir.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+    let tmp = parent.join(format!(".tls-new-{}-{nanos}", std::process::id()));
+    std::fs::DirBuilder::new().mode(0o700).create(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
     let mut names = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
     let wildcard = matches!(host, "0.0.0.0" | "::" | "[::]" | "");
     let host = host.trim_start_matches('[').trim_end_matches(']');
     if !wildcard && !names.iter().any(|n| n == host) {
         names.insert(0, host.to_string());
     }
-    let fail = |e: rcgen::Error| format!("generating the self-signed certificate: {e}");
-    let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(fail)?;
-    let mut params = rcgen::CertificateParams::new(names).map_err(fail)?;
-    params.distinguished_name = rcgen::DistinguishedName::new();
-    params.distinguished_name.push(rcgen::DnType::CommonName, "aion-connector");
-    params.not_before = rcgen::date_time_ymd(2025, 1, 1);
-    params.not_after = rcgen::date_time_ymd(2049, 12, 31);
-    let certificate = params.self_signed(&pair).map_err(fail)?;
-    let write = |path: &Path, text: &str| -> Result<(), String> {
-        let tmp = path.with_extension("tmp");
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(|e| format!("{}: {e}", tmp.display()))?;
-        f.write_all(text.as_bytes())
-            .and_then(|()| f.sync_all())
-            .map_err(|e| format!("{}: {e}", tmp.display()))?;
-        std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
-    };
-    // The key first: a cert.pem on disk always has its key beside it.
-    write(&key, &pair.serialize_pem())?;
-    write(&cert, &certificate.pem())
+    let generated = (|| -> Result<(), String> {
+        let fail = |e: rcgen::Error| format!("generating the self-signed certificate: {e}");
+        let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(fail)?;
+        let mut params = rcgen::CertificateParams::new(names).map_err(fail)?;
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params.distinguished_name.push(rcgen::DnType::CommonName, "aion-connector");
+        params.not_before = rcgen::date_time_ymd(2025, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2049, 12, 31);
+        let certificate = params.self_signed(&pair).map_err(fail)?;
+        for (name, text) in [("key.pem", pair.serialize_pem()), ("cert.pem", certificate.pem())] {
+            let path = tmp.join(name);
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+            f.write_all(text.as_bytes())
+                .and_then(|()| f.sync_all())
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+        }
+        Ok(())
+    })();
+    let placed = generated.and_then(|()| {
+        // An empty or missing `dir` is replaced; one another process has
+        // just filled is kept (ENOTEMPTY/EEXIST) and ours dropped.
+        match std::fs::rename(&tmp, dir) {
+            Ok(()) => Ok(()),
+            Err(_) if cert.exists() && key.exists() => Ok(()),
+            Err(e) => Err(format!("{}: {e}", dir.display())),
+        }
+    });
+    let _ = std::fs::remove_dir_all(&tmp);
+    placed
 }
 
 /// A certificate's notAfter, in seconds since the epoch (a minimal DER walk:
