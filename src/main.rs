@@ -43,5 +43,7 @@ fn main() {
             err.exit_code()
         }
     };
+    // Lines still queued for the log writer are written before the exit.
+    logging::finish();
     std::process::exit(code);
 }
