@@ -10,7 +10,7 @@
 //! - **Off the hot path.** A logging call formats its message (into a recycled
 //!   buffer) and hands it to a bounded queue without waiting. The `log-writer`
 //!   thread takes what is queued, stamps and frames the lines and writes them
-//!   in one `write` per batch. When the queue is full (stderr is a slow pipe)
+//!   in one `write` per batch, at most one batch per [`GATHER`] while busy. When the queue is full (stderr is a slow pipe)
 //!   the line is dropped and counted, and the next line written says how many
 //!   were dropped: nothing is lost silently, and no request ever waits for
 //!   the log.
@@ -70,6 +70,8 @@ pub const BURST: u32 = 5;
 pub const WINDOW: Duration = Duration::from_secs(10);
 /// Distinct lines the rate limiter tracks at once; past that, new ones pass.
 const TRACKED: usize = 4096;
+/// After a write, the writer sleeps this long before it looks at the queue again.
+const GATHER: Duration = Duration::from_millis(5);
 /// How long an exit waits for the queue to be written.
 const FLUSH_WAIT: Duration = Duration::from_secs(3);
 
@@ -235,7 +237,8 @@ fn writer(rx: &Receiver<ToWriter>, free: &Sender<String>, journal: bool) {
             }
         }
         limiter.expire(Instant::now(), &mut out, journal);
-        if !out.is_empty() {
+        let wrote = !out.is_empty();
+        if wrote {
             let _ = stderr.lock().write_all(&out);
             if out.capacity() > 1 << 20 {
                 out = Vec::with_capacity(64 << 10);
@@ -244,6 +247,11 @@ fn writer(rx: &Receiver<ToWriter>, free: &Sender<String>, journal: bool) {
         }
         for ack in acks.drain(..) {
             let _ = ack.send(());
+        }
+        if wrote {
+            // Let lines gather: a busy log becomes few large writes, and a
+            // logging thread rarely has to wake this one.
+            std::thread::sleep(GATHER);
         }
     }
 }

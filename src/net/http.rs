@@ -184,6 +184,9 @@ pub fn serve(
     on_shutdown: impl FnOnce(),
 ) -> io::Result<()> {
     listener.set_nonblocking(true)?;
+    // The longest accept queue the system allows (net.core.somaxconn): a burst
+    // of connections is queued, not dropped into a 1 s SYN retry.
+    let _ = nix::sys::socket::listen(&listener, nix::sys::socket::Backlog::MAXALLOWABLE);
     let (wake, wake_rx) = UnixStream::pair()?;
     wake.set_nonblocking(true)?;
     wake_rx.set_nonblocking(true)?;
