@@ -172,7 +172,7 @@ done
 log "ours, log to a pipe read at about 200 KB/s"
 start_ours pipe pipe
 wrk_run pipe
-stop "$SRV_PID"
+stop "$SRV_PID" 15 # it writes out its queue first, at the reader's pace
 sleep 1 # the slow reader writes out what it still holds
 "$PY" "$HELPER" loglines "$TMP/pipe.err" >"$TMP/pipe-log.kv"
 
@@ -195,7 +195,7 @@ log "ours, $FLOOD bad requests, log to the slow pipe, a ping every 5 ms timed me
 start_ours flood pipe
 "$PY" "$HELPER" flood "$SRV_ADDR" "$TOKEN" "$FLOOD" >"$TMP/flood.kv" 2>"$TMP/flood.herr" \
     || note "flood helper failed: $(head -n 3 "$TMP/flood.herr" | tr '\n' ' ')"
-stop "$SRV_PID"
+stop "$SRV_PID" 15
 sleep 1
 "$PY" "$HELPER" loglines "$TMP/flood.err" >"$TMP/flood-log.kv"
 LOGGED=$(( $(kv "$TMP/flood-log.kv" log_answer_lines) + $(kv "$TMP/flood-log.kv" log_dropped) ))

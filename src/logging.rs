@@ -20,8 +20,9 @@
 //! - **journald.** When stderr is the journal (`JOURNAL_STREAM` names stderr's
 //!   device and inode) each line starts with its priority, `<3>` `<4>` `<6>`.
 //! - **Flushed on exit.** [`finish`] (called before the process exits) waits for
-//!   the queue to be written and makes later lines synchronous; a panic flushes
-//!   what it can before the panic message.
+//!   the queue to be written, as long as the output keeps taking bytes (up to
+//!   10 s), and makes later lines synchronous; a panic flushes what it can
+//!   before the panic message.
 //!
 //! Threads: `log-writer`, owned by this module, started with the first line;
 //! it ends with the process (its queue is flushed by [`finish`] before that).
@@ -72,8 +73,12 @@ pub const WINDOW: Duration = Duration::from_secs(10);
 const TRACKED: usize = 4096;
 /// After a write, the writer sleeps this long before it looks at the queue again.
 const GATHER: Duration = Duration::from_millis(5);
-/// How long an exit waits for the queue to be written.
-const FLUSH_WAIT: Duration = Duration::from_secs(3);
+/// At exit the queue is written out as long as the output keeps taking bytes:
+/// the wait ends when it took nothing for [`STALL`], or after [`FLUSH_CAP`].
+const STALL: Duration = Duration::from_secs(1);
+const FLUSH_CAP: Duration = Duration::from_secs(10);
+/// The writer writes at most this much per `write`, so progress shows.
+const CHUNK: usize = 16 << 10;
 
 /// Messages to the `log-writer` thread.
 enum ToWriter {
@@ -97,6 +102,8 @@ struct Logger {
     dropped: AtomicU64,
     /// Set by [`finish`]: from then on lines are written synchronously.
     direct: AtomicBool,
+    /// Bytes the writer has written so far (progress, seen by [`finish`]).
+    written: AtomicU64,
     journal: bool,
     writer: std::thread::ThreadId,
 }
@@ -135,7 +142,15 @@ fn start() -> Option<Logger> {
         }
         previous(info);
     }));
-    Some(Logger { tx, free, dropped: AtomicU64::new(0), direct: AtomicBool::new(false), journal, writer })
+    Some(Logger {
+        tx,
+        free,
+        dropped: AtomicU64::new(0),
+        direct: AtomicBool::new(false),
+        written: AtomicU64::new(0),
+        journal,
+        writer,
+    })
 }
 
 /// Logs one line (use the `info!`, `warn!`, `error!` macros). Never blocks on
@@ -179,17 +194,44 @@ pub fn flush(within: Duration) {
     }
 }
 
-/// Before the process exits: writes what is queued, then makes every later
-/// line synchronous, so that nothing logged from here on can be lost.
+/// Before the process exits: writes what is queued (waiting as long as the
+/// output keeps taking bytes, up to [`FLUSH_CAP`]), then makes every later line
+/// synchronous, so that nothing logged from here on can be lost. An output
+/// that takes nothing for [`STALL`] loses what is still queued.
 pub fn finish() {
-    flush(FLUSH_WAIT);
-    if let Some(Some(logger)) = LOGGER.get() {
-        logger.direct.store(true, Ordering::Release);
-        // A line queued between the flush and the switch: wait for it too.
+    let Some(Some(logger)) = LOGGER.get() else { return };
+    if logger.direct.load(Ordering::Acquire) || std::thread::current().id() == logger.writer {
+        return;
+    }
+    let cap = Instant::now() + FLUSH_CAP;
+    let mut seen = logger.written.load(Ordering::Relaxed);
+    // Whether to keep waiting: the output took bytes since the last look.
+    let mut moving = || {
+        let now = logger.written.load(Ordering::Relaxed);
+        let moved = now != seen;
+        seen = now;
+        moved && Instant::now() < cap
+    };
+    for _ in 0..2 {
+        // Twice: a line queued between the first flush and the switch to
+        // direct writes is waited for too.
         let (ack_tx, ack_rx) = crossbeam_channel::bounded(1);
-        if logger.tx.send_timeout(ToWriter::Flush(ack_tx), Duration::from_millis(200)).is_ok() {
-            let _ = ack_rx.recv_timeout(Duration::from_millis(500));
+        let mut msg = ToWriter::Flush(ack_tx);
+        let queued = loop {
+            match logger.tx.send_timeout(msg, STALL) {
+                Ok(()) => break true,
+                Err(crossbeam_channel::SendTimeoutError::Timeout(m)) if moving() => msg = m,
+                Err(_) => break false,
+            }
+        };
+        if queued {
+            while let Err(crossbeam_channel::RecvTimeoutError::Timeout) = ack_rx.recv_timeout(STALL) {
+                if !moving() {
+                    break;
+                }
+            }
         }
+        logger.direct.store(true, Ordering::Release);
     }
 }
 
@@ -239,7 +281,16 @@ fn writer(rx: &Receiver<ToWriter>, free: &Sender<String>, journal: bool) {
         limiter.expire(Instant::now(), &mut out, journal);
         let wrote = !out.is_empty();
         if wrote {
-            let _ = stderr.lock().write_all(&out);
+            let mut err = stderr.lock();
+            for chunk in out.chunks(CHUNK) {
+                if err.write_all(chunk).is_err() {
+                    break;
+                }
+                if let Some(l) = logger() {
+                    l.written.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                }
+            }
+            drop(err);
             if out.capacity() > 1 << 20 {
                 out = Vec::with_capacity(64 << 10);
             }

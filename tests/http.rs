@@ -388,7 +388,9 @@ fn one_peer_cannot_hold_more_than_its_share() {
         s.write_all(&post_request(&srv.addr, &ping_body(), true)).ok()?;
         (read_response(&mut BufReader::new(s)).ok()?.status == 200).then_some(())
     });
-    assert!(srv.stderr().contains("127.0.0.1 holds 3 connections (limits.connectionsPerPeer)"));
+    srv.wait_stderr("the per-peer refusal", |s| {
+        s.contains("127.0.0.1 holds 3 connections (limits.connectionsPerPeer)")
+    });
 
     // Loopback is exempt by default (a reverse proxy on the same machine).
     let tmp = TempDir::new("perpeer-lo");

@@ -60,6 +60,8 @@ const DRAIN: Duration = Duration::from_secs(2);
 /// A worker without a connection this long ends.
 const WORKER_IDLE: Duration = Duration::from_secs(60);
 const WORKER_STACK: usize = 512 << 10;
+/// A worker's buffers larger than this are given back after the request.
+const BIG_BUFFER: usize = 64 << 10;
 /// Blocking writes of an answer give up after this.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -777,6 +779,16 @@ impl Session {
             }
             conn.since = Instant::now();
             conn.head_started = None;
+            // A large request or answer does not stay with the worker.
+            if self.req.body.capacity() > BIG_BUFFER {
+                self.req.body = Vec::new();
+            }
+            if self.out.capacity() > BIG_BUFFER {
+                self.out = Vec::with_capacity(1024);
+            }
+            if conn.buf.capacity() > BIG_BUFFER && conn.buf.len() < BIG_BUFFER / 2 {
+                conn.buf.shrink_to(BIG_BUFFER / 2);
+            }
         }
     }
 
