@@ -3,8 +3,6 @@
 //! without an authenticated request, many idle and slowloris connections,
 //! the open-file limit, and a log that cannot be forged, flooded or blocked.
 
-mod common;
-
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddrV4, TcpStream};
 use std::os::fd::AsRawFd;
@@ -12,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::util::*;
 use serde_json::{Value, json};
 
 const TOKEN: &str = "tok-http-SECRET-0042";
@@ -70,11 +68,6 @@ fn connect_from(src: &str, addr: &str) -> TcpStream {
     s.set_read_timeout(Some(DEADLINE)).unwrap();
     s.set_write_timeout(Some(DEADLINE)).unwrap();
     s
-}
-
-/// Says why a test did not run (it passes).
-fn skip(test: &str, why: &str) {
-    eprintln!("SKIPPED {test}: {why}");
 }
 
 /// Lets this test process open `n` more descriptors (or skips with false).
