@@ -66,7 +66,9 @@ struct Outcome<'a> {
 impl Handler for App {
     fn handle(&self, req: &Request) -> Response {
         let t0 = Instant::now();
-        let out = self.dispatch(req);
+        let mut out = self.dispatch(req);
+        // Its connection keeps the idle timeout from now on (see net::http).
+        out.resp.authenticated = out.project != "-";
         info!(
             "{} project={} status={} ms={:.2} peer={}",
             out.action,
