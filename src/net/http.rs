@@ -35,9 +35,20 @@
 //!   A worker is started when every worker is busy (so at most one per open
 //!   connection) and ends after [`WORKER_IDLE`] without work or with the
 //!   process. A WebSocket upgrade runs its terminal on the worker.
+//!
+//! TLS ([`crate::net::tls`], when the config has a `tls` section): each
+//! accepted connection gets its rustls session at once; the poll thread
+//! checks its first byte (plain HTTP gets a plain 400 saying to use
+//! `https://`, then the drain) and drives the handshake with its
+//! non-blocking reads, within the same head timeout as a request head.
+//! Workers read and write through the session blocking, as over TCP.
+//! Decrypted bytes rustls still holds when a connection is parked are not
+//! visible to `epoll`: such a connection is read again at once.
 
 use crate::config::Limits;
 use crate::logging::{error, warn};
+use crate::net::stream::Stream;
+use crate::net::tls::Tls;
 use crate::shutdown::Shutdown;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
@@ -97,7 +108,7 @@ pub struct Response {
     pub authenticated: bool,
 }
 
-pub type Upgrade = Box<dyn FnOnce(TcpStream) + Send>;
+pub type Upgrade = Box<dyn FnOnce(Stream) + Send>;
 
 impl Response {
     pub fn json(status: u16, body: &impl serde::Serialize) -> Response {
@@ -137,7 +148,9 @@ pub trait Handler: Send + Sync + 'static {
 /// A connection and what is known of it; it moves between the poll thread and
 /// the workers.
 struct Conn {
-    stream: TcpStream,
+    stream: Stream,
+    /// TLS port, first byte not seen yet: plain HTTP is answered in plain.
+    unchecked: bool,
     peer: SocketAddr,
     /// Bytes read but not yet consumed (a pipelined request may follow).
     buf: Vec<u8>,
@@ -171,6 +184,8 @@ struct Shared {
     jobs: Receiver<Conn>,
     /// Workers waiting for a job and not yet promised one.
     idle_workers: AtomicUsize,
+    /// The port's TLS, if it speaks TLS.
+    tls: Option<Arc<Tls>>,
 }
 
 const LISTENER: u64 = u64::MAX;
@@ -183,6 +198,7 @@ pub fn serve(
     limits: Limits,
     shutdown: Arc<Shutdown>,
     handler: Arc<dyn Handler>,
+    tls: Option<Arc<Tls>>,
     on_shutdown: impl FnOnce(),
 ) -> io::Result<()> {
     listener.set_nonblocking(true)?;
@@ -194,8 +210,16 @@ pub fn serve(
     wake_rx.set_nonblocking(true)?;
     let (back, back_rx) = crossbeam_channel::unbounded();
     let (jobs_tx, jobs) = crossbeam_channel::unbounded();
-    let shared =
-        Arc::new(Shared { limits, shutdown, handler, back, wake, jobs, idle_workers: AtomicUsize::new(0) });
+    let shared = Arc::new(Shared {
+        limits,
+        shutdown,
+        handler,
+        back,
+        wake,
+        jobs,
+        idle_workers: AtomicUsize::new(0),
+        tls,
+    });
     let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(io::Error::from)?;
     epoll.add(&listener, EpollEvent::new(EpollFlags::EPOLLIN, LISTENER)).map_err(io::Error::from)?;
     epoll.add(&wake_rx, EpollEvent::new(EpollFlags::EPOLLIN, WAKE)).map_err(io::Error::from)?;
@@ -217,6 +241,7 @@ pub fn serve(
         peers: HashMap::new(),
         open: 0,
         scratch: vec![0; 64 << 10],
+        ready: Vec::new(),
     };
     poller.run()?;
     // Stop accepting; long answers (live runs) end when their runs are stopped.
@@ -258,6 +283,9 @@ struct Poller {
     /// Open connections (waiting or with a worker).
     open: usize,
     scratch: Vec<u8>,
+    /// Tokens to read again without waiting: TLS connections whose session
+    /// holds decrypted bytes (which `epoll` cannot see).
+    ready: Vec<u64>,
 }
 
 impl Poller {
@@ -282,6 +310,9 @@ impl Poller {
                 }
             }
             self.take_back();
+            for token in std::mem::take(&mut self.ready) {
+                self.on_ready(token);
+            }
             let now = Instant::now();
             self.expire(now);
             if self.resume_accept.is_some_and(|t| t <= now) {
@@ -296,6 +327,9 @@ impl Poller {
 
     /// Until the earliest deadline (at most a minute).
     fn timeout(&mut self) -> EpollTimeout {
+        if !self.ready.is_empty() {
+            return EpollTimeout::ZERO;
+        }
         let mut next = self.resume_accept;
         while let Some(Reverse((at, token))) = self.timers.peek().copied() {
             if self.slot(token).is_some_and(|s| s.deadline == at) {
@@ -371,10 +405,21 @@ impl Poller {
         if ready.and_then(|()| stream.set_write_timeout(Some(WRITE_TIMEOUT))).is_err() {
             return;
         }
+        let stream = match &self.shared.tls {
+            None => Stream::Plain(stream),
+            Some(tls) => match Stream::tls(tls, stream) {
+                Ok(stream) => stream,
+                Err(e) => {
+                    error!("tls: cannot start a session: {e}");
+                    return;
+                }
+            },
+        };
         self.open += 1;
         *self.peers.entry(ip).or_insert(0) += 1;
         let now = Instant::now();
         let conn = Conn {
+            unchecked: stream.is_tls(),
             stream,
             peer,
             buf: Vec::new(),
@@ -440,6 +485,9 @@ impl Poller {
                 });
             }
         }
+        if conn.stream.buffered() {
+            self.ready.push(token);
+        }
         let slot = &mut self.slots[index];
         slot.conn = Some(conn);
         slot.deadline = deadline;
@@ -490,7 +538,21 @@ impl Poller {
         let index = (token & 0xffff_ffff) as usize;
         let closing = slot.conn.as_ref().is_some_and(|c| c.closing);
         let conn = self.slots[index].conn.as_mut().expect("checked above");
-        let read = (&conn.stream).read(&mut self.scratch);
+        if conn.unchecked && !closing {
+            // A TLS port: a handshake begins with 0x16; anything else is
+            // plain HTTP (or noise), answered in plain.
+            let mut first = [0u8; 1];
+            match conn.stream.tcp().peek(&mut first) {
+                Ok(1) if crate::net::stream::is_handshake(first[0]) => conn.unchecked = false,
+                Ok(1) => return self.answer_plain(token),
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => return,
+                _ => {
+                    let conn = self.take(token).expect("checked above");
+                    return self.close(conn);
+                }
+            }
+        }
+        let read = conn.stream.read(&mut self.scratch);
         let n = match read {
             Ok(0) => {
                 let conn = self.take(token).expect("checked above");
@@ -498,11 +560,17 @@ impl Poller {
             }
             Ok(n) => n,
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => return,
-            Err(_) => {
+            Err(e) => {
+                if conn.stream.handshaking() {
+                    crate::net::stream::handshake_failed(conn.peer, &e);
+                }
                 let conn = self.take(token).expect("checked above");
                 return self.close(conn);
             }
         };
+        if conn.stream.buffered() {
+            self.ready.push(token);
+        }
         if closing {
             return;
         }
@@ -538,10 +606,24 @@ impl Poller {
         let index = (token & 0xffff_ffff) as usize;
         let Some(conn) = self.slots[index].conn.as_mut() else { return };
         log_reject(conn, status, reason);
-        let _ = (&conn.stream).write_all(&encode_error(status, reason));
-        let _ = conn.stream.shutdown(std::net::Shutdown::Write);
+        let _ = conn.stream.write_all(&encode_error(status, reason));
+        conn.stream.shutdown_write();
         conn.closing = true;
         conn.buf = Vec::new();
+        conn.since = Instant::now();
+        let deadline = conn.since + DRAIN;
+        self.slots[index].deadline = deadline;
+        self.timers.push(Reverse((deadline, token)));
+    }
+
+    /// Plain HTTP on a TLS port: a plain 400 saying so, then the drain.
+    fn answer_plain(&mut self, token: u64) {
+        let index = (token & 0xffff_ffff) as usize;
+        let Some(conn) = self.slots[index].conn.as_mut() else { return };
+        let tcp = conn.stream.tcp();
+        let _ = (&mut &*tcp).write_all(&encode_error(400, crate::net::stream::PLAIN_HTTP));
+        let _ = tcp.shutdown(std::net::Shutdown::Write);
+        conn.closing = true;
         conn.since = Instant::now();
         let deadline = conn.since + DRAIN;
         self.slots[index].deadline = deadline;
@@ -589,7 +671,7 @@ impl Poller {
             }
             Err(e) => {
                 error!("cannot start an http worker: {e}");
-                refuse(&conn.stream, 503, "too many connections");
+                refuse(conn.stream.tcp(), 503, "too many connections");
                 self.close(conn);
             }
         }
@@ -732,7 +814,7 @@ fn worker(shared: &Shared, first: Option<Conn>) {
 
 impl Session {
     fn serve(&mut self, shared: &Shared, mut conn: Conn) {
-        if conn.stream.set_nonblocking(false).is_err() {
+        if conn.stream.tcp().set_nonblocking(false).is_err() {
             return closed(shared, conn);
         }
         self.read_timeout = None;
@@ -745,7 +827,7 @@ impl Session {
                 Err(Stop::Reject(status, reason)) => {
                     log_reject(&conn, status, reason);
                     let _ = conn.stream.write_all(&encode_error(status, reason));
-                    let _ = conn.stream.shutdown(std::net::Shutdown::Write);
+                    conn.stream.shutdown_write();
                     conn.closing = true;
                     return park(shared, conn);
                 }
@@ -759,11 +841,11 @@ impl Session {
             };
             conn.trusted |= resp.authenticated;
             if let Some(take_over) = resp.upgrade {
-                if let Ok(stream) = conn.stream.try_clone() {
-                    let _ = stream.set_read_timeout(None);
-                    take_over(stream);
-                }
-                return closed(shared, conn);
+                let ip = canonical(conn.peer.ip());
+                let _ = conn.stream.tcp().set_read_timeout(None);
+                take_over(conn.stream);
+                let _ = shared.back.send(Back::Closed(ip));
+                return;
             }
             let keep_alive = keep_alive && !shared.shutdown.requested();
             let written = match resp.lines {
@@ -774,7 +856,7 @@ impl Session {
                 }
             };
             if written.is_err() || !keep_alive {
-                let _ = conn.stream.shutdown(std::net::Shutdown::Write);
+                conn.stream.shutdown_write();
                 return closed(shared, conn);
             }
             conn.since = Instant::now();
@@ -804,7 +886,7 @@ impl Session {
     /// Reads more bytes into the connection's buffer, waiting up to `wait`.
     /// Ok(0) is end of stream.
     fn fill(&mut self, conn: &mut Conn, wait: Duration) -> io::Result<usize> {
-        self.set_read_timeout(&conn.stream, wait)?;
+        self.set_read_timeout(conn.stream.tcp(), wait)?;
         let mut chunk = [0u8; 8 << 10];
         loop {
             match conn.stream.read(&mut chunk) {
@@ -962,7 +1044,7 @@ impl Session {
     /// connection stays usable afterwards.
     fn stream_lines(
         &mut self,
-        stream: &mut TcpStream,
+        stream: &mut Stream,
         lines: &crossbeam_channel::Receiver<Vec<u8>>,
     ) -> io::Result<()> {
         stream.write_all(
@@ -981,7 +1063,7 @@ impl Session {
 
 /// Back to the poll thread, to wait for its next head there.
 fn park(shared: &Shared, mut conn: Conn) {
-    if conn.stream.set_nonblocking(true).is_err() {
+    if conn.stream.tcp().set_nonblocking(true).is_err() {
         return closed(shared, conn);
     }
     if conn.buf.is_empty() {

@@ -6,10 +6,8 @@
 
 pub mod http;
 pub mod local;
-#[allow(dead_code)] // wired into http.rs once the http-server rework has landed
 pub mod stream;
 #[cfg(not(target_os = "macos"))]
-#[allow(dead_code)] // wired into http.rs once the http-server rework has landed
 pub mod tls;
 #[cfg(target_os = "macos")]
 #[path = "tls_none.rs"]

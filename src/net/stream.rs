@@ -2,10 +2,41 @@
 //! HTTP loop reads and writes, and what a WebSocket upgrade hands to the
 //! terminal as its [`Link`].
 
+use crate::net::tls::Tls;
 use crate::net::ws::Link;
 use std::io::{self, Read, Write};
-use std::net::TcpStream;
+use std::net::{SocketAddr, TcpStream};
 use std::os::fd::{AsFd, BorrowedFd};
+
+/// The reason of the 400 that plain HTTP on a TLS port gets.
+pub const PLAIN_HTTP: &str = "this port speaks TLS: use https://";
+
+/// Whether a connection's first byte can begin a TLS handshake (a
+/// handshake record).
+pub fn is_handshake(first: u8) -> bool {
+    first == 0x16
+}
+
+/// One info line a second at most (there is no debug level): a scanner can
+/// fail handshakes all day.
+pub fn handshake_failed(peer: SocketAddr, e: &io::Error) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    static SKIPPED: AtomicU64 = AtomicU64::new(0);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let last = LAST.load(Ordering::Relaxed);
+    if now > last && LAST.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
+        let skipped = SKIPPED.swap(0, Ordering::Relaxed);
+        let more = if skipped > 0 {
+            format!(" (and {skipped} more since the last such line)")
+        } else {
+            String::new()
+        };
+        crate::logging::info!("tls: handshake with {} failed: {e}{more}", peer.ip());
+    } else {
+        SKIPPED.fetch_add(1, Ordering::Relaxed);
+    }
+}
 
 pub enum Stream {
     Plain(TcpStream),
@@ -14,6 +45,39 @@ pub enum Stream {
 }
 
 impl Stream {
+    /// A server TLS session over `tcp`, with `tls`'s current certificate.
+    #[cfg(not(target_os = "macos"))]
+    pub fn tls(tls: &Tls, tcp: TcpStream) -> io::Result<Stream> {
+        Ok(Stream::Tls(Box::new(crate::net::tls::TlsStream::new(tls.session()?, tcp))))
+    }
+
+    #[cfg(target_os = "macos")]
+    pub fn tls(tls: &Tls, _: TcpStream) -> io::Result<Stream> {
+        match *tls {}
+    }
+
+    pub fn is_tls(&self) -> bool {
+        !matches!(self, Stream::Plain(_))
+    }
+
+    /// The TLS handshake has not finished.
+    pub fn handshaking(&self) -> bool {
+        match self {
+            Stream::Plain(_) => false,
+            #[cfg(not(target_os = "macos"))]
+            Stream::Tls(t) => t.is_handshaking(),
+        }
+    }
+
+    /// Decrypted bytes wait in the TLS session (`poll` cannot show them).
+    pub fn buffered(&self) -> bool {
+        match self {
+            Stream::Plain(_) => false,
+            #[cfg(not(target_os = "macos"))]
+            Stream::Tls(t) => t.pending(),
+        }
+    }
+
     /// The TCP socket under it (timeouts, peeking, the fd).
     pub fn tcp(&self) -> &TcpStream {
         match self {
@@ -65,11 +129,7 @@ impl Link for Stream {
         self.tcp().as_fd()
     }
     fn buffered(&self) -> bool {
-        match self {
-            Stream::Plain(_) => false,
-            #[cfg(not(target_os = "macos"))]
-            Stream::Tls(t) => t.pending(),
-        }
+        Stream::buffered(self)
     }
     fn set_nonblocking(&self) -> io::Result<()> {
         self.tcp().set_nonblocking(true)
@@ -78,5 +138,11 @@ impl Link for Stream {
         // `&self`: no close_notify (that needs the session); the WebSocket
         // close frame has said goodbye already.
         let _ = self.tcp().shutdown(std::net::Shutdown::Both);
+    }
+}
+
+impl AsFd for Stream {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.tcp().as_fd()
     }
 }

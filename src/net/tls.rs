@@ -29,83 +29,6 @@ use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-/// The first byte of a TLS handshake record.
-const HANDSHAKE: u8 = 0x16;
-
-/// The answer to plain HTTP on a TLS port.
-const PLAIN_HTTP: &[u8] = b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nContent-Length: 46\r\nConnection: close\r\n\r\n{\"error\":\"this port speaks TLS: use https://\"}";
-
-/// The start of a connection on a TLS port, on its connection thread: waits
-/// up to `within` for the first byte and the handshake. Plain HTTP (a first
-/// byte that cannot start a handshake) is answered with a plain 400 and
-/// closed; a failed handshake is logged (at most one line a second) and
-/// closed. None in both cases: the connection is over.
-pub fn accept(
-    tls: &Tls,
-    sock: TcpStream,
-    peer: std::net::SocketAddr,
-    within: std::time::Duration,
-) -> Option<TlsStream> {
-    let _ = sock.set_read_timeout(Some(within));
-    let mut first = [0u8; 1];
-    match sock.peek(&mut first) {
-        Ok(1) if first[0] == HANDSHAKE => {}
-        Ok(1) => {
-            let _ = (&sock).write_all(PLAIN_HTTP);
-            linger(&sock);
-            return None;
-        }
-        _ => return None, // closed, or silent until `within`
-    }
-    let conn = match tls.session() {
-        Ok(conn) => conn,
-        Err(e) => {
-            crate::logging::warn!("tls: no session for {peer}: {e}");
-            return None;
-        }
-    };
-    let mut stream = TlsStream::new(conn, sock);
-    match stream.handshake() {
-        Ok(()) => Some(stream),
-        Err(e) => {
-            handshake_failed(peer, &e);
-            let _ = stream.sock.shutdown(std::net::Shutdown::Both);
-            None
-        }
-    }
-}
-
-/// One info line a second at most: a scanner can fail handshakes all day.
-fn handshake_failed(peer: std::net::SocketAddr, e: &io::Error) {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static LAST: AtomicU64 = AtomicU64::new(0);
-    static SKIPPED: AtomicU64 = AtomicU64::new(0);
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    let last = LAST.load(Ordering::Relaxed);
-    if now > last && LAST.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
-        let skipped = SKIPPED.swap(0, Ordering::Relaxed);
-        let more = if skipped > 0 { format!(" ({skipped} more since the last line)") } else { String::new() };
-        crate::logging::info!("tls: handshake with {peer} failed: {e}{more}");
-    } else {
-        SKIPPED.fetch_add(1, Ordering::Relaxed);
-    }
-}
-
-/// After the 400: stop sending, then drop what the client still sends for a
-/// moment, so it reads the answer instead of a reset.
-fn linger(sock: &TcpStream) {
-    let _ = sock.shutdown(std::net::Shutdown::Write);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
-    let mut sink = [0u8; 4096];
-    while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
-        let _ = sock.set_read_timeout(Some(left.max(std::time::Duration::from_millis(1))));
-        match (&*sock).read(&mut sink) {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {}
-        }
-    }
-}
-
 /// Where the key and certificate come from.
 #[derive(Debug, Clone)]
 pub enum Source {
@@ -160,7 +83,7 @@ impl Tls {
         Arc::clone(&self.current.lock().unwrap_or_else(|p| p.into_inner()).0)
     }
 
-    /// A server session for one accepted connection.
+    /// A server session for one accepted connection (the config as of now).
     pub fn session(&self) -> io::Result<ServerConnection> {
         ServerConnection::new(self.config()).map_err(io::Error::other)
     }
@@ -410,17 +333,6 @@ impl TlsStream {
         }
     }
 
-    /// Completes the handshake (blocking, within the socket's timeouts).
-    pub fn handshake(&mut self) -> io::Result<()> {
-        while self.conn.is_handshaking() {
-            self.push()?;
-            if self.conn.is_handshaking() && !self.pull()? {
-                return Err(ErrorKind::UnexpectedEof.into());
-            }
-        }
-        self.push()
-    }
-
     pub fn sock(&self) -> &TcpStream {
         &self.sock
     }
@@ -428,6 +340,10 @@ impl TlsStream {
     /// Decrypted bytes wait in the session.
     pub fn pending(&self) -> bool {
         self.pending
+    }
+
+    pub fn is_handshaking(&self) -> bool {
+        self.conn.is_handshaking()
     }
 
     pub fn close(&mut self) {

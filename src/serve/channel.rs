@@ -368,7 +368,7 @@ impl App {
             },
         };
         let (terminals, key) = (Arc::clone(&self.terminals), key.to_string());
-        out.resp = Response::upgrade(Box::new(move |stream: std::net::TcpStream| {
+        out.resp = Response::upgrade(Box::new(move |stream: crate::net::stream::Stream| {
             terminals.serve_socket(term, stream, &key, text)
         }));
         out

@@ -116,7 +116,7 @@ pub fn run(explicit: Option<PathBuf>) -> Result<i32, Error> {
         });
     }
     let deadline = std::cell::Cell::new(None);
-    http::serve(listener, limits.clone(), Arc::clone(&shutdown), app, || {
+    http::serve(listener, limits.clone(), Arc::clone(&shutdown), app, tls, || {
         deadline.set(Some(Instant::now() + limits.shutdown));
         runs.stop_all();
         terminals.close_all();

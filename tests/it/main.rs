@@ -21,3 +21,5 @@ mod poll;
 mod protocol;
 mod runs;
 mod terminal;
+#[cfg(not(target_os = "macos"))]
+mod tls;
