@@ -35,6 +35,7 @@ pub struct Config {
 
 /// Where the port's key and certificate come from.
 #[derive(Debug, Clone, PartialEq)]
+#[cfg_attr(target_os = "macos", allow(dead_code))] // macOS builds refuse the section
 pub enum TlsSettings {
     /// `{"certFile": PATH, "keyFile": PATH}`: PEM files, re-read on SIGHUP.
     Files { cert: PathBuf, key: PathBuf },

@@ -393,3 +393,42 @@ fn bad_tls_files_are_config_errors_named_by_path() {
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("the key does not match the certificate"), "{err}");
 }
+
+#[test]
+fn wss_carries_a_flood_and_reattaches() {
+    let rig = Rig::new("tls-wss", json!({"selfSigned": true}));
+    let (srv, fp) = rig.start();
+    let target = format!("/ws?token={TOKEN}&session=keep");
+    let mut ws = Wss::connect(&srv.addr, &fp, &target);
+    assert_eq!(ws.ask(1, "$((1+1))"), "2");
+    // 4 MB of output through the non-blocking TLS writes, the reader slow at
+    // first (the server must hold back, not drop or spin), then draining.
+    ws.send("head -c 4000000 /dev/zero | tr '\\0' y; echo; echo F''LOOD-DONE\r");
+    std::thread::sleep(Duration::from_millis(300));
+    let deadline = Instant::now() + DEADLINE * 3;
+    ws.ws.get_ref().sock.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    let mut ys = 0usize;
+    let mut tail = String::new();
+    while !tail.contains("FLOOD-DONE") {
+        assert!(Instant::now() < deadline, "flood not done: {ys} y's so far");
+        match ws.ws.read() {
+            Ok(tungstenite::Message::Text(t)) => {
+                ys += t.bytes().filter(|b| *b == b'y').count();
+                tail = format!("{}{}", &tail[tail.len().saturating_sub(32)..], t);
+            }
+            Ok(_) => {}
+            Err(tungstenite::Error::Io(e))
+                if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(e) => panic!("wss read during the flood: {e}"),
+        }
+    }
+    assert!(ys >= 4_000_000, "{ys} y's of 4000000");
+    ws.out.clear();
+    assert_eq!(ws.ask(2, "$((2+2))"), "4");
+    // Reattach: a new wss connection to the same session finds the same shell.
+    ws.send("X=kept\r");
+    assert_eq!(ws.ask(3, "$X"), "kept");
+    drop(ws);
+    let mut again = Wss::connect(&srv.addr, &fp, &target);
+    assert_eq!(again.ask(4, "$X"), "kept");
+}
