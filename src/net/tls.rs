@@ -3,7 +3,7 @@
 //! certificate's fingerprint; a [`TlsStream`] is one session over its TCP
 //! socket, which the HTTP loop reads and writes blocking (with its timeouts
 //! on the TCP socket) and the terminal pump drives non-blocking (through
-//! [`crate::net::stream::Stream`], a `Link`). Not in macOS builds.
+//! `Stream` in the `stream` module, a `Link`). Not in macOS builds.
 //!
 //! Locks: the only lock is the one around the current `ServerConfig` (an
 //! `Arc` swapped by [`Tls::reload`] on SIGHUP). A connection clones the `Arc`
