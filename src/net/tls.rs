@@ -1,16 +1,20 @@
 //! TLS on the listening port, in-process with rustls (ring provider), no
 //! async runtime: a [`Tls`] holds the current `ServerConfig` and the
 //! certificate's fingerprint; a [`TlsStream`] is one session over its TCP
-//! socket, which the HTTP loop reads and writes blocking (with its timeouts
-//! on the TCP socket) and the terminal pump drives non-blocking (through
-//! `Stream` in the `stream` module, a `Link`). Not in macOS builds.
+//! socket. The HTTP poll thread reads it non-blocking (the handshake happens
+//! there, within the head timeout), a worker reads and writes it blocking
+//! (the timeouts are the TCP socket's), and the terminal pump drives it
+//! non-blocking (through `Stream` in the `stream` module, a `Link`). Not in
+//! macOS builds.
 //!
 //! Locks: the only lock is the one around the current `ServerConfig` (an
-//! `Arc` swapped by [`Tls::reload`] on SIGHUP). A connection clones the `Arc`
-//! under it when it starts and lets go before the handshake, so no lock is
-//! ever held across a read or a write; each `ServerConnection` belongs to its
-//! connection's one thread, which is also the only one to touch its socket.
-//! New connections take the new certificate; open ones keep theirs.
+//! `Arc` swapped by [`Tls::reload`] on SIGHUP, on the signal thread). A
+//! connection clones the `Arc` under it when it is accepted and lets go
+//! before any I/O, so no lock is ever held across a read or a write. A
+//! session has no lock at all: it moves with its connection (by value, over
+//! the HTTP server's channels) and is only ever touched by the one thread
+//! that holds the connection. New connections take the new certificate;
+//! open ones keep theirs.
 //!
 //! Non-blocking TLS ([`Link`], the terminal): a read first takes decrypted
 //! bytes rustls already holds, else reads TLS records from the socket
