@@ -24,6 +24,7 @@ from collections.abc import Callable
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import termbench as tb  # noqa: E402  (the WebSocket client and the cat measurement)
 
+CONNECT = socket.create_connection  # before cmd_cat swaps it for termbench's WS
 CTX = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
 CTX.check_hostname = False
 CTX.verify_mode = ssl.CERT_NONE  # the fingerprint is pinned instead, below
@@ -38,7 +39,7 @@ def pinned(sock: ssl.SSLSocket) -> ssl.SSLSocket:
 
 
 def tls_connect(host: str, port: int) -> ssl.SSLSocket:
-    raw = socket.create_connection((host, port), timeout=tb.IO_TIMEOUT)
+    raw = CONNECT((host, port), timeout=tb.IO_TIMEOUT)
     raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return pinned(CTX.wrap_socket(raw, server_hostname="localhost"))
 
