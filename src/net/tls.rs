@@ -185,15 +185,8 @@ pub fn ensure_self_signed(dir: &Path, host: &str) -> Result<(), String> {
         names.insert(0, host.to_string());
     }
     let generated = (|| -> Result<(), String> {
-        let fail = |e: rcgen::Error| format!("generating the self-signed certificate: {e}");
-        let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(fail)?;
-        let mut params = rcgen::CertificateParams::new(names).map_err(fail)?;
-        params.distinguished_name = rcgen::DistinguishedName::new();
-        params.distinguished_name.push(rcgen::DnType::CommonName, "aion-connector");
-        params.not_before = rcgen::date_time_ymd(2025, 1, 1);
-        params.not_after = rcgen::date_time_ymd(2049, 12, 31);
-        let certificate = params.self_signed(&pair).map_err(fail)?;
-        for (name, text) in [("key.pem", pair.serialize_pem()), ("cert.pem", certificate.pem())] {
+        let (key_pem, cert_pem) = self_signed(&names)?;
+        for (name, text) in [("key.pem", key_pem), ("cert.pem", cert_pem)] {
             let path = tmp.join(name);
             let mut f = std::fs::OpenOptions::new()
                 .write(true)
@@ -218,6 +211,106 @@ pub fn ensure_self_signed(dir: &Path, host: &str) -> Result<(), String> {
     });
     let _ = std::fs::remove_dir_all(&tmp);
     placed
+}
+
+/// A new ECDSA P-256 key (PKCS#8) and a self-signed X.509 v3 certificate
+/// for `names` (DNS names or IP addresses), both PEM: CN `aion-connector`,
+/// valid 2025-01-01 to 2049-12-31, a random serial, subjectAltName only.
+/// The DER is written here (a dozen fixed structures) instead of by a crate.
+fn self_signed(names: &[String]) -> Result<(String, String), String> {
+    use ring::rand::SecureRandom;
+    use ring::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair, KeyPair};
+    let fail = |what: &str| format!("generating the self-signed certificate: {what}");
+    let rng = ring::rand::SystemRandom::new();
+    let pkcs8 =
+        EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &rng).map_err(|_| fail("key"))?;
+    let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, pkcs8.as_ref(), &rng)
+        .map_err(|_| fail("key"))?;
+    const ECDSA_SHA256: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x02];
+    const EC_PUBLIC_KEY: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01];
+    const P256: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+    const COMMON_NAME: &[u8] = &[0x55, 0x04, 0x03];
+    const SUBJECT_ALT_NAME: &[u8] = &[0x55, 0x1d, 0x11];
+    let algorithm = tlv(0x30, &tlv(0x06, ECDSA_SHA256));
+    let name =
+        tlv(0x30, &tlv(0x31, &tlv(0x30, &[tlv(0x06, COMMON_NAME), tlv(0x0c, b"aion-connector")].concat())));
+    let mut serial = [0u8; 16];
+    rng.fill(&mut serial).map_err(|_| fail("serial"))?;
+    serial[0] = (serial[0] & 0x7f) | 0x40; // positive, 16 bytes
+    let validity = tlv(0x30, &[tlv(0x17, b"250101000000Z"), tlv(0x17, b"491231000000Z")].concat());
+    let public = [&[0u8][..], pair.public_key().as_ref()].concat();
+    let spki = tlv(
+        0x30,
+        &[tlv(0x30, &[tlv(0x06, EC_PUBLIC_KEY), tlv(0x06, P256)].concat()), tlv(0x03, &public)].concat(),
+    );
+    let mut general_names = Vec::new();
+    for n in names {
+        match n.parse::<std::net::IpAddr>() {
+            Ok(std::net::IpAddr::V4(ip)) => general_names.extend(tlv(0x87, &ip.octets())),
+            Ok(std::net::IpAddr::V6(ip)) => general_names.extend(tlv(0x87, &ip.octets())),
+            Err(_) if n.is_ascii() => general_names.extend(tlv(0x82, n.as_bytes())),
+            Err(_) => return Err(fail(&format!("the name {n:?} is not ASCII"))),
+        }
+    }
+    let san = tlv(0x30, &[tlv(0x06, SUBJECT_ALT_NAME), tlv(0x04, &tlv(0x30, &general_names))].concat());
+    let extensions = tlv(0xa3, &tlv(0x30, &san));
+    let tbs = tlv(
+        0x30,
+        &[
+            tlv(0xa0, &tlv(0x02, &[2])), // v3
+            tlv(0x02, &serial),
+            algorithm.clone(),
+            name.clone(),
+            validity,
+            name,
+            spki,
+            extensions,
+        ]
+        .concat(),
+    );
+    let signature = pair.sign(&rng, &tbs).map_err(|_| fail("signature"))?;
+    let bits = [&[0u8][..], signature.as_ref()].concat();
+    let cert = tlv(0x30, &[tbs, algorithm, tlv(0x03, &bits)].concat());
+    Ok((pem("PRIVATE KEY", pkcs8.as_ref()), pem("CERTIFICATE", &cert)))
+}
+
+/// One DER element.
+fn tlv(tag: u8, content: &[u8]) -> Vec<u8> {
+    let mut out = vec![tag];
+    let n = content.len();
+    if n < 0x80 {
+        out.push(n as u8);
+    } else {
+        let bytes = n.to_be_bytes();
+        let skip = bytes.iter().take_while(|b| **b == 0).count();
+        out.push(0x80 | (bytes.len() - skip) as u8);
+        out.extend_from_slice(&bytes[skip..]);
+    }
+    out.extend_from_slice(content);
+    out
+}
+
+/// PEM: base64 in lines of 64, between BEGIN and END lines.
+fn pem(label: &str, der: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut b64 = String::with_capacity(der.len().div_ceil(3) * 4);
+    for chunk in der.chunks(3) {
+        let n = chunk.iter().enumerate().fold(0u32, |acc, (i, b)| acc | u32::from(*b) << (16 - 8 * i));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                b64.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                b64.push('=');
+            }
+        }
+    }
+    let mut out = format!("-----BEGIN {label}-----\n");
+    for line in b64.as_bytes().chunks(64) {
+        out.push_str(std::str::from_utf8(line).unwrap_or_default());
+        out.push('\n');
+    }
+    out.push_str(&format!("-----END {label}-----\n"));
+    out
 }
 
 /// A certificate's notAfter, in seconds since the epoch (a minimal DER walk:
@@ -411,6 +504,14 @@ mod tests {
         assert_eq!(tls.fingerprint().len(), 71);
         // 2049-12-31T00:00:00Z
         assert_eq!(not_after(&certs[0]), Some(2_524_521_600));
+        // Both PEM files parse again, and the names are there.
+        let der = certs[0].as_ref();
+        assert!(der.windows(12).any(|w| w == b"example.test"));
+        assert!(der.windows(9).any(|w| w == b"localhost"));
+        assert_eq!(
+            pem("X", b"any carnal pleas"),
+            "-----BEGIN X-----\nYW55IGNhcm5hbCBwbGVhcw==\n-----END X-----\n"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
