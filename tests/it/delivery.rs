@@ -601,6 +601,11 @@ fn a_crash_mid_delivery_posts_nothing_confirmed_twice_and_closes_every_run() {
         platform.delivered().len()
     );
     assert_eq!(platform.delivered().len(), 40);
+    // c3's first post is spooled before the kill (under load its "started"
+    // line can come well before the agent's first output).
+    push.wait_status("c3's first post spooled", DEADLINE, |s| {
+        n(s, "spooledRecords") + n(s, "delivered") >= 3 * 31 + 1
+    });
     push.proc.kill9();
     // leftovers of streams that finished (a .close and a .pos without their .q)
     std::fs::write(push.spool().join("1-2-3.close"), b"{}").unwrap();
