@@ -357,12 +357,10 @@ fn a_full_disk_loses_nothing_and_spools_again_when_space_returns() {
     push.proc.wait_count("ended: complete", runs.len(), Duration::from_secs(60));
     let st = push.wait_status("posts kept in memory", DEADLINE, |s| n(s, "memoryRecords") > 0);
     assert!(st["diskError"].as_str().is_some_and(|e| e.contains("No space left")), "{st}");
-    assert_eq!(
-        push.proc.count("cannot write the spool"),
-        1,
-        "the disk failure is logged once:\n{}",
-        push.proc.tail()
-    );
+    // Logged once, then at most once a minute: a slow machine may be past
+    // the first minute here; a line per refused write would be thousands.
+    let logged = push.proc.count("cannot write the spool");
+    assert!((1..=2).contains(&logged), "the disk failure is logged {logged} times:\n{}", push.proc.tail());
 
     std::fs::remove_file(&ballast).unwrap();
     let st = push.wait_status("everything spooled", Duration::from_secs(20), |s| {
