@@ -206,12 +206,35 @@ pub fn projects(
         .collect()
 }
 
-/// Signs push-mode posts with the token of the project they belong to.
-pub struct ProjectKeys(pub Vec<Arc<ProjectState>>);
+/// The projects served now. A reload (SIGHUP) swaps the whole list; a
+/// request reads it once ([`ProjectSet::current`], a clone of an `Arc`) and
+/// keeps that list to its end, so no lock is held while it is served.
+pub struct ProjectSet(Mutex<Arc<Vec<Arc<ProjectState>>>>);
+
+impl ProjectSet {
+    pub fn new(projects: Vec<Arc<ProjectState>>) -> Arc<ProjectSet> {
+        Arc::new(ProjectSet(Mutex::new(Arc::new(projects))))
+    }
+
+    pub fn current(&self) -> Arc<Vec<Arc<ProjectState>>> {
+        Arc::clone(&self.0.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Serves `projects` from now on; returns the list they replace.
+    #[allow(dead_code)]
+    pub fn replace(&self, projects: Vec<Arc<ProjectState>>) -> Arc<Vec<Arc<ProjectState>>> {
+        std::mem::replace(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()), Arc::new(projects))
+    }
+}
+
+/// Signs push-mode posts with the token of the project they belong to (the
+/// token of now: a post queued before a token rotation is signed with the new one).
+pub struct ProjectKeys(pub Arc<ProjectSet>);
 
 impl crate::delivery::outbox::Signer for ProjectKeys {
     fn headers(&self, key: &str, _url: &str, body: &[u8]) -> Option<Vec<(String, String)>> {
-        let p = self.0.iter().find(|p| p.config.id == key)?;
+        let projects = self.0.current();
+        let p = projects.iter().find(|p| p.config.id == key)?;
         let sig = crate::delivery::signing::sha256_hex(p.config.token.0.as_bytes(), &[body]);
         Some(vec![("X-Aion-Signature".into(), sig)])
     }

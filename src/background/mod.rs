@@ -376,6 +376,19 @@ impl Background {
         Ok(proc.snapshot())
     }
 
+    /// Every project's processes, as (project, process), by project then age.
+    pub fn all(&self) -> Vec<(String, Snapshot)> {
+        let procs: Vec<Arc<Proc>> = {
+            let mut procs = self.procs();
+            self.prune(&mut procs);
+            procs.values().cloned().collect()
+        };
+        let mut list: Vec<(String, Snapshot)> =
+            procs.iter().map(|p| (p.project.clone(), p.snapshot())).collect();
+        list.sort_by(|a, b| (&a.0, a.1.started, a.1.pid).cmp(&(&b.0, b.1.started, b.1.pid)));
+        list
+    }
+
     /// The project's processes, oldest first.
     pub fn list(&self, project: &str) -> Vec<Snapshot> {
         let mut procs = self.procs();

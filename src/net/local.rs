@@ -86,6 +86,18 @@ impl Op {
     }
 }
 
+/// The operations that carry no project and key: being able to connect to
+/// the socket (mode 0600, in the connector's own state dir) is their
+/// authentication.
+#[derive(Serialize, Deserialize)]
+#[serde(tag = "op", deny_unknown_fields)]
+pub enum Unkeyed {
+    /// The connector's state: runs, terminals, background processes, the
+    /// outbox's backlog, leases (`aion-connector status`).
+    #[serde(rename = "status")]
+    Status {},
+}
+
 /// `{"ok":false,"kind":KIND,"error":MESSAGE}`.
 pub fn refusal(kind: &str, message: &str) -> Value {
     json!({"ok": false, "kind": kind, "error": message})
@@ -245,7 +257,7 @@ fn write_line(mut stream: &UnixStream, value: &Value) -> io::Result<()> {
 
 /// A client's round trip: connects to `path`, sends `request`, reads one
 /// answer line (waiting up to `timeout` for it).
-pub fn call(path: &Path, request: &Request, timeout: Duration) -> io::Result<Value> {
+pub fn call(path: &Path, request: &impl Serialize, timeout: Duration) -> io::Result<Value> {
     let stream = UnixStream::connect(path)?;
     stream.set_write_timeout(Some(Duration::from_secs(10)))?;
     stream.set_read_timeout(Some(timeout))?;

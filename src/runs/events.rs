@@ -150,6 +150,16 @@ impl Events {
         }
     }
 
+    /// Posts emitted so far.
+    pub fn posts(&self) -> u64 {
+        self.seq
+    }
+
+    /// Whether the posts go to a callback through the outbox.
+    pub fn to_outbox(&self) -> bool {
+        matches!(self.sink, Sink::Outbox(_))
+    }
+
     /// Whether the closing post has been emitted.
     pub fn closed(&self) -> bool {
         self.closed

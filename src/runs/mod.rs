@@ -63,6 +63,21 @@ pub struct Invoke {
     pub repos: Vec<RepoSpec>,
 }
 
+/// One run as `status` shows it.
+#[derive(Clone, Debug)]
+pub struct RunSnapshot {
+    pub project: String,
+    pub session: String,
+    pub agent: String,
+    /// `running`, or `closing` once its last post is made (its processes are ending).
+    pub state: &'static str,
+    pub age: Duration,
+    /// Posts made so far.
+    pub posts: u64,
+    /// Posts not yet delivered to the callback (None: not delivered by callback).
+    pub pending: Option<u64>,
+}
+
 /// Where a run's posts go.
 pub enum Delivery {
     Callback,
@@ -90,6 +105,8 @@ struct Active {
     id: String,
     control: Sender<Control>,
     events: Arc<Mutex<Events>>,
+    agent: String,
+    started: Instant,
     /// Disconnected when the run thread ends: a next run of the session,
     /// started once this one is closed, waits for its cleanup.
     done: Receiver<()>,
@@ -182,7 +199,14 @@ impl Runs {
         let wait_for = previous.as_ref().map(|p| p.done.clone());
         active.insert(
             key.clone(),
-            Active { id: id.clone(), control: control_tx, events: Arc::clone(&events), done: done_rx },
+            Active {
+                id: id.clone(),
+                control: control_tx,
+                events: Arc::clone(&events),
+                agent: invoke.agent.clone(),
+                started: Instant::now(),
+                done: done_rx,
+            },
         );
         let runs = Arc::clone(self);
         let (run_id, run_key) = (id.clone(), key.clone());
@@ -241,6 +265,46 @@ impl Runs {
             }
         };
         Events::new(sink, &invoke.session, &invoke.token, key, &base)
+    }
+
+    /// The runs in the registry now, by project then session. The registry
+    /// lock is held only to copy; each run's events lock only for its figures.
+    pub fn snapshot(&self) -> Vec<RunSnapshot> {
+        let runs: Vec<_> = self
+            .active()
+            .iter()
+            .map(|((project, session), a)| {
+                (
+                    project.clone(),
+                    session.clone(),
+                    a.id.clone(),
+                    a.agent.clone(),
+                    a.started,
+                    Arc::clone(&a.events),
+                )
+            })
+            .collect();
+        let mut list: Vec<RunSnapshot> = runs
+            .into_iter()
+            .map(|(project, session, id, agent, started, events)| {
+                let (posts, closed, callback) = {
+                    let e = lock(&events);
+                    (e.posts(), e.closed(), e.to_outbox())
+                };
+                let pending = if callback { Some(self.outbox.backlog(&id)) } else { None };
+                RunSnapshot {
+                    project,
+                    session,
+                    agent,
+                    state: if closed { "closing" } else { "running" },
+                    age: started.elapsed(),
+                    posts,
+                    pending,
+                }
+            })
+            .collect();
+        list.sort_by(|a, b| (&a.project, &a.session).cmp(&(&b.project, &b.session)));
+        list
     }
 
     /// Asks a session's run to stop; false when none is running.

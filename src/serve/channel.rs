@@ -9,7 +9,7 @@ use crate::config::Limits;
 use crate::delivery::client::is_http_url;
 use crate::logging::info;
 use crate::net::http::{Handler, Request, Response};
-use crate::project::ProjectState;
+use crate::project::{ProjectSet, ProjectState};
 use crate::runs::{Delivery, Invoke, Refused, Runs, prompt};
 use crate::terminal::{self, Terminals};
 use crate::workspace::git::{self, GitError, RepoSpec, SyncResult};
@@ -25,7 +25,7 @@ use std::time::Instant;
 const MAX_REPOS: usize = 16;
 
 pub struct App {
-    projects: Vec<Arc<ProjectState>>,
+    projects: Arc<ProjectSet>,
     limits: Limits,
     started: Instant,
     runs: Arc<Runs>,
@@ -33,23 +33,18 @@ pub struct App {
 }
 
 impl App {
-    pub fn new(
-        projects: Vec<Arc<ProjectState>>,
-        limits: Limits,
-        runs: Arc<Runs>,
-        terminals: Arc<Terminals>,
-    ) -> App {
+    pub fn new(projects: Arc<ProjectSet>, limits: Limits, runs: Arc<Runs>, terminals: Arc<Terminals>) -> App {
         App { projects, limits, started: Instant::now(), runs, terminals }
     }
 
     /// The project whose token this is. Every project's digest is compared in
     /// full, so neither timing nor length tells anything about a token.
-    fn authenticate(&self, token: &str) -> Option<&Arc<ProjectState>> {
+    fn authenticate(&self, token: &str) -> Option<Arc<ProjectState>> {
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         let mut found = None;
-        for p in &self.projects {
+        for p in self.projects.current().iter() {
             if p.token_matches(&digest) {
-                found = Some(p);
+                found = Some(Arc::clone(p));
             }
         }
         found
@@ -57,9 +52,9 @@ impl App {
 }
 
 /// What a request came to, for its log line.
-struct Outcome<'a> {
+struct Outcome {
     action: String,
-    project: &'a str,
+    project: String,
     resp: Response,
 }
 
@@ -121,8 +116,8 @@ fn loggable(action: &str) -> String {
 }
 
 impl App {
-    fn dispatch(&self, req: &Request) -> Outcome<'_> {
-        let mut out = Outcome { action: "-".into(), project: "-", resp: err(500, "internal error") };
+    fn dispatch(&self, req: &Request) -> Outcome {
+        let mut out = Outcome { action: "-".into(), project: "-".into(), resp: err(500, "internal error") };
         let path = req.target.split('?').next().unwrap_or("");
         if req.method == "GET" && path == "/healthz" {
             out.action = "healthz".into();
@@ -158,7 +153,7 @@ impl App {
             out.resp = err(403, "unauthorized");
             return out;
         };
-        out.project = &project.config.id;
+        out.project.clone_from(&project.config.id);
         let empty = Map::new();
         let payload = match body.get("payload") {
             None | Some(Value::Null) => &empty,
@@ -177,7 +172,7 @@ impl App {
         let action = body.get("action").and_then(Value::as_str).unwrap_or("");
         out.action = loggable(action);
         let args = Payload(payload);
-        out.resp = match self.act(project, action, &args) {
+        out.resp = match self.act(&project, action, &args) {
             Ok(resp) | Err(resp) => resp,
         };
         out
@@ -320,16 +315,16 @@ impl App {
     /// checks the token, the upgrade headers, the query and the project's
     /// terminal limit, all before the 101. Output goes as text frames (the
     /// original's) unless `encoding=binary`.
-    fn websocket(&self, req: &Request) -> Outcome<'_> {
+    fn websocket(&self, req: &Request) -> Outcome {
         let mut out =
-            Outcome { action: "terminal.ws".into(), project: "-", resp: err(500, "internal error") };
+            Outcome { action: "terminal.ws".into(), project: "-".into(), resp: err(500, "internal error") };
         let query = parse_query(req.target.split_once('?').map_or("", |(_, q)| q));
         let get = |k: &str| query.iter().find(|(name, _)| name == k).map(|(_, v)| v.as_str());
         let Some(project) = get("token").and_then(|t| self.authenticate(t)) else {
             out.resp = err(403, "unauthorized");
             return out;
         };
-        out.project = &project.config.id;
+        out.project.clone_from(&project.config.id);
         let header_has =
             |h: &str, word: &str| req.header(h).is_some_and(|v| v.to_ascii_lowercase().contains(word));
         let key = req.header("sec-websocket-key").map(str::trim).filter(|k| !k.is_empty());
@@ -357,7 +352,7 @@ impl App {
         let existing = session.and_then(|s| self.terminals.find_session(&project.config.id, s));
         let term = match existing {
             Some(term) => term,
-            None => match self.terminals.open(project, session, false, cols, rows) {
+            None => match self.terminals.open(&project, session, false, cols, rows) {
                 Ok(term) => term,
                 Err(refused) => {
                     out.resp = terminal_refused(refused);

@@ -13,6 +13,8 @@
 
 mod channel;
 mod local;
+pub mod report;
+mod status;
 
 use crate::background::Background;
 use crate::config::{self, DEFAULT_CONFIG, starter};
@@ -68,8 +70,8 @@ pub fn run(explicit: Option<PathBuf>) -> Result<i32, Error> {
     // The connector's own files are never served, whatever project dir holds them.
     let own_files: Vec<PathBuf> =
         [path.as_path(), state.as_path()].iter().filter_map(|p| p.canonicalize().ok()).collect();
-    let projects = project::projects(&mut config, roots, &own_files, &state);
-    let signer = Arc::new(project::ProjectKeys(projects.clone()));
+    let projects = project::ProjectSet::new(project::projects(&mut config, roots, &own_files, &state));
+    let signer = Arc::new(project::ProjectKeys(Arc::clone(&projects)));
     let spool = state.join("outbox");
     let outbox = Outbox::open(&spool, signer, config.limits.delivery)
         .map_err(|source| Error::StateDir { path: state.clone(), source })?;
@@ -86,8 +88,9 @@ pub fn run(explicit: Option<PathBuf>) -> Result<i32, Error> {
     let listener = TcpListener::bind(addrs.as_slice()).map_err(bind_err)?;
     let local = listener.local_addr().map_err(bind_err)?;
     let limits = config.limits.clone();
-    let count = projects.len();
+    let count = projects.current().len();
     let leases = projects
+        .current()
         .iter()
         .any(|p| p.config.agents.iter().any(|a| !a.lease_apps.is_empty()))
         .then(|| Leases::start((&config.lease).into()));
@@ -95,7 +98,18 @@ pub fn run(explicit: Option<PathBuf>) -> Result<i32, Error> {
     let terminals = Terminals::new(limits.clone())
         .map_err(|source| Error::Io { what: "starting the terminals", source })?;
     let background = Background::new(limits.background_per_project, limits.stop_grace);
-    let socket = local::start(&state, projects.clone(), Arc::clone(&background), Arc::clone(&runs))?;
+    let parts = Arc::new(status::Parts {
+        started: Instant::now(),
+        listen: local.to_string(),
+        state: state.clone(),
+        projects: Arc::clone(&projects),
+        runs: Arc::clone(&runs),
+        terminals: Arc::clone(&terminals),
+        background: Arc::clone(&background),
+        outbox: Arc::clone(&outbox),
+        leases: leases.clone(),
+    });
+    let socket = local::start(&state, Arc::clone(&parts))?;
     let app = Arc::new(App::new(projects, limits.clone(), Arc::clone(&runs), Arc::clone(&terminals)));
     {
         let mut out = std::io::stdout().lock();

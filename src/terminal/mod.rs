@@ -130,6 +130,7 @@ pub struct Term {
     /// The client-chosen ID that lets a WebSocket reattach.
     session: Option<String>,
     http: bool,
+    started: Instant,
     pty: Pty,
     /// The PTY's master, non-blocking; read only by the reader named in the
     /// state, with the state locked.
@@ -242,6 +243,21 @@ impl Term {
     }
 }
 
+/// One terminal as `status` shows it.
+#[derive(Clone, Debug)]
+pub struct TermSnapshot {
+    pub id: String,
+    pub project: String,
+    /// The WebSocket session it was opened under (None: an HTTP terminal or none given).
+    pub session: Option<String>,
+    /// `http` (terminal.spawn) or `ws`.
+    pub kind: &'static str,
+    pub alive: bool,
+    /// A WebSocket is attached now.
+    pub attached: bool,
+    pub age: Duration,
+}
+
 pub enum Refused {
     TooMany,
     Spawn(String),
@@ -305,6 +321,29 @@ impl Terminals {
         self.all().get(id).filter(|t| t.http && t.project == project && !t.lock().closed).cloned()
     }
 
+    /// Every terminal not yet forgotten, by project then age (the registry
+    /// lock is held to copy the list, each terminal's lock for its figures).
+    pub fn snapshot(&self) -> Vec<TermSnapshot> {
+        let all: Vec<Arc<Term>> = self.all().values().cloned().collect();
+        let mut list: Vec<TermSnapshot> = all
+            .iter()
+            .filter_map(|t| {
+                let st = t.lock();
+                (!st.closed).then(|| TermSnapshot {
+                    id: t.id.clone(),
+                    project: t.project.clone(),
+                    session: t.session.clone(),
+                    kind: if t.http { "http" } else { "ws" },
+                    alive: st.exit_code.is_none(),
+                    attached: st.attached.is_some(),
+                    age: t.started.elapsed(),
+                })
+            })
+            .collect();
+        list.sort_by(|a, b| (&a.project, b.age).cmp(&(&b.project, a.age)));
+        list
+    }
+
     /// Whether `project` may open one more terminal.
     pub fn room(&self, project: &str) -> bool {
         self.all().values().filter(|t| t.project == project && t.alive()).count()
@@ -356,6 +395,7 @@ impl Terminals {
             project: project.config.id.clone(),
             session: session.map(str::to_string),
             http,
+            started: Instant::now(),
             pty,
             master,
             keeper: Arc::clone(&self.keeper),

@@ -16,6 +16,7 @@ mod files;
 mod git;
 mod lease;
 mod mcp;
+mod ops;
 mod poll;
 mod protocol;
 mod runs;
