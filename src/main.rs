@@ -22,6 +22,7 @@ mod error;
 mod lease;
 mod logging;
 mod mcp;
+mod metrics;
 mod net;
 mod nonce;
 mod poll;

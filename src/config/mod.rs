@@ -29,6 +29,8 @@ pub struct Config {
     pub state_dir: Option<PathBuf>,
     /// The `lease` section: how to reach Aion (used when an agent has `leaseApps`).
     pub lease: LeaseSettings,
+    /// `metricsToken`: a bearer token for `GET /metrics` beside the projects' tokens.
+    pub metrics_token: Option<Secret>,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -285,7 +287,11 @@ impl Checker {
     }
 
     fn config(&mut self, root: &Json, cwd: &Path) -> Option<Config> {
-        let fields = self.object(root, "", &["port", "host", "projects", "limits", "stateDir", "lease"])?;
+        let fields = self.object(
+            root,
+            "",
+            &["port", "host", "projects", "limits", "stateDir", "lease", "metricsToken"],
+        )?;
         let mut config = Config {
             host: "0.0.0.0".into(),
             port: 7777,
@@ -293,6 +299,7 @@ impl Checker {
             projects: Vec::new(),
             state_dir: None,
             lease: LeaseSettings::default(),
+            metrics_token: None,
         };
         let mut saw_projects = false;
         for (key, v) in fields {
@@ -309,6 +316,12 @@ impl Checker {
                 },
                 "limits" => self.limits(v, &mut config.limits),
                 "lease" => config.lease = self.lease(v, cwd),
+                "metricsToken" => match self.string(v, "metricsToken") {
+                    Some(t) if t.chars().count() < 16 => {
+                        self.problem("metricsToken", "must be at least 16 characters")
+                    }
+                    t => config.metrics_token = t.map(Secret),
+                },
                 "stateDir" => match self.string(v, "stateDir") {
                     Some(d) if d.is_empty() => self.problem("stateDir", "must not be empty"),
                     d => config.state_dir = d.map(|d| cwd.join(d)),

@@ -159,6 +159,7 @@ fn accept(shared: &Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
         return;
     }
     shared.open.fetch_add(1, Ordering::SeqCst);
+    crate::metrics::connections(1);
     let worker = Arc::clone(shared);
     let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
     let spawned =
@@ -169,6 +170,7 @@ fn accept(shared: &Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
         });
     if let Err(e) = spawned {
         shared.open.fetch_sub(1, Ordering::SeqCst);
+        crate::metrics::connections(-1);
         error!("cannot start a connection thread: {e}");
     }
 }
@@ -186,6 +188,7 @@ struct OpenGuard<'a>(&'a AtomicUsize);
 impl Drop for OpenGuard<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::SeqCst);
+        crate::metrics::connections(-1);
     }
 }
 

@@ -223,6 +223,7 @@ impl Runs {
                     Run { runs: &runs, project: &project, id: &run_id, invoke, events: &events, lines: 0 };
                 let outcome = run.go(&control_rx);
                 let lines = run.lines;
+                crate::metrics::run_finished(&outcome);
                 {
                     let mut active = runs.active();
                     if active.get(&run_key).is_some_and(|a| a.id == run_id) {
@@ -243,6 +244,7 @@ impl Runs {
             }
             return Err(Refused::TooMany);
         }
+        crate::metrics::run_started();
         Ok(())
     }
 

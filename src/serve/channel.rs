@@ -11,6 +11,7 @@ use crate::logging::info;
 use crate::net::http::{Handler, Request, Response};
 use crate::project::{ProjectSet, ProjectState};
 use crate::runs::{Delivery, Invoke, Refused, Runs, prompt};
+use crate::serve::status::Parts;
 use crate::terminal::{self, Terminals};
 use crate::workspace::git::{self, GitError, RepoSpec, SyncResult};
 use crate::workspace::{self, Refusal};
@@ -30,11 +31,18 @@ pub struct App {
     started: Instant,
     runs: Arc<Runs>,
     terminals: Arc<Terminals>,
+    parts: Arc<Parts>,
 }
 
 impl App {
-    pub fn new(projects: Arc<ProjectSet>, limits: Limits, runs: Arc<Runs>, terminals: Arc<Terminals>) -> App {
-        App { projects, limits, started: Instant::now(), runs, terminals }
+    pub fn new(
+        projects: Arc<ProjectSet>,
+        limits: Limits,
+        runs: Arc<Runs>,
+        terminals: Arc<Terminals>,
+        parts: Arc<Parts>,
+    ) -> App {
+        App { projects, limits, started: Instant::now(), runs, terminals, parts }
     }
 
     /// The project whose token this is. Every project's digest is compared in
@@ -62,6 +70,7 @@ impl Handler for App {
     fn handle(&self, req: &Request) -> Response {
         let t0 = Instant::now();
         let out = self.dispatch(req);
+        crate::metrics::request(&out.action, out.resp.status, t0.elapsed());
         info!(
             "{} project={} status={} ms={:.2} peer={}",
             out.action,
@@ -122,6 +131,11 @@ impl App {
         if req.method == "GET" && path == "/healthz" {
             out.action = "healthz".into();
             out.resp = Response::json(200, &json!({ "ok": true }));
+            return out;
+        }
+        if req.method == "GET" && path == "/metrics" {
+            out.action = "metrics".into();
+            out.resp = self.metrics(req);
             return out;
         }
         if req.method == "GET"
@@ -304,6 +318,19 @@ impl App {
             }
             _ => err(400, "unknown action"),
         })
+    }
+
+    /// `GET /metrics` with `Authorization: Bearer TOKEN` (a project's token
+    /// or `metricsToken`): 401 without one, 403 with a wrong one.
+    fn metrics(&self, req: &Request) -> Response {
+        let Some(auth) = req.header("authorization") else {
+            return err(401, "bearer token required");
+        };
+        let token = auth.trim().strip_prefix("Bearer ").map(str::trim).unwrap_or("");
+        if token.is_empty() || !self.parts.metrics_allowed(token) {
+            return err(403, "unauthorized");
+        }
+        Response { status: 200, body: self.parts.metrics().into_bytes(), lines: None, upgrade: None }
     }
 
     fn http_terminal(&self, p: &ProjectState, args: &Payload<'_>) -> Result<Arc<terminal::Term>, Response> {

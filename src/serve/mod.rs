@@ -108,9 +108,16 @@ pub fn run(explicit: Option<PathBuf>) -> Result<i32, Error> {
         background: Arc::clone(&background),
         outbox: Arc::clone(&outbox),
         leases: leases.clone(),
+        metrics_token: std::sync::Mutex::new(config.metrics_token.as_ref().map(|t| digest(&t.0))),
     });
     let socket = local::start(&state, Arc::clone(&parts))?;
-    let app = Arc::new(App::new(projects, limits.clone(), Arc::clone(&runs), Arc::clone(&terminals)));
+    let app = Arc::new(App::new(
+        projects,
+        limits.clone(),
+        Arc::clone(&runs),
+        Arc::clone(&terminals),
+        Arc::clone(&parts),
+    ));
     {
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "listening on {local}");
@@ -140,6 +147,11 @@ pub fn run(explicit: Option<PathBuf>) -> Result<i32, Error> {
     outbox.drain(deadline);
     info!("stopped");
     Ok(0)
+}
+
+fn digest(token: &str) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(token.as_bytes()).into()
 }
 
 /// Each connection and each git run holds descriptors: lift the soft limit

@@ -120,3 +120,106 @@ fn status_exits_3_when_no_connector_runs_there() {
     let (code, _, err) = run(&["status", "--bogus"], dir.path(), &[]);
     assert_eq!(code, 2, "{err}");
 }
+
+/// GET /metrics with an optional `Authorization` header value.
+fn scrape(addr: &str, auth: Option<&str>) -> Response {
+    let auth = auth.map(|a| format!("Authorization: {a}\r\n")).unwrap_or_default();
+    let req = format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n");
+    raw(addr, req.as_bytes()).expect("GET /metrics")
+}
+
+/// The samples of a scrape as parsed by the reference parser
+/// (prometheus_client's): (name, labels, value). None when it is missing.
+fn parse_with_prometheus_client(text: &str) -> Option<Vec<(String, Value, f64)>> {
+    const SCRIPT: &str = "import sys, json\n\
+        from prometheus_client.parser import text_string_to_metric_families\n\
+        out = []\n\
+        for fam in text_string_to_metric_families(sys.stdin.read()):\n\
+        \x20   for s in fam.samples:\n\
+        \x20       out.append([s.name, s.labels, s.value])\n\
+        print(json.dumps(out))\n";
+    let have = std::process::Command::new("python3")
+        .args(["-c", "import prometheus_client"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !have {
+        return None;
+    }
+    use std::io::Write;
+    let mut child = std::process::Command::new("python3")
+        .args(["-c", SCRIPT])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "the parser refused the scrape: {}\n{text}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Vec<(String, Value, f64)> = serde_json::from_slice(&out.stdout).unwrap();
+    Some(v)
+}
+
+fn sample(samples: &[(String, Value, f64)], name: &str, labels: Value) -> Option<f64> {
+    samples.iter().find(|(n, l, _)| n == name && *l == labels).map(|(_, _, v)| *v)
+}
+
+#[test]
+fn metrics_parse_as_prometheus_text_and_move_with_traffic() {
+    let dir = TempDir::new("ops-metrics");
+    let metrics_token = "metrics-token-0123456789abcdef";
+    let cfg = config(
+        json!({"p": {"token": TOKEN, "dir": dir.path()}}),
+        Some(json!({"metricsToken": metrics_token})),
+    );
+    let server = Server::start(dir.path(), &cfg);
+    assert_eq!(scrape(&server.addr, None).status, 401);
+    assert_eq!(scrape(&server.addr, Some("Bearer wrong-token-wrong-token")).status, 403);
+    assert_eq!(scrape(&server.addr, Some(&format!("Basic {TOKEN}"))).status, 403);
+    let first = scrape(&server.addr, Some(&format!("Bearer {metrics_token}")));
+    assert_eq!(first.status, 200, "{}", first.text());
+    let Some(before) = parse_with_prometheus_client(&first.text()) else {
+        skip(
+            "metrics_parse_as_prometheus_text_and_move_with_traffic",
+            "python3's prometheus_client is not installed (pip install prometheus_client)",
+        );
+        return;
+    };
+    let version = env!("CARGO_PKG_VERSION");
+    assert_eq!(sample(&before, "aion_connector_build_info", json!({"version": version})), Some(1.0));
+    let pings = |s: &[(String, Value, f64)]| {
+        sample(s, "aion_connector_requests_total", json!({"action": "ping", "status": "200"})).unwrap_or(0.0)
+    };
+    let refused = |s: &[(String, Value, f64)]| {
+        sample(s, "aion_connector_requests_total", json!({"action": "-", "status": "403"})).unwrap_or(0.0)
+    };
+    let count = |s: &[(String, Value, f64)]| {
+        sample(s, "aion_connector_request_duration_seconds_count", json!({})).unwrap()
+    };
+    for _ in 0..5 {
+        assert_eq!(server.call(TOKEN, "ping", json!({})).0, 200);
+    }
+    assert_eq!(server.call("not-a-token", "ping", json!({})).0, 403);
+    let (code, term) = server.call(TOKEN, "terminal.spawn", json!({}));
+    assert_eq!(code, 200, "{term}");
+    // A project's token reads the metrics too.
+    let second = scrape(&server.addr, Some(&format!("Bearer {TOKEN}")));
+    assert_eq!(second.status, 200);
+    let after = parse_with_prometheus_client(&second.text()).unwrap();
+    assert_eq!(pings(&after) - pings(&before), 5.0, "{}", second.text());
+    assert_eq!(refused(&after) - refused(&before), 1.0, "{}", second.text());
+    // 5 pings, 1 refusal, 1 spawn, and the first scrape itself.
+    assert_eq!(count(&after) - count(&before), 8.0, "{}", second.text());
+    assert_eq!(sample(&after, "aion_connector_terminals", json!({})), Some(1.0));
+    assert_eq!(sample(&after, "aion_connector_runs_active", json!({})), Some(0.0));
+    assert_eq!(sample(&after, "aion_connector_lease_link", json!({"state": "none"})), Some(1.0));
+    assert!(
+        sample(&after, "aion_connector_connections_open", json!({})).is_some_and(|n| n >= 1.0),
+        "the scrape's own connection is open"
+    );
+    assert!(!second.text().contains(TOKEN) && !second.text().contains(metrics_token));
+}
