@@ -93,7 +93,6 @@ pub fn run_finished(outcome: &str) {
 }
 
 /// A reload (SIGHUP) applied (true) or refused (false).
-#[allow(dead_code)]
 pub fn reload(ok: bool) {
     RELOADS[usize::from(!ok)].fetch_add(1, Relaxed);
 }

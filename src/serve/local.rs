@@ -64,9 +64,16 @@ impl Local {
         };
         let op = req.op.name();
         let projects = self.projects.current();
-        let Some(project) =
-            projects.iter().find(|p| p.config.id == req.project).filter(|p| p.mcp_key_matches(&req.key))
-        else {
+        // The current version of the project, or (its key being the one a
+        // reload rotated away) the current one all the same: an agent of a
+        // run started before the rotation keeps its tools.
+        let retired = self.projects.retired(&req.project).filter(|p| p.mcp_key_matches(&req.key));
+        let current = projects.iter().find(|p| p.config.id == req.project);
+        let project = match current {
+            Some(p) if p.mcp_key_matches(&req.key) => Some(p),
+            _ => retired.as_ref().map(|r| current.unwrap_or(r)),
+        };
+        let Some(project) = project else {
             info!("local {op} project={} refused: unknown project or wrong key", req.project);
             return refusal("auth", "unknown project or wrong key (AION_PROJECT, AION_MCP_KEY)");
         };

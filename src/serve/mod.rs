@@ -13,6 +13,7 @@
 
 mod channel;
 mod local;
+mod reload;
 pub mod report;
 mod status;
 
@@ -37,7 +38,8 @@ use std::time::{Duration, Instant};
 
 pub fn run(explicit: Option<PathBuf>) -> Result<i32, Error> {
     // First, before any other thread exists: every thread inherits the mask.
-    let shutdown = shutdown::install().map_err(|source| Error::Io { what: "signal setup", source })?;
+    let shutdown =
+        shutdown::install_with_reload().map_err(|source| Error::Io { what: "signal setup", source })?;
     raise_fd_limit();
     let path = match explicit {
         Some(path) => path,
@@ -111,6 +113,17 @@ pub fn run(explicit: Option<PathBuf>) -> Result<i32, Error> {
         metrics_token: std::sync::Mutex::new(config.metrics_token.as_ref().map(|t| digest(&t.0))),
     });
     let socket = local::start(&state, Arc::clone(&parts))?;
+    let reloader = reload::Reloader {
+        path: path.clone(),
+        state: state.clone(),
+        own_files: own_files.clone(),
+        host: config.host.clone(),
+        port: config.port,
+        limits: format!("{:?}", config.limits),
+        parts: Arc::clone(&parts),
+    };
+    let reloads = reload::start(reloader, Arc::clone(&shutdown))
+        .map_err(|source| Error::Io { what: "starting the reload thread", source })?;
     let app = Arc::new(App::new(
         projects,
         limits.clone(),
@@ -133,6 +146,9 @@ pub fn run(explicit: Option<PathBuf>) -> Result<i32, Error> {
     })
     .map_err(|source| Error::Io { what: "serving", source })?;
     socket.stop();
+    if reloads.join().is_err() {
+        warn!("the reload thread panicked");
+    }
     background.finish();
     // Runs post their closing events; the outbox gets the rest of the time.
     let deadline = deadline.get().unwrap_or_else(|| Instant::now() + limits.shutdown);

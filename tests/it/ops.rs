@@ -4,6 +4,7 @@
 
 use crate::util::*;
 use serde_json::{Value, json};
+use std::io::Write;
 use std::path::Path;
 
 const TOKEN: &str = "ops-token-5b1c9d7e3f2a4b6c8d0e";
@@ -145,7 +146,6 @@ fn parse_with_prometheus_client(text: &str) -> Option<Vec<(String, Value, f64)>>
     if !have {
         return None;
     }
-    use std::io::Write;
     let mut child = std::process::Command::new("python3")
         .args(["-c", SCRIPT])
         .stdin(std::process::Stdio::piped())
@@ -222,4 +222,103 @@ fn metrics_parse_as_prometheus_text_and_move_with_traffic() {
         "the scrape's own connection is open"
     );
     assert!(!second.text().contains(TOKEN) && !second.text().contains(metrics_token));
+}
+
+const TOKEN_B: &str = "ops-token-b-7e6d5c4b3a29180716f5";
+const TOKEN_C: &str = "ops-token-c-0a1b2c3d4e5f60718293";
+const TOKEN_A2: &str = "ops-token-a2-99887766554433221100";
+
+/// SIGHUP, then wait for the log line that says how it went.
+fn hup(server: &Server, n: usize, word: &str) -> String {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(server.pid() as i32), nix::sys::signal::Signal::SIGHUP)
+        .unwrap();
+    server.wait_stderr(word, |s| s.matches(word).count() >= n)
+}
+
+#[test]
+fn sighup_reloads_projects_and_tokens_keeping_runs_and_terminals() {
+    let dir = TempDir::new("ops-reload");
+    let (a, b) = (dir.join("a"), dir.join("b"));
+    std::fs::create_dir_all(&a).unwrap();
+    std::fs::create_dir_all(&b).unwrap();
+    let bin = fake_acpx_bin(dir.path());
+    let log = dir.join("acpx.log");
+    let cfg_path = dir.join("aion.config.json");
+    let write_cfg = |projects: Value| std::fs::write(&cfg_path, config(projects, None)).unwrap();
+    write_cfg(json!({
+        "a": {"token": TOKEN, "dir": a, "agents": {"fake": {}}},
+        "b": {"token": TOKEN_B, "dir": b, "agents": {"fake": {}}},
+    }));
+    let path = path_with(&bin);
+    let server = Server::start_args(
+        &[cfg_path.to_str().unwrap()],
+        dir.path(),
+        &[("PATH", &path), ("FAKE_ACPX_LOG", log.to_str().unwrap())],
+    );
+    let platform = Platform::start();
+    // A run in b (which will be removed) and a terminal in a (whose token rotates).
+    let (code, body) = server.call(
+        TOKEN_B,
+        "invoke",
+        json!({"agent": "fake", "prompt": "until go", "session": "rb", "callback": platform.url()}),
+    );
+    assert_eq!(code, 200, "{body}");
+    let (code, term) = server.call(TOKEN, "terminal.spawn", json!({}));
+    assert_eq!(code, 200, "{term}");
+    let term_id = term["sessionId"].as_str().unwrap().to_string();
+    poll("the run in b to post its first chunk", || {
+        platform.delivered().iter().any(|p| p.json()["sessionId"] == json!("rb")).then_some(())
+    });
+    let mut conn = connect(&server.addr); // a keep-alive connection that must survive the reload
+    conn.write_all(&post_request(&server.addr, &request_body(TOKEN, "ping", json!({})), false)).unwrap();
+    let mut reader = std::io::BufReader::new(conn.try_clone().unwrap());
+    assert_eq!(read_response(&mut reader).unwrap().status, 200);
+
+    // Reload: b removed, c added, a's token rotated.
+    let c = dir.join("c");
+    write_cfg(json!({
+        "a": {"token": TOKEN_A2, "dir": a, "agents": {"fake": {}}},
+        "c": {"token": TOKEN_C, "dir": c, "agents": {"fake": {}}},
+    }));
+    let log_text = hup(&server, 1, "reloaded ");
+    assert!(log_text.contains("added=c removed=b changed=a"), "{log_text}");
+    assert_eq!(server.call(TOKEN_C, "ping", json!({})).0, 200, "c is served");
+    assert_eq!(server.call(TOKEN_B, "ping", json!({})).0, 403, "b is not");
+    assert_eq!(server.call(TOKEN, "ping", json!({})).0, 403, "a's old token is not");
+    assert_eq!(server.call(TOKEN_A2, "ping", json!({})).0, 200, "a's new token is");
+    // The terminal opened before the rotation answers to the new token.
+    let (code, out) =
+        server.call(TOKEN_A2, "terminal.input", json!({"sessionId": term_id, "data": "echo hi-$((6*7))\n"}));
+    assert_eq!(code, 200, "{out}");
+    poll("the terminal to echo", || {
+        let (_, out) = server.call(TOKEN_A2, "terminal.output", json!({"sessionId": term_id}));
+        out["data"].as_str().is_some_and(|d| d.contains("hi-42")).then_some(())
+    });
+    // The keep-alive connection is still served.
+    conn.write_all(&post_request(&server.addr, &request_body(TOKEN_C, "ping", json!({})), false)).unwrap();
+    assert_eq!(read_response(&mut reader).unwrap().status, 200);
+    // b's run goes on and ends normally, its posts signed with b's token.
+    std::fs::write(b.join("go"), "").unwrap();
+    let posts = platform.wait_closed("rb");
+    let last = posts.last().unwrap();
+    assert!(last.path.ends_with("/internal/agent-complete"), "{last:?}");
+    for p in &posts {
+        assert_eq!(p.signature.as_deref(), Some(hmac_sha256(TOKEN_B, &p.body).as_str()), "{p:?}");
+    }
+
+    // A broken file changes nothing and names each problem by its path.
+    std::fs::write(&cfg_path, r#"{"port":0,"projects":{"a":{"token":"","dir":"/x"},"d":{"dir":7}}}"#)
+        .unwrap();
+    let log_text = hup(&server, 1, "reload refused");
+    let log_text = server.wait_stderr("every problem", |s| s.contains("projects.d.dir")) + &log_text;
+    assert!(log_text.contains("projects.a.token"), "{log_text}");
+    assert_eq!(server.call(TOKEN_A2, "ping", json!({})).0, 200, "the old config is served");
+    assert_eq!(server.call(TOKEN_C, "ping", json!({})).0, 200, "the old config is served");
+    let (code, out) = server.call(TOKEN_A2, "terminal.output", json!({"sessionId": term_id}));
+    assert_eq!((code, &out["alive"]), (200, &json!(true)), "{out}");
+    assert!(!server.stderr().contains(TOKEN_A2) && !server.stderr().contains(TOKEN_B), "a token in the log");
+    drop(server);
+    for pid in marked_processes(&format!("FAKE_ACPX_LOG={}", log.display())) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+    }
 }
