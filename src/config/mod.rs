@@ -75,6 +75,41 @@ pub struct Limits {
     pub background_per_project: usize,
 }
 
+/// The limits served now, shared by the domain modules; a reload (SIGHUP)
+/// swaps them. A reader takes [`LiveLimits::get`] (a clone of an `Arc`) and
+/// no lock is held while it is used.
+pub struct LiveLimits(std::sync::Mutex<std::sync::Arc<Limits>>);
+
+impl LiveLimits {
+    pub fn new(limits: Limits) -> std::sync::Arc<LiveLimits> {
+        std::sync::Arc::new(LiveLimits(std::sync::Mutex::new(std::sync::Arc::new(limits))))
+    }
+
+    pub fn get(&self) -> std::sync::Arc<Limits> {
+        std::sync::Arc::clone(&self.0.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    pub fn set(&self, limits: Limits) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = std::sync::Arc::new(limits);
+    }
+}
+
+impl Limits {
+    /// The limits a reload cannot change (the HTTP server's, the shutdown
+    /// time, the delivery window): they take effect at the next start.
+    pub fn fixed(&self) -> (usize, usize, usize, Duration, Duration, Duration, Duration) {
+        (
+            self.body_bytes,
+            self.header_bytes,
+            self.connections,
+            self.idle,
+            self.request,
+            self.shutdown,
+            self.delivery,
+        )
+    }
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Limits {

@@ -27,7 +27,7 @@ mod command;
 mod events;
 pub mod prompt;
 
-use crate::config::{Agent, Limits};
+use crate::config::{Agent, LiveLimits};
 use crate::delivery::outbox::{Fallback, Outbox, Record};
 use crate::lease::Leases;
 use crate::logging::{error, info, warn};
@@ -114,7 +114,7 @@ struct Active {
 
 pub struct Runs {
     outbox: Arc<Outbox>,
-    limits: Limits,
+    limits: Arc<LiveLimits>,
     /// Aion leases for agents with `leaseApps` (None: no agent has any).
     leases: Option<Leases>,
     /// Running runs by (project id, session).
@@ -145,7 +145,12 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Runs {
     /// `state_dir` must be absolute: it is written into `.acpxrc.json`.
-    pub fn new(outbox: Arc<Outbox>, limits: Limits, leases: Option<Leases>, state_dir: &Path) -> Arc<Runs> {
+    pub fn new(
+        outbox: Arc<Outbox>,
+        limits: Arc<LiveLimits>,
+        leases: Option<Leases>,
+        state_dir: &Path,
+    ) -> Arc<Runs> {
         let exe = std::env::current_exe().and_then(|p| p.canonicalize());
         if let Err(e) = &exe {
             warn!("cannot tell the path of this binary ({e}): agents run without the aion MCP server");
@@ -191,7 +196,7 @@ impl Runs {
             None => None,
         };
         if previous.is_none()
-            && active.keys().filter(|(p, _)| *p == key.0).count() >= self.limits.runs_per_project
+            && active.keys().filter(|(p, _)| *p == key.0).count() >= self.limits.get().runs_per_project
         {
             return Err(Refused::TooMany);
         }
@@ -620,7 +625,7 @@ impl Run<'_> {
 
     /// The whole run; returns what its log line says.
     fn go(&mut self, control: &Receiver<Control>) -> String {
-        let limits = &self.runs.limits;
+        let limits = self.runs.limits.get();
         let root = self.project.root.clone();
         let session = self.invoke.session.clone();
         if let Some(msg) = stopped_early(control) {
@@ -755,7 +760,7 @@ impl Run<'_> {
             socket: &self.runs.socket,
             key: &key,
         };
-        if let Err(e) = acpxrc::write(root, &mcp, self.runs.limits.git) {
+        if let Err(e) = acpxrc::write(root, &mcp, self.runs.limits.get().git) {
             warn!("run {}: {e}", self.invoke.session);
         }
     }
@@ -843,8 +848,11 @@ mod tests {
         let (mut config, _) = crate::config::parse(&text, &dir).unwrap();
         let projects = crate::project::projects(&mut config, vec![root.clone()], &[], &dir);
         let outbox = Outbox::open(&dir.join("outbox"), Arc::new(NoKeys), Duration::from_secs(60)).unwrap();
-        let limits = Limits { stop_grace: Duration::from_millis(100), ..Limits::default() };
-        let runs = Runs::new(outbox, limits, None, &dir);
+        let limits = crate::config::Limits {
+            stop_grace: Duration::from_millis(100),
+            ..crate::config::Limits::default()
+        };
+        let runs = Runs::new(outbox, LiveLimits::new(limits), None, &dir);
         let (tx, rx) = crossbeam_channel::unbounded();
         let invoke = Invoke {
             agent: "say".into(),

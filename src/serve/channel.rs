@@ -5,7 +5,7 @@
 //! workspace, runs, terminals), and logs one line per request, never a token.
 //! Nothing imports it but the push-mode wiring in `serve/mod.rs`.
 
-use crate::config::Limits;
+use crate::config::LiveLimits;
 use crate::delivery::client::is_http_url;
 use crate::logging::info;
 use crate::net::http::{Handler, Request, Response};
@@ -27,7 +27,7 @@ const MAX_REPOS: usize = 16;
 
 pub struct App {
     projects: Arc<ProjectSet>,
-    limits: Limits,
+    limits: Arc<LiveLimits>,
     started: Instant,
     runs: Arc<Runs>,
     terminals: Arc<Terminals>,
@@ -37,7 +37,7 @@ pub struct App {
 impl App {
     pub fn new(
         projects: Arc<ProjectSet>,
-        limits: Limits,
+        limits: Arc<LiveLimits>,
         runs: Arc<Runs>,
         terminals: Arc<Terminals>,
         parts: Arc<Parts>,
@@ -224,7 +224,7 @@ impl App {
                     Some(s) => workspace::resolve(&root, s, &p.sensitive).map(|r| r.rel).map_err(refusal)?,
                     None => String::new(),
                 };
-                let git_listing = git::ls_files(&root, &listing, self.limits.git);
+                let git_listing = git::ls_files(&root, &listing, self.limits.get().git);
                 ok(&workspace::tree(&root, sub, &p.sensitive, git_listing).map_err(refusal)?)
             }
             "files.read" => {
@@ -234,7 +234,7 @@ impl App {
             }
             "git.status" => {
                 let root = self.workspace(p, args)?;
-                ok(&git::status(&root, self.limits.git).map_err(git_error)?)
+                ok(&git::status(&root, self.limits.get().git).map_err(git_error)?)
             }
             "git.diff" => {
                 let paths = args.strings("paths")?;
@@ -242,8 +242,8 @@ impl App {
                 for path in &paths {
                     workspace::check_pathspec(&root, path, &p.sensitive).map_err(refusal)?;
                 }
-                let (diff, truncated) =
-                    git::diff(&root, &paths, &p.config.sensitive, self.limits.git).map_err(git_error)?;
+                let (diff, truncated) = git::diff(&root, &paths, &p.config.sensitive, self.limits.get().git)
+                    .map_err(git_error)?;
                 if truncated {
                     ok(&json!({ "diff": diff, "truncated": true }))
                 } else {
@@ -404,7 +404,7 @@ impl App {
             Some(Value::Array(items)) => repo_specs(items, p.config.allow_file_urls)?,
             _ => return Err(detail(400, "bad payload", "payload.repos must be an array")),
         };
-        let results = p.sync_all(&specs, self.limits.git);
+        let results = p.sync_all(&specs, self.limits.get().git);
         match results.iter().find(|r| !r.ok) {
             None => Ok(ok(&json!({ "ok": true, "repos": results }))),
             Some(failed) => {

@@ -96,8 +96,9 @@ pub fn run(explicit: Option<PathBuf>) -> Result<i32, Error> {
         .iter()
         .any(|p| p.config.agents.iter().any(|a| !a.lease_apps.is_empty()))
         .then(|| Leases::start((&config.lease).into()));
-    let runs = Runs::new(Arc::clone(&outbox), limits.clone(), leases.clone(), &state);
-    let terminals = Terminals::new(limits.clone())
+    let live = config::LiveLimits::new(limits.clone());
+    let runs = Runs::new(Arc::clone(&outbox), Arc::clone(&live), leases.clone(), &state);
+    let terminals = Terminals::new(Arc::clone(&live))
         .map_err(|source| Error::Io { what: "starting the terminals", source })?;
     let background = Background::new(limits.background_per_project, limits.stop_grace);
     let parts = Arc::new(status::Parts {
@@ -119,14 +120,14 @@ pub fn run(explicit: Option<PathBuf>) -> Result<i32, Error> {
         own_files: own_files.clone(),
         host: config.host.clone(),
         port: config.port,
-        limits: format!("{:?}", config.limits),
+        limits: Arc::clone(&live),
         parts: Arc::clone(&parts),
     };
     let reloads = reload::start(reloader, Arc::clone(&shutdown))
         .map_err(|source| Error::Io { what: "starting the reload thread", source })?;
     let app = Arc::new(App::new(
         projects,
-        limits.clone(),
+        Arc::clone(&live),
         Arc::clone(&runs),
         Arc::clone(&terminals),
         Arc::clone(&parts),

@@ -1,19 +1,22 @@
 //! SIGHUP: the config file is read again and its projects (tokens, dirs,
-//! agents, sensitive files) and `metricsToken` are served from then on,
+//! agents, sensitive files), `metricsToken` and the limits of runs,
+//! terminals, background processes and git are served from then on,
 //! without dropping a connection, a run or a terminal. A project unchanged
 //! keeps its state; a changed one (a rotated token) is served anew while the
 //! runs it started go on with the version they began with; a removed one is
 //! no longer served, its runs end normally (their posts still signed) and
 //! its terminals live until closed or idle. A file with problems changes
 //! nothing: each problem is logged by its JSON path, as `check` names it.
-//! `host`, `port`, `stateDir`, `limits` and the `lease` section take effect
-//! at the next start (a reload that changes them says so).
+//! `host`, `port`, `stateDir`, the `lease` section and the [`Limits::fixed`]
+//! ones take effect at the next start (a reload that changes them says so).
+//!
+//! [`Limits::fixed`]: crate::config::Limits::fixed
 //!
 //! Threads: `reload` (started by [`start`], owned by push mode's wiring,
 //! which joins it after the accept loop ends) receives [`Shutdown::reloads`]
 //! and ends once shutdown has begun.
 
-use crate::config;
+use crate::config::{self, LiveLimits};
 use crate::error::Error;
 use crate::logging::{info, warn};
 use crate::project::{self, ProjectState};
@@ -32,8 +35,8 @@ pub struct Reloader {
     pub own_files: Vec<PathBuf>,
     pub host: String,
     pub port: u16,
-    /// `Debug` of the limits served (they are not reloaded).
-    pub limits: String,
+    /// The limits served (the fixed ones are compared, the others swapped).
+    pub limits: Arc<LiveLimits>,
     pub parts: Arc<Parts>,
 }
 
@@ -90,8 +93,10 @@ impl Reloader {
         if state.canonicalize().unwrap_or(state) != self.state {
             later("stateDir");
         }
-        if format!("{:?}", config.limits) != self.limits {
-            later("limits");
+        if config.limits.fixed() != self.limits.get().fixed() {
+            later(
+                "limits.bodyBytes, headerBytes, connections, idleSeconds, requestSeconds, shutdownSeconds or deliverySeconds",
+            );
         }
         let wants_leases = config.projects.iter().any(|p| p.agents.iter().any(|a| !a.lease_apps.is_empty()));
         if wants_leases && self.parts.leases.is_none() {
@@ -122,6 +127,8 @@ impl Reloader {
             .collect();
         let count = next.len();
         self.parts.projects.replace(next);
+        self.parts.background.set_per_project(config.limits.background_per_project);
+        self.limits.set(config.limits);
         *self.parts.metrics_token.lock().unwrap_or_else(|e| e.into_inner()) = metrics_token;
         let list = |v: &[String]| if v.is_empty() { "-".to_string() } else { v.join(",") };
         info!(

@@ -27,7 +27,7 @@
 
 mod pump;
 
-use crate::config::Limits;
+use crate::config::{Limits, LiveLimits};
 use crate::logging::{info, warn};
 use crate::net::ws::{Link, Socket};
 use crate::process;
@@ -270,7 +270,7 @@ pub enum InputRefused {
 }
 
 pub struct Terminals {
-    limits: Limits,
+    limits: Arc<LiveLimits>,
     all: Mutex<HashMap<String, Arc<Term>>>,
     next: AtomicU64,
     attaches: AtomicU64,
@@ -285,7 +285,7 @@ pub struct Terminals {
 }
 
 impl Terminals {
-    pub fn new(limits: Limits) -> std::io::Result<Arc<Terminals>> {
+    pub fn new(limits: Arc<LiveLimits>) -> std::io::Result<Arc<Terminals>> {
         Ok(Arc::new(Terminals {
             limits,
             all: Mutex::new(HashMap::new()),
@@ -347,7 +347,7 @@ impl Terminals {
     /// Whether `project` may open one more terminal.
     pub fn room(&self, project: &str) -> bool {
         self.all().values().filter(|t| t.project == project && t.alive()).count()
-            < self.limits.terminals_per_project
+            < self.limits.get().terminals_per_project
     }
 
     /// Starts a shell on a new PTY in the project dir.
@@ -483,7 +483,7 @@ impl Terminals {
         let Ok(sock) = Socket::accept(link, key, text) else {
             return;
         };
-        pump::run(self, &term, sock, self.limits.ws_ping);
+        pump::run(self, &term, sock, self.limits.get().ws_ping);
     }
 
     /// The `terminals` thread: reads the PTYs that no socket reads, writes
@@ -553,9 +553,10 @@ impl Terminals {
     /// exited ones.
     fn reap(&self, now: Instant) {
         let terms: Vec<Arc<Term>> = self.all().values().cloned().collect();
+        let limits = self.limits.get();
         let mut forget = Vec::new();
         for t in terms {
-            let verdict = verdict(&t.lock(), t.http, &self.limits, now);
+            let verdict = verdict(&t.lock(), t.http, &limits, now);
             match verdict {
                 Verdict::Keep => {}
                 Verdict::Forget => forget.push(t.id.clone()),

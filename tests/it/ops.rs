@@ -244,11 +244,14 @@ fn sighup_reloads_projects_and_tokens_keeping_runs_and_terminals() {
     let bin = fake_acpx_bin(dir.path());
     let log = dir.join("acpx.log");
     let cfg_path = dir.join("aion.config.json");
-    let write_cfg = |projects: Value| std::fs::write(&cfg_path, config(projects, None)).unwrap();
-    write_cfg(json!({
-        "a": {"token": TOKEN, "dir": a, "agents": {"fake": {}}},
-        "b": {"token": TOKEN_B, "dir": b, "agents": {"fake": {}}},
-    }));
+    let write_cfg = |projects: Value, extra| std::fs::write(&cfg_path, config(projects, extra)).unwrap();
+    write_cfg(
+        json!({
+            "a": {"token": TOKEN, "dir": a, "agents": {"fake": {}}},
+            "b": {"token": TOKEN_B, "dir": b, "agents": {"fake": {}}},
+        }),
+        None,
+    );
     let path = path_with(&bin);
     let server = Server::start_args(
         &[cfg_path.to_str().unwrap()],
@@ -274,18 +277,28 @@ fn sighup_reloads_projects_and_tokens_keeping_runs_and_terminals() {
     let mut reader = std::io::BufReader::new(conn.try_clone().unwrap());
     assert_eq!(read_response(&mut reader).unwrap().status, 200);
 
-    // Reload: b removed, c added, a's token rotated.
+    assert_eq!(
+        server.call(TOKEN, "terminal.spawn", json!({})).0,
+        200,
+        "a second terminal, under the default cap"
+    );
+    // Reload: b removed, c added, a's token rotated, one terminal per project.
     let c = dir.join("c");
-    write_cfg(json!({
-        "a": {"token": TOKEN_A2, "dir": a, "agents": {"fake": {}}},
-        "c": {"token": TOKEN_C, "dir": c, "agents": {"fake": {}}},
-    }));
+    write_cfg(
+        json!({
+            "a": {"token": TOKEN_A2, "dir": a, "agents": {"fake": {}}},
+            "c": {"token": TOKEN_C, "dir": c, "agents": {"fake": {}}},
+        }),
+        Some(json!({"limits": {"terminalsPerProject": 1}})),
+    );
     let log_text = hup(&server, 1, "reloaded ");
     assert!(log_text.contains("added=c removed=b changed=a"), "{log_text}");
     assert_eq!(server.call(TOKEN_C, "ping", json!({})).0, 200, "c is served");
     assert_eq!(server.call(TOKEN_B, "ping", json!({})).0, 403, "b is not");
     assert_eq!(server.call(TOKEN, "ping", json!({})).0, 403, "a's old token is not");
     assert_eq!(server.call(TOKEN_A2, "ping", json!({})).0, 200, "a's new token is");
+    assert_eq!(server.call(TOKEN_A2, "terminal.spawn", json!({})).0, 429, "the reloaded terminal cap holds");
+    assert_eq!(server.call(TOKEN_C, "terminal.spawn", json!({})).0, 200, "c has room for one");
     // The terminal opened before the rotation answers to the new token.
     let (code, out) =
         server.call(TOKEN_A2, "terminal.input", json!({"sessionId": term_id, "data": "echo hi-$((6*7))\n"}));
