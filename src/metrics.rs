@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 /// The actions counted by name; any other is counted as `other`.
-pub const ACTIONS: [&str; 21] = [
+pub const ACTIONS: [&str; 22] = [
     "ping",
     "agents",
     "workspaces",
@@ -29,6 +29,7 @@ pub const ACTIONS: [&str; 21] = [
     "healthz",
     "metrics",
     "runs",
+    "runs.output",
     "-",
     "other",
 ];

@@ -25,6 +25,7 @@ mod acpxrc;
 mod attempt;
 mod command;
 mod events;
+mod history;
 pub mod prompt;
 
 use crate::config::{Agent, LiveLimits};
@@ -126,6 +127,8 @@ pub struct Runs {
     exe: Option<PathBuf>,
     /// `<stateDir>/mcp.sock`, where the MCP servers reach the connector.
     socket: PathBuf,
+    /// `<stateDir>/runs`, the run history ([`history`]).
+    history: PathBuf,
     /// The last display post of each (project id, session): the outbox
     /// stream it went into, while it may still be undelivered. The inner lock
     /// is held while a post of that session is queued, so they go one after
@@ -164,6 +167,7 @@ impl Runs {
             next: AtomicU64::new(0),
             exe: exe.ok(),
             socket: state_dir.join("mcp.sock"),
+            history: state_dir.join("runs"),
             displays: Mutex::new(HashMap::new()),
         })
     }
@@ -228,6 +232,10 @@ impl Runs {
                     Run { runs: &runs, project: &project, id: &run_id, invoke, events: &events, lines: 0 };
                 let outcome = run.go(&control_rx);
                 let lines = run.lines;
+                let recorder = lock(&events).take_history();
+                if let Some(r) = recorder {
+                    r.finish(&outcome);
+                }
                 crate::metrics::run_finished(&outcome);
                 {
                     let mut active = runs.active();
@@ -271,7 +279,20 @@ impl Runs {
                 Sink::Outbox(self.outbox.stream(id, &fallback))
             }
         };
-        Events::new(sink, &invoke.session, &invoke.token, key, &base)
+        let mut events = Events::new(sink, &invoke.session, &invoke.token, key, &base);
+        events.record(history::Recorder::start(&self.history, key, id, &invoke.session, &invoke.agent));
+        events
+    }
+
+    /// The project's last finished runs, newest first ([`history::finished`]).
+    pub fn finished(&self, project: &str) -> Vec<serde_json::Value> {
+        history::finished(&self.history, project)
+    }
+
+    /// A page of the posts of the newest run of `session` from seq `from` on
+    /// ([`history::output`]); None when no run of it is kept.
+    pub fn output(&self, project: &str, session: &str, from: u64) -> Option<serde_json::Value> {
+        history::output(&self.history, project, session, from)
     }
 
     /// The runs in the registry now, by project then session. The registry

@@ -257,6 +257,38 @@ impl App {
                 let stopping = self.runs.stop(&p.config.id, session);
                 ok(&json!({ "ok": true, "stopping": stopping }))
             }
+            "runs" => {
+                let active: Vec<Value> = self
+                    .runs
+                    .snapshot()
+                    .into_iter()
+                    .filter(|r| r.project == p.config.id)
+                    .map(|r| {
+                        json!({
+                            "session": r.session,
+                            "agent": r.agent,
+                            "state": r.state,
+                            "ageSeconds": r.age.as_secs(),
+                            "posts": r.posts,
+                            "pending": r.pending,
+                        })
+                    })
+                    .collect();
+                ok(&json!({ "active": active, "finished": self.runs.finished(&p.config.id) }))
+            }
+            "runs.output" => {
+                let session = args.required("session")?;
+                let from = match args.0.get("from") {
+                    None | Some(Value::Null) => 0,
+                    Some(v) => v.as_u64().ok_or_else(|| {
+                        detail(400, "bad payload", "payload.from must be a non-negative integer")
+                    })?,
+                };
+                self.runs
+                    .output(&p.config.id, session, from)
+                    .map(|page| ok(&page))
+                    .ok_or_else(|| err(404, "no run"))?
+            }
             "terminal.spawn" => {
                 let (cols, rows) =
                     (args.dimension("cols")?.unwrap_or(80), args.dimension("rows")?.unwrap_or(24));

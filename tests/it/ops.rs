@@ -335,3 +335,82 @@ fn sighup_reloads_projects_and_tokens_keeping_runs_and_terminals() {
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
     }
 }
+
+#[test]
+fn runs_lists_active_and_finished_runs_and_runs_output_pages_their_posts() {
+    let dir = TempDir::new("ops-history");
+    let proj = dir.join("proj");
+    std::fs::create_dir_all(&proj).unwrap();
+    let bin = fake_acpx_bin(dir.path());
+    let log = dir.join("acpx.log");
+    let cfg = config(json!({"p": {"token": TOKEN, "dir": proj, "agents": {"fake": {}}}}), None);
+    std::fs::write(dir.join("aion.config.json"), &cfg).unwrap();
+    let path = path_with(&bin);
+    let server = Server::start_args(
+        &[dir.join("aion.config.json").to_str().unwrap()],
+        dir.path(),
+        &[("PATH", &path), ("FAKE_ACPX_LOG", log.to_str().unwrap())],
+    );
+    let platform = Platform::start();
+    let invoke_token = "invoke-token-kept-out-of-the-history";
+    let invoke = |session: &str, prompt: &str| {
+        let (code, body) = server.call(
+            TOKEN,
+            "invoke",
+            json!({"agent": "fake", "prompt": prompt, "session": session, "callback": platform.url(), "token": invoke_token}),
+        );
+        assert_eq!(code, 200, "{body}");
+    };
+    invoke("done", "lines 3");
+    let delivered = platform.wait_closed("done");
+    invoke("going", "until go");
+    poll("the going run to post", || {
+        platform.delivered().iter().any(|p| p.json()["sessionId"] == json!("going")).then_some(())
+    });
+
+    let (code, list) = server.call(TOKEN, "runs", json!({}));
+    assert_eq!(code, 200, "{list}");
+    let active = list["active"].as_array().unwrap();
+    assert_eq!(active.len(), 1, "{list}");
+    assert_eq!((&active[0]["session"], &active[0]["state"]), (&json!("going"), &json!("running")));
+    let finished = list["finished"].as_array().unwrap();
+    assert_eq!(finished.len(), 1, "{list}");
+    assert_eq!(finished[0]["session"], json!("done"));
+    assert_eq!(finished[0]["outcome"], json!("complete"));
+    assert_eq!(finished[0]["posts"], json!(delivered.len()));
+
+    let (code, page) = server.call(TOKEN, "runs.output", json!({"session": "done"}));
+    assert_eq!(code, 200, "{page}");
+    let posts = page["posts"].as_array().unwrap();
+    assert_eq!(posts.len(), delivered.len(), "{page}");
+    assert_eq!(page["done"], json!(true));
+    for (i, p) in posts.iter().enumerate() {
+        assert_eq!(p["seq"], json!(i), "{page}");
+    }
+    assert_eq!(posts.last().unwrap()["type"], json!("complete"));
+    assert_eq!(posts[0]["text"], delivered[0].json()["text"]);
+    assert!(!page.to_string().contains(invoke_token), "a token in the history: {page}");
+    let (_, tail) = server.call(TOKEN, "runs.output", json!({"session": "done", "from": 2}));
+    assert_eq!(tail["posts"].as_array().unwrap().len(), delivered.len() - 2, "{tail}");
+    assert_eq!(tail["next"], json!(delivered.len()));
+
+    let (code, going) = server.call(TOKEN, "runs.output", json!({"session": "going", "from": 0}));
+    assert_eq!(code, 200, "{going}");
+    assert_eq!(going["done"], json!(false));
+    assert_eq!(going["posts"][0]["text"], json!("waiting for go"));
+    assert_eq!(server.call(TOKEN, "runs.output", json!({"session": "nope"})).0, 404);
+    assert_eq!(server.call(TOKEN, "runs.output", json!({})).0, 400);
+    assert_eq!(server.call(TOKEN, "runs.output", json!({"session": "done", "from": -1})).0, 400);
+
+    std::fs::write(proj.join("go"), "").unwrap();
+    platform.wait_closed("going");
+    poll("the going run to be listed as finished", || {
+        let (_, list) = server.call(TOKEN, "runs", json!({}));
+        (list["finished"].as_array().unwrap().len() == 2 && list["active"].as_array().unwrap().is_empty())
+            .then_some(())
+    });
+    drop(server);
+    for pid in marked_processes(&format!("FAKE_ACPX_LOG={}", log.display())) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+    }
+}
