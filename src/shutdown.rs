@@ -90,6 +90,7 @@ fn start(reload: bool) -> std::io::Result<Arc<Shutdown>> {
                 // supervisors signal the whole group) changes nothing.
                 if sig == Signal::SIGINT {
                     warn!("second {sig}: exiting now");
+                    crate::logging::finish();
                     std::process::exit(130);
                 }
                 continue;

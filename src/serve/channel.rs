@@ -69,7 +69,9 @@ struct Outcome {
 impl Handler for App {
     fn handle(&self, req: &Request) -> Response {
         let t0 = Instant::now();
-        let out = self.dispatch(req);
+        let mut out = self.dispatch(req);
+        // Its connection keeps the idle timeout from now on (see net::http).
+        out.resp.authenticated = out.project != "-" || (out.action == "metrics" && out.resp.status == 200);
         crate::metrics::request(&out.action, out.resp.status, t0.elapsed());
         info!(
             "{} project={} status={} ms={:.2} peer={}",
@@ -362,7 +364,7 @@ impl App {
         if token.is_empty() || !self.parts.metrics_allowed(token) {
             return err(403, "unauthorized");
         }
-        Response { status: 200, body: self.parts.metrics().into_bytes(), lines: None, upgrade: None }
+        Response::text(200, "text/plain; version=0.0.4; charset=utf-8", self.parts.metrics().into_bytes())
     }
 
     fn http_terminal(&self, p: &ProjectState, args: &Payload<'_>) -> Result<Arc<terminal::Term>, Response> {

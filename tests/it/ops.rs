@@ -38,7 +38,7 @@ fn status_shows_runs_terminals_and_the_backlog_as_text_and_json() {
     let server = Server::start_args(
         &[dir.join("aion.config.json").to_str().unwrap()],
         dir.path(),
-        &[("PATH", &path), ("FAKE_ACPX_LOG", log.to_str().unwrap())],
+        &[("PATH", &path), ("FAKE_ACPX_LOG", log.to_str().unwrap()), ("SHELL", "/bin/sh")],
     );
     let callback = dead_callback();
     let (code, body) = server.call(
@@ -176,7 +176,9 @@ fn metrics_parse_as_prometheus_text_and_move_with_traffic() {
         json!({"p": {"token": TOKEN, "dir": dir.path()}}),
         Some(json!({"metricsToken": metrics_token})),
     );
-    let server = Server::start(dir.path(), &cfg);
+    std::fs::write(dir.join("aion.config.json"), &cfg).unwrap();
+    let cfg_path = dir.join("aion.config.json");
+    let server = Server::start_args(&[cfg_path.to_str().unwrap()], dir.path(), &[("SHELL", "/bin/sh")]);
     assert_eq!(scrape(&server.addr, None).status, 401);
     assert_eq!(scrape(&server.addr, Some("Bearer wrong-token-wrong-token")).status, 403);
     assert_eq!(scrape(&server.addr, Some(&format!("Basic {TOKEN}"))).status, 403);
@@ -256,7 +258,7 @@ fn sighup_reloads_projects_and_tokens_keeping_runs_and_terminals() {
     let server = Server::start_args(
         &[cfg_path.to_str().unwrap()],
         dir.path(),
-        &[("PATH", &path), ("FAKE_ACPX_LOG", log.to_str().unwrap())],
+        &[("PATH", &path), ("FAKE_ACPX_LOG", log.to_str().unwrap()), ("SHELL", "/bin/sh")],
     );
     let platform = Platform::start();
     // A run in b (which will be removed) and a terminal in a (whose token rotates).
@@ -299,13 +301,25 @@ fn sighup_reloads_projects_and_tokens_keeping_runs_and_terminals() {
     assert_eq!(server.call(TOKEN_A2, "ping", json!({})).0, 200, "a's new token is");
     assert_eq!(server.call(TOKEN_A2, "terminal.spawn", json!({})).0, 429, "the reloaded terminal cap holds");
     assert_eq!(server.call(TOKEN_C, "terminal.spawn", json!({})).0, 200, "c has room for one");
-    // The terminal opened before the rotation answers to the new token.
-    let (code, out) =
-        server.call(TOKEN_A2, "terminal.input", json!({"sessionId": term_id, "data": "echo hi-$((6*7))\n"}));
-    assert_eq!(code, 200, "{out}");
-    poll("the terminal to echo", || {
-        let (_, out) = server.call(TOKEN_A2, "terminal.output", json!({"sessionId": term_id}));
-        out["data"].as_str().is_some_and(|d| d.contains("hi-42")).then_some(())
+    // The terminal opened before the rotation answers to the new token. The
+    // line is sent again while the shell has not run it: input typed while a
+    // shell starts may be flushed when it sets up its terminal.
+    let mut seen = String::new();
+    let mut sent_at: Option<std::time::Instant> = None;
+    poll("the terminal to run the line", || {
+        if sent_at.is_none_or(|t| t.elapsed() > std::time::Duration::from_millis(500)) {
+            let (code, out) = server.call(
+                TOKEN_A2,
+                "terminal.input",
+                json!({"sessionId": term_id, "data": "echo hi-$((6*7))\n"}),
+            );
+            assert_eq!(code, 200, "{out}");
+            sent_at = Some(std::time::Instant::now());
+        }
+        let (code, out) = server.call(TOKEN_A2, "terminal.output", json!({"sessionId": term_id}));
+        assert_eq!(code, 200, "{out}");
+        seen.push_str(out["data"].as_str().unwrap_or(""));
+        seen.contains("hi-42").then_some(())
     });
     // The keep-alive connection is still served.
     conn.write_all(&post_request(&server.addr, &request_body(TOKEN_C, "ping", json!({})), false)).unwrap();
@@ -349,7 +363,7 @@ fn runs_lists_active_and_finished_runs_and_runs_output_pages_their_posts() {
     let server = Server::start_args(
         &[dir.join("aion.config.json").to_str().unwrap()],
         dir.path(),
-        &[("PATH", &path), ("FAKE_ACPX_LOG", log.to_str().unwrap())],
+        &[("PATH", &path), ("FAKE_ACPX_LOG", log.to_str().unwrap()), ("SHELL", "/bin/sh")],
     );
     let platform = Platform::start();
     let invoke_token = "invoke-token-kept-out-of-the-history";
