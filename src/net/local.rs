@@ -4,7 +4,8 @@
 //! may carry several requests, answered in order. The `aion-connector mcp`
 //! servers of the agents reach the connector here ([`Request`] names their
 //! operations); the socket is the connector's, mode 0600, and each request
-//! names its project and carries that project's MCP key.
+//! names its project and carries that project's MCP key, but for the
+//! [`Unkeyed`] ones (`status`), whose authentication is being able to connect.
 //!
 //! Threads: `local-accept` (started by [`serve`], owned by the [`Server`],
 //! ends on [`Server::stop`]) accepts; one `local-conn-N` per connection
