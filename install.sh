@@ -455,7 +455,7 @@ WorkingDirectory=$STATE_DIR
 Environment=HOME=$home
 Environment=SHELL=$(service_shell)
 Restart=always
-# systemctl reload: SIGHUP re-reads the TLS certificate and key.
+# systemctl reload: SIGHUP re-reads the config and the TLS certificate and key.
 ExecReload=/bin/kill -HUP \$MAINPID
 RestartSec=5
 KillMode=control-group

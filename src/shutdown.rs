@@ -1,26 +1,25 @@
-//! Orderly shutdown. SIGINT and SIGTERM are blocked in every thread and taken
-//! by one signal thread with `sigwait`, which sets the shutdown flag and wakes
-//! the accept loop through a socket pair. A second SIGINT exits at once.
-//! SIGHUP runs the hook set with [`Shutdown::on_hangup`] (push mode: re-read
-//! the TLS key and certificate) on the signal thread, and is otherwise
-//! ignored.
+//! Orderly shutdown, and reloads. SIGINT and SIGTERM are blocked in every
+//! thread and taken by one signal thread with `sigwait`, which sets the
+//! shutdown flag and wakes the accept loop through a socket pair. A second
+//! SIGINT exits at once. With [`install_with_reload`], SIGHUP is taken too:
+//! each one is a message on [`Shutdown::reloads`] (its receiver: push mode's
+//! `reload` thread); without, SIGHUP keeps its default action.
 
 use crate::logging::{info, warn};
 use nix::sys::signal::{SigSet, Signal};
 use std::io::Write;
 use std::os::unix::net::UnixStream;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 
 pub struct Shutdown {
     flag: AtomicBool,
     wake_tx: UnixStream,
     /// Readable once shutdown has begun; the accept loop polls it beside the listener.
     pub wake_rx: UnixStream,
-    hangup: Mutex<Option<Hook>>,
+    /// One `()` per SIGHUP (never sent without [`install_with_reload`]).
+    pub reloads: crossbeam_channel::Receiver<()>,
 }
-
-type Hook = Box<dyn Fn() + Send>;
 
 impl Shutdown {
     pub fn requested(&self) -> bool {
@@ -44,11 +43,6 @@ impl Shutdown {
         true
     }
 
-    /// What SIGHUP does from now on (run on the signal thread).
-    pub fn on_hangup(&self, hook: impl Fn() + Send + 'static) {
-        *self.hangup.lock().unwrap_or_else(|p| p.into_inner()) = Some(Box::new(hook));
-    }
-
     pub fn trigger(&self) {
         self.flag.store(true, Ordering::SeqCst);
         let _ = (&self.wake_tx).write(&[1]);
@@ -59,23 +53,35 @@ impl Shutdown {
 /// starts, so all inherit the mask) and starts the signal thread. Children
 /// would inherit the mask too: `proc::Group` and the PTY empty it in each.
 pub fn install() -> std::io::Result<Arc<Shutdown>> {
+    start(false)
+}
+
+/// [`install`], and SIGHUP asks for a reload on [`Shutdown::reloads`].
+pub fn install_with_reload() -> std::io::Result<Arc<Shutdown>> {
+    start(true)
+}
+
+fn start(reload: bool) -> std::io::Result<Arc<Shutdown>> {
     let (wake_tx, wake_rx) = UnixStream::pair()?;
     wake_tx.set_nonblocking(true)?;
-    let shutdown =
-        Arc::new(Shutdown { flag: AtomicBool::new(false), wake_tx, wake_rx, hangup: Mutex::new(None) });
+    // Reloads asked while one is under way fold into one more.
+    let (reload_tx, reloads) = crossbeam_channel::bounded(1);
+    let shutdown = Arc::new(Shutdown { flag: AtomicBool::new(false), wake_tx, wake_rx, reloads });
     let mut set = SigSet::empty();
     set.add(Signal::SIGINT);
     set.add(Signal::SIGTERM);
-    set.add(Signal::SIGHUP);
+    if reload {
+        set.add(Signal::SIGHUP);
+    }
     set.thread_block().map_err(std::io::Error::from)?;
     let s = Arc::clone(&shutdown);
     std::thread::Builder::new().name("signals".into()).stack_size(64 << 10).spawn(move || {
         loop {
             let Ok(sig) = set.wait() else { continue };
             if sig == Signal::SIGHUP {
-                match &*s.hangup.lock().unwrap_or_else(|p| p.into_inner()) {
-                    Some(hook) => hook(),
-                    None => info!("SIGHUP: nothing to reload"),
+                if !s.requested() {
+                    info!("SIGHUP: reloading the config");
+                    let _ = reload_tx.try_send(());
                 }
                 continue;
             }

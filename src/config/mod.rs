@@ -29,6 +29,8 @@ pub struct Config {
     pub state_dir: Option<PathBuf>,
     /// The `lease` section: how to reach Aion (used when an agent has `leaseApps`).
     pub lease: LeaseSettings,
+    /// `metricsToken`: a bearer token for `GET /metrics` beside the projects' tokens.
+    pub metrics_token: Option<Secret>,
     /// The `tls` section: serve HTTPS (and `wss://`) on the port.
     pub tls: Option<TlsSettings>,
 }
@@ -93,6 +95,41 @@ pub struct Limits {
     pub ws_ping: Duration,
     /// Background processes (an agent's `run_background`) running per project.
     pub background_per_project: usize,
+}
+
+/// The limits served now, shared by the domain modules; a reload (SIGHUP)
+/// swaps them. A reader takes [`LiveLimits::get`] (a clone of an `Arc`) and
+/// no lock is held while it is used.
+pub struct LiveLimits(std::sync::Mutex<std::sync::Arc<Limits>>);
+
+impl LiveLimits {
+    pub fn new(limits: Limits) -> std::sync::Arc<LiveLimits> {
+        std::sync::Arc::new(LiveLimits(std::sync::Mutex::new(std::sync::Arc::new(limits))))
+    }
+
+    pub fn get(&self) -> std::sync::Arc<Limits> {
+        std::sync::Arc::clone(&self.0.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    pub fn set(&self, limits: Limits) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = std::sync::Arc::new(limits);
+    }
+}
+
+impl Limits {
+    /// The limits a reload cannot change (the HTTP server's, the shutdown
+    /// time, the delivery window): they take effect at the next start.
+    pub fn fixed(&self) -> (usize, usize, usize, Duration, Duration, Duration, Duration) {
+        (
+            self.body_bytes,
+            self.header_bytes,
+            self.connections,
+            self.idle,
+            self.request,
+            self.shutdown,
+            self.delivery,
+        )
+    }
 }
 
 impl Default for Limits {
@@ -310,8 +347,11 @@ impl Checker {
     }
 
     fn config(&mut self, root: &Json, cwd: &Path) -> Option<Config> {
-        let fields =
-            self.object(root, "", &["port", "host", "projects", "limits", "stateDir", "lease", "tls"])?;
+        let fields = self.object(
+            root,
+            "",
+            &["port", "host", "projects", "limits", "stateDir", "lease", "metricsToken", "tls"],
+        )?;
         let mut config = Config {
             host: "0.0.0.0".into(),
             port: 7777,
@@ -319,6 +359,7 @@ impl Checker {
             projects: Vec::new(),
             state_dir: None,
             lease: LeaseSettings::default(),
+            metrics_token: None,
             tls: None,
         };
         let mut saw_projects = false;
@@ -337,6 +378,12 @@ impl Checker {
                 "limits" => self.limits(v, &mut config.limits),
                 "lease" => config.lease = self.lease(v, cwd),
                 "tls" => config.tls = self.tls(v, cwd),
+                "metricsToken" => match self.string(v, "metricsToken") {
+                    Some(t) if t.chars().count() < 16 => {
+                        self.problem("metricsToken", "must be at least 16 characters")
+                    }
+                    t => config.metrics_token = t.map(Secret),
+                },
                 "stateDir" => match self.string(v, "stateDir") {
                     Some(d) if d.is_empty() => self.problem("stateDir", "must not be empty"),
                     d => config.state_dir = d.map(|d| cwd.join(d)),

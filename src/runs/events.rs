@@ -59,6 +59,8 @@ impl Kind<'_> {
 /// A body in the Node connector's key order, `seq` last (`type` first in a live stream).
 struct Body<'a> {
     live: bool,
+    /// Without `token` (the run history's copy).
+    tokenless: bool,
     kind: &'a Kind<'a>,
     session: &'a str,
     token: &'a str,
@@ -74,7 +76,9 @@ impl Serialize for Body<'_> {
         match self.kind {
             Kind::Display { url, token } => {
                 m.serialize_entry("url", url)?;
-                m.serialize_entry("token", token)?;
+                if !self.tokenless {
+                    m.serialize_entry("token", token)?;
+                }
                 m.serialize_entry("sessionId", self.session)?;
                 m.serialize_entry("seq", &self.seq)?;
                 return m.end();
@@ -97,7 +101,9 @@ impl Serialize for Body<'_> {
                 m.serialize_entry("error", message)?;
             }
         }
-        m.serialize_entry("token", self.token)?;
+        if !self.tokenless {
+            m.serialize_entry("token", self.token)?;
+        }
         m.serialize_entry("seq", &self.seq)?;
         m.end()
     }
@@ -135,6 +141,8 @@ pub struct Events {
     /// The callback base URL, without a trailing slash ("" without one).
     base: String,
     closed: bool,
+    /// The run history's copy of each post (None: not kept).
+    history: Option<super::history::Recorder>,
 }
 
 impl Events {
@@ -147,7 +155,28 @@ impl Events {
             key: key.to_string(),
             base: base.to_string(),
             closed: false,
+            history: None,
         }
+    }
+
+    /// Keeps a copy of each post from now on in the run history.
+    pub fn record(&mut self, recorder: super::history::Recorder) {
+        self.history = Some(recorder);
+    }
+
+    /// The history's recorder, once the run is over (to close its file).
+    pub fn take_history(&mut self) -> Option<super::history::Recorder> {
+        self.history.take()
+    }
+
+    /// Posts emitted so far.
+    pub fn posts(&self) -> u64 {
+        self.seq
+    }
+
+    /// Whether the posts go to a callback through the outbox.
+    pub fn to_outbox(&self) -> bool {
+        matches!(self.sink, Sink::Outbox(_))
     }
 
     /// Whether the closing post has been emitted.
@@ -174,9 +203,21 @@ impl Events {
         self.closed = kind.closes();
         let seq = self.seq;
         self.seq += 1;
+        if let Some(h) = &mut self.history {
+            let body =
+                Body { live: true, tokenless: true, kind: &kind, session: &self.session, token: "", seq };
+            h.post(&serde_json::to_vec(&body).expect("a body serializes"));
+        }
         match &mut self.sink {
             Sink::Outbox(stream) => {
-                let body = Body { live: false, kind: &kind, session: &self.session, token: &self.token, seq };
+                let body = Body {
+                    live: false,
+                    tokenless: false,
+                    kind: &kind,
+                    session: &self.session,
+                    token: &self.token,
+                    seq,
+                };
                 let record = Record {
                     url: format!("{}{}", self.base, kind.path()),
                     key: self.key.clone(),
@@ -187,7 +228,14 @@ impl Events {
                 stream.push(&record);
             }
             Sink::Live(tx) => {
-                let body = Body { live: true, kind: &kind, session: &self.session, token: &self.token, seq };
+                let body = Body {
+                    live: true,
+                    tokenless: false,
+                    kind: &kind,
+                    session: &self.session,
+                    token: &self.token,
+                    seq,
+                };
                 let mut line = serde_json::to_vec(&body).expect("a body serializes");
                 line.push(b'\n');
                 if tx.send(line).is_err() {
