@@ -217,22 +217,40 @@ impl Wss {
                 return rest;
             }
             assert!(Instant::now() < deadline, "no {pat:?} in {:?}", self.out);
-            match self.ws.read() {
-                Ok(tungstenite::Message::Text(t)) => self.out.push_str(&t),
-                Ok(tungstenite::Message::Binary(b)) => self.out.push_str(&String::from_utf8_lossy(&b)),
-                Ok(_) => {}
-                Err(tungstenite::Error::Io(e))
-                    if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
-                Err(e) => panic!("wss read: {e} (so far {:?})", self.out),
-            }
+            self.read_some();
+        }
+    }
+
+    /// One read (up to 200 ms) into `out`.
+    fn read_some(&mut self) {
+        self.ws.get_ref().sock.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        match self.ws.read() {
+            Ok(tungstenite::Message::Text(t)) => self.out.push_str(&t),
+            Ok(tungstenite::Message::Binary(b)) => self.out.push_str(&String::from_utf8_lossy(&b)),
+            Ok(_) => {}
+            Err(tungstenite::Error::Io(e))
+                if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(e) => panic!("wss read: {e} (so far {:?})", self.out),
         }
     }
 
     /// Echoes `expr` behind a marker its typed echo cannot match.
     fn ask(&mut self, n: u32, expr: &str) -> String {
         self.send(&format!("echo Q{n}-$((40+2))={expr}\r"));
-        let rest = self.expect(&format!("Q{n}-42="));
-        rest.lines().next().unwrap_or("").trim().to_string()
+        self.expect(&format!("Q{n}-42="));
+        // The value may come in several frames: up to its line's end.
+        let deadline = Instant::now() + DEADLINE;
+        let mut value = String::new();
+        loop {
+            if let Some(end) = self.out.find('\n') {
+                value.push_str(&self.out[..end]);
+                self.out.drain(..end);
+                return value.trim().to_string();
+            }
+            value.push_str(&std::mem::take(&mut self.out));
+            assert!(Instant::now() < deadline, "no line end after {value:?}");
+            self.read_some();
+        }
     }
 }
 
