@@ -2,12 +2,20 @@
 //! sends. It checks each request in the contract's order (method, JSON,
 //! version, token, project, action) and each payload, answers with the
 //! baseline's byte-exact error bodies, hands the work to the domain (project,
-//! workspace, runs, terminals), and logs one line per request, never a token.
+//! workspace, runs, terminals), and logs one line per request, never a token
+//! (nor a request target, which may hold `?token=`). A wrong or missing token
+//! is a WARN line `failed token from IP …` (the fail2ban filter's match), and
+//! past `limits.failedTokensPerMinute` of them the peer gets 429 ([`guard`]).
+//!
+//! A token comes in the body's `token` or `Authorization: Bearer TOKEN` (both
+//! given must agree), and for the WebSocket in `?token=` or the
+//! `Sec-WebSocket-Protocol` entry `aion.token.TOKEN` (see [`App::websocket`]).
 //! Nothing imports it but the push-mode wiring in `serve/mod.rs`.
 
+use super::guard::Failures;
 use crate::config::Limits;
 use crate::delivery::client::is_http_url;
-use crate::logging::info;
+use crate::logging::{info, warn};
 use crate::net::http::{Handler, Request, Response};
 use crate::project::ProjectState;
 use crate::runs::{Delivery, Invoke, Refused, Runs, prompt};
@@ -30,6 +38,9 @@ pub struct App {
     started: Instant,
     runs: Arc<Runs>,
     terminals: Arc<Terminals>,
+    /// `allowedOrigins`; None: any `Origin`.
+    origins: Option<Vec<String>>,
+    failures: Failures,
 }
 
 impl App {
@@ -39,7 +50,37 @@ impl App {
         runs: Arc<Runs>,
         terminals: Arc<Terminals>,
     ) -> App {
-        App { projects, limits, started: Instant::now(), runs, terminals }
+        let failures = Failures::new(limits.failed_tokens_per_minute, limits.failed_tokens_exempt_loopback);
+        App { projects, limits, started: Instant::now(), runs, terminals, origins: None, failures }
+    }
+
+    /// Browser WebSocket upgrades only from these origins (`allowedOrigins`).
+    pub fn allowing_origins(mut self, origins: Option<Vec<String>>) -> App {
+        self.origins = origins;
+        self
+    }
+
+    /// The project of the token the request brings (`None`: none, or a wrong
+    /// one), or the refusal of a peer past its failed tokens. A failure is
+    /// counted and marked for the log line.
+    fn project_of(
+        &self,
+        req: &Request,
+        token: Option<&str>,
+        out: &mut Outcome<'_>,
+    ) -> Option<&Arc<ProjectState>> {
+        if self.failures.blocked(req.peer.ip()) {
+            out.failed_token = true;
+            out.resp = err(429, "too many failed tokens");
+            return None;
+        }
+        let found = token.and_then(|t| self.authenticate(t));
+        if found.is_none() {
+            self.failures.failed(req.peer.ip());
+            out.failed_token = true;
+            out.resp = err(403, "unauthorized");
+        }
+        found
     }
 
     /// The project whose token this is. Every project's digest is compared in
@@ -61,12 +102,19 @@ struct Outcome<'a> {
     action: String,
     project: &'a str,
     resp: Response,
+    /// Refused for its token (403) or for the peer's failed tokens (429).
+    failed_token: bool,
 }
 
 impl Handler for App {
     fn handle(&self, req: &Request) -> Response {
         let t0 = Instant::now();
         let out = self.dispatch(req);
+        if out.failed_token {
+            // The fail2ban filter in the README matches this line.
+            warn!("failed token from {} action={} status={}", req.peer.ip(), out.action, out.resp.status);
+            return out.resp;
+        }
         info!(
             "{} project={} status={} ms={:.2} peer={}",
             out.action,
@@ -122,7 +170,12 @@ fn loggable(action: &str) -> String {
 
 impl App {
     fn dispatch(&self, req: &Request) -> Outcome<'_> {
-        let mut out = Outcome { action: "-".into(), project: "-", resp: err(500, "internal error") };
+        let mut out = Outcome {
+            action: "-".into(),
+            project: "-",
+            resp: err(500, "internal error"),
+            failed_token: false,
+        };
         let path = req.target.split('?').next().unwrap_or("");
         if req.method == "GET" && path == "/healthz" {
             out.action = "healthz".into();
@@ -153,9 +206,11 @@ impl App {
                 return out;
             }
         }
-        let Some(project) = body.get("token").and_then(Value::as_str).and_then(|t| self.authenticate(t))
-        else {
-            out.resp = err(403, "unauthorized");
+        let token = match (bearer(req), body.get("token").and_then(Value::as_str)) {
+            (Some(a), Some(b)) if a != b => None,
+            (a, b) => a.or(b),
+        };
+        let Some(project) = self.project_of(req, token, &mut out) else {
             return out;
         };
         out.project = &project.config.id;
@@ -317,16 +372,46 @@ impl App {
     }
 
     /// `GET /ws?token=…[&session=ID][&encoding=text|binary][&cols=C&rows=R]`:
-    /// checks the token, the upgrade headers, the query and the project's
-    /// terminal limit, all before the 101. Output goes as text frames (the
-    /// original's) unless `encoding=binary`.
+    /// checks the origin, the token, the upgrade headers, the query and the
+    /// project's terminal limit, all before the 101. Output goes as text
+    /// frames (the original's) unless `encoding=binary`.
+    ///
+    /// The token may come instead in `Sec-WebSocket-Protocol` (a browser can
+    /// set no other header): the entry `aion.token.TOKEN`. The 101 echoes
+    /// `aion` when the client offered it (so the token is not sent back),
+    /// else that entry itself (a browser fails a handshake that answers none
+    /// of the protocols it offered).
     fn websocket(&self, req: &Request) -> Outcome<'_> {
-        let mut out =
-            Outcome { action: "terminal.ws".into(), project: "-", resp: err(500, "internal error") };
+        let mut out = Outcome {
+            action: "terminal.ws".into(),
+            project: "-",
+            resp: err(500, "internal error"),
+            failed_token: false,
+        };
+        if let (Some(allowed), Some(origin)) = (&self.origins, req.header("origin")) {
+            let origin = origin.trim().trim_end_matches('/').to_ascii_lowercase();
+            if !allowed.contains(&origin) {
+                out.resp = err(403, "origin not allowed");
+                return out;
+            }
+        }
         let query = parse_query(req.target.split_once('?').map_or("", |(_, q)| q));
         let get = |k: &str| query.iter().find(|(name, _)| name == k).map(|(_, v)| v.as_str());
-        let Some(project) = get("token").and_then(|t| self.authenticate(t)) else {
-            out.resp = err(403, "unauthorized");
+        let offered: Vec<&str> = req
+            .header("sec-websocket-protocol")
+            .map(|h| h.split(',').map(str::trim).filter(|p| !p.is_empty()).collect())
+            .unwrap_or_default();
+        let in_protocol = offered.iter().find(|p| p.starts_with(PROTOCOL_TOKEN));
+        let token = match (get("token"), in_protocol.map(|p| &p[PROTOCOL_TOKEN.len()..])) {
+            (Some(a), Some(b)) if a != b => None,
+            (a, b) => a.or(b),
+        };
+        let protocol = if offered.contains(&PROTOCOL) {
+            Some(PROTOCOL.to_string())
+        } else {
+            in_protocol.map(|p| p.to_string())
+        };
+        let Some(project) = self.project_of(req, token, &mut out) else {
             return out;
         };
         out.project = &project.config.id;
@@ -367,7 +452,7 @@ impl App {
         };
         let (terminals, key) = (Arc::clone(&self.terminals), key.to_string());
         out.resp = Response::upgrade(Box::new(move |stream: std::net::TcpStream| {
-            terminals.serve_socket(term, stream, &key, text)
+            terminals.serve_socket(term, stream, &key, text, protocol.as_deref())
         }));
         out
     }
@@ -487,6 +572,18 @@ impl App {
             }),
         }
     }
+}
+
+/// The WebSocket subprotocol echoed when offered.
+const PROTOCOL: &str = "aion";
+/// The prefix of the subprotocol entry that carries the token.
+const PROTOCOL_TOKEN: &str = "aion.token.";
+
+/// The token of `Authorization: Bearer TOKEN` (another scheme is ignored).
+fn bearer(req: &Request) -> Option<&str> {
+    let value = req.header("authorization")?.trim();
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim()).filter(|t| !t.is_empty())
 }
 
 /// `payload.history`: an array of objects whose `role`, `source` and `text`

@@ -12,6 +12,7 @@
 //! the domain modules name their own.
 
 mod channel;
+mod guard;
 mod local;
 
 use crate::background::Background;
@@ -96,7 +97,10 @@ pub fn run(explicit: Option<PathBuf>) -> Result<i32, Error> {
         .map_err(|source| Error::Io { what: "starting the terminals", source })?;
     let background = Background::new(limits.background_per_project, limits.stop_grace);
     let socket = local::start(&state, projects.clone(), Arc::clone(&background), Arc::clone(&runs))?;
-    let app = Arc::new(App::new(projects, limits.clone(), Arc::clone(&runs), Arc::clone(&terminals)));
+    let app = Arc::new(
+        App::new(projects, limits.clone(), Arc::clone(&runs), Arc::clone(&terminals))
+            .allowing_origins(config.allowed_origins.clone()),
+    );
     {
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "listening on {local}");
