@@ -19,4 +19,5 @@ mod mcp;
 mod poll;
 mod protocol;
 mod runs;
+mod security;
 mod terminal;
