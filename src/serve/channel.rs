@@ -112,7 +112,14 @@ impl Handler for App {
         let out = self.dispatch(req);
         if out.failed_token {
             // The fail2ban filter in the README matches this line.
-            warn!("failed token from {} action={} status={}", req.peer.ip(), out.action, out.resp.status);
+            warn!(
+                "failed token from {} action={} project=- status={} ms={:.2} peer={}",
+                req.peer.ip(),
+                out.action,
+                out.resp.status,
+                t0.elapsed().as_secs_f64() * 1e3,
+                req.peer
+            );
             return out.resp;
         }
         info!(
