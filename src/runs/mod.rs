@@ -548,8 +548,10 @@ struct Run<'a> {
 
 impl Run<'_> {
     fn error(&self, msg: &str) -> String {
-        lock(self.events).error(msg);
-        format!("error ({msg})")
+        let mut events = lock(self.events);
+        events.error(msg);
+        // The log line is redacted as the post is (the message may be the agent's stderr).
+        format!("error ({})", events.redact(msg))
     }
 
     /// The whole run; returns what its log line says.

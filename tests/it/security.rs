@@ -304,6 +304,17 @@ fn an_agent_env_value_the_agent_prints_arrives_redacted() {
     );
     assert_eq!(status, 200);
     assert!(!text.contains(KEY) && text.contains(said), "{text}");
-    let err = rig.server.stderr();
+    // A failing agent's stderr: in the error post and the run's log line.
+    let (status, _) = rig.server.call(
+        TOKEN,
+        "invoke",
+        json!({"agent": "leaky", "prompt": "say-env-fail API_KEY", "session": "r4", "callback": platform.url()}),
+    );
+    assert_eq!(status, 200);
+    let bodies = check_run(&platform.wait_closed("r4"), TOKEN);
+    let error = bodies.last().unwrap()["error"].as_str().unwrap_or_default().to_string();
+    assert!(error.contains("leak [redacted]"), "{bodies:?}");
+    let err = rig.server.wait_stderr("the r4 run's end", |e| e.contains("run r4 project=p ended"));
+    assert!(err.contains("leak [redacted]"), "{err}");
     assert!(!err.contains(KEY), "the key is in the log:\n{err}");
 }
