@@ -36,7 +36,11 @@ mod version;
 mod workspace;
 
 fn main() {
-    let code = match cli::run(std::env::args_os().skip(1).collect()) {
+    let result = cli::run(std::env::args_os().skip(1).collect());
+    // Lines still queued for the log writer are written before anything else
+    // and before the exit.
+    logging::finish();
+    let code = match result {
         Ok(code) => code,
         Err(err) => {
             eprintln!("aion-connector: {err}");

@@ -64,6 +64,7 @@ pub fn install() -> std::io::Result<Arc<Shutdown>> {
                 // supervisors signal the whole group) changes nothing.
                 if sig == Signal::SIGINT {
                     warn!("second {sig}: exiting now");
+                    crate::logging::finish();
                     std::process::exit(130);
                 }
                 continue;

@@ -46,7 +46,17 @@ pub struct LeaseSettings {
 pub struct Limits {
     pub body_bytes: usize,
     pub header_bytes: usize,
+    /// Open connections in all (lowered at start to what the open-file limit allows).
     pub connections: usize,
+    /// Open connections from one IP address.
+    pub connections_per_peer: usize,
+    /// Loopback peers (127.0.0.0/8, ::1: a reverse proxy) are not held to
+    /// `connections_per_peer`.
+    pub loopback_exempt: bool,
+    /// A connection that has made no authenticated request must deliver a
+    /// complete request head this soon after it connected or was last answered.
+    pub head: Duration,
+    /// Between requests on a connection whose request proved a token.
     pub idle: Duration,
     pub request: Duration,
     pub git: Duration,
@@ -87,7 +97,10 @@ impl Default for Limits {
         Limits {
             body_bytes: 1 << 20,
             header_bytes: 16 << 10,
-            connections: 512,
+            connections: 4096,
+            connections_per_peer: 256,
+            loopback_exempt: true,
+            head: Duration::from_secs(10),
             idle: Duration::from_secs(30),
             request: Duration::from_secs(30),
             git: Duration::from_secs(300),
@@ -371,6 +384,9 @@ impl Checker {
             "bodyBytes",
             "headerBytes",
             "connections",
+            "connectionsPerPeer",
+            "loopbackExempt",
+            "headSeconds",
             "idleSeconds",
             "requestSeconds",
             "gitSeconds",
@@ -403,6 +419,14 @@ impl Checker {
                 "connections" => {
                     set(&mut limits.connections, self.integer(v, &path, 1, 100_000), |n| n as usize)
                 }
+                "connectionsPerPeer" => {
+                    set(&mut limits.connections_per_peer, self.integer(v, &path, 1, 100_000), |n| n as usize)
+                }
+                "loopbackExempt" => match v {
+                    Json::Bool(b) => limits.loopback_exempt = *b,
+                    other => self.problem(&path, format!("expected true or false, found {}", other.kind())),
+                },
+                "headSeconds" => set(&mut limits.head, self.integer(v, &path, 1, 86_400), secs),
                 "idleSeconds" => set(&mut limits.idle, self.integer(v, &path, 1, 86_400), secs),
                 "requestSeconds" => set(&mut limits.request, self.integer(v, &path, 1, 86_400), secs),
                 "gitSeconds" => set(&mut limits.git, self.integer(v, &path, 1, 86_400), secs),

@@ -12,7 +12,7 @@
 //! `Sec-WebSocket-Protocol` entry `aion.token.TOKEN` (see [`App::websocket`]).
 //! Nothing imports it but the push-mode wiring in `serve/mod.rs`.
 
-use super::guard::Failures;
+use super::guard::{Failures, canonical};
 use crate::config::Limits;
 use crate::delivery::client::is_http_url;
 use crate::logging::{info, warn};
@@ -69,14 +69,14 @@ impl App {
         token: Option<&str>,
         out: &mut Outcome<'_>,
     ) -> Option<&Arc<ProjectState>> {
-        if self.failures.blocked(req.peer.ip()) {
+        if self.failures.blocked(canonical(req.peer.ip())) {
             out.failed_token = true;
             out.resp = err(429, "too many failed tokens");
             return None;
         }
         let found = token.and_then(|t| self.authenticate(t));
         if found.is_none() {
-            self.failures.failed(req.peer.ip());
+            self.failures.failed(canonical(req.peer.ip()));
             out.failed_token = true;
             out.resp = err(403, "unauthorized");
         }
@@ -109,12 +109,14 @@ struct Outcome<'a> {
 impl Handler for App {
     fn handle(&self, req: &Request) -> Response {
         let t0 = Instant::now();
-        let out = self.dispatch(req);
+        let mut out = self.dispatch(req);
+        // Its connection keeps the idle timeout from now on (see net::http).
+        out.resp.authenticated = out.project != "-";
         if out.failed_token {
             // The fail2ban filter in the README matches this line.
             warn!(
                 "failed token from {} action={} project=- status={} ms={:.2} peer={}",
-                req.peer.ip(),
+                canonical(req.peer.ip()),
                 out.action,
                 out.resp.status,
                 t0.elapsed().as_secs_f64() * 1e3,

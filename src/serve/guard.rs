@@ -31,6 +31,14 @@ struct Window {
     count: u32,
 }
 
+/// `::ffff:a.b.c.d` is the IPv4 peer a.b.c.d (a dual-stack listener's view).
+pub fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
 impl Failures {
     pub fn new(per_minute: u32, exempt_loopback: bool) -> Failures {
         Failures { per_minute, exempt_loopback, peers: Mutex::new(HashMap::new()) }

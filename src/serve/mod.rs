@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 pub fn run(explicit: Option<PathBuf>) -> Result<i32, Error> {
     // First, before any other thread exists: every thread inherits the mask.
     let shutdown = shutdown::install().map_err(|source| Error::Io { what: "signal setup", source })?;
-    raise_fd_limit();
+    let raised_fds = raise_fd_limit();
     let path = match explicit {
         Some(path) => path,
         None => {
@@ -86,6 +86,7 @@ pub fn run(explicit: Option<PathBuf>) -> Result<i32, Error> {
     let addrs: Vec<_> = (config.host.as_str(), config.port).to_socket_addrs().map_err(bind_err)?.collect();
     let listener = TcpListener::bind(addrs.as_slice()).map_err(bind_err)?;
     let local = listener.local_addr().map_err(bind_err)?;
+    config.limits.connections = connection_cap(config.limits.connections, raised_fds);
     let limits = config.limits.clone();
     let count = projects.len();
     let leases = projects
@@ -134,12 +135,52 @@ pub fn run(explicit: Option<PathBuf>) -> Result<i32, Error> {
 
 /// Each connection and each git run holds descriptors: lift the soft limit
 /// to the hard one (capped) so the connection cap, not EMFILE, is what binds.
-fn raise_fd_limit() {
+/// Returns the soft limit now in force.
+fn raise_fd_limit() -> Option<u64> {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
-        let want = hard.min(65_536);
-        if want > soft {
-            let _ = setrlimit(Resource::RLIMIT_NOFILE, want, hard);
-        }
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).ok()?;
+    let want = hard.min(65_536);
+    if want > soft && setrlimit(Resource::RLIMIT_NOFILE, want, hard).is_ok() {
+        return Some(want);
+    }
+    Some(soft)
+}
+
+/// Descriptors kept for everything but connections (git, agents, PTYs, spool
+/// files, the log): a quarter of the limit, at least 32, at most 256.
+fn fd_reserve(nofile: u64) -> u64 {
+    (nofile / 4).clamp(32, 256)
+}
+
+/// `limits.connections`, lowered (with a warning) to what the open-file
+/// limit leaves after the reserve, so that the 503 at the cap, not EMFILE,
+/// is what a client meets.
+fn connection_cap(configured: usize, nofile: Option<u64>) -> usize {
+    let Some(nofile) = nofile else { return configured };
+    let reserve = fd_reserve(nofile);
+    let fits = nofile.saturating_sub(reserve).max(1) as usize;
+    if configured <= fits {
+        return configured;
+    }
+    warn!(
+        "limits.connections is {configured} but the open-file limit (nofile) is {nofile}: \
+         serving at most {fits} connections ({reserve} descriptors kept for git, agents and spool files); \
+         raise the limit (ulimit -n, LimitNOFILE=) to serve more"
+    );
+    fits
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_connection_cap_leaves_descriptors_in_reserve() {
+        assert_eq!(connection_cap(256, Some(64)), 32);
+        assert_eq!(connection_cap(4096, Some(1024)), 768);
+        assert_eq!(connection_cap(4096, Some(65_536)), 4096);
+        assert_eq!(connection_cap(100, Some(1024)), 100);
+        assert_eq!(connection_cap(10, Some(8)), 1);
+        assert_eq!(connection_cap(4096, None), 4096);
     }
 }

@@ -14,6 +14,7 @@ mod delivery;
 mod doctor;
 mod files;
 mod git;
+mod http;
 mod lease;
 mod mcp;
 mod poll;

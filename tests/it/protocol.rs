@@ -498,7 +498,18 @@ fn answer_of_extra_connection(addr: &str) -> Response {
 fn connection_cap_answers_503() {
     let tmp = TempDir::new("conncap");
     let srv = start_basic_with(&tmp, r#""limits":{"connections":5},"#);
-    let mut held: Vec<TcpStream> = (0..5).map(|_| connect(&srv.addr)).collect();
+    // Five connections that made an authenticated request (silent ones
+    // would give way to a new connection: see http::silent_connections_give_way_at_the_cap).
+    let mut held: Vec<BufReader<TcpStream>> = (0..5)
+        .map(|_| {
+            let mut s = connect(&srv.addr);
+            s.write_all(&post_request(&srv.addr, &ping_body(), false)).unwrap();
+            let mut r = BufReader::new(s);
+            let resp = read_response(&mut r).unwrap();
+            assert_ping(resp.status, &resp.text());
+            r
+        })
+        .collect();
     let resp = answer_of_extra_connection(&srv.addr);
     assert_eq!(resp.status, 503, "{}", resp.head);
     assert_eq!(resp.text(), r#"{"error":"too many connections"}"#);
