@@ -4,7 +4,7 @@
 //! baseline's byte-exact error bodies, hands the work to the domain (project,
 //! workspace, runs, terminals), and logs one line per request, never a token
 //! (nor a request target, which may hold `?token=`). A wrong or missing token
-//! is a WARN line `failed token from IP …` (the fail2ban filter's match), and
+//! is the line `failed token from IP …` (the fail2ban filter's match), and
 //! past `limits.failedTokensPerMinute` of them the peer gets 429 ([`guard`]).
 //!
 //! A token comes in the body's `token` or `Authorization: Bearer TOKEN` (both
@@ -15,7 +15,7 @@
 use super::guard::{Failures, canonical};
 use crate::config::Limits;
 use crate::delivery::client::is_http_url;
-use crate::logging::{info, warn};
+use crate::logging::info;
 use crate::net::http::{Handler, Request, Response};
 use crate::project::ProjectState;
 use crate::runs::{Delivery, Invoke, Refused, Runs, prompt};
@@ -113,8 +113,9 @@ impl Handler for App {
         // Its connection keeps the idle timeout from now on (see net::http).
         out.resp.authenticated = out.project != "-";
         if out.failed_token {
-            // The fail2ban filter in the README matches this line.
-            warn!(
+            // The fail2ban filter in the README matches this line. INFO, as
+            // every request line: identical WARN lines are rate-limited.
+            info!(
                 "failed token from {} action={} project=- status={} ms={:.2} peer={}",
                 canonical(req.peer.ip()),
                 out.action,

@@ -169,7 +169,7 @@ fn failed_tokens_past_the_limit_get_429_with_one_log_line_each() {
     let err = server.wait_stderr("5 failed token lines", |e| e.matches("failed token from").count() == 5);
     let lines: Vec<&str> = err.lines().filter(|l| l.contains("failed token")).collect();
     for l in &lines {
-        assert!(l.contains("[WARN] failed token from 127.0.0.1 action="), "{l}");
+        assert!(l.contains("[INFO] failed token from 127.0.0.1 action="), "{l}");
     }
     assert_eq!(lines.iter().filter(|l| l.contains(" status=403 ")).count(), 3, "{lines:?}");
     assert_eq!(lines.iter().filter(|l| l.contains(" status=429 ")).count(), 2, "{lines:?}");
