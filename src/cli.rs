@@ -21,6 +21,10 @@ Usage:
   aion-connector doctor [--unit FILE] [CONFIG]
                                    check this machine for serving CONFIG: one
                                    line per check, OK/WARN/FAIL and the fix
+  aion-connector status [CONFIG] [--json]
+                                   the running connector's runs, terminals,
+                                   background processes, outbox backlog and
+                                   leases (exit 3: none runs on CONFIG's state dir)
   aion-connector poll [--config FILE]
                                    poll mode: take instructions from a server
   aion-connector lease --app KEY [--app KEY…] [--seconds N] [--socket PATH]
@@ -39,7 +43,7 @@ Options:
   -V, --version    print the version and exit
 
 Exit status: 0 ok (or stopped by SIGINT/SIGTERM), 1 runtime error,
-2 usage or config error. See aion-connector(1).
+2 usage or config error, 3 (status) no connector running. See aion-connector(1).
 ";
 
 const POLL_HELP: &str = "\
@@ -110,6 +114,7 @@ pub fn run(args: Vec<OsString>) -> Result<i32, Error> {
         ["check", path] if !path.starts_with('-') => check(Path::new(path)),
         ["check", ..] => Err(Error::Usage("usage: aion-connector check [CONFIG]".into())),
         ["doctor", rest @ ..] => crate::doctor::run(rest),
+        ["status", rest @ ..] => crate::serve::report::run(rest),
         ["poll", rest @ ..] => poll(rest),
         ["lease", rest @ ..] => crate::lease::wrap::run(rest),
         ["mcp", "-h" | "--help"] => {

@@ -11,7 +11,7 @@
 //! - mechanisms: [`process`] (groups, supervision, PTY), [`delivery`] (outbox,
 //!   HTTP client, signing), [`net`] (HTTP server, WebSocket), [`config`],
 //!   [`shutdown`];
-//! - leaves: [`text`], [`nonce`], [`version`], [`logging`], [`error`].
+//! - leaves: [`text`], [`nonce`], [`version`], [`logging`], [`error`], [`metrics`].
 
 mod background;
 mod cli;
@@ -22,6 +22,7 @@ mod error;
 mod lease;
 mod logging;
 mod mcp;
+mod metrics;
 mod net;
 mod nonce;
 mod poll;

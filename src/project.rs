@@ -206,12 +206,61 @@ pub fn projects(
         .collect()
 }
 
-/// Signs push-mode posts with the token of the project they belong to.
-pub struct ProjectKeys(pub Vec<Arc<ProjectState>>);
+/// The projects served now. A reload (SIGHUP) swaps the whole list; a
+/// request reads it once ([`ProjectSet::current`], a clone of an `Arc`) and
+/// keeps that list to its end, so no lock is held while it is served.
+///
+/// The versions a reload replaced (a project removed, or its token rotated)
+/// are kept as `retired`, one per project id: the runs they started still
+/// sign their posts and their agents' MCP servers still present the old key.
+pub struct ProjectSet {
+    now: Mutex<Arc<Vec<Arc<ProjectState>>>>,
+    retired: Mutex<Vec<Arc<ProjectState>>>,
+}
+
+impl ProjectSet {
+    pub fn new(projects: Vec<Arc<ProjectState>>) -> Arc<ProjectSet> {
+        Arc::new(ProjectSet { now: Mutex::new(Arc::new(projects)), retired: Mutex::new(Vec::new()) })
+    }
+
+    pub fn current(&self) -> Arc<Vec<Arc<ProjectState>>> {
+        Arc::clone(&self.now.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// The last replaced version of project `id`, if a reload replaced one.
+    pub fn retired(&self, id: &str) -> Option<Arc<ProjectState>> {
+        self.retired.lock().unwrap_or_else(|e| e.into_inner()).iter().find(|p| p.config.id == id).cloned()
+    }
+
+    /// Serves `projects` from now on; the versions no longer served are
+    /// kept as retired (the last one per id).
+    pub fn replace(&self, projects: Vec<Arc<ProjectState>>) {
+        let old =
+            std::mem::replace(&mut *self.now.lock().unwrap_or_else(|e| e.into_inner()), Arc::new(projects));
+        let now = self.current();
+        let mut retired = self.retired.lock().unwrap_or_else(|e| e.into_inner());
+        for p in old.iter().filter(|p| !now.iter().any(|n| Arc::ptr_eq(n, p))) {
+            retired.retain(|r| r.config.id != p.config.id);
+            retired.push(Arc::clone(p));
+        }
+    }
+}
+
+/// Signs push-mode posts with the token of the project they belong to (the
+/// token of now: a post queued before a token rotation is signed with the new one).
+pub struct ProjectKeys(pub Arc<ProjectSet>);
 
 impl crate::delivery::outbox::Signer for ProjectKeys {
     fn headers(&self, key: &str, _url: &str, body: &[u8]) -> Option<Vec<(String, String)>> {
-        let p = self.0.iter().find(|p| p.config.id == key)?;
+        let projects = self.0.current();
+        let retired;
+        let p = match projects.iter().find(|p| p.config.id == key) {
+            Some(p) => p,
+            None => {
+                retired = self.0.retired(key)?;
+                &retired
+            }
+        };
         let sig = crate::delivery::signing::sha256_hex(p.config.token.0.as_bytes(), &[body]);
         Some(vec![("X-Aion-Signature".into(), sig)])
     }

@@ -1,6 +1,9 @@
-//! Orderly shutdown. SIGINT and SIGTERM are blocked in every thread and taken
-//! by one signal thread with `sigwait`, which sets the shutdown flag and wakes
-//! the accept loop through a socket pair. A second SIGINT exits at once.
+//! Orderly shutdown, and reloads. SIGINT and SIGTERM are blocked in every
+//! thread and taken by one signal thread with `sigwait`, which sets the
+//! shutdown flag and wakes the accept loop through a socket pair. A second
+//! SIGINT exits at once. With [`install_with_reload`], SIGHUP is taken too:
+//! each one is a message on [`Shutdown::reloads`] (its receiver: push mode's
+//! `reload` thread); without, SIGHUP keeps its default action.
 
 use crate::logging::{info, warn};
 use nix::sys::signal::{SigSet, Signal};
@@ -14,6 +17,8 @@ pub struct Shutdown {
     wake_tx: UnixStream,
     /// Readable once shutdown has begun; the accept loop polls it beside the listener.
     pub wake_rx: UnixStream,
+    /// One `()` per SIGHUP (never sent without [`install_with_reload`]).
+    pub reloads: crossbeam_channel::Receiver<()>,
 }
 
 impl Shutdown {
@@ -48,17 +53,38 @@ impl Shutdown {
 /// starts, so all inherit the mask) and starts the signal thread. Children
 /// would inherit the mask too: `proc::Group` and the PTY empty it in each.
 pub fn install() -> std::io::Result<Arc<Shutdown>> {
+    start(false)
+}
+
+/// [`install`], and SIGHUP asks for a reload on [`Shutdown::reloads`].
+pub fn install_with_reload() -> std::io::Result<Arc<Shutdown>> {
+    start(true)
+}
+
+fn start(reload: bool) -> std::io::Result<Arc<Shutdown>> {
     let (wake_tx, wake_rx) = UnixStream::pair()?;
     wake_tx.set_nonblocking(true)?;
-    let shutdown = Arc::new(Shutdown { flag: AtomicBool::new(false), wake_tx, wake_rx });
+    // Reloads asked while one is under way fold into one more.
+    let (reload_tx, reloads) = crossbeam_channel::bounded(1);
+    let shutdown = Arc::new(Shutdown { flag: AtomicBool::new(false), wake_tx, wake_rx, reloads });
     let mut set = SigSet::empty();
     set.add(Signal::SIGINT);
     set.add(Signal::SIGTERM);
+    if reload {
+        set.add(Signal::SIGHUP);
+    }
     set.thread_block().map_err(std::io::Error::from)?;
     let s = Arc::clone(&shutdown);
     std::thread::Builder::new().name("signals".into()).stack_size(64 << 10).spawn(move || {
         loop {
             let Ok(sig) = set.wait() else { continue };
+            if sig == Signal::SIGHUP {
+                if !s.requested() {
+                    info!("SIGHUP: reloading the config");
+                    let _ = reload_tx.try_send(());
+                }
+                continue;
+            }
             if s.requested() {
                 // A second Ctrl-C means "now"; a repeated SIGTERM (some
                 // supervisors signal the whole group) changes nothing.

@@ -28,7 +28,7 @@ use std::collections::{HashMap, VecDeque};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -206,7 +206,7 @@ impl Proc {
 
 /// The background processes of every project.
 pub struct Background {
-    per_project: usize,
+    per_project: AtomicUsize,
     grace: Duration,
     procs: Mutex<HashMap<i32, Arc<Proc>>>,
     /// Set (under the `procs` lock) when shutdown begins: no new process starts.
@@ -220,7 +220,7 @@ impl Background {
     /// and SIGKILL.
     pub fn new(per_project: usize, grace: Duration) -> Arc<Background> {
         Arc::new(Background {
-            per_project,
+            per_project: AtomicUsize::new(per_project),
             grace,
             procs: Mutex::new(HashMap::new()),
             closing: AtomicBool::new(false),
@@ -251,8 +251,9 @@ impl Background {
             self.prune(&mut procs);
             let id = &project.config.id;
             let running = procs.values().filter(|p| p.project == *id && p.running()).count();
-            if running >= self.per_project {
-                return Err(Refused::Cap(self.per_project));
+            let cap = self.per_project.load(Ordering::Relaxed);
+            if running >= cap {
+                return Err(Refused::Cap(cap));
             }
             let proc = self.spawn(id, command, &dir)?;
             procs.insert(proc.pid, Arc::clone(&proc));
@@ -337,10 +338,11 @@ impl Background {
             }
         }
         let mut forget = Vec::new();
+        let cap = self.per_project.load(Ordering::Relaxed);
         for (_, mut list) in exited {
-            if list.len() > self.per_project {
+            if list.len() > cap {
                 list.sort();
-                forget.extend(list[..list.len() - self.per_project].iter().map(|(_, pid)| *pid));
+                forget.extend(list[..list.len() - cap].iter().map(|(_, pid)| *pid));
             }
         }
         for pid in forget {
@@ -374,6 +376,24 @@ impl Background {
         proc.join_waiter();
         info!("background {} stopped in project {}", proc.pid, proc.project);
         Ok(proc.snapshot())
+    }
+
+    /// A reload's `limits.backgroundPerProject` (processes over it go on; no new one starts).
+    pub fn set_per_project(&self, n: usize) {
+        self.per_project.store(n, Ordering::Relaxed);
+    }
+
+    /// Every project's processes, as (project, process), by project then age.
+    pub fn all(&self) -> Vec<(String, Snapshot)> {
+        let procs: Vec<Arc<Proc>> = {
+            let mut procs = self.procs();
+            self.prune(&mut procs);
+            procs.values().cloned().collect()
+        };
+        let mut list: Vec<(String, Snapshot)> =
+            procs.iter().map(|p| (p.project.clone(), p.snapshot())).collect();
+        list.sort_by(|a, b| (&a.0, a.1.started, a.1.pid).cmp(&(&b.0, b.1.started, b.1.pid)));
+        list
     }
 
     /// The project's processes, oldest first.

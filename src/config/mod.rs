@@ -32,6 +32,8 @@ pub struct Config {
     /// `allowedOrigins`: the browser origins a WebSocket upgrade may come
     /// from (a request without `Origin` is no browser's); None: any.
     pub allowed_origins: Option<Vec<String>>,
+    /// `metricsToken`: a bearer token for `GET /metrics` beside the projects' tokens.
+    pub metrics_token: Option<Secret>,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -90,6 +92,41 @@ pub struct Limits {
     /// Loopback peers are not counted (off by default: behind a reverse
     /// proxy on this machine every client is loopback).
     pub failed_tokens_exempt_loopback: bool,
+}
+
+/// The limits served now, shared by the domain modules; a reload (SIGHUP)
+/// swaps them. A reader takes [`LiveLimits::get`] (a clone of an `Arc`) and
+/// no lock is held while it is used.
+pub struct LiveLimits(std::sync::Mutex<std::sync::Arc<Limits>>);
+
+impl LiveLimits {
+    pub fn new(limits: Limits) -> std::sync::Arc<LiveLimits> {
+        std::sync::Arc::new(LiveLimits(std::sync::Mutex::new(std::sync::Arc::new(limits))))
+    }
+
+    pub fn get(&self) -> std::sync::Arc<Limits> {
+        std::sync::Arc::clone(&self.0.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    pub fn set(&self, limits: Limits) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = std::sync::Arc::new(limits);
+    }
+}
+
+impl Limits {
+    /// The limits a reload cannot change (the HTTP server's, the shutdown
+    /// time, the delivery window): they take effect at the next start.
+    pub fn fixed(&self) -> (usize, usize, usize, Duration, Duration, Duration, Duration) {
+        (
+            self.body_bytes,
+            self.header_bytes,
+            self.connections,
+            self.idle,
+            self.request,
+            self.shutdown,
+            self.delivery,
+        )
+    }
 }
 
 impl Default for Limits {
@@ -335,7 +372,8 @@ impl Checker {
     }
 
     fn config(&mut self, root: &Json, cwd: &Path) -> Option<Config> {
-        let known = ["port", "host", "projects", "limits", "stateDir", "lease", "allowedOrigins"];
+        let known =
+            ["port", "host", "projects", "limits", "stateDir", "lease", "metricsToken", "allowedOrigins"];
         let fields = self.object(root, "", &known)?;
         let mut config = Config {
             host: "0.0.0.0".into(),
@@ -345,6 +383,7 @@ impl Checker {
             state_dir: None,
             lease: LeaseSettings::default(),
             allowed_origins: None,
+            metrics_token: None,
         };
         let mut saw_projects = false;
         for (key, v) in fields {
@@ -362,6 +401,12 @@ impl Checker {
                 "limits" => self.limits(v, &mut config.limits),
                 "allowedOrigins" => config.allowed_origins = self.origins(v),
                 "lease" => config.lease = self.lease(v, cwd),
+                "metricsToken" => match self.string(v, "metricsToken") {
+                    Some(t) if t.chars().count() < 16 => {
+                        self.problem("metricsToken", "must be at least 16 characters")
+                    }
+                    t => config.metrics_token = t.map(Secret),
+                },
                 "stateDir" => match self.string(v, "stateDir") {
                     Some(d) if d.is_empty() => self.problem("stateDir", "must not be empty"),
                     d => config.state_dir = d.map(|d| cwd.join(d)),

@@ -141,7 +141,27 @@ pub struct Outbox {
     live: AtomicUsize,
     delivered: AtomicU64,
     dropped: AtomicU64,
+    /// Posts that failed and are tried again.
+    retried: AtomicU64,
     status_file: Mutex<Option<File>>,
+}
+
+/// The backlog of one callback origin ([`Outbox::origins`]).
+#[derive(Debug, Clone, Default)]
+pub struct OriginStats {
+    /// `scheme://host:port`, without credentials.
+    pub origin: String,
+    /// Streams with posts still to deliver, their records and bytes.
+    pub streams: usize,
+    pub records: u64,
+    pub bytes: u64,
+    /// How long the longest-failing stream has been failing to post its
+    /// next record (None: no post is failing).
+    pub oldest_failing: Option<Duration>,
+    /// Why the last failed post failed, for the longest-failing stream.
+    pub last_error: Option<String>,
+    /// How long the origin has answered nothing (None: it answers).
+    pub down_for: Option<Duration>,
 }
 
 /// The figures of an outbox, as in its status file.
@@ -162,6 +182,8 @@ pub struct Stats {
     pub delivered: u64,
     /// Records dropped after `window` without delivery.
     pub dropped: u64,
+    /// Failed posts to be tried again, since this process started.
+    pub retried: u64,
     /// Spool writes that failed since this process started, and the current
     /// failure (None once a write succeeds again).
     pub disk_failures: u64,
@@ -257,6 +279,8 @@ struct Tail {
     finished: bool,
     failing_since: Option<Instant>,
     failures: u32,
+    /// Why the last failed post failed (cleared by a delivery).
+    last_error: Option<String>,
     backoff: Duration,
     said_pos: Option<Instant>,
 }
@@ -280,6 +304,7 @@ impl Tail {
             finished: false,
             failing_since: None,
             failures: 0,
+            last_error: None,
             backoff: FIRST_BACKOFF,
             said_pos: None,
         }
@@ -378,6 +403,7 @@ impl Outbox {
             live: AtomicUsize::new(0),
             delivered: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
+            retried: AtomicU64::new(0),
             status_file: Mutex::new(None),
         });
         let orphans = spool::orphans(dir)?;
@@ -427,6 +453,54 @@ impl Outbox {
     /// done: delivered, or given up on).
     pub fn pending(&self, id: &str) -> bool {
         lock(&self.sched).streams.get(id).is_some_and(|s| !lock(&s.tail).finished)
+    }
+
+    /// Records of stream `id` not yet delivered (0 once it is done).
+    pub fn backlog(&self, id: &str) -> u64 {
+        let stream = lock(&self.sched).streams.get(id).cloned();
+        stream.map_or(0, |s| {
+            let t = lock(&s.tail);
+            if t.finished { 0 } else { t.disk_records + t.mem.len() as u64 }
+        })
+    }
+
+    /// The backlog per callback origin, by origin: the scheduler's lock is
+    /// held to copy the stream list, each stream's lock to read its figures.
+    pub fn origins(&self) -> Vec<OriginStats> {
+        let (streams, down): (Vec<Arc<Shared>>, HashMap<String, Instant>) = {
+            let g = lock(&self.sched);
+            let down =
+                g.origins.iter().filter_map(|(k, o)| o.down.as_ref().map(|d| (k.clone(), d.since))).collect();
+            (g.streams.values().cloned().collect(), down)
+        };
+        let mut by: std::collections::BTreeMap<String, OriginStats> = std::collections::BTreeMap::new();
+        for s in &streams {
+            let o = by.entry(s.origin.clone()).or_insert_with(|| OriginStats {
+                origin: crate::text::redact_userinfo(&s.origin),
+                down_for: down.get(&s.origin).map(Instant::elapsed),
+                ..OriginStats::default()
+            });
+            let t = lock(&s.tail);
+            if t.finished {
+                continue;
+            }
+            o.streams += 1;
+            o.records += t.disk_records + t.mem.len() as u64;
+            o.bytes += t.disk_len - t.pos + t.mem_bytes;
+            if let Some(since) = t.failing_since {
+                let age = since.elapsed();
+                if o.oldest_failing.is_none_or(|old| age > old) {
+                    o.oldest_failing = Some(age);
+                    if let Some(e) = &t.last_error {
+                        o.last_error = Some(e.clone());
+                    }
+                }
+            }
+            if o.last_error.is_none() {
+                o.last_error.clone_from(&t.last_error);
+            }
+        }
+        by.into_values().collect()
     }
 
     /// Takes up a stream spooled by an earlier process, closing it first with
@@ -551,6 +625,7 @@ impl Outbox {
         st.disk_error = d.since.map(|_| d.error.clone());
         st.delivered = self.delivered.load(Ordering::SeqCst);
         st.dropped = self.dropped.load(Ordering::SeqCst);
+        st.retried = self.retried.load(Ordering::Relaxed);
         st.open_files = self.open_files.load(Ordering::SeqCst);
         st
     }
@@ -886,7 +961,11 @@ impl Outbox {
         };
         match self.client.post(&record.url, &headers, record.body.as_bytes()) {
             Answer::Status { status, .. } if (200..300).contains(&status) => {
-                let failures = std::mem::take(&mut lock(&s.tail).failures);
+                let failures = {
+                    let mut t = lock(&s.tail);
+                    t.last_error = None;
+                    std::mem::take(&mut t.failures)
+                };
                 if failures > 0 {
                     info!("outbox: {}: delivered again after {failures} failed attempt(s)", s.id);
                 }
@@ -899,6 +978,8 @@ impl Outbox {
                     warn!("outbox: {}: callback answered {status}; retrying", s.id);
                 }
                 t.failures += 1;
+                t.last_error = Some(format!("answered {status}"));
+                self.retried.fetch_add(1, Ordering::Relaxed);
                 t.failing_since.get_or_insert_with(Instant::now);
                 let retry_after = retry_after.map(|r| r.min(Duration::from_secs(300)));
                 let wait = retry_after.unwrap_or_else(|| crate::nonce::jitter(t.backoff, 0.25));
@@ -912,7 +993,12 @@ impl Outbox {
             }
             Answer::Failed(e) => {
                 self.unmark(s, from);
-                lock(&s.tail).failures += 1;
+                {
+                    let mut t = lock(&s.tail);
+                    t.failures += 1;
+                    t.last_error = Some(crate::text::redact_userinfo(&e).chars().take(200).collect());
+                }
+                self.retried.fetch_add(1, Ordering::Relaxed);
                 Outcome::Down(e)
             }
         }

@@ -139,6 +139,22 @@ pub struct Leases {
     done: Receiver<()>,
 }
 
+/// The lease client's state ([`Leases::snapshot`]).
+#[derive(Clone, Debug)]
+pub struct LeaseSnapshot {
+    /// `starting`, `up` (connected to Aion) or `down`.
+    pub link: &'static str,
+    pub apps: Vec<LeaseApp>,
+}
+
+/// One app leased now: how many runs use it, and whether Aion granted it.
+#[derive(Clone, Debug)]
+pub struct LeaseApp {
+    pub app: String,
+    pub users: usize,
+    pub granted: bool,
+}
+
 /// Holds one app's lease while alive.
 pub struct Guard {
     inner: Arc<Inner>,
@@ -230,6 +246,24 @@ impl Leases {
                 .map(|(g, _)| g)
                 .unwrap_or_else(|p| p.into_inner().0);
         }
+    }
+
+    /// The link to Aion and the apps held now, for `status`.
+    pub fn snapshot(&self) -> LeaseSnapshot {
+        let link = match *self.inner.link() {
+            Link::Starting => "starting",
+            Link::Up => "up",
+            Link::Down => "down",
+        };
+        let mut apps: Vec<LeaseApp> = self
+            .inner
+            .apps()
+            .iter()
+            .filter(|(_, a)| a.users > 0)
+            .map(|(name, a)| LeaseApp { app: name.clone(), users: a.users, granted: a.granted_at.is_some() })
+            .collect();
+        apps.sort_by(|a, b| a.app.cmp(&b.app));
+        LeaseSnapshot { link, apps }
     }
 
     /// Ends every lease (waiting up to `d` for Aion's answers) and stops.

@@ -95,9 +95,13 @@ pub struct Response {
     /// The request proved a project's token: its connection keeps the idle
     /// timeout between requests instead of the head timeout.
     pub authenticated: bool,
+    /// The body's `Content-Type` (`application/json` but for [`Response::text`]).
+    pub content_type: &'static str,
 }
 
 pub type Upgrade = Box<dyn FnOnce(TcpStream) + Send>;
+
+const JSON: &str = "application/json";
 
 impl Response {
     pub fn json(status: u16, body: &impl serde::Serialize) -> Response {
@@ -107,11 +111,24 @@ impl Response {
             lines: None,
             upgrade: None,
             authenticated: false,
+            content_type: JSON,
         }
     }
 
+    /// A body of another type than JSON (the Prometheus text of `/metrics`).
+    pub fn text(status: u16, content_type: &'static str, body: Vec<u8>) -> Response {
+        Response { status, body, lines: None, upgrade: None, authenticated: false, content_type }
+    }
+
     pub fn ndjson(lines: crossbeam_channel::Receiver<Vec<u8>>) -> Response {
-        Response { status: 200, body: Vec::new(), lines: Some(lines), upgrade: None, authenticated: false }
+        Response {
+            status: 200,
+            body: Vec::new(),
+            lines: Some(lines),
+            upgrade: None,
+            authenticated: false,
+            content_type: JSON,
+        }
     }
 
     pub fn upgrade(take_over: Upgrade) -> Response {
@@ -121,6 +138,7 @@ impl Response {
             lines: None,
             upgrade: Some(take_over),
             authenticated: false,
+            content_type: JSON,
         }
     }
 
@@ -372,6 +390,7 @@ impl Poller {
             return;
         }
         self.open += 1;
+        crate::metrics::connections(1);
         *self.peers.entry(ip).or_insert(0) += 1;
         let now = Instant::now();
         let conn = Conn {
@@ -466,6 +485,7 @@ impl Poller {
 
     fn closed(&mut self, ip: IpAddr) {
         self.open = self.open.saturating_sub(1);
+        crate::metrics::connections(-1);
         if let Some(n) = self.peers.get_mut(&ip) {
             *n -= 1;
             if *n == 0 {
@@ -1071,9 +1091,10 @@ fn encode(out: &mut Vec<u8>, resp: &Response, keep_alive: bool) {
     out.clear();
     let _ = write!(
         out,
-        "HTTP/1.1 {} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: {}\r\n\r\n",
+        "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: {}\r\n\r\n",
         resp.status,
         reason(resp.status),
+        resp.content_type,
         resp.body.len(),
         if keep_alive { "keep-alive" } else { "close" }
     );

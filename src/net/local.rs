@@ -4,7 +4,8 @@
 //! may carry several requests, answered in order. The `aion-connector mcp`
 //! servers of the agents reach the connector here ([`Request`] names their
 //! operations); the socket is the connector's, mode 0600, and each request
-//! names its project and carries that project's MCP key.
+//! names its project and carries that project's MCP key, but for the
+//! [`Unkeyed`] ones (`status`), whose authentication is being able to connect.
 //!
 //! Threads: `local-accept` (started by [`serve`], owned by the [`Server`],
 //! ends on [`Server::stop`]) accepts; one `local-conn-N` per connection
@@ -84,6 +85,18 @@ impl Op {
             Op::Display { .. } => "display",
         }
     }
+}
+
+/// The operations that carry no project and key: being able to connect to
+/// the socket (mode 0600, in the connector's own state dir) is their
+/// authentication.
+#[derive(Serialize, Deserialize)]
+#[serde(tag = "op", deny_unknown_fields)]
+pub enum Unkeyed {
+    /// The connector's state: runs, terminals, background processes, the
+    /// outbox's backlog, leases (`aion-connector status`).
+    #[serde(rename = "status")]
+    Status {},
 }
 
 /// `{"ok":false,"kind":KIND,"error":MESSAGE}`.
@@ -245,7 +258,7 @@ fn write_line(mut stream: &UnixStream, value: &Value) -> io::Result<()> {
 
 /// A client's round trip: connects to `path`, sends `request`, reads one
 /// answer line (waiting up to `timeout` for it).
-pub fn call(path: &Path, request: &Request, timeout: Duration) -> io::Result<Value> {
+pub fn call(path: &Path, request: &impl Serialize, timeout: Duration) -> io::Result<Value> {
     let stream = UnixStream::connect(path)?;
     stream.set_write_timeout(Some(Duration::from_secs(10)))?;
     stream.set_read_timeout(Some(timeout))?;

@@ -60,6 +60,8 @@ impl Kind<'_> {
 /// A body in the Node connector's key order, `seq` last (`type` first in a live stream).
 struct Body<'a> {
     live: bool,
+    /// Without `token` (the run history's copy).
+    tokenless: bool,
     kind: &'a Kind<'a>,
     session: &'a str,
     token: &'a str,
@@ -75,7 +77,9 @@ impl Serialize for Body<'_> {
         match self.kind {
             Kind::Display { url, token } => {
                 m.serialize_entry("url", url)?;
-                m.serialize_entry("token", token)?;
+                if !self.tokenless {
+                    m.serialize_entry("token", token)?;
+                }
                 m.serialize_entry("sessionId", self.session)?;
                 m.serialize_entry("seq", &self.seq)?;
                 return m.end();
@@ -98,7 +102,9 @@ impl Serialize for Body<'_> {
                 m.serialize_entry("error", message)?;
             }
         }
-        m.serialize_entry("token", self.token)?;
+        if !self.tokenless {
+            m.serialize_entry("token", self.token)?;
+        }
         m.serialize_entry("seq", &self.seq)?;
         m.end()
     }
@@ -138,6 +144,8 @@ pub struct Events {
     closed: bool,
     /// Values replaced by `[redacted]` in every post (see [`text::redact`]).
     secrets: Vec<String>,
+    /// The run history's copy of each post (None: not kept).
+    history: Option<super::history::Recorder>,
 }
 
 /// `v` with each string (keys kept) redacted.
@@ -163,12 +171,14 @@ impl Events {
             base: base.to_string(),
             closed: false,
             secrets: Vec::new(),
+            history: None,
         }
     }
 
     /// Redacts `secrets` (from [`text::secrets`]) in every post: the text,
-    /// events, summary and error of a run. A secret split across two text
-    /// chunks is missed in the stream (never in the summary, built whole).
+    /// events, summary and error of a run (and so in the run history). A
+    /// secret split across two text chunks is missed in the stream (never in
+    /// the summary, built whole).
     pub fn redacting(mut self, secrets: Vec<String>) -> Events {
         self.secrets = secrets;
         self
@@ -177,6 +187,26 @@ impl Events {
     /// `text` as a post or a log line may show it.
     pub fn redact<'a>(&self, text: &'a str) -> std::borrow::Cow<'a, str> {
         text::redact(text, &self.secrets)
+    }
+
+    /// Keeps a copy of each post from now on in the run history.
+    pub fn record(&mut self, recorder: super::history::Recorder) {
+        self.history = Some(recorder);
+    }
+
+    /// The history's recorder, once the run is over (to close its file).
+    pub fn take_history(&mut self) -> Option<super::history::Recorder> {
+        self.history.take()
+    }
+
+    /// Posts emitted so far.
+    pub fn posts(&self) -> u64 {
+        self.seq
+    }
+
+    /// Whether the posts go to a callback through the outbox.
+    pub fn to_outbox(&self) -> bool {
+        matches!(self.sink, Sink::Outbox(_))
     }
 
     /// Whether the closing post has been emitted.
@@ -228,9 +258,21 @@ impl Events {
         };
         let seq = self.seq;
         self.seq += 1;
+        if let Some(h) = &mut self.history {
+            let body =
+                Body { live: true, tokenless: true, kind: &kind, session: &self.session, token: "", seq };
+            h.post(&serde_json::to_vec(&body).expect("a body serializes"));
+        }
         match &mut self.sink {
             Sink::Outbox(stream) => {
-                let body = Body { live: false, kind: &kind, session: &self.session, token: &self.token, seq };
+                let body = Body {
+                    live: false,
+                    tokenless: false,
+                    kind: &kind,
+                    session: &self.session,
+                    token: &self.token,
+                    seq,
+                };
                 let record = Record {
                     url: format!("{}{}", self.base, kind.path()),
                     key: self.key.clone(),
@@ -241,7 +283,14 @@ impl Events {
                 stream.push(&record);
             }
             Sink::Live(tx) => {
-                let body = Body { live: true, kind: &kind, session: &self.session, token: &self.token, seq };
+                let body = Body {
+                    live: true,
+                    tokenless: false,
+                    kind: &kind,
+                    session: &self.session,
+                    token: &self.token,
+                    seq,
+                };
                 let mut line = serde_json::to_vec(&body).expect("a body serializes");
                 line.push(b'\n');
                 if tx.send(line).is_err() {

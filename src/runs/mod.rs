@@ -25,9 +25,10 @@ mod acpxrc;
 mod attempt;
 mod command;
 mod events;
+mod history;
 pub mod prompt;
 
-use crate::config::{Agent, Limits};
+use crate::config::{Agent, LiveLimits};
 use crate::delivery::outbox::{Fallback, Outbox, Record};
 use crate::lease::Leases;
 use crate::logging::{error, info, warn};
@@ -63,6 +64,21 @@ pub struct Invoke {
     pub repos: Vec<RepoSpec>,
 }
 
+/// One run as `status` shows it.
+#[derive(Clone, Debug)]
+pub struct RunSnapshot {
+    pub project: String,
+    pub session: String,
+    pub agent: String,
+    /// `running`, or `closing` once its last post is made (its processes are ending).
+    pub state: &'static str,
+    pub age: Duration,
+    /// Posts made so far.
+    pub posts: u64,
+    /// Posts not yet delivered to the callback (None: not delivered by callback).
+    pub pending: Option<u64>,
+}
+
 /// Where a run's posts go.
 pub enum Delivery {
     Callback,
@@ -90,6 +106,8 @@ struct Active {
     id: String,
     control: Sender<Control>,
     events: Arc<Mutex<Events>>,
+    agent: String,
+    started: Instant,
     /// Disconnected when the run thread ends: a next run of the session,
     /// started once this one is closed, waits for its cleanup.
     done: Receiver<()>,
@@ -97,7 +115,7 @@ struct Active {
 
 pub struct Runs {
     outbox: Arc<Outbox>,
-    limits: Limits,
+    limits: Arc<LiveLimits>,
     /// Aion leases for agents with `leaseApps` (None: no agent has any).
     leases: Option<Leases>,
     /// Running runs by (project id, session).
@@ -109,6 +127,8 @@ pub struct Runs {
     exe: Option<PathBuf>,
     /// `<stateDir>/mcp.sock`, where the MCP servers reach the connector.
     socket: PathBuf,
+    /// `<stateDir>/runs`, the run history ([`history`]).
+    history: PathBuf,
     /// The last display post of each (project id, session): the outbox
     /// stream it went into, while it may still be undelivered. The inner lock
     /// is held while a post of that session is queued, so they go one after
@@ -128,7 +148,12 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Runs {
     /// `state_dir` must be absolute: it is written into `.acpxrc.json`.
-    pub fn new(outbox: Arc<Outbox>, limits: Limits, leases: Option<Leases>, state_dir: &Path) -> Arc<Runs> {
+    pub fn new(
+        outbox: Arc<Outbox>,
+        limits: Arc<LiveLimits>,
+        leases: Option<Leases>,
+        state_dir: &Path,
+    ) -> Arc<Runs> {
         let exe = std::env::current_exe().and_then(|p| p.canonicalize());
         if let Err(e) = &exe {
             warn!("cannot tell the path of this binary ({e}): agents run without the aion MCP server");
@@ -142,6 +167,7 @@ impl Runs {
             next: AtomicU64::new(0),
             exe: exe.ok(),
             socket: state_dir.join("mcp.sock"),
+            history: state_dir.join("runs"),
             displays: Mutex::new(HashMap::new()),
         })
     }
@@ -174,7 +200,7 @@ impl Runs {
             None => None,
         };
         if previous.is_none()
-            && active.keys().filter(|(p, _)| *p == key.0).count() >= self.limits.runs_per_project
+            && active.keys().filter(|(p, _)| *p == key.0).count() >= self.limits.get().runs_per_project
         {
             return Err(Refused::TooMany);
         }
@@ -182,7 +208,14 @@ impl Runs {
         let wait_for = previous.as_ref().map(|p| p.done.clone());
         active.insert(
             key.clone(),
-            Active { id: id.clone(), control: control_tx, events: Arc::clone(&events), done: done_rx },
+            Active {
+                id: id.clone(),
+                control: control_tx,
+                events: Arc::clone(&events),
+                agent: invoke.agent.clone(),
+                started: Instant::now(),
+                done: done_rx,
+            },
         );
         let runs = Arc::clone(self);
         let (run_id, run_key) = (id.clone(), key.clone());
@@ -199,6 +232,11 @@ impl Runs {
                     Run { runs: &runs, project: &project, id: &run_id, invoke, events: &events, lines: 0 };
                 let outcome = run.go(&control_rx);
                 let lines = run.lines;
+                let recorder = lock(&events).take_history();
+                if let Some(r) = recorder {
+                    r.finish(&outcome);
+                }
+                crate::metrics::run_finished(&outcome);
                 {
                     let mut active = runs.active();
                     if active.get(&run_key).is_some_and(|a| a.id == run_id) {
@@ -219,6 +257,7 @@ impl Runs {
             }
             return Err(Refused::TooMany);
         }
+        crate::metrics::run_started();
         Ok(())
     }
 
@@ -240,7 +279,61 @@ impl Runs {
                 Sink::Outbox(self.outbox.stream(id, &fallback))
             }
         };
-        Events::new(sink, &invoke.session, &invoke.token, key, &base).redacting(secrets(project, invoke))
+        let mut events =
+            Events::new(sink, &invoke.session, &invoke.token, key, &base).redacting(secrets(project, invoke));
+        events.record(history::Recorder::start(&self.history, key, id, &invoke.session, &invoke.agent));
+        events
+    }
+
+    /// The project's last finished runs, newest first ([`history::finished`]).
+    pub fn finished(&self, project: &str) -> Vec<serde_json::Value> {
+        history::finished(&self.history, project)
+    }
+
+    /// A page of the posts of the newest run of `session` from seq `from` on
+    /// ([`history::output`]); None when no run of it is kept.
+    pub fn output(&self, project: &str, session: &str, from: u64) -> Option<serde_json::Value> {
+        history::output(&self.history, project, session, from)
+    }
+
+    /// The runs in the registry now, by project then session. The registry
+    /// lock is held only to copy; each run's events lock only for its figures.
+    pub fn snapshot(&self) -> Vec<RunSnapshot> {
+        let runs: Vec<_> = self
+            .active()
+            .iter()
+            .map(|((project, session), a)| {
+                (
+                    project.clone(),
+                    session.clone(),
+                    a.id.clone(),
+                    a.agent.clone(),
+                    a.started,
+                    Arc::clone(&a.events),
+                )
+            })
+            .collect();
+        let mut list: Vec<RunSnapshot> = runs
+            .into_iter()
+            .map(|(project, session, id, agent, started, events)| {
+                let (posts, closed, callback) = {
+                    let e = lock(&events);
+                    (e.posts(), e.closed(), e.to_outbox())
+                };
+                let pending = if callback { Some(self.outbox.backlog(&id)) } else { None };
+                RunSnapshot {
+                    project,
+                    session,
+                    agent,
+                    state: if closed { "closing" } else { "running" },
+                    age: started.elapsed(),
+                    posts,
+                    pending,
+                }
+            })
+            .collect();
+        list.sort_by(|a, b| (&a.project, &a.session).cmp(&(&b.project, &b.session)));
+        list
     }
 
     /// Asks a session's run to stop; false when none is running.
@@ -556,7 +649,7 @@ impl Run<'_> {
 
     /// The whole run; returns what its log line says.
     fn go(&mut self, control: &Receiver<Control>) -> String {
-        let limits = &self.runs.limits;
+        let limits = self.runs.limits.get();
         let root = self.project.root.clone();
         let session = self.invoke.session.clone();
         if let Some(msg) = stopped_early(control) {
@@ -691,7 +784,7 @@ impl Run<'_> {
             socket: &self.runs.socket,
             key: &key,
         };
-        if let Err(e) = acpxrc::write(root, &mcp, self.runs.limits.git) {
+        if let Err(e) = acpxrc::write(root, &mcp, self.runs.limits.get().git) {
             warn!("run {}: {e}", self.invoke.session);
         }
     }
@@ -789,8 +882,11 @@ mod tests {
         let (mut config, _) = crate::config::parse(&text, &dir).unwrap();
         let projects = crate::project::projects(&mut config, vec![root.clone()], &[], &dir);
         let outbox = Outbox::open(&dir.join("outbox"), Arc::new(NoKeys), Duration::from_secs(60)).unwrap();
-        let limits = Limits { stop_grace: Duration::from_millis(100), ..Limits::default() };
-        let runs = Runs::new(outbox, limits, None, &dir);
+        let limits = crate::config::Limits {
+            stop_grace: Duration::from_millis(100),
+            ..crate::config::Limits::default()
+        };
+        let runs = Runs::new(outbox, LiveLimits::new(limits), None, &dir);
         let (tx, rx) = crossbeam_channel::unbounded();
         let invoke = Invoke {
             agent: "say".into(),

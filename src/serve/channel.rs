@@ -13,12 +13,13 @@
 //! Nothing imports it but the push-mode wiring in `serve/mod.rs`.
 
 use super::guard::{Failures, canonical};
-use crate::config::Limits;
+use crate::config::LiveLimits;
 use crate::delivery::client::is_http_url;
 use crate::logging::info;
 use crate::net::http::{Handler, Request, Response};
-use crate::project::ProjectState;
+use crate::project::{ProjectSet, ProjectState};
 use crate::runs::{Delivery, Invoke, Refused, Runs, prompt};
+use crate::serve::status::Parts;
 use crate::terminal::{self, Terminals};
 use crate::workspace::git::{self, GitError, RepoSpec, SyncResult};
 use crate::workspace::{self, Refusal};
@@ -33,25 +34,31 @@ use std::time::Instant;
 const MAX_REPOS: usize = 16;
 
 pub struct App {
-    projects: Vec<Arc<ProjectState>>,
-    limits: Limits,
+    projects: Arc<ProjectSet>,
+    limits: Arc<LiveLimits>,
     started: Instant,
     runs: Arc<Runs>,
     terminals: Arc<Terminals>,
-    /// `allowedOrigins`; None: any `Origin`.
+    parts: Arc<Parts>,
+    /// `allowedOrigins` (as at start; a reload does not change it); None: any `Origin`.
     origins: Option<Vec<String>>,
+    /// Failed tokens per peer (limits as at start).
     failures: Failures,
 }
 
 impl App {
     pub fn new(
-        projects: Vec<Arc<ProjectState>>,
-        limits: Limits,
+        projects: Arc<ProjectSet>,
+        limits: Arc<LiveLimits>,
         runs: Arc<Runs>,
         terminals: Arc<Terminals>,
+        parts: Arc<Parts>,
     ) -> App {
-        let failures = Failures::new(limits.failed_tokens_per_minute, limits.failed_tokens_exempt_loopback);
-        App { projects, limits, started: Instant::now(), runs, terminals, origins: None, failures }
+        let failures = {
+            let l = limits.get();
+            Failures::new(l.failed_tokens_per_minute, l.failed_tokens_exempt_loopback)
+        };
+        App { projects, limits, started: Instant::now(), runs, terminals, parts, origins: None, failures }
     }
 
     /// Browser WebSocket upgrades only from these origins (`allowedOrigins`).
@@ -63,12 +70,7 @@ impl App {
     /// The project of the token the request brings (`None`: none, or a wrong
     /// one), or the refusal of a peer past its failed tokens. A failure is
     /// counted and marked for the log line.
-    fn project_of(
-        &self,
-        req: &Request,
-        token: Option<&str>,
-        out: &mut Outcome<'_>,
-    ) -> Option<&Arc<ProjectState>> {
+    fn project_of(&self, req: &Request, token: Option<&str>, out: &mut Outcome) -> Option<Arc<ProjectState>> {
         if self.failures.blocked(canonical(req.peer.ip())) {
             out.failed_token = true;
             out.resp = err(429, "too many failed tokens");
@@ -85,12 +87,12 @@ impl App {
 
     /// The project whose token this is. Every project's digest is compared in
     /// full, so neither timing nor length tells anything about a token.
-    fn authenticate(&self, token: &str) -> Option<&Arc<ProjectState>> {
+    fn authenticate(&self, token: &str) -> Option<Arc<ProjectState>> {
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         let mut found = None;
-        for p in &self.projects {
+        for p in self.projects.current().iter() {
             if p.token_matches(&digest) {
-                found = Some(p);
+                found = Some(Arc::clone(p));
             }
         }
         found
@@ -98,9 +100,9 @@ impl App {
 }
 
 /// What a request came to, for its log line.
-struct Outcome<'a> {
+struct Outcome {
     action: String,
-    project: &'a str,
+    project: String,
     resp: Response,
     /// Refused for its token (403) or for the peer's failed tokens (429).
     failed_token: bool,
@@ -111,7 +113,8 @@ impl Handler for App {
         let t0 = Instant::now();
         let mut out = self.dispatch(req);
         // Its connection keeps the idle timeout from now on (see net::http).
-        out.resp.authenticated = out.project != "-";
+        out.resp.authenticated = out.project != "-" || (out.action == "metrics" && out.resp.status == 200);
+        crate::metrics::request(&out.action, out.resp.status, t0.elapsed());
         if out.failed_token {
             // The fail2ban filter in the README matches this line. INFO, as
             // every request line: identical WARN lines are rate-limited.
@@ -179,10 +182,10 @@ fn loggable(action: &str) -> String {
 }
 
 impl App {
-    fn dispatch(&self, req: &Request) -> Outcome<'_> {
+    fn dispatch(&self, req: &Request) -> Outcome {
         let mut out = Outcome {
             action: "-".into(),
-            project: "-",
+            project: "-".into(),
             resp: err(500, "internal error"),
             failed_token: false,
         };
@@ -190,6 +193,11 @@ impl App {
         if req.method == "GET" && path == "/healthz" {
             out.action = "healthz".into();
             out.resp = Response::json(200, &json!({ "ok": true }));
+            return out;
+        }
+        if req.method == "GET" && path == "/metrics" {
+            out.action = "metrics".into();
+            out.resp = self.metrics(req);
             return out;
         }
         if req.method == "GET"
@@ -223,7 +231,7 @@ impl App {
         let Some(project) = self.project_of(req, token, &mut out) else {
             return out;
         };
-        out.project = &project.config.id;
+        out.project.clone_from(&project.config.id);
         let empty = Map::new();
         let payload = match body.get("payload") {
             None | Some(Value::Null) => &empty,
@@ -242,7 +250,7 @@ impl App {
         let action = body.get("action").and_then(Value::as_str).unwrap_or("");
         out.action = loggable(action);
         let args = Payload(payload);
-        out.resp = match self.act(project, action, &args) {
+        out.resp = match self.act(&project, action, &args) {
             Ok(resp) | Err(resp) => resp,
         };
         out
@@ -280,7 +288,7 @@ impl App {
                     Some(s) => workspace::resolve(&root, s, &p.sensitive).map(|r| r.rel).map_err(refusal)?,
                     None => String::new(),
                 };
-                let git_listing = git::ls_files(&root, &listing, self.limits.git);
+                let git_listing = git::ls_files(&root, &listing, self.limits.get().git);
                 ok(&workspace::tree(&root, sub, &p.sensitive, git_listing).map_err(refusal)?)
             }
             "files.read" => {
@@ -290,7 +298,7 @@ impl App {
             }
             "git.status" => {
                 let root = self.workspace(p, args)?;
-                ok(&git::status(&root, self.limits.git).map_err(git_error)?)
+                ok(&git::status(&root, self.limits.get().git).map_err(git_error)?)
             }
             "git.diff" => {
                 let paths = args.strings("paths")?;
@@ -298,8 +306,8 @@ impl App {
                 for path in &paths {
                     workspace::check_pathspec(&root, path, &p.sensitive).map_err(refusal)?;
                 }
-                let (diff, truncated) =
-                    git::diff(&root, &paths, &p.config.sensitive, self.limits.git).map_err(git_error)?;
+                let (diff, truncated) = git::diff(&root, &paths, &p.config.sensitive, self.limits.get().git)
+                    .map_err(git_error)?;
                 if truncated {
                     ok(&json!({ "diff": diff, "truncated": true }))
                 } else {
@@ -312,6 +320,38 @@ impl App {
                 let session = args.string("session")?.unwrap_or("default");
                 let stopping = self.runs.stop(&p.config.id, session);
                 ok(&json!({ "ok": true, "stopping": stopping }))
+            }
+            "runs" => {
+                let active: Vec<Value> = self
+                    .runs
+                    .snapshot()
+                    .into_iter()
+                    .filter(|r| r.project == p.config.id)
+                    .map(|r| {
+                        json!({
+                            "session": r.session,
+                            "agent": r.agent,
+                            "state": r.state,
+                            "ageSeconds": r.age.as_secs(),
+                            "posts": r.posts,
+                            "pending": r.pending,
+                        })
+                    })
+                    .collect();
+                ok(&json!({ "active": active, "finished": self.runs.finished(&p.config.id) }))
+            }
+            "runs.output" => {
+                let session = args.required("session")?;
+                let from = match args.0.get("from") {
+                    None | Some(Value::Null) => 0,
+                    Some(v) => v.as_u64().ok_or_else(|| {
+                        detail(400, "bad payload", "payload.from must be a non-negative integer")
+                    })?,
+                };
+                self.runs
+                    .output(&p.config.id, session, from)
+                    .map(|page| ok(&page))
+                    .ok_or_else(|| err(404, "no run"))?
             }
             "terminal.spawn" => {
                 let (cols, rows) =
@@ -376,6 +416,19 @@ impl App {
         })
     }
 
+    /// `GET /metrics` with `Authorization: Bearer TOKEN` (a project's token
+    /// or `metricsToken`): 401 without one, 403 with a wrong one.
+    fn metrics(&self, req: &Request) -> Response {
+        let Some(auth) = req.header("authorization") else {
+            return err(401, "bearer token required");
+        };
+        let token = auth.trim().strip_prefix("Bearer ").map(str::trim).unwrap_or("");
+        if token.is_empty() || !self.parts.metrics_allowed(token) {
+            return err(403, "unauthorized");
+        }
+        Response::text(200, "text/plain; version=0.0.4; charset=utf-8", self.parts.metrics().into_bytes())
+    }
+
     fn http_terminal(&self, p: &ProjectState, args: &Payload<'_>) -> Result<Arc<terminal::Term>, Response> {
         let id = args.string("sessionId")?.unwrap_or("");
         self.terminals.find_http(&p.config.id, id).ok_or_else(|| err(404, "no session"))
@@ -391,10 +444,10 @@ impl App {
     /// `aion` when the client offered it (so the token is not sent back),
     /// else that entry itself (a browser fails a handshake that answers none
     /// of the protocols it offered).
-    fn websocket(&self, req: &Request) -> Outcome<'_> {
+    fn websocket(&self, req: &Request) -> Outcome {
         let mut out = Outcome {
             action: "terminal.ws".into(),
-            project: "-",
+            project: "-".into(),
             resp: err(500, "internal error"),
             failed_token: false,
         };
@@ -424,7 +477,7 @@ impl App {
         let Some(project) = self.project_of(req, token, &mut out) else {
             return out;
         };
-        out.project = &project.config.id;
+        out.project.clone_from(&project.config.id);
         let header_has =
             |h: &str, word: &str| req.header(h).is_some_and(|v| v.to_ascii_lowercase().contains(word));
         let key = req.header("sec-websocket-key").map(str::trim).filter(|k| !k.is_empty());
@@ -452,7 +505,7 @@ impl App {
         let existing = session.and_then(|s| self.terminals.find_session(&project.config.id, s));
         let term = match existing {
             Some(term) => term,
-            None => match self.terminals.open(project, session, false, cols, rows) {
+            None => match self.terminals.open(&project, session, false, cols, rows) {
                 Ok(term) => term,
                 Err(refused) => {
                     out.resp = terminal_refused(refused);
@@ -477,7 +530,7 @@ impl App {
             Some(Value::Array(items)) => repo_specs(items, p.config.allow_file_urls)?,
             _ => return Err(detail(400, "bad payload", "payload.repos must be an array")),
         };
-        let results = p.sync_all(&specs, self.limits.git);
+        let results = p.sync_all(&specs, self.limits.get().git);
         match results.iter().find(|r| !r.ok) {
             None => Ok(ok(&json!({ "ok": true, "repos": results }))),
             Some(failed) => {

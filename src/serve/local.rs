@@ -4,6 +4,11 @@
 //! handed to the background processes or to the runs (`display`), and gets
 //! one log line, never a key, token or command.
 //!
+//! One op needs no project key: `{"op":"status"}` (what `aion-connector
+//! status` sends) answers [`Parts::status`]. Being able to connect is its
+//! authentication: the socket is mode 0600 in the connector's own state dir,
+//! so only the connector's user (and root) reach it.
+//!
 //! Threads: those of [`crate::net::local`]; the handler runs on the
 //! connection's thread.
 
@@ -12,37 +17,44 @@ use crate::delivery::client::is_http_url;
 use crate::error::Error;
 use crate::logging::info;
 use crate::net::local::{self, Op, Request, refusal};
-use crate::project::ProjectState;
+use crate::project::{ProjectSet, ProjectState};
 use crate::runs::Runs;
+use crate::serve::status::Parts;
 use serde_json::{Value, json};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
 struct Local {
-    projects: Vec<Arc<ProjectState>>,
+    projects: Arc<ProjectSet>,
     background: Arc<Background>,
     runs: Arc<Runs>,
+    parts: Arc<Parts>,
 }
 
 /// Binds `<state>/mcp.sock` ([`local::SOCKET_FILE`]) and serves it until the server is stopped.
-pub fn start(
-    state: &Path,
-    projects: Vec<Arc<ProjectState>>,
-    background: Arc<Background>,
-    runs: Arc<Runs>,
-) -> Result<local::Server, Error> {
+pub fn start(state: &Path, parts: Arc<Parts>) -> Result<local::Server, Error> {
     // Absolute: the MCP servers find it from the project dir.
     let path = state.canonicalize().unwrap_or_else(|_| state.to_path_buf()).join(local::SOCKET_FILE);
     let fail = |source| Error::StateDir { path: path.clone(), source };
     let listener = local::bind(&path).map_err(fail)?;
-    let me = Local { projects, background, runs };
+    let me = Local {
+        projects: Arc::clone(&parts.projects),
+        background: Arc::clone(&parts.background),
+        runs: Arc::clone(&parts.runs),
+        parts,
+    };
     local::serve(listener, &path, Arc::new(move |line: &[u8]| me.handle(line))).map_err(fail)
 }
 
 impl Local {
     fn handle(&self, line: &[u8]) -> Value {
         let t0 = Instant::now();
+        if let Ok(local::Unkeyed::Status {}) = serde_json::from_slice(line) {
+            let answer = self.parts.status();
+            info!("local status ms={:.2}", t0.elapsed().as_secs_f64() * 1e3);
+            return answer;
+        }
         let req: Request = match serde_json::from_slice(line) {
             Ok(r) => r,
             Err(e) => {
@@ -51,7 +63,17 @@ impl Local {
             }
         };
         let op = req.op.name();
-        let Some(project) = self.authenticate(&req.project, &req.key) else {
+        let projects = self.projects.current();
+        // The current version of the project, or (its key being the one a
+        // reload rotated away) the current one all the same: an agent of a
+        // run started before the rotation keeps its tools.
+        let retired = self.projects.retired(&req.project).filter(|p| p.mcp_key_matches(&req.key));
+        let current = projects.iter().find(|p| p.config.id == req.project);
+        let project = match current {
+            Some(p) if p.mcp_key_matches(&req.key) => Some(p),
+            _ => retired.as_ref().map(|r| current.unwrap_or(r)),
+        };
+        let Some(project) = project else {
             info!("local {op} project={} refused: unknown project or wrong key", req.project);
             return refusal("auth", "unknown project or wrong key (AION_PROJECT, AION_MCP_KEY)");
         };
@@ -63,10 +85,6 @@ impl Local {
             t0.elapsed().as_secs_f64() * 1e3
         );
         answer
-    }
-
-    fn authenticate(&self, id: &str, key: &str) -> Option<&Arc<ProjectState>> {
-        self.projects.iter().find(|p| p.config.id == id).filter(|p| p.mcp_key_matches(key))
     }
 
     fn dispatch(&self, project: &ProjectState, op: Op) -> Value {

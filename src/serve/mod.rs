@@ -14,6 +14,9 @@
 mod channel;
 mod guard;
 mod local;
+mod reload;
+pub mod report;
+mod status;
 
 use crate::background::Background;
 use crate::config::{self, DEFAULT_CONFIG, starter};
@@ -36,7 +39,8 @@ use std::time::{Duration, Instant};
 
 pub fn run(explicit: Option<PathBuf>) -> Result<i32, Error> {
     // First, before any other thread exists: every thread inherits the mask.
-    let shutdown = shutdown::install().map_err(|source| Error::Io { what: "signal setup", source })?;
+    let shutdown =
+        shutdown::install_with_reload().map_err(|source| Error::Io { what: "signal setup", source })?;
     let raised_fds = raise_fd_limit();
     let path = match explicit {
         Some(path) => path,
@@ -69,8 +73,8 @@ pub fn run(explicit: Option<PathBuf>) -> Result<i32, Error> {
     // The connector's own files are never served, whatever project dir holds them.
     let own_files: Vec<PathBuf> =
         [path.as_path(), state.as_path()].iter().filter_map(|p| p.canonicalize().ok()).collect();
-    let projects = project::projects(&mut config, roots, &own_files, &state);
-    let signer = Arc::new(project::ProjectKeys(projects.clone()));
+    let projects = project::ProjectSet::new(project::projects(&mut config, roots, &own_files, &state));
+    let signer = Arc::new(project::ProjectKeys(Arc::clone(&projects)));
     let spool = state.join("outbox");
     let outbox = Outbox::open(&spool, signer, config.limits.delivery)
         .map_err(|source| Error::StateDir { path: state.clone(), source })?;
@@ -88,18 +92,43 @@ pub fn run(explicit: Option<PathBuf>) -> Result<i32, Error> {
     let local = listener.local_addr().map_err(bind_err)?;
     config.limits.connections = connection_cap(config.limits.connections, raised_fds);
     let limits = config.limits.clone();
-    let count = projects.len();
+    let count = projects.current().len();
     let leases = projects
+        .current()
         .iter()
         .any(|p| p.config.agents.iter().any(|a| !a.lease_apps.is_empty()))
         .then(|| Leases::start((&config.lease).into()));
-    let runs = Runs::new(Arc::clone(&outbox), limits.clone(), leases.clone(), &state);
-    let terminals = Terminals::new(limits.clone())
+    let live = config::LiveLimits::new(limits.clone());
+    let runs = Runs::new(Arc::clone(&outbox), Arc::clone(&live), leases.clone(), &state);
+    let terminals = Terminals::new(Arc::clone(&live))
         .map_err(|source| Error::Io { what: "starting the terminals", source })?;
     let background = Background::new(limits.background_per_project, limits.stop_grace);
-    let socket = local::start(&state, projects.clone(), Arc::clone(&background), Arc::clone(&runs))?;
+    let parts = Arc::new(status::Parts {
+        started: Instant::now(),
+        listen: local.to_string(),
+        state: state.clone(),
+        projects: Arc::clone(&projects),
+        runs: Arc::clone(&runs),
+        terminals: Arc::clone(&terminals),
+        background: Arc::clone(&background),
+        outbox: Arc::clone(&outbox),
+        leases: leases.clone(),
+        metrics_token: std::sync::Mutex::new(config.metrics_token.as_ref().map(|t| digest(&t.0))),
+    });
+    let socket = local::start(&state, Arc::clone(&parts))?;
+    let reloader = reload::Reloader {
+        path: path.clone(),
+        state: state.clone(),
+        own_files: own_files.clone(),
+        host: config.host.clone(),
+        port: config.port,
+        limits: Arc::clone(&live),
+        parts: Arc::clone(&parts),
+    };
+    let reloads = reload::start(reloader, Arc::clone(&shutdown))
+        .map_err(|source| Error::Io { what: "starting the reload thread", source })?;
     let app = Arc::new(
-        App::new(projects, limits.clone(), Arc::clone(&runs), Arc::clone(&terminals))
+        App::new(projects, Arc::clone(&live), Arc::clone(&runs), Arc::clone(&terminals), Arc::clone(&parts))
             .allowing_origins(config.allowed_origins.clone()),
     );
     {
@@ -117,6 +146,9 @@ pub fn run(explicit: Option<PathBuf>) -> Result<i32, Error> {
     })
     .map_err(|source| Error::Io { what: "serving", source })?;
     socket.stop();
+    if reloads.join().is_err() {
+        warn!("the reload thread panicked");
+    }
     background.finish();
     // Runs post their closing events; the outbox gets the rest of the time.
     let deadline = deadline.get().unwrap_or_else(|| Instant::now() + limits.shutdown);
@@ -131,6 +163,11 @@ pub fn run(explicit: Option<PathBuf>) -> Result<i32, Error> {
     outbox.drain(deadline);
     info!("stopped");
     Ok(0)
+}
+
+fn digest(token: &str) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(token.as_bytes()).into()
 }
 
 /// Each connection and each git run holds descriptors: lift the soft limit

@@ -27,7 +27,7 @@
 
 mod pump;
 
-use crate::config::Limits;
+use crate::config::{Limits, LiveLimits};
 use crate::logging::{info, warn};
 use crate::net::ws::{Link, Socket};
 use crate::process;
@@ -130,6 +130,7 @@ pub struct Term {
     /// The client-chosen ID that lets a WebSocket reattach.
     session: Option<String>,
     http: bool,
+    started: Instant,
     pty: Pty,
     /// The PTY's master, non-blocking; read only by the reader named in the
     /// state, with the state locked.
@@ -242,6 +243,21 @@ impl Term {
     }
 }
 
+/// One terminal as `status` shows it.
+#[derive(Clone, Debug)]
+pub struct TermSnapshot {
+    pub id: String,
+    pub project: String,
+    /// The WebSocket session it was opened under (None: an HTTP terminal or none given).
+    pub session: Option<String>,
+    /// `http` (terminal.spawn) or `ws`.
+    pub kind: &'static str,
+    pub alive: bool,
+    /// A WebSocket is attached now.
+    pub attached: bool,
+    pub age: Duration,
+}
+
 pub enum Refused {
     TooMany,
     Spawn(String),
@@ -254,7 +270,7 @@ pub enum InputRefused {
 }
 
 pub struct Terminals {
-    limits: Limits,
+    limits: Arc<LiveLimits>,
     all: Mutex<HashMap<String, Arc<Term>>>,
     next: AtomicU64,
     attaches: AtomicU64,
@@ -269,7 +285,7 @@ pub struct Terminals {
 }
 
 impl Terminals {
-    pub fn new(limits: Limits) -> std::io::Result<Arc<Terminals>> {
+    pub fn new(limits: Arc<LiveLimits>) -> std::io::Result<Arc<Terminals>> {
         Ok(Arc::new(Terminals {
             limits,
             all: Mutex::new(HashMap::new()),
@@ -305,10 +321,33 @@ impl Terminals {
         self.all().get(id).filter(|t| t.http && t.project == project && !t.lock().closed).cloned()
     }
 
+    /// Every terminal not yet forgotten, by project then age (the registry
+    /// lock is held to copy the list, each terminal's lock for its figures).
+    pub fn snapshot(&self) -> Vec<TermSnapshot> {
+        let all: Vec<Arc<Term>> = self.all().values().cloned().collect();
+        let mut list: Vec<TermSnapshot> = all
+            .iter()
+            .filter_map(|t| {
+                let st = t.lock();
+                (!st.closed).then(|| TermSnapshot {
+                    id: t.id.clone(),
+                    project: t.project.clone(),
+                    session: t.session.clone(),
+                    kind: if t.http { "http" } else { "ws" },
+                    alive: st.exit_code.is_none(),
+                    attached: st.attached.is_some(),
+                    age: t.started.elapsed(),
+                })
+            })
+            .collect();
+        list.sort_by(|a, b| (&a.project, b.age).cmp(&(&b.project, a.age)));
+        list
+    }
+
     /// Whether `project` may open one more terminal.
     pub fn room(&self, project: &str) -> bool {
         self.all().values().filter(|t| t.project == project && t.alive()).count()
-            < self.limits.terminals_per_project
+            < self.limits.get().terminals_per_project
     }
 
     /// Starts a shell on a new PTY in the project dir.
@@ -356,6 +395,7 @@ impl Terminals {
             project: project.config.id.clone(),
             session: session.map(str::to_string),
             http,
+            started: Instant::now(),
             pty,
             master,
             keeper: Arc::clone(&self.keeper),
@@ -450,7 +490,7 @@ impl Terminals {
         let Ok(sock) = Socket::accept(link, key, text, protocol) else {
             return;
         };
-        pump::run(self, &term, sock, self.limits.ws_ping);
+        pump::run(self, &term, sock, self.limits.get().ws_ping);
     }
 
     /// The `terminals` thread: reads the PTYs that no socket reads, writes
@@ -520,9 +560,10 @@ impl Terminals {
     /// exited ones.
     fn reap(&self, now: Instant) {
         let terms: Vec<Arc<Term>> = self.all().values().cloned().collect();
+        let limits = self.limits.get();
         let mut forget = Vec::new();
         for t in terms {
-            let verdict = verdict(&t.lock(), t.http, &self.limits, now);
+            let verdict = verdict(&t.lock(), t.http, &limits, now);
             match verdict {
                 Verdict::Keep => {}
                 Verdict::Forget => forget.push(t.id.clone()),

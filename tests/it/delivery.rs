@@ -357,12 +357,10 @@ fn a_full_disk_loses_nothing_and_spools_again_when_space_returns() {
     push.proc.wait_count("ended: complete", runs.len(), Duration::from_secs(60));
     let st = push.wait_status("posts kept in memory", DEADLINE, |s| n(s, "memoryRecords") > 0);
     assert!(st["diskError"].as_str().is_some_and(|e| e.contains("No space left")), "{st}");
-    assert_eq!(
-        push.proc.count("cannot write the spool"),
-        1,
-        "the disk failure is logged once:\n{}",
-        push.proc.tail()
-    );
+    // Logged once, then at most once a minute: a slow machine may be past
+    // the first minute here; a line per refused write would be thousands.
+    let logged = push.proc.count("cannot write the spool");
+    assert!((1..=2).contains(&logged), "the disk failure is logged {logged} times:\n{}", push.proc.tail());
 
     std::fs::remove_file(&ballast).unwrap();
     let st = push.wait_status("everything spooled", Duration::from_secs(20), |s| {
@@ -601,6 +599,11 @@ fn a_crash_mid_delivery_posts_nothing_confirmed_twice_and_closes_every_run() {
         platform.delivered().len()
     );
     assert_eq!(platform.delivered().len(), 40);
+    // c3's first post is spooled before the kill (under load its "started"
+    // line can come well before the agent's first output).
+    push.wait_status("c3's first post spooled", DEADLINE, |s| {
+        n(s, "spooledRecords") + n(s, "delivered") > 3 * 31
+    });
     push.proc.kill9();
     // leftovers of streams that finished (a .close and a .pos without their .q)
     std::fs::write(push.spool().join("1-2-3.close"), b"{}").unwrap();

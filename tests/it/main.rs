@@ -17,6 +17,7 @@ mod git;
 mod http;
 mod lease;
 mod mcp;
+mod ops;
 mod poll;
 mod protocol;
 mod runs;
