@@ -1,6 +1,39 @@
 //! Small text helpers shared by several concerns: UTF-8 decoding of a byte
-//! stream cut at arbitrary points, and credentials taken out of URLs before
-//! a log line or an error message shows them.
+//! stream cut at arbitrary points, credentials taken out of URLs before
+//! a log line or an error message shows them, and known secrets replaced by
+//! `[redacted]` before text leaves the machine.
+
+use std::borrow::Cow;
+
+/// Secrets shorter than this are not redacted: a short value ("1", "true",
+/// "main") also occurs in ordinary text, and replacing every occurrence would
+/// garble the output and, by where `[redacted]` appears, tell the value anyway.
+pub const MIN_SECRET: usize = 8;
+
+/// What replaces a secret.
+pub const REDACTED: &str = "[redacted]";
+
+/// The values worth redacting: at least [`MIN_SECRET`] bytes, each once,
+/// longest first (so a secret that contains another goes whole).
+pub fn secrets<'a>(values: impl IntoIterator<Item = &'a str>) -> Vec<String> {
+    let mut out: Vec<String> =
+        values.into_iter().filter(|v| v.len() >= MIN_SECRET).map(str::to_string).collect();
+    out.sort_by(|a, b| b.len().cmp(&a.len()).then_with(|| a.cmp(b)));
+    out.dedup();
+    out
+}
+
+/// `text` with every occurrence of each of `secrets` (from [`secrets`])
+/// replaced by [`REDACTED`]; borrowed when there is none.
+pub fn redact<'a>(text: &'a str, secrets: &[String]) -> Cow<'a, str> {
+    let mut out = Cow::Borrowed(text);
+    for s in secrets {
+        if out.contains(s.as_str()) {
+            out = Cow::Owned(out.replace(s.as_str(), REDACTED));
+        }
+    }
+    out
+}
 
 /// Decodes `bytes` after `carry` as UTF-8 for a text frame: a sequence cut
 /// at the end waits in `carry` for the next read; invalid bytes become U+FFFD.
@@ -57,6 +90,17 @@ pub fn redact_userinfo(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn secrets_are_redacted_longest_first_and_short_values_kept() {
+        let s = secrets(["sk-live-1234", "sk-live-1234-extra", "short", "sk-live-1234"]);
+        assert_eq!(s, ["sk-live-1234-extra", "sk-live-1234"]);
+        assert_eq!(
+            redact("a sk-live-1234-extra b sk-live-1234 c short", &s),
+            "a [redacted] b [redacted] c short"
+        );
+        assert!(matches!(redact("nothing here", &s), Cow::Borrowed(_)));
+    }
 
     #[test]
     fn credentials_are_redacted() {

@@ -29,6 +29,9 @@ pub struct Config {
     pub state_dir: Option<PathBuf>,
     /// The `lease` section: how to reach Aion (used when an agent has `leaseApps`).
     pub lease: LeaseSettings,
+    /// `allowedOrigins`: the browser origins a WebSocket upgrade may come
+    /// from (a request without `Origin` is no browser's); None: any.
+    pub allowed_origins: Option<Vec<String>>,
     /// `metricsToken`: a bearer token for `GET /metrics` beside the projects' tokens.
     pub metrics_token: Option<Secret>,
     /// The `tls` section: serve HTTPS (and `wss://`) on the port.
@@ -95,6 +98,12 @@ pub struct Limits {
     pub ws_ping: Duration,
     /// Background processes (an agent's `run_background`) running per project.
     pub background_per_project: usize,
+    /// Wrong tokens from one peer address in a minute before it gets 429
+    /// for the rest of that minute; 0: no limit.
+    pub failed_tokens_per_minute: u32,
+    /// Loopback peers are not counted (off by default: behind a reverse
+    /// proxy on this machine every client is loopback).
+    pub failed_tokens_exempt_loopback: bool,
 }
 
 /// The limits served now, shared by the domain modules; a reload (SIGHUP)
@@ -156,6 +165,8 @@ impl Default for Limits {
             terminal_detach: Duration::from_secs(300),
             ws_ping: Duration::from_secs(30),
             background_per_project: 8,
+            failed_tokens_per_minute: 10,
+            failed_tokens_exempt_loopback: false,
         }
     }
 }
@@ -188,6 +199,32 @@ pub struct Agent {
     pub env: Vec<(String, String)>,
     /// Desktop apps (Aion app keys) leased while a run of this agent goes on.
     pub lease_apps: Vec<String>,
+    /// What acpx answers when the agent asks for a permission.
+    pub permissions: Permissions,
+}
+
+/// An agent's `permissions`: passed to acpx as the flag of the same name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Permissions {
+    /// `--approve-all`: every request (writes, commands) approved; the original's.
+    #[default]
+    ApproveAll,
+    /// `--approve-reads`: reads and searches approved, anything else denied
+    /// (nobody is there to answer acpx's prompt).
+    ApproveReads,
+    /// `--deny-all`: every request denied.
+    DenyAll,
+}
+
+impl Permissions {
+    /// acpx's flag.
+    pub fn flag(self) -> &'static str {
+        match self {
+            Permissions::ApproveAll => "--approve-all",
+            Permissions::ApproveReads => "--approve-reads",
+            Permissions::DenyAll => "--deny-all",
+        }
+    }
 }
 
 /// A token. Its `Debug` never shows the value, so it cannot reach a log by accident.
@@ -347,11 +384,18 @@ impl Checker {
     }
 
     fn config(&mut self, root: &Json, cwd: &Path) -> Option<Config> {
-        let fields = self.object(
-            root,
-            "",
-            &["port", "host", "projects", "limits", "stateDir", "lease", "metricsToken", "tls"],
-        )?;
+        let known = [
+            "port",
+            "host",
+            "projects",
+            "limits",
+            "stateDir",
+            "lease",
+            "metricsToken",
+            "allowedOrigins",
+            "tls",
+        ];
+        let fields = self.object(root, "", &known)?;
         let mut config = Config {
             host: "0.0.0.0".into(),
             port: 7777,
@@ -359,6 +403,7 @@ impl Checker {
             projects: Vec::new(),
             state_dir: None,
             lease: LeaseSettings::default(),
+            allowed_origins: None,
             metrics_token: None,
             tls: None,
         };
@@ -376,6 +421,7 @@ impl Checker {
                     None => {}
                 },
                 "limits" => self.limits(v, &mut config.limits),
+                "allowedOrigins" => config.allowed_origins = self.origins(v),
                 "lease" => config.lease = self.lease(v, cwd),
                 "tls" => config.tls = self.tls(v, cwd),
                 "metricsToken" => match self.string(v, "metricsToken") {
@@ -475,6 +521,8 @@ impl Checker {
             "terminalDetachSeconds",
             "wsPingSeconds",
             "backgroundPerProject",
+            "failedTokensPerMinute",
+            "failedTokensExemptLoopback",
         ];
         let Some(fields) = self.object(v, "limits", &known) else { return };
         for (key, v) in fields {
@@ -525,6 +573,15 @@ impl Checker {
                 "backgroundPerProject" => {
                     set(&mut limits.background_per_project, self.integer(v, &path, 1, 1_000), |n| n as usize)
                 }
+                "failedTokensPerMinute" => {
+                    set(&mut limits.failed_tokens_per_minute, self.integer(v, &path, 0, 1_000_000), |n| {
+                        n as u32
+                    })
+                }
+                "failedTokensExemptLoopback" => match v {
+                    Json::Bool(b) => limits.failed_tokens_exempt_loopback = *b,
+                    other => self.problem(&path, format!("expected true or false, found {}", other.kind())),
+                },
                 _ => {}
             }
         }
@@ -654,7 +711,7 @@ impl Checker {
     }
 
     fn agent(&mut self, name: &str, v: &Json, path: &str) -> Option<Agent> {
-        let known = ["description", "command", "mode", "timeout", "env", "leaseApps"];
+        let known = ["description", "command", "mode", "timeout", "env", "leaseApps", "permissions"];
         let fields = self.object(v, path, &known)?;
         let mut agent = Agent {
             name: name.to_string(),
@@ -664,6 +721,7 @@ impl Checker {
             timeout: None,
             env: Vec::new(),
             lease_apps: Vec::new(),
+            permissions: Permissions::default(),
         };
         for (key, v) in fields {
             let kpath = join(path, key);
@@ -689,6 +747,18 @@ impl Checker {
                     Some(other) => {
                         self.problem(&kpath, format!("expected \"session\" or \"exec\", found {other:?}"))
                     }
+                    None => {}
+                },
+                "permissions" => match self.string(v, &kpath).as_deref() {
+                    Some("approve-all") => agent.permissions = Permissions::ApproveAll,
+                    Some("approve-reads") => agent.permissions = Permissions::ApproveReads,
+                    Some("deny-all") => agent.permissions = Permissions::DenyAll,
+                    Some(other) => self.problem(
+                        &kpath,
+                        format!(
+                            "expected \"approve-all\", \"approve-reads\" or \"deny-all\", found {other:?}"
+                        ),
+                    ),
                     None => {}
                 },
                 "timeout" => agent.timeout = self.integer(v, &kpath, 1, 7 * 86_400).map(Duration::from_secs),
@@ -719,6 +789,37 @@ impl Checker {
             }
         }
         Some(agent)
+    }
+
+    /// `allowedOrigins`: `scheme://host[:port]` each, kept lowercase without a
+    /// trailing slash (as a browser sends `Origin`).
+    fn origins(&mut self, v: &Json) -> Option<Vec<String>> {
+        let Json::Arr(items) = v else {
+            let msg = format!(
+                "expected an array of origins such as \"https://app.example.com\", found {}",
+                v.kind()
+            );
+            self.problem("allowedOrigins", msg);
+            return None;
+        };
+        let mut out = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            let ipath = format!("allowedOrigins[{i}]");
+            match self.string(item, &ipath) {
+                Some(o)
+                    if (o.starts_with("http://") || o.starts_with("https://"))
+                        && !o.contains(char::is_whitespace) =>
+                {
+                    out.push(o.trim_end_matches('/').to_ascii_lowercase())
+                }
+                Some(o) => self.problem(
+                    &ipath,
+                    format!("expected an origin such as \"https://app.example.com\", found {o:?}"),
+                ),
+                None => {}
+            }
+        }
+        Some(out)
     }
 
     fn patterns(&mut self, v: &Json, path: &str) -> Vec<String> {

@@ -115,6 +115,9 @@ pub fn run(args: &[&str]) -> Result<i32, Error> {
     let mut blocked = forwarded;
     blocked.add(Signal::SIGTTOU);
     blocked.thread_block().map_err(|e| Error::Io { what: "signal setup", source: e.into() })?;
+    // Blocked first, then back to their default action: inherited as ignored
+    // (a background job of a script), they could not be waited for.
+    crate::process::group::default_stop_signals();
     let holder = args.holder.clone().or_else(|| {
         Some(format!("aion-connector.{}.lease-{}", crate::lease::host_name(), std::process::id()))
     });

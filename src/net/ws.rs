@@ -90,10 +90,12 @@ pub struct Socket<L: Link> {
 impl<L: Link> Socket<L> {
     /// Answers the upgrade (`key` is the client's `Sec-WebSocket-Key`); the
     /// link is non-blocking from then on. Output goes as text frames, or as
-    /// binary ones when `text` is false.
-    pub fn accept(mut link: L, key: &str, text: bool) -> io::Result<Socket<L>> {
+    /// binary ones when `text` is false. `protocol`, one the client offered,
+    /// is echoed in `Sec-WebSocket-Protocol` (RFC 6455 §4.2.2).
+    pub fn accept(mut link: L, key: &str, text: bool, protocol: Option<&str>) -> io::Result<Socket<L>> {
+        let protocol = protocol.map(|p| format!("Sec-WebSocket-Protocol: {p}\r\n")).unwrap_or_default();
         let head = format!(
-            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n{protocol}\r\n",
             accept_key(key)
         );
         link.write_all(head.as_bytes())?;

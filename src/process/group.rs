@@ -190,14 +190,36 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub fn unblock_signals_in_child(cmd: &mut std::process::Command) {
     use std::os::unix::process::CommandExt;
     // SAFETY: the closure runs in the forked child before exec; it calls only
-    // sigemptyset and pthread_sigmask, which are async-signal-safe, on a value
-    // on its own stack, and allocates nothing.
+    // sigemptyset, pthread_sigmask and signal(SIG_DFL), which are
+    // async-signal-safe, on values on its own stack, and allocates nothing.
     unsafe {
         cmd.pre_exec(|| {
             let mut empty: libc::sigset_t = std::mem::zeroed();
             libc::sigemptyset(&mut empty);
             libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+            for sig in STOP_SIGNALS {
+                libc::signal(sig, libc::SIG_DFL);
+            }
             Ok(())
         });
+    }
+}
+
+/// The signals that stop a child, which it must not inherit as ignored: a
+/// connector started in the background by a non-interactive shell has
+/// SIGINT and SIGQUIT ignored (POSIX), and `nohup` ignores SIGHUP.
+const STOP_SIGNALS: [libc::c_int; 4] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT];
+
+/// Sets the stop signals back to their default action in this process, so
+/// that a thread waiting for them (with them blocked) receives them even if
+/// they were inherited as ignored. For the `lease` wrapper, which forwards
+/// them to its command.
+pub fn default_stop_signals() {
+    for sig in STOP_SIGNALS {
+        // SAFETY: SIG_DFL installs no handler, so no code of ours can run
+        // in signal context; the call only changes the disposition.
+        unsafe {
+            libc::signal(sig, libc::SIG_DFL);
+        }
     }
 }

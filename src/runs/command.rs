@@ -58,7 +58,7 @@ pub fn plan(agent: &Agent, dir: &Path, session: &str, model: Option<&str>, promp
         return Plan { ensure: None, argv, cancel: None };
     }
     let dir = dir.to_string_lossy();
-    let mut argv = strings(&["acpx", "--cwd", &dir, "--format", "json", "--approve-all"]);
+    let mut argv = strings(&["acpx", "--cwd", &dir, "--format", "json", agent.permissions.flag()]);
     if agent.exec {
         if let Some(m) = model {
             argv.extend(strings(&["--model", m]));
@@ -140,6 +140,7 @@ mod tests {
             timeout: None,
             env: vec![],
             lease_apps: vec![],
+            permissions: crate::config::Permissions::default(),
         }
     }
 

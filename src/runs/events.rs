@@ -7,6 +7,7 @@
 //! so a display post of a running session takes its place in the same order.
 
 use crate::delivery::outbox::{Record, Stream};
+use crate::text;
 use crate::workspace::git::Change;
 use crossbeam_channel::Sender;
 use serde::ser::{Serialize, SerializeMap, Serializer};
@@ -141,8 +142,22 @@ pub struct Events {
     /// The callback base URL, without a trailing slash ("" without one).
     base: String,
     closed: bool,
+    /// Values replaced by `[redacted]` in every post (see [`text::redact`]).
+    secrets: Vec<String>,
     /// The run history's copy of each post (None: not kept).
     history: Option<super::history::Recorder>,
+}
+
+/// `v` with each string (keys kept) redacted.
+fn redact_value(v: &Value, secrets: &[String]) -> Value {
+    match v {
+        Value::String(s) => Value::String(text::redact(s, secrets).into_owned()),
+        Value::Array(items) => Value::Array(items.iter().map(|i| redact_value(i, secrets)).collect()),
+        Value::Object(m) => {
+            Value::Object(m.iter().map(|(k, v)| (k.clone(), redact_value(v, secrets))).collect())
+        }
+        other => other.clone(),
+    }
 }
 
 impl Events {
@@ -155,8 +170,23 @@ impl Events {
             key: key.to_string(),
             base: base.to_string(),
             closed: false,
+            secrets: Vec::new(),
             history: None,
         }
+    }
+
+    /// Redacts `secrets` (from [`text::secrets`]) in every post: the text,
+    /// events, summary and error of a run (and so in the run history). A
+    /// secret split across two text chunks is missed in the stream (never in
+    /// the summary, built whole).
+    pub fn redacting(mut self, secrets: Vec<String>) -> Events {
+        self.secrets = secrets;
+        self
+    }
+
+    /// `text` as a post or a log line may show it.
+    pub fn redact<'a>(&self, text: &'a str) -> std::borrow::Cow<'a, str> {
+        text::redact(text, &self.secrets)
     }
 
     /// Keeps a copy of each post from now on in the run history.
@@ -201,6 +231,31 @@ impl Events {
             return;
         }
         self.closed = kind.closes();
+        let redacted;
+        let event;
+        let kind = if self.secrets.is_empty() {
+            kind
+        } else {
+            match kind {
+                Kind::Output(t) => {
+                    redacted = self.redact(t).into_owned();
+                    Kind::Output(&redacted)
+                }
+                Kind::Event(v) => {
+                    event = redact_value(v, &self.secrets);
+                    Kind::Event(&event)
+                }
+                Kind::Complete { summary, changed } => {
+                    redacted = self.redact(summary).into_owned();
+                    Kind::Complete { summary: &redacted, changed }
+                }
+                Kind::Error(m) => {
+                    redacted = self.redact(m).into_owned();
+                    Kind::Error(&redacted)
+                }
+                display @ Kind::Display { .. } => display,
+            }
+        };
         let seq = self.seq;
         self.seq += 1;
         if let Some(h) = &mut self.history {

@@ -279,7 +279,8 @@ impl Runs {
                 Sink::Outbox(self.outbox.stream(id, &fallback))
             }
         };
-        let mut events = Events::new(sink, &invoke.session, &invoke.token, key, &base);
+        let mut events =
+            Events::new(sink, &invoke.session, &invoke.token, key, &base).redacting(secrets(project, invoke));
         events.record(history::Recorder::start(&self.history, key, id, &invoke.session, &invoke.agent));
         events
     }
@@ -640,8 +641,10 @@ struct Run<'a> {
 
 impl Run<'_> {
     fn error(&self, msg: &str) -> String {
-        lock(self.events).error(msg);
-        format!("error ({msg})")
+        let mut events = lock(self.events);
+        events.error(msg);
+        // The log line is redacted as the post is (the message may be the agent's stderr).
+        format!("error ({})", events.redact(msg))
     }
 
     /// The whole run; returns what its log line says.
@@ -797,6 +800,7 @@ impl Run<'_> {
             Ok(out) if out.status.is_none() => warn!("run {session}: ensure session: timed out"),
             Ok(out) => {
                 let text = String::from_utf8_lossy(&out.stderr);
+                let text = lock(self.events).redact(&text).into_owned();
                 warn!(
                     "run {session}: ensure session: {}",
                     text.chars().take(200).collect::<String>().trim_end()
@@ -821,6 +825,15 @@ fn stopped_early(control: &Receiver<Control>) -> Option<&'static str> {
         Ok(Control::Shutdown) => Some("Connector shutting down"),
         _ => None,
     }
+}
+
+/// What a run keeps out of its posts and log lines: the values of its
+/// agent's `env` and the tokens of its repos (a url's credentials included).
+fn secrets(project: &ProjectState, invoke: &Invoke) -> Vec<String> {
+    let agent = project.config.agents.iter().find(|a| a.name == invoke.agent);
+    let env = agent.into_iter().flat_map(|a| a.env.iter().map(|(_, v)| v.as_str()));
+    let repos = invoke.repos.iter().filter_map(|r| r.token.as_deref());
+    crate::text::secrets(env.chain(repos))
 }
 
 /// A failed agent's error: the first 500 characters of its stderr, as the

@@ -2,9 +2,17 @@
 //! sends. It checks each request in the contract's order (method, JSON,
 //! version, token, project, action) and each payload, answers with the
 //! baseline's byte-exact error bodies, hands the work to the domain (project,
-//! workspace, runs, terminals), and logs one line per request, never a token.
+//! workspace, runs, terminals), and logs one line per request, never a token
+//! (nor a request target, which may hold `?token=`). A wrong or missing token
+//! is the line `failed token from IP …` (the fail2ban filter's match), and
+//! past `limits.failedTokensPerMinute` of them the peer gets 429 ([`guard`]).
+//!
+//! A token comes in the body's `token` or `Authorization: Bearer TOKEN` (both
+//! given must agree), and for the WebSocket in `?token=` or the
+//! `Sec-WebSocket-Protocol` entry `aion.token.TOKEN` (see [`App::websocket`]).
 //! Nothing imports it but the push-mode wiring in `serve/mod.rs`.
 
+use super::guard::{Failures, canonical};
 use crate::config::LiveLimits;
 use crate::delivery::client::is_http_url;
 use crate::logging::info;
@@ -32,6 +40,10 @@ pub struct App {
     runs: Arc<Runs>,
     terminals: Arc<Terminals>,
     parts: Arc<Parts>,
+    /// `allowedOrigins` (as at start; a reload does not change it); None: any `Origin`.
+    origins: Option<Vec<String>>,
+    /// Failed tokens per peer (limits as at start).
+    failures: Failures,
 }
 
 impl App {
@@ -42,7 +54,35 @@ impl App {
         terminals: Arc<Terminals>,
         parts: Arc<Parts>,
     ) -> App {
-        App { projects, limits, started: Instant::now(), runs, terminals, parts }
+        let failures = {
+            let l = limits.get();
+            Failures::new(l.failed_tokens_per_minute, l.failed_tokens_exempt_loopback)
+        };
+        App { projects, limits, started: Instant::now(), runs, terminals, parts, origins: None, failures }
+    }
+
+    /// Browser WebSocket upgrades only from these origins (`allowedOrigins`).
+    pub fn allowing_origins(mut self, origins: Option<Vec<String>>) -> App {
+        self.origins = origins;
+        self
+    }
+
+    /// The project of the token the request brings (`None`: none, or a wrong
+    /// one), or the refusal of a peer past its failed tokens. A failure is
+    /// counted and marked for the log line.
+    fn project_of(&self, req: &Request, token: Option<&str>, out: &mut Outcome) -> Option<Arc<ProjectState>> {
+        if self.failures.blocked(canonical(req.peer.ip())) {
+            out.failed_token = true;
+            out.resp = err(429, "too many failed tokens");
+            return None;
+        }
+        let found = token.and_then(|t| self.authenticate(t));
+        if found.is_none() {
+            self.failures.failed(canonical(req.peer.ip()));
+            out.failed_token = true;
+            out.resp = err(403, "unauthorized");
+        }
+        found
     }
 
     /// The project whose token this is. Every project's digest is compared in
@@ -64,6 +104,8 @@ struct Outcome {
     action: String,
     project: String,
     resp: Response,
+    /// Refused for its token (403) or for the peer's failed tokens (429).
+    failed_token: bool,
 }
 
 impl Handler for App {
@@ -73,6 +115,19 @@ impl Handler for App {
         // Its connection keeps the idle timeout from now on (see net::http).
         out.resp.authenticated = out.project != "-" || (out.action == "metrics" && out.resp.status == 200);
         crate::metrics::request(&out.action, out.resp.status, t0.elapsed());
+        if out.failed_token {
+            // The fail2ban filter in the README matches this line. INFO, as
+            // every request line: identical WARN lines are rate-limited.
+            info!(
+                "failed token from {} action={} project=- status={} ms={:.2} peer={}",
+                canonical(req.peer.ip()),
+                out.action,
+                out.resp.status,
+                t0.elapsed().as_secs_f64() * 1e3,
+                req.peer
+            );
+            return out.resp;
+        }
         info!(
             "{} project={} status={} ms={:.2} peer={}",
             out.action,
@@ -128,7 +183,12 @@ fn loggable(action: &str) -> String {
 
 impl App {
     fn dispatch(&self, req: &Request) -> Outcome {
-        let mut out = Outcome { action: "-".into(), project: "-".into(), resp: err(500, "internal error") };
+        let mut out = Outcome {
+            action: "-".into(),
+            project: "-".into(),
+            resp: err(500, "internal error"),
+            failed_token: false,
+        };
         let path = req.target.split('?').next().unwrap_or("");
         if req.method == "GET" && path == "/healthz" {
             out.action = "healthz".into();
@@ -164,9 +224,11 @@ impl App {
                 return out;
             }
         }
-        let Some(project) = body.get("token").and_then(Value::as_str).and_then(|t| self.authenticate(t))
-        else {
-            out.resp = err(403, "unauthorized");
+        let token = match (bearer(req), body.get("token").and_then(Value::as_str)) {
+            (Some(a), Some(b)) if a != b => None,
+            (a, b) => a.or(b),
+        };
+        let Some(project) = self.project_of(req, token, &mut out) else {
             return out;
         };
         out.project.clone_from(&project.config.id);
@@ -373,16 +435,46 @@ impl App {
     }
 
     /// `GET /ws?token=…[&session=ID][&encoding=text|binary][&cols=C&rows=R]`:
-    /// checks the token, the upgrade headers, the query and the project's
-    /// terminal limit, all before the 101. Output goes as text frames (the
-    /// original's) unless `encoding=binary`.
+    /// checks the origin, the token, the upgrade headers, the query and the
+    /// project's terminal limit, all before the 101. Output goes as text
+    /// frames (the original's) unless `encoding=binary`.
+    ///
+    /// The token may come instead in `Sec-WebSocket-Protocol` (a browser can
+    /// set no other header): the entry `aion.token.TOKEN`. The 101 echoes
+    /// `aion` when the client offered it (so the token is not sent back),
+    /// else that entry itself (a browser fails a handshake that answers none
+    /// of the protocols it offered).
     fn websocket(&self, req: &Request) -> Outcome {
-        let mut out =
-            Outcome { action: "terminal.ws".into(), project: "-".into(), resp: err(500, "internal error") };
+        let mut out = Outcome {
+            action: "terminal.ws".into(),
+            project: "-".into(),
+            resp: err(500, "internal error"),
+            failed_token: false,
+        };
+        if let (Some(allowed), Some(origin)) = (&self.origins, req.header("origin")) {
+            let origin = origin.trim().trim_end_matches('/').to_ascii_lowercase();
+            if !allowed.contains(&origin) {
+                out.resp = err(403, "origin not allowed");
+                return out;
+            }
+        }
         let query = parse_query(req.target.split_once('?').map_or("", |(_, q)| q));
         let get = |k: &str| query.iter().find(|(name, _)| name == k).map(|(_, v)| v.as_str());
-        let Some(project) = get("token").and_then(|t| self.authenticate(t)) else {
-            out.resp = err(403, "unauthorized");
+        let offered: Vec<&str> = req
+            .header("sec-websocket-protocol")
+            .map(|h| h.split(',').map(str::trim).filter(|p| !p.is_empty()).collect())
+            .unwrap_or_default();
+        let in_protocol = offered.iter().find(|p| p.starts_with(PROTOCOL_TOKEN));
+        let token = match (get("token"), in_protocol.map(|p| &p[PROTOCOL_TOKEN.len()..])) {
+            (Some(a), Some(b)) if a != b => None,
+            (a, b) => a.or(b),
+        };
+        let protocol = if offered.contains(&PROTOCOL) {
+            Some(PROTOCOL.to_string())
+        } else {
+            in_protocol.map(|p| p.to_string())
+        };
+        let Some(project) = self.project_of(req, token, &mut out) else {
             return out;
         };
         out.project.clone_from(&project.config.id);
@@ -423,7 +515,7 @@ impl App {
         };
         let (terminals, key) = (Arc::clone(&self.terminals), key.to_string());
         out.resp = Response::upgrade(Box::new(move |stream: crate::net::stream::Stream| {
-            terminals.serve_socket(term, stream, &key, text)
+            terminals.serve_socket(term, stream, &key, text, protocol.as_deref())
         }));
         out
     }
@@ -543,6 +635,18 @@ impl App {
             }),
         }
     }
+}
+
+/// The WebSocket subprotocol echoed when offered.
+const PROTOCOL: &str = "aion";
+/// The prefix of the subprotocol entry that carries the token.
+const PROTOCOL_TOKEN: &str = "aion.token.";
+
+/// The token of `Authorization: Bearer TOKEN` (another scheme is ignored).
+fn bearer(req: &Request) -> Option<&str> {
+    let value = req.header("authorization")?.trim();
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim()).filter(|t| !t.is_empty())
 }
 
 /// `payload.history`: an array of objects whose `role`, `source` and `text`

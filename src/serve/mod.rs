@@ -12,6 +12,7 @@
 //! the domain modules name their own.
 
 mod channel;
+mod guard;
 mod local;
 mod reload;
 pub mod report;
@@ -126,13 +127,10 @@ pub fn run(explicit: Option<PathBuf>) -> Result<i32, Error> {
     };
     let reloads = reload::start(reloader, Arc::clone(&shutdown))
         .map_err(|source| Error::Io { what: "starting the reload thread", source })?;
-    let app = Arc::new(App::new(
-        projects,
-        Arc::clone(&live),
-        Arc::clone(&runs),
-        Arc::clone(&terminals),
-        Arc::clone(&parts),
-    ));
+    let app = Arc::new(
+        App::new(projects, Arc::clone(&live), Arc::clone(&runs), Arc::clone(&terminals), Arc::clone(&parts))
+            .allowing_origins(config.allowed_origins.clone()),
+    );
     {
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "listening on {local}");

@@ -479,8 +479,15 @@ impl Terminals {
     /// Serves an upgraded connection on `term` until the socket or the shell
     /// ends (on the connection's own thread): answers the 101, then pumps.
     /// Output goes as text frames unless `text` is false.
-    pub fn serve_socket<L: Link>(&self, term: Arc<Term>, link: L, key: &str, text: bool) {
-        let Ok(sock) = Socket::accept(link, key, text) else {
+    pub fn serve_socket<L: Link>(
+        &self,
+        term: Arc<Term>,
+        link: L,
+        key: &str,
+        text: bool,
+        protocol: Option<&str>,
+    ) {
+        let Ok(sock) = Socket::accept(link, key, text, protocol) else {
             return;
         };
         pump::run(self, &term, sock, self.limits.get().ws_ping);

@@ -21,6 +21,7 @@ mod ops;
 mod poll;
 mod protocol;
 mod runs;
+mod security;
 mod terminal;
 #[cfg(not(target_os = "macos"))]
 mod tls;
