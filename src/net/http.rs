@@ -45,12 +45,15 @@
 //! Decrypted bytes rustls still holds when a connection is parked are not
 //! visible to `epoll`: such a connection is read again at once.
 
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+use super::epoll_compat::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use crate::config::Limits;
 use crate::logging::{error, warn};
 use crate::net::stream::Stream;
 use crate::net::tls::Tls;
 use crate::shutdown::Shutdown;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+#[cfg(any(target_os = "linux", target_os = "android"))]
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
@@ -222,7 +225,11 @@ pub fn serve(
     listener.set_nonblocking(true)?;
     // The longest accept queue the system allows (net.core.somaxconn): a burst
     // of connections is queued, not dropped into a 1 s SYN retry.
-    let _ = nix::sys::socket::listen(&listener, nix::sys::socket::Backlog::MAXALLOWABLE);
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    let backlog = nix::sys::socket::Backlog::MAXALLOWABLE;
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    let backlog = nix::sys::socket::Backlog::new(1024).unwrap_or(nix::sys::socket::Backlog::MAXCONN);
+    let _ = nix::sys::socket::listen(&listener, backlog);
     let (wake, wake_rx) = UnixStream::pair()?;
     wake.set_nonblocking(true)?;
     wake_rx.set_nonblocking(true)?;

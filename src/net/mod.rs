@@ -4,6 +4,8 @@
 //! connection, [`local`] frames JSON lines on the connector's Unix socket
 //! (and names its operations). None knows what the requests mean.
 
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+pub mod epoll_compat;
 pub mod http;
 pub mod local;
 pub mod stream;
