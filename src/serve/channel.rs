@@ -725,25 +725,7 @@ fn is_zero(n: &u64) -> bool {
 
 /// `a=1&b=x%20y` → pairs, percent-decoded (`+` is a space).
 fn parse_query(q: &str) -> Vec<(String, String)> {
-    let decode = |s: &str| {
-        let bytes = s.as_bytes();
-        let hex = |j: usize| bytes.get(j).and_then(|b| (*b as char).to_digit(16));
-        let mut out = Vec::with_capacity(bytes.len());
-        let mut i = 0;
-        while i < bytes.len() {
-            match (bytes[i], hex(i + 1), hex(i + 2)) {
-                (b'%', Some(hi), Some(lo)) => {
-                    out.push((hi * 16 + lo) as u8);
-                    i += 3;
-                    continue;
-                }
-                (b'+', _, _) => out.push(b' '),
-                (b, _, _) => out.push(b),
-            }
-            i += 1;
-        }
-        String::from_utf8_lossy(&out).into_owned()
-    };
+    let decode = |s: &str| crate::text::percent_decode(s, true);
     q.split('&')
         .filter(|kv| !kv.is_empty())
         .map(|kv| {

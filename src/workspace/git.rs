@@ -352,26 +352,9 @@ pub fn split_userinfo(url: &str) -> (String, Option<String>) {
     let rest = &url[start..];
     let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
     let Some(at) = rest[..end].rfind('@') else { return (url.to_string(), None) };
-    let info = percent_decode(&rest[..at]);
+    let info = crate::text::percent_decode(&rest[..at], false);
     let stripped = format!("{}{}", &url[..start], &rest[at + 1..]);
     (stripped, Some(info).filter(|i| !i.is_empty() && i != ":"))
-}
-
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let hex = |j: usize| b.get(j).and_then(|c| (*c as char).to_digit(16));
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if let (b'%', Some(hi), Some(lo)) = (b[i], hex(i + 1), hex(i + 2)) {
-            out.push((hi * 16 + lo) as u8);
-            i += 3;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Where the baseline clones a repo: the URL's last path segment without
