@@ -1418,21 +1418,15 @@ impl Drop for Stream {
 }
 
 /// `scheme://host:port` of a URL (the default port filled in, userinfo
-/// dropped, lowercased): what one worker serves at a time.
+/// dropped, lowercased): what one worker serves at a time. A URL the client
+/// would refuse is its own origin.
 fn origin(url: &str) -> String {
-    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
-    let scheme = scheme.to_ascii_lowercase();
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
-    let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h).to_ascii_lowercase();
-    let has_port = match host_port.rfind(']') {
-        Some(close) => host_port[close..].contains(':'),
-        None => host_port.contains(':'),
-    };
-    if has_port {
-        format!("{scheme}://{host_port}")
-    } else {
-        let port = if scheme == "https" { 443 } else { 80 };
-        format!("{scheme}://{host_port}:{port}")
+    let scheme =
+        if url.get(..8).is_some_and(|p| p.eq_ignore_ascii_case("https://")) { "https" } else { "http" };
+    match super::client::http_origin(url) {
+        Some((host, port)) if host.contains(':') => format!("{scheme}://[{host}]:{port}"),
+        Some((host, port)) => format!("{scheme}://{host}:{port}"),
+        None => url.to_ascii_lowercase(),
     }
 }
 
