@@ -56,6 +56,26 @@ bench_init() {
     trap 'exit 130' INT TERM
 }
 
+# find_original: the Node original from $ORIG_CLI (never inside this repository).
+# Sets ORIG (its dist/cli.js, "" when it cannot be run), ORIG_SKIP (why not),
+# NODE and NODE_VERSION.
+find_original() {
+    ORIG="" ORIG_SKIP="" NODE=${NODE:-node} NODE_VERSION=""
+    if [[ -z ${ORIG_CLI:-} ]]; then
+        ORIG_SKIP="skipped: ORIG_CLI is unset (ORIG_CLI=/path/to/dist/cli.js of the original)"
+    elif [[ ! -f $ORIG_CLI ]]; then
+        die "ORIG_CLI=$ORIG_CLI is not a file"
+    elif [[ $(realpath "$ORIG_CLI") == "$ROOT"/* ]]; then
+        die "ORIG_CLI=$ORIG_CLI is inside this repository: keep the original outside it"
+    elif ! command -v "$NODE" >/dev/null; then
+        ORIG_SKIP="skipped: $NODE not found (set NODE)"
+    else
+        ORIG=$(realpath "$ORIG_CLI")
+        NODE_VERSION=$("$NODE" --version)
+    fi
+    [[ -n $ORIG ]] || note "Node original $ORIG_SKIP"
+}
+
 bench_cleanup() {
     local pid
     stop_pids

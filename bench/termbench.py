@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Helpers for bench/terminal.sh (Python 3.11 standard library only).
+"""Helpers for bench/terminal.sh and bench/vs-node-terminal.sh.
 
 A small RFC 6455 WebSocket client (handshake, masked client frames, streaming
 frame parser, ping/pong, close) and the three terminal measurements. Every
@@ -12,6 +12,11 @@ Subcommands:
   throughput ADDR SRV_PID FILE RUNS      cat FILE over /ws vs a bare PTY, interleaved
   echo ADDR KEYS                         keystroke echo round trips, /ws and bare PTY
   idle ADDR SRV_PID COUNT ROUNDS         connector RSS with 1 and COUNT idle terminals
+  libcat ADDR FILE RUNS                  cat FILE over /ws with the `websockets` library's
+                                         sync client (text frames decoded, as a browser does)
+  libecho ADDR KEYS                      cooked keystroke echo with that same client
+The two lib* subcommands need the `websockets` package (pip install websockets;
+bench/vs-node-terminal.sh makes a venv for it); the rest is standard library only.
 The project token comes in the environment variable AION_TOKEN, never in argv.
 """
 
@@ -633,8 +638,108 @@ def cmd_idle(addr: str, srv_pid_s: str, count_s: str, rounds_s: str) -> None:
     out("idle_hwm_kb", proc_status(srv_pid).get("VmHWM", 0))
 
 
+# ---------------------------------------------------------------- 4. the `websockets` library's client
+
+
+def lib_open(addr: str, tok: str):  # -> websockets.sync.client.ClientConnection
+    """A terminal over the `websockets` sync client, its first prompt read."""
+    import warnings
+
+    from websockets.sync.client import connect  # only these subcommands need it
+
+    warnings.simplefilter("ignore", DeprecationWarning)  # 14+: "use it as a context manager"
+
+    check_loopback(addr)
+    ws = connect(
+        f"ws://{addr}/ws?token={tok}", max_size=None, compression=None, open_timeout=IO_TIMEOUT
+    )
+    ws.recv(timeout=IO_TIMEOUT)
+    lib_drain(ws, 0.2)
+    return ws
+
+
+def lib_drain(ws, quiet: float) -> None:
+    try:
+        while True:
+            ws.recv(timeout=quiet)
+    except TimeoutError:
+        pass
+
+
+def as_bytes(m: str | bytes) -> bytes:
+    return m.encode() if isinstance(m, str) else m
+
+
+def cmd_libcat(addr: str, path: str, runs_s: str) -> None:
+    runs = max(1, min(int(runs_s), 10))
+    size = os.path.getsize(path)
+    ws = lib_open(addr, token())
+    mbs = []
+    for i in range(runs):
+        tag = os.urandom(4).hex()
+        marker = f"END{tag}"
+        total, tail = 0, ""
+        t0 = time.perf_counter()
+        ws.send(f"cat '{path}'; echo END''{tag}\n")
+        deadline = time.monotonic() + 90
+        while True:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"cat not finished after 90 s ({total} characters)")
+            msg = ws.recv(timeout=IO_TIMEOUT)  # str for a text frame, as a browser gets it
+            if isinstance(msg, bytes):
+                msg = msg.decode("latin-1")
+            total += len(msg)
+            if marker in tail + msg[:64] or marker in msg:
+                break
+            tail = msg[-64:]
+        wall = time.perf_counter() - t0
+        lib_drain(ws, 0.1)
+        mbs.append(size / wall / 1e6)
+        warn(f"libcat run {i + 1}/{runs}: {mbs[-1]:.1f} MB/s, {total} characters")
+    ws.close()
+    out("lib_mbs", f"{statistics.median(mbs):.1f}")
+    out("lib_all", " ".join(f"{x:.0f}" for x in mbs))
+
+
+def cmd_libecho(addr: str, keys_s: str) -> None:
+    keys = max(1, min(int(keys_s), 5000))
+    ws = lib_open(addr, token())
+    ws.send("cat\n")
+    got = b""
+    deadline = time.monotonic() + IO_TIMEOUT
+    while b"cat\r\n" not in got:
+        if time.monotonic() > deadline:
+            raise TimeoutError("cat did not start")
+        got += as_bytes(ws.recv(timeout=IO_TIMEOUT))
+    lib_drain(ws, 0.2)
+    times = []
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    for k in range(keys):
+        c = letters[k % 26]
+        got = b""
+        t0 = time.perf_counter_ns()
+        ws.send(c)
+        while c.encode() not in got:
+            got += as_bytes(ws.recv(timeout=2))
+        times.append((time.perf_counter_ns() - t0) / 1e6)
+        if k % 64 == 63:  # keep cat's line short: end it, read its echo and cat's copy
+            ws.send("\n")
+            got = b""
+            while got.count(b"\r\n") < 2:
+                got += as_bytes(ws.recv(timeout=2))
+    ws.close()
+    emit_rtt("libecho", times)
+
+
 def main(argv: list[str]) -> None:
-    cmds = {"mkfile": cmd_mkfile, "throughput": cmd_throughput, "echo": cmd_echo, "idle": cmd_idle}
+    cmds = {
+        "mkfile": cmd_mkfile,
+        "throughput": cmd_throughput,
+        "echo": cmd_echo,
+        "idle": cmd_idle,
+        "libcat": cmd_libcat,
+        "libecho": cmd_libecho,
+    }
     if len(argv) < 2 or argv[1] not in cmds:
         sys.exit(__doc__)
     try:

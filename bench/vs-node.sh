@@ -21,27 +21,13 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 DURATION=$(setting BENCH_DURATION 10 1 60)
 ROUNDS=$(setting BENCH_ROUNDS 2 1 10)
-NODE=${NODE:-node}
 HELPER="$HERE/pushbench.py"
 bench_init vs-node
 
 # ---------------------------------------------------------------- 0. tools, the original
 need_py
 want_wrk || die "wrk is missing and could not be installed: apt-get install -y wrk (as root)"
-ORIG=""
-if [[ -z ${ORIG_CLI:-} ]]; then
-    ORIG_SKIP="skipped: ORIG_CLI is unset (ORIG_CLI=/path/to/dist/cli.js of the original)"
-elif [[ ! -f $ORIG_CLI ]]; then
-    die "ORIG_CLI=$ORIG_CLI is not a file"
-elif [[ $(realpath "$ORIG_CLI") == "$ROOT"/* ]]; then
-    die "ORIG_CLI=$ORIG_CLI is inside this repository: keep the original outside it"
-elif ! command -v "$NODE" >/dev/null; then
-    ORIG_SKIP="skipped: $NODE not found (set NODE)"
-else
-    ORIG=$(realpath "$ORIG_CLI")
-    NODE_VERSION=$("$NODE" --version)
-fi
-[[ -n $ORIG ]] || note "Node original $ORIG_SKIP"
+find_original
 
 # ---------------------------------------------------------------- 1. build, configs
 bench_binary
