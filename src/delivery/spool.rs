@@ -98,7 +98,11 @@ pub const SPARE_CLOSE: usize = 4096;
 /// and writes in place need no new block) so that it can still be closed
 /// after a crash. Stops at the first failure.
 pub fn make_spares(spares: &Path, want: usize) -> io::Result<()> {
-    std::fs::create_dir_all(spares)?;
+    // Not create_dir_all: a state dir removed under us is not made again.
+    match std::fs::create_dir(spares) {
+        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
+        _ => {}
+    }
     let have = names(spares)?.iter().filter(|n| n.ends_with(".close")).count();
     for _ in have..want {
         let n = format!("{:x}", crate::nonce::nonce());

@@ -193,6 +193,13 @@ impl Term {
     /// the ring. Only the master's reader calls it, with the state locked.
     /// True at the end of the output (`reader_done` is then set; the caller
     /// notifies `changed` once the lock is released).
+    ///
+    /// The reads happen under the lock on purpose: the master is
+    /// non-blocking, so the lock is held for the copies of at most `cap`
+    /// bytes (microseconds), and a socket that takes the terminal over
+    /// (its snapshot of the ring is taken under the same lock) can then
+    /// never miss a chunk that the previous reader had read but not yet
+    /// put into the ring.
     fn read_ready(&self, st: &mut State, out: &mut Vec<u8>, cap: usize) -> bool {
         let start = out.len();
         let mut eof = false;
