@@ -1,6 +1,7 @@
 //! TLS on the port (`"tls"` in the config): a rustls client that pins the
 //! fingerprint the connector prints, through ping, files.read, an NDJSON
-//! stream, the HTTP terminal and the WebSocket terminal over `wss://`; the
+//! stream, the HTTP terminal, every other action, and the WebSocket terminal
+//! over `wss://` (flow control with a reader that stops, as `ws://`); the
 //! self-signed pair kept across restarts; cert files rotated on SIGHUP with a
 //! connection open; plain HTTP and garbage on the TLS port.
 
@@ -208,15 +209,25 @@ impl Wss {
 
     /// Reads until `pat` has been printed; the output after it.
     fn expect(&mut self, pat: &str) -> String {
-        let deadline = Instant::now() + DEADLINE;
-        self.ws.get_ref().sock.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        self.expect_by(pat, DEADLINE)
+    }
+
+    /// [`Wss::expect`] within `within`; output before a match that cannot be
+    /// part of it is dropped as it comes (a flood's backlog is not kept).
+    fn expect_by(&mut self, pat: &str, within: Duration) -> String {
+        let deadline = Instant::now() + within;
         loop {
             if let Some(at) = self.out.find(pat) {
                 let rest = self.out[at + pat.len()..].to_string();
                 self.out = rest.clone();
                 return rest;
             }
-            assert!(Instant::now() < deadline, "no {pat:?} in {:?}", self.out);
+            assert!(Instant::now() < deadline, "no {pat:?} in {:.2000?}", self.out);
+            let mut keep = self.out.len().saturating_sub(pat.len());
+            while !self.out.is_char_boundary(keep) {
+                keep -= 1;
+            }
+            self.out.drain(..keep);
             self.read_some();
         }
     }
@@ -251,6 +262,18 @@ impl Wss {
             assert!(Instant::now() < deadline, "no line end after {value:?}");
             self.read_some();
         }
+    }
+}
+
+impl Terminal for Wss {
+    fn send_text(&mut self, s: &str) {
+        self.send(s)
+    }
+    fn send_binary(&mut self, b: &[u8]) {
+        self.ws.send(tungstenite::Message::binary(b.to_vec())).unwrap();
+    }
+    fn expect_within(&mut self, pat: &str, within: Duration) {
+        self.expect_by(pat, within);
     }
 }
 
@@ -419,8 +442,9 @@ fn wss_carries_a_flood_and_reattaches() {
     let target = format!("/ws?token={TOKEN}&session=keep");
     let mut ws = Wss::connect(&srv.addr, &fp, &target);
     assert_eq!(ws.ask(1, "$((1+1))"), "2");
-    // 4 MB of output through the non-blocking TLS writes, the reader slow at
-    // first (the server must hold back, not drop or spin), then draining.
+    // 4 MB of output through the non-blocking TLS writes, the reader late at
+    // first, then draining: every byte arrives (memory while a reader stops:
+    // `wss_a_client_that_stops_reading_keeps_server_memory_bounded`).
     ws.send("head -c 4000000 /dev/zero | tr '\\0' y; echo; echo F''LOOD-DONE\r");
     std::thread::sleep(Duration::from_millis(300));
     let deadline = Instant::now() + DEADLINE * 3;
@@ -449,4 +473,91 @@ fn wss_carries_a_flood_and_reattaches() {
     drop(ws);
     let mut again = Wss::connect(&srv.addr, &fp, &target);
     assert_eq!(again.ask(4, "$X"), "kept");
+}
+
+#[test]
+fn wss_a_client_that_stops_reading_keeps_server_memory_bounded() {
+    let rig = Rig::new("tls-wss-flow", json!({"selfSigned": true}));
+    let (srv, fp) = rig.start();
+    let mut ws = Wss::connect(&srv.addr, &fp, &format!("/ws?token={TOKEN}"));
+    let ping = || assert_ping(call_tls(&srv.addr, &fp, "ping", json!({})));
+    let before = assert_unread_flood_keeps_memory_bounded(&srv, &mut ws, ping);
+    assert_eq!(ws.ask(1, "$((3+4))"), "7");
+    drop(ws);
+    ping();
+    assert!(srv.rss_kb() <= before + 4096, "RSS {} kB after, {before} kB before", srv.rss_kb());
+}
+
+#[test]
+fn every_other_action_works_over_tls() {
+    let rig = Rig::new("tls-actions", json!({"selfSigned": true}));
+    let proj = rig.dir.join("proj");
+    git(&proj, &["init", "-q"]);
+    git(&proj, &["add", "-A"]);
+    git(&proj, &["commit", "-qm", "init"]);
+    write(proj.join("hello.txt"), "changed over tls\n");
+    let (srv, fp) = rig.start();
+    let addr = srv.addr.clone();
+    let mut conn = tls(&addr, &fp);
+    let (status, v) = call_on(&mut conn, "repos.sync", json!({"repos": [{"name": "."}]}));
+    assert_eq!(status, 200, "{v}");
+    // A finished run for `runs` and `runs.output`, a waiting one to stop.
+    let body = request_body(
+        TOKEN,
+        "invoke",
+        json!({"agent": "fake", "prompt": "lines 2", "session": "done", "stream": true}),
+    );
+    conn.get_mut().write_all(&post_request("x", &body, false)).unwrap();
+    let resp = read_response(&mut conn).unwrap();
+    assert!(resp.text().contains(r#""type":"complete""#), "{}", resp.text());
+    let mut waiting = tls(&addr, &fp);
+    let body = request_body(
+        TOKEN,
+        "invoke",
+        json!({"agent": "fake", "prompt": "idle waiting", "session": "w", "stream": true}),
+    );
+    waiting.get_mut().write_all(&post_request("x", &body, false)).unwrap();
+    poll("the waiting run to be listed", || {
+        let (_, v) = call_on(&mut conn, "runs", json!({}));
+        v["active"].as_array().is_some_and(|a| a.iter().any(|r| r["session"] == "w")).then_some(())
+    });
+
+    type Check = fn(&Value);
+    let actions: [(&str, Value, Check); 7] = [
+        ("files.tree", json!({}), |v| {
+            assert!(tree_paths(&v["tree"]).contains(&"hello.txt".to_string()), "{v}")
+        }),
+        ("git.status", json!({}), |v| {
+            assert!(
+                v.as_array().unwrap().iter().any(|e| e["path"] == "hello.txt" && e["status"] == "M"),
+                "{v}"
+            )
+        }),
+        ("git.diff", json!({}), |v| {
+            assert!(v["diff"].as_str().unwrap().contains("+changed over tls"), "{v}")
+        }),
+        ("workspaces", json!({}), |v| assert_eq!(v["list"].as_array().map(Vec::len), Some(1), "{v}")),
+        ("runs.output", json!({"session": "done"}), |v| {
+            assert_eq!(v["posts"].as_array().unwrap().last().unwrap()["type"], "complete", "{v}")
+        }),
+        ("runs", json!({}), |v| {
+            assert!(v["finished"].as_array().unwrap().iter().any(|r| r["session"] == "done"), "{v}")
+        }),
+        ("stop", json!({"session": "w"}), |v| assert_eq!(v["stopping"], true, "{v}")),
+    ];
+    for (action, payload, check) in actions {
+        let (status, v) = call_on(&mut conn, action, payload);
+        assert_eq!(status, 200, "{action} over TLS: {v}");
+        check(&v);
+    }
+    // The stopped run's stream ends with its error.
+    let resp = read_response(&mut waiting).unwrap();
+    let last: Value = serde_json::from_str(resp.text().lines().last().unwrap()).unwrap();
+    assert_eq!(
+        (last["type"].as_str(), last["error"].as_str()),
+        (Some("error"), Some("stopped")),
+        "{}",
+        resp.text()
+    );
+    assert_ping(call_on(&mut conn, "ping", json!({})));
 }
