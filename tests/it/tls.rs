@@ -561,3 +561,19 @@ fn every_other_action_works_over_tls() {
     );
     assert_ping(call_on(&mut conn, "ping", json!({})));
 }
+
+#[test]
+fn fingerprint_first_on_a_fresh_state_dir_makes_the_pair_the_server_then_serves() {
+    let rig = Rig::new("tls-fp-first", json!({"selfSigned": true}));
+    let tls_dir = rig.dir.join("state/aion-connector/tls");
+    assert!(!tls_dir.exists());
+    let (code, out, err) = rig.fingerprint_command();
+    assert_eq!(code, 0, "{err}");
+    let printed = out.trim().strip_prefix("tls fingerprint ").unwrap_or_else(|| panic!("{out}")).to_string();
+    assert!(tls_dir.join("cert.pem").exists() && tls_dir.join("key.pem").exists());
+    // Asked again, the same pair.
+    assert_eq!(rig.fingerprint_command().1, out);
+    let (srv, served) = rig.start();
+    assert_eq!(served, printed);
+    assert_ping(call_tls(&srv.addr, &printed, "ping", json!({})));
+}
