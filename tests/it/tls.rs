@@ -349,10 +349,7 @@ fn self_signed_serves_everything_over_tls_and_keeps_its_fingerprint() {
     assert_eq!(resp.status, 400, "{}", resp.head);
     assert!(resp.text().contains("https://"), "{}", resp.text());
     // Garbage that starts like a handshake: the connection closes, the server is fine.
-    let mut s = connect(&addr);
-    s.write_all(&[0x16, 0x03, 0x01, 0x00, 0x05, 1, 2, 3, 4, 5, 6, 7, 8, 9]).unwrap();
-    let mut sink = Vec::new();
-    let _ = s.read_to_end(&mut sink); // EOF or reset, within the read timeout
+    garbage_handshake(&addr);
     srv.wait_stderr("one line on the failed handshake", |e| {
         e.contains("tls: handshake with 127.0.0.1 failed")
     });
@@ -576,4 +573,44 @@ fn fingerprint_first_on_a_fresh_state_dir_makes_the_pair_the_server_then_serves(
     let (srv, served) = rig.start();
     assert_eq!(served, printed);
     assert_ping(call_tls(&srv.addr, &printed, "ping", json!({})));
+}
+
+/// Sends bytes that begin like a handshake and are not one; waits for the close.
+fn garbage_handshake(addr: &str) {
+    let mut s = connect(addr);
+    s.write_all(&[0x16, 0x03, 0x01, 0x00, 0x05, 1, 2, 3, 4, 5, 6, 7, 8, 9]).unwrap();
+    let mut sink = Vec::new();
+    let _ = s.read_to_end(&mut sink); // EOF or reset, within the read timeout
+}
+
+#[test]
+fn a_flood_of_garbage_handshakes_is_logged_in_a_few_lines() {
+    let rig = Rig::new("tls-garbage", json!({"selfSigned": true}));
+    let (srv, fp) = rig.start();
+    let lines = |e: &str| e.lines().filter(|l| l.contains("tls: handshake with 127.0.0.1 failed")).count();
+    for _ in 0..200 {
+        garbage_handshake(&srv.addr);
+    }
+    assert_ping(call_tls(&srv.addr, &fp, "ping", json!({})));
+    let err = srv.wait_stderr("the first failed handshake's line", |e| lines(e) >= 1);
+    assert!(lines(&err) <= 3, "{} lines for 200 failed handshakes:\n{err}", lines(&err));
+    // After the period, the next failure's line counts those left out (time
+    // passing is the test: one more garbage handshake every 500 ms).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let skipped = loop {
+        assert!(Instant::now() < deadline, "no line with the count:\n{}", srv.stderr());
+        garbage_handshake(&srv.addr);
+        let err = srv.stderr();
+        let count = err.lines().find_map(|l| {
+            let (_, rest) = l.split_once("failed: ")?;
+            let (_, n) = rest.split_once("(and ")?;
+            n.split(' ').next()?.parse::<u64>().ok()
+        });
+        if let Some(n) = count {
+            break n;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert!(skipped >= 199, "{skipped} left out of 200");
+    assert_ping(call_tls(&srv.addr, &fp, "ping", json!({})));
 }
