@@ -426,3 +426,72 @@ fn an_event_carrying_a_secret_arrives_redacted() {
         bodies.iter().find(|b| b.get("event").is_some()).unwrap_or_else(|| panic!("no event: {bodies:?}"));
     assert_eq!(event["event"]["title"], "run with [redacted] now", "{event}");
 }
+
+#[test]
+fn check_dirs_prints_each_project_dir_resolved_as_serving_does() {
+    let dir = TempDir::new("sec-dirs");
+    let (a, b) = (dir.join("a"), dir.join("state/rel"));
+    std::fs::create_dir_all(&a).unwrap();
+    std::fs::create_dir_all(&b).unwrap();
+    let cfg = config(json!({"p": {"token": TOKEN, "dir": a}, "q": {"token": WRONG, "dir": "rel"}}), None);
+    write(dir.join("aion.config.json"), cfg);
+    let (code, out, err) =
+        run(&["check", "--dirs", dir.join("aion.config.json").to_str().unwrap()], &dir.join("state"), &[]);
+    assert_eq!(code, 0, "{err}");
+    let mut got: Vec<&str> = out.lines().collect();
+    got.sort();
+    assert_eq!(got, [a.to_str().unwrap(), b.to_str().unwrap()], "{out}");
+    let (code, _, err) = run(&["check", "--dirs", "--nope"], dir.path(), &[]);
+    assert_eq!(code, 2, "{err}");
+}
+
+#[test]
+fn install_sh_names_project_dirs_the_service_cannot_write_and_changes_none() {
+    if !std::process::Command::new("id").arg("nobody").output().is_ok_and(|o| o.status.success()) {
+        return skip(
+            "install_sh_names_project_dirs_the_service_cannot_write_and_changes_none",
+            "no user nobody",
+        );
+    }
+    let dir = TempDir::new("sec-install-dirs");
+    let state = dir.join("state");
+    let outside = dir.join("srv/a b");
+    for d in [&state.join("workspace"), &outside] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    let bin = dir.join("prefix/bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_aion-connector"), bin.join("aion-connector")).unwrap();
+    let cfg = dir.join("aion.config.json");
+    write(
+        &cfg,
+        config(
+            json!({"in": {"token": TOKEN, "dir": "workspace"}, "out": {"token": WRONG, "dir": outside},
+                   "again": {"token": "again-token-0123456789abcdef0123456789", "dir": outside}}),
+            None,
+        ),
+    );
+    let mode =
+        |p: &Path| std::fs::metadata(p).map(|m| (std::os::unix::fs::MetadataExt::uid(&m), m.permissions()));
+    let before = mode(&outside).unwrap();
+    let script = format!(
+        ". {}/install.sh; PREFIX={}; CONFIG={}; STATE_DIR={}; SERVICE_USER=nobody; advise_project_dirs",
+        env!("CARGO_MANIFEST_DIR"),
+        dir.join("prefix").display(),
+        cfg.display(),
+        state.display()
+    );
+    let out = std::process::Command::new("sh")
+        .args(["-c", &script])
+        .env("AION_INSTALL_SOURCE_ONLY", "1")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    let shown = outside.display().to_string();
+    assert!(text.contains(&format!("ReadWritePaths=\"{shown}\"\n")), "{text}");
+    assert!(text.contains("chown -R nobody:") && text.contains(&format!("'{shown}'")), "{text}");
+    assert_eq!(text.matches(&format!("  {shown}\n")).count(), 1, "listed once: {text}");
+    assert!(!text.contains("workspace"), "a dir in the state dir was named: {text}");
+    assert_eq!(mode(&outside).unwrap(), before, "install.sh changed the dir");
+}
