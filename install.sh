@@ -54,6 +54,10 @@ Options:
   --print-unit     print the systemd unit this would write, and exit
   -h, --help       show this help
 
+Project dirs of the config outside /var/lib/aion-connector are read-only for
+the service: they are listed with the ReadWritePaths= drop-in and the chown
+that would make them writable (install.sh changes none of them).
+
 Without --binary the script runs `cargo build --release` in the checkout it
 lives in (for ARCH-unknown-linux-musl when that target is installed).
 If cargo is only on your user's PATH, build first and then run
@@ -416,6 +420,80 @@ print_tls() {
 	say "  fingerprint: $fp"
 }
 
+# 'TEXT', quoted for a shell.
+shell_quote() {
+	printf "'%s'" "$(printf '%s' "$1" | sed "s/'/'\\\\''/g")"
+}
+
+# Whether the service user can write DIR (its permissions; the unit's
+# sandbox aside).
+user_can_write() {
+	if command -v runuser >/dev/null 2>&1; then
+		runuser -u "$SERVICE_USER" -- test -w "$1" 2>/dev/null
+	else
+		[ -n "$(find "$1" -prune -user "$SERVICE_USER" 2>/dev/null)" ]
+	fi
+}
+
+# Project dirs outside the state dir are read-only for the service
+# (ProtectSystem=strict; ProtectHome=yes hides /home, /root, /run/user):
+# name them, with the drop-in and the chown that would let the service write
+# them. Nothing is changed: they are the admin's directories.
+advise_project_dirs() {
+	[ "$SERVICE_USER" != root ] || return 0
+	[ -f "$CONFIG" ] || return 0
+	bin=$PREFIX/bin/aion-connector
+	# The binary resolves the dirs as the service does (relative ones from
+	# the unit's WorkingDirectory, the state dir).
+	if ! dirs=$(cd "$STATE_DIR" && "$bin" check --dirs "$CONFIG" 2>/dev/null); then
+		say "note: cannot list the config's project dirs ($bin check --dirs $CONFIG failed); see $bin doctor $CONFIG"
+		return 0
+	fi
+	outside=
+	paths=
+	unwritable=
+	home=no
+	nl='
+'
+	while IFS= read -r d; do
+		[ -n "$d" ] || continue
+		case "$d" in
+			"$STATE_DIR" | "$STATE_DIR"/*) continue ;;
+		esac
+		case "$nl$outside$nl" in
+			*"$nl$d$nl"*) continue ;;
+		esac
+		outside=$outside$d$nl
+		case "$d" in
+			*' '*) paths="$paths \"$d\"" ;;
+			*) paths="$paths $d" ;;
+		esac
+		case "$d" in
+			/home | /home/* | /root | /root/* | /run/user | /run/user/*) home=yes ;;
+		esac
+		if [ -d "$d" ] && ! user_can_write "$d"; then
+			unwritable=$unwritable$d$nl
+		fi
+	done <<EOF
+$dirs
+EOF
+	[ -n "$outside" ] || return 0
+	group=$(id -gn "$SERVICE_USER" 2>/dev/null || echo "$SERVICE_USER")
+	say "note: project dirs outside $STATE_DIR are read-only for the service (ProtectSystem=strict):"
+	printf '%s' "$outside" | while IFS= read -r d; do say "  $d"; done
+	say "to let agents write them, add a drop-in (systemctl edit $UNIT_NAME):"
+	say "  [Service]"
+	say "  ReadWritePaths=${paths# }"
+	if [ "$home" = yes ]; then
+		say "  # ProtectHome=yes hides /home, /root and /run/user altogether"
+		say "  ProtectHome=read-only"
+	fi
+	if [ -n "$unwritable" ]; then
+		say "and give $SERVICE_USER these (install.sh changes none of them):"
+		printf '%s' "$unwritable" | while IFS= read -r d; do say "  chown -R $SERVICE_USER:$group $(shell_quote "$d")"; done
+	fi
+}
+
 # The shell the web terminal runs for the service user.
 service_shell() {
 	if [ -x /bin/bash ]; then
@@ -627,6 +705,7 @@ main() {
 	install_config
 	if [ "$SYSTEMD" = yes ] && command -v systemctl >/dev/null 2>&1; then
 		ensure_user
+		advise_project_dirs
 	fi
 	print_tls
 	install_unit
@@ -634,4 +713,7 @@ main() {
 	say "check the whole setup with: $PREFIX/bin/aion-connector doctor $CONFIG"
 }
 
-main "$@"
+# AION_INSTALL_SOURCE_ONLY=1: define the functions only (the tests call them).
+if [ "${AION_INSTALL_SOURCE_ONLY:-}" != 1 ]; then
+	main "$@"
+fi

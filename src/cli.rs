@@ -18,6 +18,9 @@ aion-connector — serve AI coding agents from this machine (Channel Protocol v1
 Usage:
   aion-connector [CONFIG]          serve push mode (HTTP on the config's host:port)
   aion-connector check [CONFIG]    validate CONFIG and name every problem
+  aion-connector check --dirs [CONFIG]
+                                   print each project's directory (absolute;
+                                   relative ones from here), one a line
   aion-connector fingerprint [CONFIG]
                                    print the SHA-256 fingerprint of the TLS
                                    certificate CONFIG serves (generating the
@@ -116,7 +119,9 @@ pub fn run(args: Vec<OsString>) -> Result<i32, Error> {
         }
         ["check"] => check(Path::new(DEFAULT_CONFIG)),
         ["check", path] if !path.starts_with('-') => check(Path::new(path)),
-        ["check", ..] => Err(Error::Usage("usage: aion-connector check [CONFIG]".into())),
+        ["check", "--dirs"] => dirs(Path::new(DEFAULT_CONFIG)),
+        ["check", "--dirs", path] if !path.starts_with('-') => dirs(Path::new(path)),
+        ["check", ..] => Err(Error::Usage("usage: aion-connector check [--dirs] [CONFIG]".into())),
         ["fingerprint"] => fingerprint(Path::new(DEFAULT_CONFIG)),
         ["fingerprint", path] if !path.starts_with('-') => fingerprint(Path::new(path)),
         ["fingerprint", ..] => Err(Error::Usage("usage: aion-connector fingerprint [CONFIG]".into())),
@@ -163,6 +168,24 @@ fn poll(args: &[&str]) -> Result<i32, Error> {
     let shutdown = crate::shutdown::install().map_err(|source| Error::Io { what: "signal setup", source })?;
     let config = crate::poll::config::load(config.as_deref(), &|k| std::env::var(k).ok())?;
     crate::poll::run(config, shutdown)
+}
+
+/// `check --dirs`: each project's directory, as serving resolves it, one a
+/// line on stdout (for install.sh, which finds those the service must be
+/// allowed to write); a directory whose name has a line break is refused.
+fn dirs(path: &Path) -> Result<i32, Error> {
+    let (config, _) = config::load(path)?;
+    let mut out = String::new();
+    for p in &config.projects {
+        let dir = p.dir.to_str().filter(|d| !d.contains(['\n', '\r'])).ok_or_else(|| Error::Config {
+            path: path.to_path_buf(),
+            problems: vec![format!("projects.{}.dir: not one line of UTF-8", p.id)],
+        })?;
+        out.push_str(dir);
+        out.push('\n');
+    }
+    print!("{out}");
+    Ok(0)
 }
 
 /// `tls fingerprint sha256:<hex>`, as serving prints it.

@@ -17,6 +17,10 @@
 //! - **Repeated warnings are rate-limited.** Of identical WARN/ERROR lines, the
 //!   first [`BURST`] in a [`WINDOW`] are written; the rest are counted and one
 //!   line at the end of the window says how many were suppressed.
+//! - **Noisy kinds of lines are sampled.** A line that strangers can cause at
+//!   will with ever different text (a failed TLS handshake, per peer) goes
+//!   through a [`Sampled`]: one such line per period, the next one saying how
+//!   many were left out.
 //! - **journald.** When stderr is the journal (`JOURNAL_STREAM` names stderr's
 //!   device and inode) each line starts with its priority, `<3>` `<4>` `<6>`.
 //! - **Flushed on exit.** [`finish`] (called before the process exits) waits for
@@ -151,6 +155,39 @@ fn start() -> Option<Logger> {
         journal,
         writer,
     })
+}
+
+/// One line of a kind per period at most (a `static` per kind): the lines in
+/// between are counted, and the next line written says how many.
+pub struct Sampled {
+    period: u64,
+    /// Seconds since the epoch when the last line was let through (0: never).
+    last: AtomicU64,
+    skipped: AtomicU64,
+}
+
+impl Sampled {
+    pub const fn new(period: Duration) -> Sampled {
+        Sampled { period: period.as_secs(), last: AtomicU64::new(0), skipped: AtomicU64::new(0) }
+    }
+
+    /// Whether a line may be written now: `Some(lines left out since the
+    /// last one)`, or None (counted).
+    pub fn admit(&self) -> Option<u64> {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        self.admit_at(now)
+    }
+
+    fn admit_at(&self, now: u64) -> Option<u64> {
+        let last = self.last.load(Ordering::Relaxed);
+        let due = last == 0 || now >= last.saturating_add(self.period);
+        if due && self.last.compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed).is_ok() {
+            Some(self.skipped.swap(0, Ordering::Relaxed))
+        } else {
+            self.skipped.fetch_add(1, Ordering::Relaxed);
+            None
+        }
+    }
 }
 
 /// Logs one line (use the `info!`, `warn!`, `error!` macros). Never blocks on
@@ -464,6 +501,17 @@ fn write_timestamp(out: &mut Vec<u8>, t: SystemTime) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_sampled_kind_writes_one_line_a_period_and_counts_the_rest() {
+        let kind = Sampled::new(Duration::from_secs(10));
+        assert_eq!(kind.admit_at(100), Some(0));
+        assert_eq!((0..199).filter_map(|_| kind.admit_at(105)).count(), 0);
+        assert_eq!(kind.admit_at(109), None);
+        assert_eq!(kind.admit_at(110), Some(200));
+        assert_eq!(kind.admit_at(111), None);
+        assert_eq!(kind.admit_at(125), Some(1));
+    }
 
     #[test]
     fn timestamps_are_utc_calendar_dates() {

@@ -35,6 +35,46 @@ pub fn redact<'a>(text: &'a str, secrets: &[String]) -> Cow<'a, str> {
     out
 }
 
+/// Where to cut `text` so that no secret is split between what is posted
+/// now (before the cut) and what comes next: the start of the longest end of
+/// `text` that is a proper beginning of one of `secrets`, moved back before
+/// any whole secret it would cut; `text.len()` when nothing need wait. What
+/// is held is shorter than the longest secret unless secrets overlap.
+pub fn held_tail(text: &str, secrets: &[String]) -> usize {
+    let bytes = text.as_bytes();
+    let mut cut = bytes.len();
+    for s in secrets {
+        let s = s.as_bytes();
+        let longest = (s.len() - 1).min(bytes.len());
+        if let Some(k) = (1..=longest).rev().find(|&k| bytes.ends_with(&s[..k])) {
+            cut = cut.min(bytes.len() - k);
+        }
+    }
+    // A whole secret across the cut (secrets that overlap) waits too.
+    loop {
+        let across = secrets.iter().find_map(|s| {
+            let from = cut.saturating_sub(s.len() - 1);
+            text[floor(text, from)..]
+                .match_indices(s.as_str())
+                .map(|(i, _)| floor(text, from) + i)
+                .find(|&i| i < cut && i + s.len() > cut)
+        });
+        match across {
+            Some(i) => cut = i,
+            None => break,
+        }
+    }
+    floor(text, cut)
+}
+
+/// The nearest char boundary at or before `i`.
+fn floor(text: &str, mut i: usize) -> usize {
+    while !text.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
+}
+
 /// Decodes `bytes` after `carry` as UTF-8 for a text frame: a sequence cut
 /// at the end waits in `carry` for the next read; invalid bytes become U+FFFD.
 pub fn utf8_chunk(carry: &mut Vec<u8>, bytes: &[u8]) -> String {
@@ -122,6 +162,46 @@ mod tests {
             "a [redacted] b [redacted] c short"
         );
         assert!(matches!(redact("nothing here", &s), Cow::Borrowed(_)));
+    }
+
+    /// Every way of cutting a text with secrets into two pieces, through
+    /// [`held_tail`] as a stream does, posts it redacted whole.
+    fn streamed(pieces: &[&str], s: &[String]) -> (String, Vec<String>) {
+        let mut held = String::new();
+        let mut posts = Vec::new();
+        for p in pieces {
+            held.push_str(p);
+            let cut = held_tail(&held, s);
+            let rest = held.split_off(cut);
+            if !held.is_empty() {
+                posts.push(redact(&held, s).into_owned());
+            }
+            held = rest;
+        }
+        if !held.is_empty() {
+            posts.push(redact(&held, s).into_owned());
+        }
+        (posts.concat(), posts)
+    }
+
+    #[test]
+    fn a_secret_split_between_pieces_is_held_back_until_whole() {
+        let s = secrets(["sk-live-1234", "sk-live-1234-extra", "12345678", "5678abcdef", "ключ-секрет"]);
+        for text in [
+            "a sk-live-1234-extra b sk-live-1234 c",
+            "x12345678abcdef y",
+            "5678abcdef12345678",
+            "é ключ-секрет ü sk-live-12",
+        ] {
+            let whole = redact(text, &s).into_owned();
+            for cut in (0..=text.len()).filter(|&c| text.is_char_boundary(c)) {
+                let (got, posts) = streamed(&[&text[..cut], &text[cut..]], &s);
+                assert_eq!(got, whole, "{text:?} cut at {cut}: {posts:?}");
+            }
+        }
+        // Text that cannot begin a secret goes at once, whole.
+        let (_, posts) = streamed(&["hello ", "world sk-", "live-1234 done"], &s);
+        assert_eq!(posts, ["hello ", "world ", "[redacted] done"]);
     }
 
     #[test]

@@ -17,24 +17,21 @@ pub fn is_handshake(first: u8) -> bool {
     first == 0x16
 }
 
-/// One info line a second at most (there is no debug level): a scanner can
-/// fail handshakes all day.
+/// How often a failed handshake is logged at most (there is no debug
+/// level): a scanner can fail handshakes all day.
+pub const HANDSHAKE_LOG_PERIOD: std::time::Duration = crate::logging::WINDOW;
+
+/// One info line per [`HANDSHAKE_LOG_PERIOD`] at most, with the number of
+/// failures left out since the last one.
 pub fn handshake_failed(peer: SocketAddr, e: &io::Error) {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static LAST: AtomicU64 = AtomicU64::new(0);
-    static SKIPPED: AtomicU64 = AtomicU64::new(0);
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    let last = LAST.load(Ordering::Relaxed);
-    if now > last && LAST.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
-        let skipped = SKIPPED.swap(0, Ordering::Relaxed);
+    static KIND: crate::logging::Sampled = crate::logging::Sampled::new(HANDSHAKE_LOG_PERIOD);
+    if let Some(skipped) = KIND.admit() {
         let more = if skipped > 0 {
             format!(" (and {skipped} more since the last such line)")
         } else {
             String::new()
         };
         crate::logging::info!("tls: handshake with {} failed: {e}{more}", peer.ip());
-    } else {
-        SKIPPED.fetch_add(1, Ordering::Relaxed);
     }
 }
 

@@ -144,6 +144,10 @@ pub struct Events {
     closed: bool,
     /// Values replaced by `[redacted]` in every post (see [`text::redact`]).
     secrets: Vec<String>,
+    /// The end of the text posted last that could be the start of a secret
+    /// (see [`text::held_tail`]): posted with the next piece, or alone
+    /// before any other post.
+    held: String,
     /// The run history's copy of each post (None: not kept).
     history: Option<super::history::Recorder>,
 }
@@ -171,14 +175,17 @@ impl Events {
             base: base.to_string(),
             closed: false,
             secrets: Vec::new(),
+            held: String::new(),
             history: None,
         }
     }
 
     /// Redacts `secrets` (from [`text::secrets`]) in every post: the text,
     /// events, summary and error of a run (and so in the run history). A
-    /// secret split across two text chunks is missed in the stream (never in
-    /// the summary, built whole).
+    /// secret split across text pieces is caught too: the end of a piece that
+    /// could begin a secret is held back until the next piece (or until any
+    /// other post, before which it goes alone); text that cannot is posted
+    /// at once.
     pub fn redacting(mut self, secrets: Vec<String>) -> Events {
         self.secrets = secrets;
         self
@@ -226,10 +233,41 @@ impl Events {
     }
 
     /// Emits one post with the next `seq`; nothing once the run is closed.
+    /// Text that could begin a secret waits for what follows (see
+    /// [`Events::redacting`]).
     pub fn emit(&mut self, kind: Kind<'_>) {
         if self.closed {
             return;
         }
+        if self.secrets.is_empty() {
+            return self.send(kind);
+        }
+        if let Kind::Output(t) = kind {
+            let mut text = std::mem::take(&mut self.held);
+            text.push_str(t);
+            let cut = text::held_tail(&text, &self.secrets);
+            self.held = text.split_off(cut);
+            if !text.is_empty() {
+                let redacted = self.redact(&text).into_owned();
+                self.send(Kind::Output(&redacted));
+            }
+            return;
+        }
+        self.flush();
+        self.send(kind);
+    }
+
+    /// Posts the held text, if any.
+    fn flush(&mut self) {
+        if !self.held.is_empty() {
+            let text = std::mem::take(&mut self.held);
+            let redacted = self.redact(&text).into_owned();
+            self.send(Kind::Output(&redacted));
+        }
+    }
+
+    /// Posts `kind` (redacted, but for text, which comes redacted) with the next `seq`.
+    fn send(&mut self, kind: Kind<'_>) {
         self.closed = kind.closes();
         let redacted;
         let event;
@@ -237,10 +275,7 @@ impl Events {
             kind
         } else {
             match kind {
-                Kind::Output(t) => {
-                    redacted = self.redact(t).into_owned();
-                    Kind::Output(&redacted)
-                }
+                text @ Kind::Output(_) => text,
                 Kind::Event(v) => {
                     event = redact_value(v, &self.secrets);
                     Kind::Event(&event)
@@ -345,5 +380,36 @@ mod tests {
             ]
         );
         assert!(ev.closed() && !ev.takes_display(""));
+    }
+
+    #[test]
+    fn a_held_tail_keeps_its_place_and_goes_before_the_close() {
+        let (ev, rx) = live();
+        let mut ev = ev.redacting(text::secrets(["sk-live-1234"]));
+        ev.output("a sk-li");
+        ev.output("ve-1234 b sk");
+        ev.emit(Kind::Event(&json!({"title": "sk-live-1234"})));
+        ev.output("c s");
+        ev.complete("done", &[]);
+        let posts: Vec<Value> = rx.try_iter().map(|l| serde_json::from_slice(&l).unwrap()).collect();
+        let got: Vec<String> = posts
+            .iter()
+            .map(|p| {
+                format!("{}:{}:{}", p["seq"], p["type"].as_str().unwrap(), p["text"].as_str().unwrap_or(""))
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                "0:output:a ",
+                "1:output:[redacted] b ",
+                "2:output:sk",
+                "3:event:",
+                "4:output:c ",
+                "5:output:s",
+                "6:complete:"
+            ]
+        );
+        assert_eq!(posts[3]["event"]["title"], "[redacted]");
     }
 }

@@ -828,12 +828,14 @@ fn stopped_early(control: &Receiver<Control>) -> Option<&'static str> {
 }
 
 /// What a run keeps out of its posts and log lines: the values of its
-/// agent's `env` and the tokens of its repos (a url's credentials included).
+/// agent's `env` and the tokens of its repos (a url's credentials included:
+/// `user:password` whole and the password alone, as a token `oauth2:glpat-…`).
 fn secrets(project: &ProjectState, invoke: &Invoke) -> Vec<String> {
     let agent = project.config.agents.iter().find(|a| a.name == invoke.agent);
     let env = agent.into_iter().flat_map(|a| a.env.iter().map(|(_, v)| v.as_str()));
     let repos = invoke.repos.iter().filter_map(|r| r.token.as_deref());
-    crate::text::secrets(env.chain(repos))
+    let passwords = repos.clone().filter_map(|t| t.split_once(':').map(|(_, password)| password));
+    crate::text::secrets(env.chain(repos).chain(passwords))
 }
 
 /// A failed agent's error: the first 500 characters of its stderr, as the

@@ -199,12 +199,19 @@ struct AgentRig {
 }
 
 fn agent_rig(tag: &str, agents: Value) -> AgentRig {
+    agent_rig_with(tag, json!({"agents": agents}))
+}
+
+/// [`agent_rig`] with project "p"'s members (but `token`, `dir`) from `project`.
+fn agent_rig_with(tag: &str, project: Value) -> AgentRig {
     let dir = TempDir::new(tag);
     let proj = dir.join("proj");
     std::fs::create_dir_all(&proj).unwrap();
     let bin = fake_acpx_bin(dir.path());
     let log = dir.join("acpx.log");
-    let cfg = config(json!({"p": {"token": TOKEN, "dir": proj, "agents": agents}}), None);
+    let mut p = json!({"token": TOKEN, "dir": proj});
+    p.as_object_mut().unwrap().extend(project.as_object().unwrap().clone());
+    let cfg = config(json!({ "p": p }), None);
     let path = dir.join("aion.config.json");
     write(&path, cfg);
     let env = [("PATH", path_with(&bin)), ("FAKE_ACPX_LOG", log.display().to_string())];
@@ -268,7 +275,6 @@ fn agent_permissions_reach_acpx_as_its_flag() {
 
 #[test]
 fn an_agent_env_value_the_agent_prints_arrives_redacted() {
-    const KEY: &str = "sk-test-5f4e3d2c1b0a99887766";
     let rig = agent_rig(
         "sec-redact",
         json!({"leaky": {"env": {"API_KEY": KEY, "SHORT": "abc"}}, "short": {"env": {"SHORT": "abc"}}}),
@@ -317,4 +323,175 @@ fn an_agent_env_value_the_agent_prints_arrives_redacted() {
     let err = rig.server.wait_stderr("the r4 run's end", |e| e.contains("run r4 project=p ended"));
     assert!(err.contains("leak [redacted]"), "{err}");
     assert!(!err.contains(KEY), "the key is in the log:\n{err}");
+}
+
+const KEY: &str = "sk-test-5f4e3d2c1b0a99887766";
+
+/// The texts of a run's output posts, joined, and the posts' bodies.
+fn streamed_text(bodies: &[Value]) -> String {
+    bodies.iter().filter_map(|b| b["text"].as_str()).collect()
+}
+
+#[test]
+fn a_secret_split_across_two_chunks_arrives_redacted() {
+    let rig = agent_rig("sec-split", json!({"leaky": {"env": {"API_KEY": KEY}}}));
+    let platform = Platform::start();
+    // Cut in every third place, each in its own run: the stream never shows it.
+    for (n, cut) in [1, 5, 14, KEY.len() - 1].into_iter().enumerate() {
+        let session = format!("s{n}");
+        let prompt = format!("chunks before {}|{} after|!", &KEY[..cut], &KEY[cut..]);
+        let (status, body) = rig.server.call(
+            TOKEN,
+            "invoke",
+            json!({"agent": "leaky", "prompt": prompt, "session": session, "callback": platform.url()}),
+        );
+        assert_eq!(status, 200, "{body}");
+        let posts = platform.wait_closed(&session);
+        let bodies = check_run(&posts, TOKEN);
+        let all: String = posts.iter().map(|p| String::from_utf8_lossy(&p.body).into_owned()).collect();
+        assert!(!all.contains(&KEY[..cut.max(KEY.len() - cut)]), "a part of the key was posted: {all}");
+        assert_eq!(streamed_text(&bodies), "before [redacted] after!", "{bodies:?}");
+        assert_eq!(bodies.last().unwrap()["summary"], "before [redacted] after!", "{bodies:?}");
+    }
+    // Text that cannot begin the key is not held back ("before " is its own
+    // post); a piece that could waits for the next ("sk-test-" goes with "!").
+    let (status, text) = rig.server.post(
+        &json!({"v": 1, "action": "invoke", "token": TOKEN,
+            "payload": {"agent": "leaky", "prompt": format!("chunks before |{}|!", &KEY[..8]), "session": "live", "stream": true}})
+        .to_string(),
+    );
+    assert_eq!(status, 200);
+    let lines: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let outputs: Vec<&str> =
+        lines.iter().filter(|l| l["type"] == "output").map(|l| l["text"].as_str().unwrap()).collect();
+    assert_eq!(outputs, ["before ".to_string(), format!("{}!", &KEY[..8])], "{text}");
+    let seqs: Vec<u64> = lines.iter().map(|l| l["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, (0..lines.len() as u64).collect::<Vec<_>>(), "{text}");
+    assert_eq!(lines.last().unwrap()["type"], "complete", "{text}");
+}
+
+#[test]
+fn repo_tokens_and_url_credentials_the_agent_prints_arrive_redacted() {
+    let rig = agent_rig_with("sec-repo", json!({"allowFileUrls": true, "agents": {"a": {}}}));
+    let upstream = rig._dir.join("upstream");
+    std::fs::create_dir_all(&upstream).unwrap();
+    git(&upstream, &["init", "-q"]);
+    write(upstream.join("a.txt"), "a\n");
+    git(&upstream, &["add", "-A"]);
+    git(&upstream, &["commit", "-qm", "init"]);
+    let platform = Platform::start();
+    const TOK: &str = "ghp_0123456789abcdefGHIJ";
+    const PASSWORD: &str = "glpat-9z8y7x6w5v4u";
+    let url = format!("file://oauth2:{PASSWORD}@{}", upstream.display());
+    let repos = json!([{"name": "mapped", "token": TOK}, {"name": "up", "url": url}]);
+    std::fs::create_dir_all(rig._dir.join("proj/mapped")).unwrap();
+    let prompt = format!(
+        "chunks token {}|{} and password {}|{}.",
+        &TOK[..6],
+        &TOK[6..],
+        &PASSWORD[..3],
+        &PASSWORD[3..]
+    );
+    let (status, body) = rig.server.call(
+        TOKEN,
+        "invoke",
+        json!({"agent": "a", "prompt": prompt, "session": "r1", "callback": platform.url(), "repos": repos}),
+    );
+    assert_eq!(status, 200, "{body}");
+    let posts = platform.wait_closed("r1");
+    let bodies = check_run(&posts, TOKEN);
+    let all: String = posts.iter().map(|p| String::from_utf8_lossy(&p.body).into_owned()).collect();
+    assert!(!all.contains(TOK) && !all.contains(PASSWORD), "a credential was posted: {all}");
+    let said = "token [redacted] and password [redacted].";
+    assert_eq!(streamed_text(&bodies), said, "{bodies:?}");
+    assert_eq!(bodies.last().unwrap()["summary"], said, "{bodies:?}");
+}
+
+#[test]
+fn an_event_carrying_a_secret_arrives_redacted() {
+    let rig =
+        agent_rig_with("sec-event", json!({"events": true, "agents": {"leaky": {"env": {"API_KEY": KEY}}}}));
+    let platform = Platform::start();
+    let (status, body) = rig.server.call(
+        TOKEN,
+        "invoke",
+        json!({"agent": "leaky", "prompt": format!("event run with {KEY} now"), "session": "e1", "callback": platform.url()}),
+    );
+    assert_eq!(status, 200, "{body}");
+    let posts = platform.wait_closed("e1");
+    let bodies = check_run(&posts, TOKEN);
+    let all: String = posts.iter().map(|p| String::from_utf8_lossy(&p.body).into_owned()).collect();
+    assert!(!all.contains(KEY), "the key was posted: {all}");
+    let event =
+        bodies.iter().find(|b| b.get("event").is_some()).unwrap_or_else(|| panic!("no event: {bodies:?}"));
+    assert_eq!(event["event"]["title"], "run with [redacted] now", "{event}");
+}
+
+#[test]
+fn check_dirs_prints_each_project_dir_resolved_as_serving_does() {
+    let dir = TempDir::new("sec-dirs");
+    let (a, b) = (dir.join("a"), dir.join("state/rel"));
+    std::fs::create_dir_all(&a).unwrap();
+    std::fs::create_dir_all(&b).unwrap();
+    let cfg = config(json!({"p": {"token": TOKEN, "dir": a}, "q": {"token": WRONG, "dir": "rel"}}), None);
+    write(dir.join("aion.config.json"), cfg);
+    let (code, out, err) =
+        run(&["check", "--dirs", dir.join("aion.config.json").to_str().unwrap()], &dir.join("state"), &[]);
+    assert_eq!(code, 0, "{err}");
+    let mut got: Vec<&str> = out.lines().collect();
+    got.sort();
+    assert_eq!(got, [a.to_str().unwrap(), b.to_str().unwrap()], "{out}");
+    let (code, _, err) = run(&["check", "--dirs", "--nope"], dir.path(), &[]);
+    assert_eq!(code, 2, "{err}");
+}
+
+#[test]
+fn install_sh_names_project_dirs_the_service_cannot_write_and_changes_none() {
+    if !std::process::Command::new("id").arg("nobody").output().is_ok_and(|o| o.status.success()) {
+        return skip(
+            "install_sh_names_project_dirs_the_service_cannot_write_and_changes_none",
+            "no user nobody",
+        );
+    }
+    let dir = TempDir::new("sec-install-dirs");
+    let state = dir.join("state");
+    let outside = dir.join("srv/a b");
+    for d in [&state.join("workspace"), &outside] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    let bin = dir.join("prefix/bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_aion-connector"), bin.join("aion-connector")).unwrap();
+    let cfg = dir.join("aion.config.json");
+    write(
+        &cfg,
+        config(
+            json!({"in": {"token": TOKEN, "dir": "workspace"}, "out": {"token": WRONG, "dir": outside},
+                   "again": {"token": "again-token-0123456789abcdef0123456789", "dir": outside}}),
+            None,
+        ),
+    );
+    let mode =
+        |p: &Path| std::fs::metadata(p).map(|m| (std::os::unix::fs::MetadataExt::uid(&m), m.permissions()));
+    let before = mode(&outside).unwrap();
+    let script = format!(
+        ". {}/install.sh; PREFIX={}; CONFIG={}; STATE_DIR={}; SERVICE_USER=nobody; advise_project_dirs",
+        env!("CARGO_MANIFEST_DIR"),
+        dir.join("prefix").display(),
+        cfg.display(),
+        state.display()
+    );
+    let out = std::process::Command::new("sh")
+        .args(["-c", &script])
+        .env("AION_INSTALL_SOURCE_ONLY", "1")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    let shown = outside.display().to_string();
+    assert!(text.contains(&format!("ReadWritePaths=\"{shown}\"\n")), "{text}");
+    assert!(text.contains("chown -R nobody:") && text.contains(&format!("'{shown}'")), "{text}");
+    assert_eq!(text.matches(&format!("  {shown}\n")).count(), 1, "listed once: {text}");
+    assert!(!text.contains("workspace"), "a dir in the state dir was named: {text}");
+    assert_eq!(mode(&outside).unwrap(), before, "install.sh changed the dir");
 }

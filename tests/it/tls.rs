@@ -1,6 +1,7 @@
 //! TLS on the port (`"tls"` in the config): a rustls client that pins the
 //! fingerprint the connector prints, through ping, files.read, an NDJSON
-//! stream, the HTTP terminal and the WebSocket terminal over `wss://`; the
+//! stream, the HTTP terminal, every other action, and the WebSocket terminal
+//! over `wss://` (flow control with a reader that stops, as `ws://`); the
 //! self-signed pair kept across restarts; cert files rotated on SIGHUP with a
 //! connection open; plain HTTP and garbage on the TLS port.
 
@@ -208,15 +209,25 @@ impl Wss {
 
     /// Reads until `pat` has been printed; the output after it.
     fn expect(&mut self, pat: &str) -> String {
-        let deadline = Instant::now() + DEADLINE;
-        self.ws.get_ref().sock.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        self.expect_by(pat, DEADLINE)
+    }
+
+    /// [`Wss::expect`] within `within`; output before a match that cannot be
+    /// part of it is dropped as it comes (a flood's backlog is not kept).
+    fn expect_by(&mut self, pat: &str, within: Duration) -> String {
+        let deadline = Instant::now() + within;
         loop {
             if let Some(at) = self.out.find(pat) {
                 let rest = self.out[at + pat.len()..].to_string();
                 self.out = rest.clone();
                 return rest;
             }
-            assert!(Instant::now() < deadline, "no {pat:?} in {:?}", self.out);
+            assert!(Instant::now() < deadline, "no {pat:?} in {:.2000?}", self.out);
+            let mut keep = self.out.len().saturating_sub(pat.len());
+            while !self.out.is_char_boundary(keep) {
+                keep -= 1;
+            }
+            self.out.drain(..keep);
             self.read_some();
         }
     }
@@ -251,6 +262,18 @@ impl Wss {
             assert!(Instant::now() < deadline, "no line end after {value:?}");
             self.read_some();
         }
+    }
+}
+
+impl Terminal for Wss {
+    fn send_text(&mut self, s: &str) {
+        self.send(s)
+    }
+    fn send_binary(&mut self, b: &[u8]) {
+        self.ws.send(tungstenite::Message::binary(b.to_vec())).unwrap();
+    }
+    fn expect_within(&mut self, pat: &str, within: Duration) {
+        self.expect_by(pat, within);
     }
 }
 
@@ -326,10 +349,7 @@ fn self_signed_serves_everything_over_tls_and_keeps_its_fingerprint() {
     assert_eq!(resp.status, 400, "{}", resp.head);
     assert!(resp.text().contains("https://"), "{}", resp.text());
     // Garbage that starts like a handshake: the connection closes, the server is fine.
-    let mut s = connect(&addr);
-    s.write_all(&[0x16, 0x03, 0x01, 0x00, 0x05, 1, 2, 3, 4, 5, 6, 7, 8, 9]).unwrap();
-    let mut sink = Vec::new();
-    let _ = s.read_to_end(&mut sink); // EOF or reset, within the read timeout
+    garbage_handshake(&addr);
     srv.wait_stderr("one line on the failed handshake", |e| {
         e.contains("tls: handshake with 127.0.0.1 failed")
     });
@@ -419,8 +439,9 @@ fn wss_carries_a_flood_and_reattaches() {
     let target = format!("/ws?token={TOKEN}&session=keep");
     let mut ws = Wss::connect(&srv.addr, &fp, &target);
     assert_eq!(ws.ask(1, "$((1+1))"), "2");
-    // 4 MB of output through the non-blocking TLS writes, the reader slow at
-    // first (the server must hold back, not drop or spin), then draining.
+    // 4 MB of output through the non-blocking TLS writes, the reader late at
+    // first, then draining: every byte arrives (memory while a reader stops:
+    // `wss_a_client_that_stops_reading_keeps_server_memory_bounded`).
     ws.send("head -c 4000000 /dev/zero | tr '\\0' y; echo; echo F''LOOD-DONE\r");
     std::thread::sleep(Duration::from_millis(300));
     let deadline = Instant::now() + DEADLINE * 3;
@@ -449,4 +470,147 @@ fn wss_carries_a_flood_and_reattaches() {
     drop(ws);
     let mut again = Wss::connect(&srv.addr, &fp, &target);
     assert_eq!(again.ask(4, "$X"), "kept");
+}
+
+#[test]
+fn wss_a_client_that_stops_reading_keeps_server_memory_bounded() {
+    let rig = Rig::new("tls-wss-flow", json!({"selfSigned": true}));
+    let (srv, fp) = rig.start();
+    let mut ws = Wss::connect(&srv.addr, &fp, &format!("/ws?token={TOKEN}"));
+    let ping = || assert_ping(call_tls(&srv.addr, &fp, "ping", json!({})));
+    let before = assert_unread_flood_keeps_memory_bounded(&srv, &mut ws, ping);
+    assert_eq!(ws.ask(1, "$((3+4))"), "7");
+    drop(ws);
+    ping();
+    assert!(srv.rss_kb() <= before + 4096, "RSS {} kB after, {before} kB before", srv.rss_kb());
+}
+
+#[test]
+fn every_other_action_works_over_tls() {
+    let rig = Rig::new("tls-actions", json!({"selfSigned": true}));
+    let proj = rig.dir.join("proj");
+    git(&proj, &["init", "-q"]);
+    git(&proj, &["add", "-A"]);
+    git(&proj, &["commit", "-qm", "init"]);
+    write(proj.join("hello.txt"), "changed over tls\n");
+    let (srv, fp) = rig.start();
+    let addr = srv.addr.clone();
+    let mut conn = tls(&addr, &fp);
+    let (status, v) = call_on(&mut conn, "repos.sync", json!({"repos": [{"name": "."}]}));
+    assert_eq!(status, 200, "{v}");
+    // A finished run for `runs` and `runs.output`, a waiting one to stop.
+    let body = request_body(
+        TOKEN,
+        "invoke",
+        json!({"agent": "fake", "prompt": "lines 2", "session": "done", "stream": true}),
+    );
+    conn.get_mut().write_all(&post_request("x", &body, false)).unwrap();
+    let resp = read_response(&mut conn).unwrap();
+    assert!(resp.text().contains(r#""type":"complete""#), "{}", resp.text());
+    let mut waiting = tls(&addr, &fp);
+    let body = request_body(
+        TOKEN,
+        "invoke",
+        json!({"agent": "fake", "prompt": "idle waiting", "session": "w", "stream": true}),
+    );
+    waiting.get_mut().write_all(&post_request("x", &body, false)).unwrap();
+    poll("the waiting run to be listed", || {
+        let (_, v) = call_on(&mut conn, "runs", json!({}));
+        v["active"].as_array().is_some_and(|a| a.iter().any(|r| r["session"] == "w")).then_some(())
+    });
+
+    type Check = fn(&Value);
+    let actions: [(&str, Value, Check); 7] = [
+        ("files.tree", json!({}), |v| {
+            assert!(tree_paths(&v["tree"]).contains(&"hello.txt".to_string()), "{v}")
+        }),
+        ("git.status", json!({}), |v| {
+            assert!(
+                v.as_array().unwrap().iter().any(|e| e["path"] == "hello.txt" && e["status"] == "M"),
+                "{v}"
+            )
+        }),
+        ("git.diff", json!({}), |v| {
+            assert!(v["diff"].as_str().unwrap().contains("+changed over tls"), "{v}")
+        }),
+        ("workspaces", json!({}), |v| assert_eq!(v["list"].as_array().map(Vec::len), Some(1), "{v}")),
+        ("runs.output", json!({"session": "done"}), |v| {
+            assert_eq!(v["posts"].as_array().unwrap().last().unwrap()["type"], "complete", "{v}")
+        }),
+        ("runs", json!({}), |v| {
+            assert!(v["finished"].as_array().unwrap().iter().any(|r| r["session"] == "done"), "{v}")
+        }),
+        ("stop", json!({"session": "w"}), |v| assert_eq!(v["stopping"], true, "{v}")),
+    ];
+    for (action, payload, check) in actions {
+        let (status, v) = call_on(&mut conn, action, payload);
+        assert_eq!(status, 200, "{action} over TLS: {v}");
+        check(&v);
+    }
+    // The stopped run's stream ends with its error.
+    let resp = read_response(&mut waiting).unwrap();
+    let last: Value = serde_json::from_str(resp.text().lines().last().unwrap()).unwrap();
+    assert_eq!(
+        (last["type"].as_str(), last["error"].as_str()),
+        (Some("error"), Some("stopped")),
+        "{}",
+        resp.text()
+    );
+    assert_ping(call_on(&mut conn, "ping", json!({})));
+}
+
+#[test]
+fn fingerprint_first_on_a_fresh_state_dir_makes_the_pair_the_server_then_serves() {
+    let rig = Rig::new("tls-fp-first", json!({"selfSigned": true}));
+    let tls_dir = rig.dir.join("state/aion-connector/tls");
+    assert!(!tls_dir.exists());
+    let (code, out, err) = rig.fingerprint_command();
+    assert_eq!(code, 0, "{err}");
+    let printed = out.trim().strip_prefix("tls fingerprint ").unwrap_or_else(|| panic!("{out}")).to_string();
+    assert!(tls_dir.join("cert.pem").exists() && tls_dir.join("key.pem").exists());
+    // Asked again, the same pair.
+    assert_eq!(rig.fingerprint_command().1, out);
+    let (srv, served) = rig.start();
+    assert_eq!(served, printed);
+    assert_ping(call_tls(&srv.addr, &printed, "ping", json!({})));
+}
+
+/// Sends bytes that begin like a handshake and are not one; waits for the close.
+fn garbage_handshake(addr: &str) {
+    let mut s = connect(addr);
+    s.write_all(&[0x16, 0x03, 0x01, 0x00, 0x05, 1, 2, 3, 4, 5, 6, 7, 8, 9]).unwrap();
+    let mut sink = Vec::new();
+    let _ = s.read_to_end(&mut sink); // EOF or reset, within the read timeout
+}
+
+#[test]
+fn a_flood_of_garbage_handshakes_is_logged_in_a_few_lines() {
+    let rig = Rig::new("tls-garbage", json!({"selfSigned": true}));
+    let (srv, fp) = rig.start();
+    let lines = |e: &str| e.lines().filter(|l| l.contains("tls: handshake with 127.0.0.1 failed")).count();
+    for _ in 0..200 {
+        garbage_handshake(&srv.addr);
+    }
+    assert_ping(call_tls(&srv.addr, &fp, "ping", json!({})));
+    let err = srv.wait_stderr("the first failed handshake's line", |e| lines(e) >= 1);
+    assert!(lines(&err) <= 3, "{} lines for 200 failed handshakes:\n{err}", lines(&err));
+    // After the period, the next failure's line counts those left out (time
+    // passing is the test: one more garbage handshake every 500 ms).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let skipped = loop {
+        assert!(Instant::now() < deadline, "no line with the count:\n{}", srv.stderr());
+        garbage_handshake(&srv.addr);
+        let err = srv.stderr();
+        let count = err.lines().find_map(|l| {
+            let (_, rest) = l.split_once("failed: ")?;
+            let (_, n) = rest.split_once("(and ")?;
+            n.split(' ').next()?.parse::<u64>().ok()
+        });
+        if let Some(n) = count {
+            break n;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert!(skipped >= 199, "{skipped} left out of 200");
+    assert_ping(call_tls(&srv.addr, &fp, "ping", json!({})));
 }
