@@ -675,12 +675,21 @@ fn posts_spooled_while_the_server_is_down_are_delivered_after_a_restart() {
     rig.finish();
 }
 
+/// kill -9 of the connector while a session runs: the session outlives it
+/// (nothing could end it) until the next start on the same state dir ends
+/// every process of the old instance (`end_previous`) and closes the
+/// session with exactly one `failed`. The old harness is kept alive until
+/// then, so that its drop (which SIGKILLs its marked processes) cannot be
+/// what ended them.
 #[test]
 fn a_crashed_agent_closes_the_session_on_the_next_start() {
     let mut rig = Rig::new("poll-crash", &[]);
     rig.start_sh("i1", "cr", "echo alive; sleep 300");
-    rig.wait_event("cr", "started");
+    let started = rig.wait_event("cr", "started");
     rig.server.wait_for("alive", DEADLINE, |s| s.text("cr", "stdout") == "alive\n");
+    let session = started["pid"].as_i64().unwrap() as i32;
+    let mark =
+        instance_mark(session).unwrap_or_else(|| panic!("session {session} carries no AION_CONNECTOR"));
     // The server has both posts; the kill comes once the agent has recorded
     // them as delivered too (a kill between the server's answer and that
     // record would rightly post the last one again after the restart).
@@ -696,6 +705,8 @@ fn a_crashed_agent_closes_the_session_on_the_next_start() {
         status.display()
     );
     rig.agent.signal_and_wait(Signal::SIGKILL, Duration::from_secs(5));
+    let old = marked_processes(&mark);
+    assert!(old.contains(&session), "the session {session} died with the connector; old instance: {old:?}");
     let state = rig.dir.join("state");
     let url = rig.server.url();
     let env = [
@@ -704,8 +715,17 @@ fn a_crashed_agent_closes_the_session_on_the_next_start() {
         ("POLL_INTERVAL", "100"),
         ("AION_STATE_DIR", state.to_str().unwrap()),
     ];
-    // (the old agent's drop kills its orphaned session)
-    rig.agent = PollAgent::start(&[], rig.dir.path(), &env);
+    // The old harness stays alive (its drop would kill the session) until
+    // the new connector has been seen to end the old instance itself.
+    let old_agent = std::mem::replace(&mut rig.agent, PollAgent::start(&[], rig.dir.path(), &env));
+    let gone = eventually(DEADLINE, || marked_processes(&mark).is_empty());
+    assert!(
+        gone,
+        "the restarted connector left the old instance's processes {:?}; its stderr:\n{}",
+        marked_processes(&mark),
+        rig.agent.stderr()
+    );
+    drop(old_agent);
     let failed = rig.server.wait_event("cr", "failed", DEADLINE);
     assert!(failed["message"].as_str().is_some_and(|m| m.contains("stopped")), "{failed}");
     let (names, _) = check_poll_session(&rig.server, "cr");

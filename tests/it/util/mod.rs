@@ -573,6 +573,15 @@ pub fn marked_processes(marker: &str) -> Vec<i32> {
         .collect()
 }
 
+/// The connector-instance mark a process carries (`AION_CONNECTOR=…`, the
+/// whole `NAME=value` entry, as `marked_processes` takes it), if any.
+pub fn instance_mark(pid: i32) -> Option<String> {
+    let env = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+    env.split(|&b| b == 0)
+        .find(|var| var.starts_with(b"AION_CONNECTOR="))
+        .map(|var| String::from_utf8_lossy(var).into_owned())
+}
+
 /// Poll until `cond` holds or `within` passes; whether it held.
 pub fn eventually(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let start = Instant::now();
