@@ -465,6 +465,54 @@ fn bad_instructions_are_reported_as_errors() {
     rig.finish();
 }
 
+/// One poll answer of 20,000 copies of one id, 20,000 instructions without
+/// an id and 30 bad ones: a handful of log lines and at most 10 error posts
+/// (plus one summary each for the id-less and the unreported), acked once
+/// per distinct id; a second answer of 20,000 copies seen before is one line.
+#[test]
+fn a_flood_of_repeated_and_bad_instructions_logs_a_handful_of_lines() {
+    let rig = Rig::new("poll-dups", &[]);
+    first_get(&rig.server, DEADLINE);
+    let lines_at_start = rig.agent.stderr().lines().count();
+    let bad =
+        (0..30).map(|i| json!({"id": format!("c{i}"), "type": "command", "sessionId": format!("no{i}")}));
+    let flood = std::iter::repeat_n(json!({"id": "d"}), 20_000)
+        .chain(std::iter::repeat_n(json!({"x": 1}), 20_000))
+        .chain(bad);
+    rig.server.push_all(flood);
+    rig.server.wait_for("the flood's summary post", DEADLINE, |s| {
+        s.errors().iter().any(|e| e["message"].as_str().is_some_and(|m| m.contains("more error(s)")))
+    });
+    let errors = rig.server.errors();
+    let messages: Vec<&str> = errors.iter().filter_map(|e| e["message"].as_str()).collect();
+    assert_eq!(errors.len(), 12, "error posts: {messages:#?}");
+    assert!(messages.contains(&"20000 instructions without an id; ignored"), "{messages:#?}");
+    assert!(messages.iter().any(|m| m.starts_with("21 more error(s)")), "{messages:#?}");
+    let acks = rig.server.acks();
+    let ack = &acks.last().unwrap().2;
+    assert_eq!(ack.len(), 31, "ids acked: {ack:?}");
+    let log = rig.agent.wait_stderr("the repeats' summary", DEADLINE, |s| {
+        s.contains("19999 instructions seen before (1 distinct id(s), the first d)")
+    });
+    let first = log.lines().count() - lines_at_start;
+    // one `Received instruction` per distinct id, 10 errors, 3 summaries
+    let received = log.lines().filter(|l| l.contains("Received instruction")).count();
+    assert_eq!(received, 31, "{log}");
+    assert!(first - received <= 15, "{first} log lines for one poll answer:\n{log}");
+
+    // the same id 20,000 times again: all seen before, one line
+    rig.server.push_all(std::iter::repeat_n(json!({"id": "d"}), 20_000));
+    let log = rig.agent.wait_stderr("the second summary", DEADLINE, |s| {
+        s.contains("20000 instructions seen before (1 distinct id(s), the first d)")
+    });
+    // (the poll after it, which found nothing, logs nothing)
+    rig.server.wait_for("the pending list emptied", DEADLINE, |s| s.acks().len() >= 2);
+    let second = rig.agent.stderr().lines().count() - lines_at_start - first;
+    assert!(second <= 2, "{second} log lines for an answer of repeats:\n{log}");
+    assert_eq!(rig.server.errors().len(), 12, "a repeat was reported as an error");
+    rig.finish();
+}
+
 // ---------------------------------------------------------------- 10. configuration
 
 fn first_get(server: &PollServer, within: Duration) {
