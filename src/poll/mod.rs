@@ -119,6 +119,29 @@ struct Tally<'a> {
     unreported: usize,
 }
 
+/// Descriptors a session holds: its three pipes and its process's handle
+/// (4 measured per running session), and its outbox stream's spool files
+/// while undelivered.
+const SESSION_FDS: u64 = 6;
+
+/// `maxConcurrentSessions`, lowered (with a warning) to what the open-file
+/// limit leaves after the reserve, so that a `rejected` at the cap, not
+/// EMFILE, is what a session meets.
+fn session_cap(configured: usize, nofile: Option<u64>) -> usize {
+    let Some(nofile) = nofile else { return configured };
+    let fits = crate::fds::fit(nofile, SESSION_FDS);
+    if configured <= fits {
+        return configured;
+    }
+    warn!(
+        "maxConcurrentSessions is {configured} but the open-file limit (nofile) is {nofile}: running at most \
+         {fits} sessions ({SESSION_FDS} descriptors each, {} kept for the rest); raise the limit \
+         (ulimit -n, LimitNOFILE=) to run more",
+        crate::fds::reserve(nofile)
+    );
+    fits
+}
+
 pub struct Runtime {
     config: PollConfig,
     client: Client,
@@ -135,8 +158,9 @@ pub struct Runtime {
     refused: AtomicBool,
 }
 
-pub fn run(config: PollConfig, shutdown: Arc<Shutdown>) -> Result<i32, Error> {
+pub fn run(mut config: PollConfig, shutdown: Arc<Shutdown>) -> Result<i32, Error> {
     info!("Agent starting... (aion-connector {} poll mode)", crate::version::VERSION);
+    config.max_sessions = session_cap(config.max_sessions, crate::fds::raise_limit());
     let state = crate::config::state_dir(config.state_dir.as_deref());
     let signer =
         Arc::new(PollSigner { token: config.agent_token.0.clone(), server_url: config.server_url.clone() });

@@ -781,6 +781,82 @@ fn a_crashed_agent_closes_the_session_on_the_next_start() {
     rig.finish();
 }
 
+/// Under `nofile` 64 a configured cap of 100 sessions is lowered, with one
+/// warning, to what fits after the reserve (5); the sixth start is
+/// `rejected`, not an EMFILE, and status reports the lowered cap.
+#[test]
+fn an_open_file_limit_below_the_session_cap_lowers_the_cap_with_a_warning() {
+    const NAME: &str = "an_open_file_limit_below_the_session_cap_lowers_the_cap_with_a_warning";
+    if !std::process::Command::new("prlimit").arg("--version").output().is_ok_and(|o| o.status.success()) {
+        skip(NAME, "prlimit (util-linux) is not installed");
+        return;
+    }
+    let server = PollServer::start(TOKEN);
+    let dir = TempDir::new("poll-nofile");
+    let mark = format!("AION_POLL_TEST_MARK={}#nofile", dir.path().display());
+    let mut cmd = std::process::Command::new("prlimit");
+    cmd.args(["--nofile=64:64", "--", BIN, "poll"]).current_dir(dir.path());
+    cmd.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null());
+    cmd.stderr(std::process::Stdio::piped());
+    for v in POLL_VARS {
+        cmd.env_remove(v);
+    }
+    cmd.env("SERVER_URL", server.url())
+        .env("AGENT_TOKEN", TOKEN)
+        .env("POLL_INTERVAL", "100")
+        .env("STATUS_INTERVAL", "60000")
+        .env("MAX_CONCURRENT_SESSIONS", "100")
+        .env("AION_SESSION_COMMAND", SH)
+        .env("AION_STATE_DIR", dir.join("state"))
+        .env(mark.split_once('=').unwrap().0, mark.split_once('=').unwrap().1);
+    let mut child = cmd.spawn().unwrap();
+    let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let mut pipe = child.stderr.take().unwrap();
+    let sink = stderr.clone();
+    thread::spawn(move || {
+        use std::io::Read;
+        let mut buf = [0u8; 4096];
+        while let Ok(n @ 1..) = pipe.read(&mut buf) {
+            sink.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    });
+    let check = || -> Result<(), String> {
+        first_get(&server, DEADLINE);
+        for i in 0..7 {
+            server.push(json!({"id": format!("i{i}"), "type": "start_session", "sessionId": format!("s{i}"), "args": ["sleep 60"]}));
+        }
+        let closed =
+            |s: &PollServer| (0..7).filter(|i| !s.event_names(&format!("s{i}")).is_empty()).count() == 7;
+        server.wait_for("an event of each session", DEADLINE, closed);
+        let names: Vec<Vec<String>> = (0..7).map(|i| server.event_names(&format!("s{i}"))).collect();
+        let started = names.iter().filter(|n| n.as_slice() == ["started"]).count();
+        let rejected = names.iter().filter(|n| n.as_slice() == ["rejected"]).count();
+        let log = stderr.lock().unwrap().clone();
+        let warning = "[WARN] maxConcurrentSessions is 100 but the open-file limit (nofile) is 64: running at most 5 sessions";
+        if log.matches(warning).count() != 1 || (started, rejected) != (5, 2) {
+            return Err(format!("started {started}, rejected {rejected} ({names:?}); log:\n{log}"));
+        }
+        if log.contains("os error 24") || log.to_lowercase().contains("too many open files") {
+            return Err(format!("EMFILE:\n{log}"));
+        }
+        let status = server.statuses().last().map(|s| s.1.clone()).unwrap_or_default();
+        if status["maxConcurrentSessions"] != 5 {
+            return Err(format!("status: {status}"));
+        }
+        Ok(())
+    };
+    let result = check();
+    let _ = child.kill();
+    let _ = child.wait();
+    for pid in marked_processes(&mark) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
+    }
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+    server.assert_clean();
+}
+
 // ---------------------------------------------------------------- found by probing (see the report)
 
 #[test]
