@@ -5,11 +5,13 @@
 //! and agent (`poll_server`), the Aion lease server (`lease_server`) and the
 //! WebSocket terminal client (`ws`).
 
+mod git_http;
 pub mod lease_server;
 mod platform;
 mod poll_server;
 mod ws;
 
+pub use git_http::*;
 pub use platform::*;
 pub use poll_server::*;
 pub use ws::*;
