@@ -19,6 +19,7 @@ mod config;
 mod delivery;
 mod doctor;
 mod error;
+mod fds;
 mod lease;
 mod logging;
 mod mcp;

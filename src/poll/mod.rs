@@ -102,6 +102,46 @@ struct Session {
     _leases: Vec<crate::lease::Guard>,
 }
 
+/// At most this many errors are posted for one poll answer; the rest are
+/// counted in one summary post.
+const ERROR_POSTS_PER_POLL: usize = 10;
+
+/// What one poll answer held that is logged or reported in summary: at most
+/// [`ERROR_POSTS_PER_POLL`] errors one by one, plus one post for the
+/// instructions without an id and one for the errors beyond the budget.
+#[derive(Default)]
+struct Tally<'a> {
+    repeated: usize,
+    repeated_ids: HashSet<&'a str>,
+    first_repeated: String,
+    without_id: usize,
+    reported: usize,
+    unreported: usize,
+}
+
+/// Descriptors a session holds: its three pipes and its process's handle
+/// (4 measured per running session), and its outbox stream's spool files
+/// while undelivered.
+const SESSION_FDS: u64 = 6;
+
+/// `maxConcurrentSessions`, lowered (with a warning) to what the open-file
+/// limit leaves after the reserve, so that a `rejected` at the cap, not
+/// EMFILE, is what a session meets.
+fn session_cap(configured: usize, nofile: Option<u64>) -> usize {
+    let Some(nofile) = nofile else { return configured };
+    let fits = crate::fds::fit(nofile, SESSION_FDS);
+    if configured <= fits {
+        return configured;
+    }
+    warn!(
+        "maxConcurrentSessions is {configured} but the open-file limit (nofile) is {nofile}: running at most \
+         {fits} sessions ({SESSION_FDS} descriptors each, {} kept for the rest); raise the limit \
+         (ulimit -n, LimitNOFILE=) to run more",
+        crate::fds::reserve(nofile)
+    );
+    fits
+}
+
 pub struct Runtime {
     config: PollConfig,
     client: Client,
@@ -118,8 +158,9 @@ pub struct Runtime {
     refused: AtomicBool,
 }
 
-pub fn run(config: PollConfig, shutdown: Arc<Shutdown>) -> Result<i32, Error> {
+pub fn run(mut config: PollConfig, shutdown: Arc<Shutdown>) -> Result<i32, Error> {
     info!("Agent starting... (aion-connector {} poll mode)", crate::version::VERSION);
+    config.max_sessions = session_cap(config.max_sessions, crate::fds::raise_limit());
     let state = crate::config::state_dir(config.state_dir.as_deref());
     let signer =
         Arc::new(PollSigner { token: config.agent_token.0.clone(), server_url: config.server_url.clone() });
@@ -236,7 +277,10 @@ impl Runtime {
     }
 
     /// Acks the new instructions, then acts on them; one seen before is
-    /// acked again but not run again.
+    /// acked again but not run again. What one answer holds is logged and
+    /// reported in bounds whatever its size: repeated ids and instructions
+    /// without an id make one summary line each, and at most
+    /// [`ERROR_POSTS_PER_POLL`] errors are posted (then one summary).
     fn take(self: &Arc<Self>, body: &[u8]) {
         let list: Vec<Value> = match serde_json::from_slice::<Value>(body) {
             Ok(Value::Object(m)) => match m.get("instructions") {
@@ -252,8 +296,12 @@ impl Runtime {
         if list.is_empty() {
             return;
         }
-        let ids: Vec<String> =
-            list.iter().filter_map(|i| i.get("id").and_then(Value::as_str).map(str::to_string)).collect();
+        let mut unique = HashSet::new();
+        let ids: Vec<&str> = list
+            .iter()
+            .filter_map(|i| i.get("id").and_then(Value::as_str))
+            .filter(|id| unique.insert(*id))
+            .collect();
         let ack = serde_json::to_vec(&json!({ "ids": ids })).expect("JSON");
         match self.client.post(&self.url("/api/agent/instructions/ack"), &self.signed(&ack), &ack) {
             Answer::Status { status, .. } if (200..300).contains(&status) => {}
@@ -266,17 +314,57 @@ impl Runtime {
                 return;
             }
         }
-        for instruction in list {
-            let id = instruction.get("id").and_then(Value::as_str).unwrap_or("").to_string();
+        let mut tally = Tally::default();
+        for instruction in &list {
+            let id = instruction.get("id").and_then(Value::as_str).unwrap_or("");
             if id.is_empty() {
-                self.report_error("instruction without an id; ignored", None, None);
+                tally.without_id += 1;
                 continue;
             }
-            if !self.first_time(&id) {
-                info!("Instruction {id} seen before; not run again");
+            if !self.first_time(id) {
+                if tally.repeated == 0 {
+                    tally.first_repeated = id.to_string();
+                }
+                tally.repeated += 1;
+                tally.repeated_ids.insert(id);
                 continue;
             }
-            self.act(&id, &instruction);
+            self.act(id, instruction, &mut tally);
+        }
+        self.summarize(tally);
+    }
+
+    /// The summary lines (and posts) of one poll answer.
+    fn summarize(&self, tally: Tally) {
+        match (tally.repeated, tally.repeated_ids.len()) {
+            (0, _) => {}
+            (1, _) => info!("Instruction {} seen before; not run again", tally.first_repeated),
+            (n, k) => info!(
+                "{n} instructions seen before ({k} distinct id(s), the first {}); not run again",
+                tally.first_repeated
+            ),
+        }
+        match tally.without_id {
+            0 => {}
+            1 => self.report_error("instruction without an id; ignored", None, None),
+            n => self.report_error(&format!("{n} instructions without an id; ignored"), None, None),
+        }
+        if tally.unreported > 0 {
+            let msg = format!(
+                "{} more error(s) in this poll answer, not reported one by one (at most {ERROR_POSTS_PER_POLL} are)",
+                tally.unreported
+            );
+            self.report_error(&msg, None, None);
+        }
+    }
+
+    /// `report_error` within the poll answer's budget of error posts.
+    fn instruction_error(&self, tally: &mut Tally, message: &str, id: Option<&str>, session: Option<&str>) {
+        if tally.reported < ERROR_POSTS_PER_POLL {
+            tally.reported += 1;
+            self.report_error(message, id, session);
+        } else {
+            tally.unreported += 1;
         }
     }
 
@@ -294,12 +382,12 @@ impl Runtime {
         true
     }
 
-    fn act(self: &Arc<Self>, id: &str, ins: &Value) {
+    fn act(self: &Arc<Self>, id: &str, ins: &Value, tally: &mut Tally) {
         let kind = ins.get("type").and_then(Value::as_str).unwrap_or("");
         let session = ins.get("sessionId").and_then(Value::as_str).unwrap_or("").to_string();
         info!("Received instruction: {kind} ({session})");
         if session.is_empty() {
-            self.report_error("instruction without a sessionId", Some(id), None);
+            self.instruction_error(tally, "instruction without a sessionId", Some(id), None);
             return;
         }
         match kind {
@@ -308,7 +396,7 @@ impl Runtime {
                 let input = ins.get("input").and_then(Value::as_str).unwrap_or("");
                 let tx = self.sessions().get(&session).map(|s| s.input.clone());
                 let Some(tx) = tx else {
-                    self.report_error("no such session", Some(id), Some(&session));
+                    self.instruction_error(tally, "no such session", Some(id), Some(&session));
                     return;
                 };
                 let mut line = input.as_bytes().to_vec();
@@ -317,14 +405,18 @@ impl Runtime {
                 }
                 match tx.try_send(line) {
                     Ok(()) => info!("Command sent to {session}"),
-                    Err(crossbeam_channel::TrySendError::Full(_)) => self.report_error(
+                    Err(crossbeam_channel::TrySendError::Full(_)) => self.instruction_error(
+                        tally,
                         "the session is not reading its input; command dropped",
                         Some(id),
                         Some(&session),
                     ),
-                    Err(crossbeam_channel::TrySendError::Disconnected(_)) => {
-                        self.report_error("the session's stdin is closed", Some(id), Some(&session))
-                    }
+                    Err(crossbeam_channel::TrySendError::Disconnected(_)) => self.instruction_error(
+                        tally,
+                        "the session's stdin is closed",
+                        Some(id),
+                        Some(&session),
+                    ),
                 }
             }
             "terminate_session" => {
@@ -335,12 +427,15 @@ impl Runtime {
                         terminating.store(true, Ordering::SeqCst);
                         terminate(group);
                     }
-                    None => self.report_error("no such session", Some(id), Some(&session)),
+                    None => self.instruction_error(tally, "no such session", Some(id), Some(&session)),
                 }
             }
-            other => {
-                self.report_error(&format!("unknown instruction type {other:?}"), Some(id), Some(&session))
-            }
+            other => self.instruction_error(
+                tally,
+                &format!("unknown instruction type {other:?}"),
+                Some(id),
+                Some(&session),
+            ),
         }
     }
 

@@ -41,7 +41,7 @@ pub fn run(explicit: Option<PathBuf>) -> Result<i32, Error> {
     // First, before any other thread exists: every thread inherits the mask.
     let shutdown =
         shutdown::install_with_reload().map_err(|source| Error::Io { what: "signal setup", source })?;
-    let raised_fds = raise_fd_limit();
+    let raised_fds = crate::fds::raise_limit();
     let path = match explicit {
         Some(path) => path,
         None => {
@@ -90,6 +90,7 @@ pub fn run(explicit: Option<PathBuf>) -> Result<i32, Error> {
     let listener = TcpListener::bind(addrs.as_slice()).map_err(bind_err)?;
     let local = listener.local_addr().map_err(bind_err)?;
     config.limits.connections = connection_cap(config.limits.connections, raised_fds);
+    terminal_budget(config.limits.terminals_per_project, projects.current().len(), raised_fds);
     let limits = config.limits.clone();
     let count = projects.current().len();
     let leases = projects
@@ -213,32 +214,13 @@ fn digest(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
 }
 
-/// Each connection and each git run holds descriptors: lift the soft limit
-/// to the hard one (capped) so the connection cap, not EMFILE, is what binds.
-/// Returns the soft limit now in force.
-fn raise_fd_limit() -> Option<u64> {
-    use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).ok()?;
-    let want = hard.min(65_536);
-    if want > soft && setrlimit(Resource::RLIMIT_NOFILE, want, hard).is_ok() {
-        return Some(want);
-    }
-    Some(soft)
-}
-
-/// Descriptors kept for everything but connections (git, agents, PTYs, spool
-/// files, the log): a quarter of the limit, at least 32, at most 256.
-fn fd_reserve(nofile: u64) -> u64 {
-    (nofile / 4).clamp(32, 256)
-}
-
 /// `limits.connections`, lowered (with a warning) to what the open-file
 /// limit leaves after the reserve, so that the 503 at the cap, not EMFILE,
 /// is what a client meets.
 fn connection_cap(configured: usize, nofile: Option<u64>) -> usize {
     let Some(nofile) = nofile else { return configured };
-    let reserve = fd_reserve(nofile);
-    let fits = nofile.saturating_sub(reserve).max(1) as usize;
+    let reserve = crate::fds::reserve(nofile);
+    let fits = crate::fds::fit(nofile, 1);
     if configured <= fits {
         return configured;
     }
@@ -248,6 +230,27 @@ fn connection_cap(configured: usize, nofile: Option<u64>) -> usize {
          raise the limit (ulimit -n, LimitNOFILE=) to serve more"
     );
     fits
+}
+
+/// Descriptors a terminal holds: its PTY master and its WebSocket connection.
+const TERMINAL_FDS: u64 = 2;
+
+/// Warns when `limits.terminalsPerProject` × projects, each terminal with
+/// its PTY and its connection, would not fit in the open-file limit (the
+/// cap is left as configured: few setups open them all). Whether it warned.
+fn terminal_budget(per_project: usize, projects: usize, nofile: Option<u64>) -> bool {
+    let Some(nofile) = nofile else { return false };
+    let all = per_project.saturating_mul(projects);
+    let fits = crate::fds::fit(nofile, TERMINAL_FDS);
+    if all <= fits {
+        return false;
+    }
+    warn!(
+        "limits.terminalsPerProject is {per_project} for {projects} project(s), {all} terminals, but the \
+         open-file limit (nofile) is {nofile}: only {fits} fit (each holds a PTY and a connection); \
+         opening more fails with \"too many open files\"; raise the limit (ulimit -n, LimitNOFILE=) or lower the cap"
+    );
+    true
 }
 
 #[cfg(test)]
@@ -262,5 +265,14 @@ mod tests {
         assert_eq!(connection_cap(100, Some(1024)), 100);
         assert_eq!(connection_cap(10, Some(8)), 1);
         assert_eq!(connection_cap(4096, None), 4096);
+    }
+
+    #[test]
+    fn terminals_beyond_the_open_file_limit_warn() {
+        assert!(terminal_budget(64, 1, Some(64)));
+        assert!(!terminal_budget(16, 1, Some(64)));
+        assert!(terminal_budget(64, 20, Some(1024)));
+        assert!(!terminal_budget(64, 20, Some(65_536)));
+        assert!(!terminal_budget(10_000, 100, None));
     }
 }

@@ -645,25 +645,70 @@ fn a_clone_the_node_connector_made_is_reused() {
     assert_eq!(v, json!({"list":[{"name":"my-app","path":root.join("app").to_str().unwrap()}]}));
 }
 
+/// `https://user:PASS@host/…` is cloned for real from a smart-HTTP server
+/// that requires those credentials, through a `git` first on the
+/// connector's PATH that records its argv (and the names of its
+/// environment): the password is in no argv, not in `.git/config` (mode
+/// 600), not in the answer and not in the log.
 #[test]
 fn credentials_in_a_repo_url_travel_like_a_token() {
+    use std::os::unix::fs::PermissionsExt;
     const PASS: &str = "PASS-in-url-SECRET";
     let tmp = TempDir::new("urlcreds");
+    let up = Upstream::new(&tmp, "up", "main", "v1\n");
+    let served = tmp.join("served");
+    std::fs::create_dir_all(served.join("org")).unwrap();
+    std::fs::rename(&up.bare, served.join("org/app.git")).unwrap();
+    let http = GitHttp::start(&served, "alice", PASS);
+    // the recording git, first on the connector's PATH
+    let real = String::from_utf8(
+        std::process::Command::new("sh").args(["-c", "command -v git"]).output().unwrap().stdout,
+    )
+    .unwrap()
+    .trim()
+    .to_string();
+    let bin = tmp.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let record = tmp.join("git-calls.log");
+    let wrapper = format!(
+        "#!/bin/sh\n{{ printf 'argv:'; for a in \"$@\"; do printf ' [%s]' \"$a\"; done; echo; \
+         printf 'env:'; env | sed -n 's/^\\([A-Za-z_][A-Za-z0-9_]*\\)=.*/ \\1/p' | tr -d '\\n'; echo; }} >> '{}'\n\
+         exec '{real}' \"$@\"\n",
+        record.display()
+    );
+    write(bin.join("git"), wrapper);
+    std::fs::set_permissions(bin.join("git"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default());
+
     let root = tmp.join("proj");
-    let srv = start(&tmp, &root, false);
-    let (addr, seen) = fake_http_git();
-    let url = format!("http://alice:{PASS}@{addr}/org/app.git");
+    std::fs::create_dir_all(&root).unwrap();
+    let project = json!({"token": TOKEN, "dir": root.to_str().unwrap()});
+    let cfg_path = tmp.join("aion.config.json");
+    std::fs::write(&cfg_path, config(json!({ "p": project }), None)).unwrap();
+    let srv = Server::start_args(&[cfg_path.to_str().unwrap()], tmp.path(), &[("PATH", &path)]);
+
+    let url = format!("http://alice:{PASS}@{}/org/app.git", http.addr);
     let (status, v) = sync(&srv, json!([{"name":"app","url":url}]));
-    assert_eq!(status, 422, "the fake server answers 404: {v}");
+    let seen = http.seen.lock().unwrap().clone();
+    assert_eq!(status, 200, "{v}; server saw {seen:#?}");
     assert!(!v.to_string().contains(PASS), "{v}");
-    let requests = seen.lock().unwrap().clone();
-    assert!(!requests.contains(PASS), "the password in clear in a request: {requests}");
-    // alice:PASS-in-url-SECRET, as HTTP Basic credentials
-    let basic = "Authorization: Basic YWxpY2U6UEFTUy1pbi11cmwtU0VDUkVU";
-    assert!(requests.contains(basic), "no Basic credentials sent: {requests}");
-    if let Ok(cfg) = std::fs::read_to_string(root.join("app/.git/config")) {
-        assert!(!cfg.contains(PASS), "{cfg}");
-    }
+    assert_eq!(std::fs::read_to_string(root.join("app/README")).unwrap(), "v1\n");
+    assert!(seen.iter().any(|l| l.ends_with("-> 200")), "no authenticated request: {seen:#?}");
+
+    let calls = std::fs::read_to_string(&record).unwrap_or_default();
+    assert!(
+        calls.lines().any(|l| l.starts_with("argv: [clone]")),
+        "the connector's git is not the recording one:\n{calls}"
+    );
+    assert!(!calls.contains(PASS), "the password in git's argv:\n{calls}");
+    assert!(!calls.contains("alice"), "the URL's userinfo in git's argv:\n{calls}");
+    // (they travel as a header in git's environment, as a `token` does)
+    assert!(calls.contains(" GIT_CONFIG_VALUE_"), "no credentials in git's environment:\n{calls}");
+    let cfg_file = root.join("app/.git/config");
+    let cfg = std::fs::read_to_string(&cfg_file).unwrap();
+    assert!(!cfg.contains(PASS) && !cfg.contains("alice"), "{cfg}");
+    let mode = std::fs::metadata(&cfg_file).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "{mode:o}");
     let err = srv.wait_stderr("the repos.sync log line", |s| s.contains("repos.sync"));
     assert!(!err.contains(PASS), "{err}");
 }

@@ -465,6 +465,54 @@ fn bad_instructions_are_reported_as_errors() {
     rig.finish();
 }
 
+/// One poll answer of 20,000 copies of one id, 20,000 instructions without
+/// an id and 30 bad ones: a handful of log lines and at most 10 error posts
+/// (plus one summary each for the id-less and the unreported), acked once
+/// per distinct id; a second answer of 20,000 copies seen before is one line.
+#[test]
+fn a_flood_of_repeated_and_bad_instructions_logs_a_handful_of_lines() {
+    let rig = Rig::new("poll-dups", &[]);
+    first_get(&rig.server, DEADLINE);
+    let lines_at_start = rig.agent.stderr().lines().count();
+    let bad =
+        (0..30).map(|i| json!({"id": format!("c{i}"), "type": "command", "sessionId": format!("no{i}")}));
+    let flood = std::iter::repeat_n(json!({"id": "d"}), 20_000)
+        .chain(std::iter::repeat_n(json!({"x": 1}), 20_000))
+        .chain(bad);
+    rig.server.push_all(flood);
+    rig.server.wait_for("the flood's summary post", DEADLINE, |s| {
+        s.errors().iter().any(|e| e["message"].as_str().is_some_and(|m| m.contains("more error(s)")))
+    });
+    let errors = rig.server.errors();
+    let messages: Vec<&str> = errors.iter().filter_map(|e| e["message"].as_str()).collect();
+    assert_eq!(errors.len(), 12, "error posts: {messages:#?}");
+    assert!(messages.contains(&"20000 instructions without an id; ignored"), "{messages:#?}");
+    assert!(messages.iter().any(|m| m.starts_with("21 more error(s)")), "{messages:#?}");
+    let acks = rig.server.acks();
+    let ack = &acks.last().unwrap().2;
+    assert_eq!(ack.len(), 31, "ids acked: {ack:?}");
+    let log = rig.agent.wait_stderr("the repeats' summary", DEADLINE, |s| {
+        s.contains("19999 instructions seen before (1 distinct id(s), the first d)")
+    });
+    let first = log.lines().count() - lines_at_start;
+    // one `Received instruction` per distinct id, 10 errors, 3 summaries
+    let received = log.lines().filter(|l| l.contains("Received instruction")).count();
+    assert_eq!(received, 31, "{log}");
+    assert!(first - received <= 15, "{first} log lines for one poll answer:\n{log}");
+
+    // the same id 20,000 times again: all seen before, one line
+    rig.server.push_all(std::iter::repeat_n(json!({"id": "d"}), 20_000));
+    let log = rig.agent.wait_stderr("the second summary", DEADLINE, |s| {
+        s.contains("20000 instructions seen before (1 distinct id(s), the first d)")
+    });
+    // (the poll after it, which found nothing, logs nothing)
+    rig.server.wait_for("the pending list emptied", DEADLINE, |s| s.acks().len() >= 2);
+    let second = rig.agent.stderr().lines().count() - lines_at_start - first;
+    assert!(second <= 2, "{second} log lines for an answer of repeats:\n{log}");
+    assert_eq!(rig.server.errors().len(), 12, "a repeat was reported as an error");
+    rig.finish();
+}
+
 // ---------------------------------------------------------------- 10. configuration
 
 fn first_get(server: &PollServer, within: Duration) {
@@ -675,12 +723,21 @@ fn posts_spooled_while_the_server_is_down_are_delivered_after_a_restart() {
     rig.finish();
 }
 
+/// kill -9 of the connector while a session runs: the session outlives it
+/// (nothing could end it) until the next start on the same state dir ends
+/// every process of the old instance (`end_previous`) and closes the
+/// session with exactly one `failed`. The old harness is kept alive until
+/// then, so that its drop (which SIGKILLs its marked processes) cannot be
+/// what ended them.
 #[test]
 fn a_crashed_agent_closes_the_session_on_the_next_start() {
     let mut rig = Rig::new("poll-crash", &[]);
     rig.start_sh("i1", "cr", "echo alive; sleep 300");
-    rig.wait_event("cr", "started");
+    let started = rig.wait_event("cr", "started");
     rig.server.wait_for("alive", DEADLINE, |s| s.text("cr", "stdout") == "alive\n");
+    let session = started["pid"].as_i64().unwrap() as i32;
+    let mark =
+        instance_mark(session).unwrap_or_else(|| panic!("session {session} carries no AION_CONNECTOR"));
     // The server has both posts; the kill comes once the agent has recorded
     // them as delivered too (a kill between the server's answer and that
     // record would rightly post the last one again after the restart).
@@ -696,6 +753,8 @@ fn a_crashed_agent_closes_the_session_on_the_next_start() {
         status.display()
     );
     rig.agent.signal_and_wait(Signal::SIGKILL, Duration::from_secs(5));
+    let old = marked_processes(&mark);
+    assert!(old.contains(&session), "the session {session} died with the connector; old instance: {old:?}");
     let state = rig.dir.join("state");
     let url = rig.server.url();
     let env = [
@@ -704,13 +763,98 @@ fn a_crashed_agent_closes_the_session_on_the_next_start() {
         ("POLL_INTERVAL", "100"),
         ("AION_STATE_DIR", state.to_str().unwrap()),
     ];
-    // (the old agent's drop kills its orphaned session)
-    rig.agent = PollAgent::start(&[], rig.dir.path(), &env);
+    // The old harness stays alive (its drop would kill the session) until
+    // the new connector has been seen to end the old instance itself.
+    let old_agent = std::mem::replace(&mut rig.agent, PollAgent::start(&[], rig.dir.path(), &env));
+    let gone = eventually(DEADLINE, || marked_processes(&mark).is_empty());
+    assert!(
+        gone,
+        "the restarted connector left the old instance's processes {:?}; its stderr:\n{}",
+        marked_processes(&mark),
+        rig.agent.stderr()
+    );
+    drop(old_agent);
     let failed = rig.server.wait_event("cr", "failed", DEADLINE);
     assert!(failed["message"].as_str().is_some_and(|m| m.contains("stopped")), "{failed}");
     let (names, _) = check_poll_session(&rig.server, "cr");
     assert_eq!(names, ["started", "failed"]);
     rig.finish();
+}
+
+/// Under `nofile` 64 a configured cap of 100 sessions is lowered, with one
+/// warning, to what fits after the reserve (5); the sixth start is
+/// `rejected`, not an EMFILE, and status reports the lowered cap.
+#[test]
+fn an_open_file_limit_below_the_session_cap_lowers_the_cap_with_a_warning() {
+    const NAME: &str = "an_open_file_limit_below_the_session_cap_lowers_the_cap_with_a_warning";
+    if !std::process::Command::new("prlimit").arg("--version").output().is_ok_and(|o| o.status.success()) {
+        skip(NAME, "prlimit (util-linux) is not installed");
+        return;
+    }
+    let server = PollServer::start(TOKEN);
+    let dir = TempDir::new("poll-nofile");
+    let mark = format!("AION_POLL_TEST_MARK={}#nofile", dir.path().display());
+    let mut cmd = std::process::Command::new("prlimit");
+    cmd.args(["--nofile=64:64", "--", BIN, "poll"]).current_dir(dir.path());
+    cmd.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null());
+    cmd.stderr(std::process::Stdio::piped());
+    for v in POLL_VARS {
+        cmd.env_remove(v);
+    }
+    cmd.env("SERVER_URL", server.url())
+        .env("AGENT_TOKEN", TOKEN)
+        .env("POLL_INTERVAL", "100")
+        .env("STATUS_INTERVAL", "60000")
+        .env("MAX_CONCURRENT_SESSIONS", "100")
+        .env("AION_SESSION_COMMAND", SH)
+        .env("AION_STATE_DIR", dir.join("state"))
+        .env(mark.split_once('=').unwrap().0, mark.split_once('=').unwrap().1);
+    let mut child = cmd.spawn().unwrap();
+    let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let mut pipe = child.stderr.take().unwrap();
+    let sink = stderr.clone();
+    thread::spawn(move || {
+        use std::io::Read;
+        let mut buf = [0u8; 4096];
+        while let Ok(n @ 1..) = pipe.read(&mut buf) {
+            sink.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    });
+    let check = || -> Result<(), String> {
+        first_get(&server, DEADLINE);
+        for i in 0..7 {
+            server.push(json!({"id": format!("i{i}"), "type": "start_session", "sessionId": format!("s{i}"), "args": ["sleep 60"]}));
+        }
+        let closed =
+            |s: &PollServer| (0..7).filter(|i| !s.event_names(&format!("s{i}")).is_empty()).count() == 7;
+        server.wait_for("an event of each session", DEADLINE, closed);
+        let names: Vec<Vec<String>> = (0..7).map(|i| server.event_names(&format!("s{i}"))).collect();
+        let started = names.iter().filter(|n| n.as_slice() == ["started"]).count();
+        let rejected = names.iter().filter(|n| n.as_slice() == ["rejected"]).count();
+        let log = stderr.lock().unwrap().clone();
+        let warning = "[WARN] maxConcurrentSessions is 100 but the open-file limit (nofile) is 64: running at most 5 sessions";
+        if log.matches(warning).count() != 1 || (started, rejected) != (5, 2) {
+            return Err(format!("started {started}, rejected {rejected} ({names:?}); log:\n{log}"));
+        }
+        if log.contains("os error 24") || log.to_lowercase().contains("too many open files") {
+            return Err(format!("EMFILE:\n{log}"));
+        }
+        let status = server.statuses().last().map(|s| s.1.clone()).unwrap_or_default();
+        if status["maxConcurrentSessions"] != 5 {
+            return Err(format!("status: {status}"));
+        }
+        Ok(())
+    };
+    let result = check();
+    let _ = child.kill();
+    let _ = child.wait();
+    for pid in marked_processes(&mark) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
+    }
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+    server.assert_clean();
 }
 
 // ---------------------------------------------------------------- found by probing (see the report)

@@ -230,6 +230,25 @@ fn invoke_answers_at_once_and_checks_its_payload() {
     rig.assert_no_tokens();
 }
 
+/// A callback whose port is out of range is refused before anything runs,
+/// with an error that says why (it could never be delivered to).
+#[test]
+fn a_callback_with_a_port_out_of_range_is_a_400() {
+    let rig = Rig::new("cbport", fake(), json!({}));
+    for url in ["http://127.0.0.1:99999/x", "http://127.0.0.1:0/x", "https://h:65536/"] {
+        let (status, v) =
+            rig.invoke(json!({"agent": "fake", "prompt": "x", "session": "p", "callback": url}));
+        assert_eq!((status, v["error"].as_str()), (400, Some("bad payload")), "{url} → {v}");
+        assert_eq!(
+            v["detail"], "payload.callback must be an http:// or https:// URL with a host and a port 1-65535",
+            "{url} → {v}"
+        );
+    }
+    let (status, v) = rig.server.call(TOKEN, "stop", json!({"session": "p"}));
+    assert_eq!((status, v), (200, json!({"ok": true, "stopping": false})), "a run was started");
+    rig.assert_no_tokens();
+}
+
 #[test]
 fn session_mode_argv_is_ensure_then_the_prompt_as_one_argument() {
     let rig = Rig::new("argv", fake(), json!({}));

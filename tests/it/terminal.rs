@@ -16,6 +16,12 @@ const TB: &str = "tok-term-B-0002";
 /// Projects "a" (token TA) and "b" (token TB); `limits` as the top-level member.
 fn start(tag: &str, limits: Option<Value>) -> (TempDir, Server) {
     let tmp = TempDir::new(tag);
+    let srv = serve(&tmp, limits);
+    (tmp, srv)
+}
+
+/// Starts (or starts again: the same config and state dir) the server of `start`.
+fn serve(tmp: &TempDir, limits: Option<Value>) -> Server {
     let (a, b, home) = (tmp.join("a"), tmp.join("b"), tmp.join("home"));
     for d in [&a, &b, &home] {
         std::fs::create_dir_all(d).unwrap();
@@ -31,7 +37,7 @@ fn start(tag: &str, limits: Option<Value>) -> (TempDir, Server) {
     );
     let (home_s, env_s) =
         (home.to_str().unwrap().to_string(), home.join(".shrc").to_str().unwrap().to_string());
-    let srv = Server::start_env(
+    Server::start_env(
         tmp.path(),
         &cfg,
         &[
@@ -41,8 +47,7 @@ fn start(tag: &str, limits: Option<Value>) -> (TempDir, Server) {
             ("AGENT_TOKEN", "agent-secret-xyz"),
             ("AION_TEST_SECRET", "aion-secret-xyz"),
         ],
-    );
-    (tmp, srv)
+    )
 }
 
 fn target(token: &str, extra: &str) -> String {
@@ -207,6 +212,40 @@ fn closing_the_socket_kills_the_shell_and_its_background_jobs() {
     let pid = ws.shell_pid("sh2");
     ws.drop_tcp();
     assert!(eventually(Duration::from_secs(6), || reaped(pid, srv.pid())), "shell {pid} after a TCP drop");
+}
+
+/// kill -9 of the connector with a terminal open: the shell gets the PTY's
+/// hangup, but a job it started in the background outlives the connector
+/// (nothing else could end it) until the next start on the same state dir
+/// ends every process of the old instance.
+#[test]
+fn a_terminal_left_by_a_crashed_connector_ends_on_the_next_start() {
+    let (tmp, mut srv) = start("ws-crash", None);
+    let mut ws = ws_connect(&srv.addr, &target(TA, ""));
+    let pid = ws.shell_pid("cr");
+    ws.send_text("sleep 300 & echo BG$((1+1))=$!\r");
+    let bg: i32 = ws.expect_value("BG2=").trim().parse().unwrap();
+    let mark = instance_mark(pid).unwrap_or_else(|| panic!("shell {pid} carries no AION_CONNECTOR"));
+    assert_eq!(instance_mark(bg).as_deref(), Some(mark.as_str()), "the background job's mark");
+    srv.signal_and_wait(Signal::SIGKILL, Duration::from_secs(5));
+    drop(ws);
+    let old = marked_processes(&mark);
+    let cleanup = |pids: &[i32]| {
+        for p in pids {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*p), Signal::SIGKILL);
+        }
+    };
+    if !old.contains(&bg) {
+        cleanup(&old);
+        panic!("job {bg} of shell {pid} died with the connector (the test proves nothing); left: {old:?}");
+    }
+    let srv = serve(&tmp, None);
+    if !eventually(DEADLINE, || marked_processes(&mark).is_empty()) {
+        let left = marked_processes(&mark);
+        cleanup(&left);
+        panic!("the restarted connector left the old instance's {left:?}; stderr:\n{}", srv.stderr());
+    }
+    ping_ok(&srv);
 }
 
 // ------------------------------------------------------------ 6. many terminals, limits

@@ -5,11 +5,13 @@
 //! and agent (`poll_server`), the Aion lease server (`lease_server`) and the
 //! WebSocket terminal client (`ws`).
 
+mod git_http;
 pub mod lease_server;
 mod platform;
 mod poll_server;
 mod ws;
 
+pub use git_http::*;
 pub use platform::*;
 pub use poll_server::*;
 pub use ws::*;
@@ -571,6 +573,15 @@ pub fn marked_processes(marker: &str) -> Vec<i32> {
                 .is_ok_and(|env| env.split(|&b| b == 0).any(|var| var == marker.as_bytes()))
         })
         .collect()
+}
+
+/// The connector-instance mark a process carries (`AION_CONNECTOR=…`, the
+/// whole `NAME=value` entry, as `marked_processes` takes it), if any.
+pub fn instance_mark(pid: i32) -> Option<String> {
+    let env = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+    env.split(|&b| b == 0)
+        .find(|var| var.starts_with(b"AION_CONNECTOR="))
+        .map(|var| String::from_utf8_lossy(var).into_owned())
 }
 
 /// Poll until `cond` holds or `within` passes; whether it held.

@@ -170,6 +170,11 @@ impl PollServer {
         self.state.lock().unwrap().pending.push(instruction);
     }
 
+    /// Makes several instructions available at once (one poll answer).
+    pub fn push_all(&self, instructions: impl IntoIterator<Item = Value>) {
+        self.state.lock().unwrap().pending.extend(instructions);
+    }
+
     pub fn set_refuse(&self, refuse: bool) {
         self.state.lock().unwrap().refuse = refuse;
     }
