@@ -1,5 +1,6 @@
 //! Agent runs: `invoke` starts one, `stop` ends it. A run syncs the payload's
-//! repositories, composes the prompt ([`prompt`]), registers the connector's
+//! repositories (a clone that exists but cannot be updated is logged and used
+//! as it is; only a failed clone fails the run), composes the prompt ([`prompt`]), registers the connector's
 //! MCP server in the project's `.acpxrc.json` ([`acpxrc`]), ensures the acpx
 //! session, and runs the agent in the project dir through acpx (or the
 //! agent's own argv template, [`command`]) in its own process group, with no
@@ -657,7 +658,14 @@ impl Run<'_> {
         }
         if !self.invoke.repos.is_empty() {
             let results = self.project.sync_all(&self.invoke.repos, limits.git);
-            if let Some(failed) = results.iter().find(|r| !r.ok) {
+            // A clone that exists but could not be updated (the agent's own
+            // uncommitted edits, say) is used as it is; only a missing one fails the run.
+            for kept in results.iter().filter(|r| !r.ok && r.existed) {
+                let why = kept.error.as_deref().unwrap_or("failed");
+                let why = lock(self.events).redact(why).into_owned();
+                warn!("run {session}: repo {} not updated, the agent works on it as it is: {why}", kept.name);
+            }
+            if let Some(failed) = results.iter().find(|r| !r.ok && !r.existed) {
                 let why = failed.error.as_deref().unwrap_or("failed");
                 return self.error(&format!("repos.sync failed: {}: {why}", failed.name));
             }

@@ -465,7 +465,7 @@ fn sync_default_workspace_is_first_synced() {
 }
 
 #[test]
-fn sync_refuses_to_discard_local_changes() {
+fn sync_keeps_local_changes_and_refuses_only_a_fast_forward_over_them() {
     let tmp = TempDir::new("dirty");
     let up = Upstream::new(&tmp, "up", "main", "v1\n");
     let root = tmp.join("proj");
@@ -476,6 +476,10 @@ fn sync_refuses_to_discard_local_changes() {
     let cloned_head = git(&dest, &["rev-parse", "HEAD"]);
 
     write(dest.join("README"), "my local edit\n");
+    write(dest.join("untracked.txt"), "new\n");
+    // Dirty but already at origin's head: nothing to move, so that is fine.
+    let (status, v) = sync(&srv, json!([{"name":"r","url":up.url()}]));
+    assert_eq!((status, &v["repos"][0]["action"]), (200, &json!("unchanged")), "{v}");
     up.commit("README", "v2\n");
     let (status, v) = sync(&srv, json!([{"name":"r","url":up.url()}]));
     assert_eq!(status, 422, "{v}");

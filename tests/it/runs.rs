@@ -676,6 +676,48 @@ fn a_failed_repos_sync_is_an_error_event() {
 }
 
 #[test]
+fn a_clone_left_with_the_agents_edits_is_used_as_it_is_by_the_next_turns() {
+    let rig = Rig::new("dirtyrepo", fake(), json!({}));
+    let platform = Platform::start();
+    let origin = rig.dir.join("w");
+    std::fs::create_dir_all(&origin).unwrap();
+    git(&origin, &["init", "-q", "-b", "main"]);
+    write(origin.join("README"), "hi\n");
+    git(&origin, &["add", "."]);
+    git(&origin, &["commit", "-qm", "init"]);
+    let url = format!("file://{}", origin.display());
+    let turn = |session: &str, prompt: &str| {
+        rig.start(json!({
+            "agent": "fake", "prompt": prompt, "session": session, "callback": platform.url(),
+            "token": INVOKE_TOKEN, "repos": [{"name": "w", "url": url}],
+        }));
+        let bodies = check_run(&platform.wait_closed(session), TOKEN);
+        let last = bodies.last().unwrap().clone();
+        assert!(last.get("error").is_none(), "{session}: {last}");
+        last
+    };
+    // Turn 1 clones, and the agent leaves a tracked file modified.
+    let last = turn("t1", "write w/README");
+    assert_eq!(last["changed"], json!([{"status": "M", "path": "w/README"}]), "{last}");
+    // Turn 2: a dirty clone already at origin's head; the agent adds an untracked file.
+    let last = turn("t2", "write w/new.txt");
+    assert_eq!(last["summary"], "wrote w/new.txt", "{last}");
+    // Turn 3: origin moved on, so a fast-forward would be needed over the
+    // edits: the clone is left as it is, one WARN line, and the agent runs.
+    write(origin.join("README"), "v2\n");
+    git(&origin, &["commit", "-qam", "v2"]);
+    let last = turn("t3", "write w/third.txt");
+    assert_eq!(last["summary"], "wrote w/third.txt", "{last}");
+    assert_eq!(std::fs::read_to_string(rig.proj.join("w/README")).unwrap(), "written by fake acpx\n");
+    assert!(rig.proj.join("w/new.txt").exists() && rig.proj.join("w/third.txt").exists());
+    let log = rig.wait_log("repo w not updated");
+    let warn: Vec<&str> = log.lines().filter(|l| l.contains("repo w not updated")).collect();
+    assert_eq!(warn.len(), 1, "{log}");
+    assert!(warn[0].contains("WARN") && warn[0].contains("local changes (README)"), "{}", warn[0]);
+    rig.assert_no_tokens();
+}
+
+#[test]
 fn a_callback_down_for_a_while_loses_and_repeats_nothing() {
     let rig = Rig::new("down", fake(), json!({}));
     let port = free_port();
