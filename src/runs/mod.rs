@@ -534,12 +534,15 @@ struct TurnReader<'a> {
     lines: u64,
     session: &'a str,
     changes: &'a dyn Fn() -> Vec<Change>,
+    /// This attempt's tool calls under way (the idle rule waits for them).
+    tools: acp::OpenTools,
 }
 
 impl TurnReader<'_> {
     fn reset(&mut self) {
         self.summary = Summary::default();
         self.plain.clear();
+        self.tools.clear();
     }
 
     /// Posts within the run's output cap; past it, one marker and nothing more.
@@ -608,6 +611,7 @@ impl attempt::Reader for TurnReader<'_> {
                 true
             }
             Line::Event(event) => {
+                self.tools.see(&event);
                 if self.post_events {
                     let size = serde_json::to_string(&event).map_or(0, |s| s.len());
                     self.post(Kind::Event(&event), size);
@@ -623,7 +627,7 @@ impl attempt::Reader for TurnReader<'_> {
     }
 
     fn idle_armed(&self) -> bool {
-        self.mode.acpx() && !self.summary.text.is_empty()
+        self.mode.acpx() && !self.summary.text.is_empty() && !self.tools.any()
     }
 
     fn idle(&mut self) {
@@ -708,6 +712,7 @@ impl Run<'_> {
             lines: 0,
             session: &session,
             changes: &changed,
+            tools: acp::OpenTools::default(),
         };
         let program = plan.argv[0].clone();
         let label = format!("project={} agent={}", self.project.config.id, agent.name);

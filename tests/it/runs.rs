@@ -1224,6 +1224,20 @@ fn silence_after_some_text_ends_the_turn_and_a_blank_one_is_retried() {
     assert_eq!(rig.calls().iter().filter(|c| c.argv.last().unwrap() == "idle  ").count(), 3);
 }
 
+#[test]
+fn a_silent_tool_call_holds_the_idle_rule_until_it_completes() {
+    let rig = Rig::new("toolidle", fake(), json!({"turnIdleSeconds": 1, "stopGraceSeconds": 1}));
+    let platform = Platform::start();
+    // The tool call is silent for 3 s, three times the idle time.
+    rig.start(json!({"agent": "fake", "prompt": "tool 3", "session": "b", "callback": platform.url()}));
+    let bodies = check_run(&platform.wait_closed_within("b", Duration::from_secs(30)), TOKEN);
+    let last = bodies.last().unwrap();
+    assert_eq!(last["summary"], "working built", "the turn was taken as over inside the tool call: {last}");
+    // Silence after the tool call completed still ends the turn and the group.
+    rig.wait_log("run b: idle 1s: the turn is taken as over");
+    assert_group_gone(&rig, &rig.main_call("tool 3"), Duration::from_secs(10));
+}
+
 /// `aion-connector mcp` started as acpx starts it for the agent: with the
 /// command, args and env of the `aion` entry of the project's .acpxrc.json.
 fn mcp_from_acpxrc(
