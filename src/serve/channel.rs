@@ -298,7 +298,11 @@ impl App {
             }
             "git.status" => {
                 let root = self.workspace(p, args)?;
-                ok(&git::status(&root, self.limits.get().git).map_err(git_error)?)
+                // Not a repository: nothing to report, as the original answers.
+                match git::status(&root, self.limits.get().git) {
+                    Err(GitError::NotARepository) => ok(&json!([])),
+                    status => ok(&status.map_err(git_error)?),
+                }
             }
             "git.diff" => {
                 let paths = args.strings("paths")?;
@@ -306,8 +310,11 @@ impl App {
                 for path in &paths {
                     workspace::check_pathspec(&root, path, &p.sensitive).map_err(refusal)?;
                 }
-                let (diff, truncated) = git::diff(&root, &paths, &p.config.sensitive, self.limits.get().git)
-                    .map_err(git_error)?;
+                let (diff, truncated) =
+                    match git::diff(&root, &paths, &p.config.sensitive, self.limits.get().git) {
+                        Err(GitError::NotARepository) => (String::new(), false),
+                        diff => diff.map_err(git_error)?,
+                    };
                 if truncated {
                     ok(&json!({ "diff": diff, "truncated": true }))
                 } else {

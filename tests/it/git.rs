@@ -177,16 +177,17 @@ fn diff_before_the_first_commit() {
 }
 
 #[test]
-fn not_a_git_repository_is_400() {
+fn not_a_git_repository_has_no_changes_as_the_original_answers() {
     let tmp = TempDir::new("norepo");
     let root = tmp.join("proj");
     write(root.join("f.txt"), "f");
     let srv = start(&tmp, &root, false);
     map(&srv, &["."]);
-    for action in ["git.status", "git.diff"] {
-        let (status, text) = srv.post(&request_body(TOKEN, action, json!({})));
-        assert_eq!(status, 400, "{action}: {text}");
-        assert_eq!(text, r#"{"error":"not a git repository"}"#, "{action}");
+    let (status, text) = srv.post(&request_body(TOKEN, "git.status", json!({})));
+    assert_eq!((status, text.as_str()), (200, "[]"), "git.status");
+    for payload in [json!({}), json!({"paths": ["f.txt"]})] {
+        let (status, text) = srv.post(&request_body(TOKEN, "git.diff", payload));
+        assert_eq!((status, text.as_str()), (200, r#"{"diff":""}"#), "git.diff");
     }
 }
 
