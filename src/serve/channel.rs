@@ -529,7 +529,8 @@ impl App {
 
     /// The payload's `workspace`, else the first one mapped.
     fn workspace(&self, p: &ProjectState, args: &Payload<'_>) -> Result<PathBuf, Response> {
-        p.workspace(args.string("workspace")?).map_err(refusal)
+        // `""` is no name: the default workspace, as the original falls back.
+        p.workspace(args.string("workspace")?.filter(|w| !w.is_empty())).map_err(refusal)
     }
 
     fn sync(&self, p: &ProjectState, args: &Payload<'_>) -> Result<Response, Response> {

@@ -229,7 +229,10 @@ fn workspaces_list_and_selection() {
         let (status, v) = srv.call(TOKEN, "files.read", json!({"workspace": ws, "path":"which.txt"}));
         assert_eq!((status, v["content"].as_str()), (200, Some(want)), "{ws}: {v}");
     }
-    for ws in ["nope", "notrepo", "../proj", "..", "zeta/..", ""] {
+    // An empty name is no name: the default, as the original falls back.
+    let (status, v) = srv.call(TOKEN, "files.read", json!({"workspace": "", "path":"which.txt"}));
+    assert_eq!((status, v["content"].as_str()), (200, Some("zeta")), "{v}");
+    for ws in ["nope", "notrepo", "../proj", "..", "zeta/.."] {
         let (status, text) =
             srv.post(&request_body(TOKEN, "files.read", json!({"workspace": ws, "path":"which.txt"})));
         assert_eq!(status, 404, "workspace {ws:?}: {text}");
