@@ -391,14 +391,13 @@ impl App {
                 ok(&Output { ok: true, data, alive, dropped })
             }
             "terminal.resize" => {
-                let term = self.http_terminal(p, args)?;
                 // As the original, whose resize was a no-op: without sizes
-                // nothing changes; given, both must be valid.
-                match (args.dimension("cols")?, args.dimension("rows")?) {
-                    (None, None) => {}
-                    (Some(cols), Some(rows)) => {
-                        term.resize(cols, rows).map_err(|e| detail(500, "terminal failed", e.to_string()))?
-                    }
+                // nothing changes, and an unknown (or another project's)
+                // terminal is `{"ok":true}` too, resizing nothing; sizes
+                // given must both be valid.
+                let size = match (args.dimension("cols")?, args.dimension("rows")?) {
+                    (None, None) => None,
+                    (Some(cols), Some(rows)) => Some((cols, rows)),
                     (cols, _) => {
                         let k = if cols.is_none() { "cols" } else { "rows" };
                         return Err(detail(
@@ -407,6 +406,10 @@ impl App {
                             format!("payload.{k} is required with the other"),
                         ));
                     }
+                };
+                let id = args.string("sessionId")?.unwrap_or("");
+                if let (Some((cols, rows)), Some(term)) = (size, self.terminals.find_http(&p.config.id, id)) {
+                    term.resize(cols, rows).map_err(|e| detail(500, "terminal failed", e.to_string()))?
                 }
                 ok(&json!({ "ok": true }))
             }
