@@ -1329,3 +1329,60 @@ fn a_display_post_of_the_runs_mcp_server_takes_its_place_in_the_runs_sequence() 
     let _ = child.wait();
     rig.assert_no_tokens();
 }
+
+#[test]
+fn a_background_process_started_by_a_run_outlives_it_until_stopped() {
+    let rig = Rig::new("bgrun", fake(), json!({"stopGraceSeconds": 1}));
+    let platform = Platform::start();
+    rig.start(json!({"agent": "fake", "prompt": "until go", "session": "g", "callback": platform.url()}));
+    poll("the first output", || platform.delivered().first().map(|_| ()));
+    let (mut child, mut stdin, rx) = mcp_from_acpxrc(&rig.proj);
+    let init = json!({"protocolVersion": "2024-11-05", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}});
+    mcp_call(&mut stdin, &rx, 1, "initialize", init);
+    let started = mcp_call(
+        &mut stdin,
+        &rx,
+        2,
+        "tools/call",
+        json!({"name": "run_background", "arguments": {"command": "sleep 300"}}),
+    );
+    let text = started["result"]["content"][0]["text"].as_str().unwrap_or_else(|| panic!("{started}"));
+    let pid: i32 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("PID: "))
+        .and_then(|p| p.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {text:?}"));
+    assert!(alive(pid), "{text}");
+    // The turn ends, the run closes with complete and its group is ended.
+    write(rig.proj.join("go"), "");
+    let bodies = check_run(&platform.wait_closed("g"), TOKEN);
+    assert_eq!(bodies.last().unwrap()["summary"], "waiting for gosaw go");
+    assert_group_gone(&rig, &rig.main_call("until go"), Duration::from_secs(10));
+    rig.wait_log("run g project=p ended");
+    // The background process is the connector's, not the run's: still there.
+    assert!(alive(pid), "the run's end took its background process {pid}");
+    let check = mcp_call(
+        &mut stdin,
+        &rx,
+        3,
+        "tools/call",
+        json!({"name": "check_background", "arguments": {"pid": pid}}),
+    );
+    let status = check["result"]["content"][0]["text"].as_str().unwrap_or_default();
+    assert!(status.contains("Status: running"), "{check}");
+    let stop = mcp_call(
+        &mut stdin,
+        &rx,
+        4,
+        "tools/call",
+        json!({"name": "stop_background", "arguments": {"pid": pid}}),
+    );
+    assert_eq!(stop["result"]["content"][0]["text"], format!("Process {pid} stopped."), "{stop}");
+    assert!(
+        eventually(Duration::from_secs(10), || !alive(pid) && group_members(pid).is_empty()),
+        "{pid} survived"
+    );
+    drop(stdin);
+    let _ = child.kill();
+    let _ = child.wait();
+}
