@@ -496,6 +496,18 @@ fn sync_keeps_local_changes_and_refuses_only_a_fast_forward_over_them() {
     assert!(v["repos"][0]["error"].as_str().unwrap().contains("local changes"), "{v}");
     assert_eq!(std::fs::read_to_string(dest.join("README")).unwrap(), "my local edit\n");
     assert_eq!(git(&dest, &["rev-parse", "HEAD"]), cloned_head);
+
+    // A dirty clone the connector did not make (the original's, say) is
+    // refused the same way but mapped: it is there to work on.
+    let other = Upstream::new(&tmp, "other", "main", "o1\n");
+    let theirs = root.join("other");
+    git(&root, &["clone", "-q", &other.url(), theirs.to_str().unwrap()]);
+    write(theirs.join("README"), "their edit\n");
+    other.commit("README", "o2\n");
+    let (status, v) = sync(&srv, json!([{"name":"o","url":other.url()}]));
+    assert_eq!(status, 422, "{v}");
+    let (status, v) = srv.call(TOKEN, "files.read", json!({"workspace": "o", "path": "README"}));
+    assert_eq!((status, v["content"].as_str()), (200, Some("their edit\n")), "{v}");
 }
 
 #[test]
