@@ -103,7 +103,9 @@ impl ProjectState {
             let mut mapped = self.mapped();
             let before = mapped.len();
             let mut changed = false;
-            for (spec, _) in specs.iter().zip(&results).filter(|(_, r)| r.ok) {
+            // A clone that exists but could not be updated is still there to
+            // work on: mapped too (a failed clone is not).
+            for (spec, _) in specs.iter().zip(&results).filter(|(_, r)| r.ok || r.existed) {
                 match mapped.iter_mut().find(|m| m.name == spec.name) {
                     Some(m) if m.dir == spec.dir => {}
                     Some(m) => {

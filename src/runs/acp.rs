@@ -75,6 +75,44 @@ fn text_shape(obj: &Map<String, Value>) -> Option<String> {
     }
 }
 
+/// The tool calls of a turn still under way: a `tool_call` update opens one
+/// (by `toolCallId`), a `tool_call_update` (or the `tool_call` itself) with
+/// status `completed` or `failed` closes it. While one is open the agent may
+/// be silent for long (a build), and the idle rule waits.
+#[derive(Default)]
+pub struct OpenTools {
+    ids: std::collections::HashSet<String>,
+}
+
+/// At most this many open tool calls are tracked (an agent never closing
+/// them cannot grow the set without end; the idle rule then just waits).
+const OPEN_TOOLS_MAX: usize = 4096;
+
+impl OpenTools {
+    /// Takes note of one ACP update (an [`Line::Event`]).
+    pub fn see(&mut self, update: &Value) {
+        let kind = update.get("sessionUpdate").and_then(Value::as_str);
+        if !matches!(kind, Some("tool_call" | "tool_call_update")) {
+            return;
+        }
+        let id = update.get("toolCallId").and_then(Value::as_str).unwrap_or("");
+        let done = matches!(update.get("status").and_then(Value::as_str), Some("completed" | "failed"));
+        if done {
+            self.ids.remove(id);
+        } else if kind == Some("tool_call") && self.ids.len() < OPEN_TOOLS_MAX {
+            self.ids.insert(id.to_string());
+        }
+    }
+
+    pub fn any(&self) -> bool {
+        !self.ids.is_empty()
+    }
+
+    pub fn clear(&mut self) {
+        self.ids.clear();
+    }
+}
+
 /// A turn's text as the original keeps it: message text and non-JSON lines,
 /// concatenated as they came, with nothing in between (capped).
 #[derive(Default)]
@@ -155,6 +193,27 @@ mod tests {
         assert_eq!(classify("null"), Line::Plain);
         assert_eq!(classify("plain line"), Line::Plain);
         assert_eq!(classify("{not json"), Line::Plain);
+    }
+
+    #[test]
+    fn a_tool_call_is_open_until_its_update_says_completed_or_failed() {
+        let mut open = OpenTools::default();
+        open.see(&json!({"sessionUpdate":"tool_call","toolCallId":"a","status":"pending"}));
+        open.see(&json!({"sessionUpdate":"tool_call","toolCallId":"b"}));
+        assert!(open.any());
+        open.see(&json!({"sessionUpdate":"tool_call_update","toolCallId":"a","status":"in_progress"}));
+        open.see(&json!({"sessionUpdate":"plan","entries":[]}));
+        open.see(&json!({"sessionUpdate":"tool_call_update","toolCallId":"a","status":"completed"}));
+        assert!(open.any(), "b is still open");
+        open.see(&json!({"sessionUpdate":"tool_call_update","toolCallId":"b","status":"failed"}));
+        assert!(!open.any());
+        // Opened and done in one update; an update of an unknown call.
+        open.see(&json!({"sessionUpdate":"tool_call","toolCallId":"c","status":"completed"}));
+        open.see(&json!({"sessionUpdate":"tool_call_update","toolCallId":"z","status":"pending"}));
+        assert!(!open.any());
+        open.see(&json!({"sessionUpdate":"tool_call","toolCallId":"d"}));
+        open.clear();
+        assert!(!open.any());
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! One attempt of a run: the agent's process in its own group, its output
-//! fed line by line to the run thread, the idle rule (30 s by default), and its end:
+//! fed line by line to the run thread, the idle rule (30 s by default, not
+//! while a tool call is open), and its end:
 //! when the turn is over (end_turn, or idle after some text) the process gets
 //! a moment to exit by itself and is then ended; a stop, the run's timeout or
 //! shutdown ends it at once; once the leader is gone whatever carries the
@@ -63,7 +64,8 @@ pub enum Cut {
 pub trait Reader {
     /// One stdout line (without its line end); true: the turn is over.
     fn line(&mut self, line: &[u8]) -> bool;
-    /// Whether some text came and the turn is not over (the idle rule is armed).
+    /// Whether some text came, no tool call is under way and the turn is not
+    /// over (the idle rule is armed).
     fn idle_armed(&self) -> bool;
     /// The idle rule fired: the turn is over.
     fn idle(&mut self);

@@ -1,5 +1,6 @@
 //! Agent runs: `invoke` starts one, `stop` ends it. A run syncs the payload's
-//! repositories, composes the prompt ([`prompt`]), registers the connector's
+//! repositories (a clone that exists but cannot be updated is logged and used
+//! as it is; only a failed clone fails the run), composes the prompt ([`prompt`]), registers the connector's
 //! MCP server in the project's `.acpxrc.json` ([`acpxrc`]), ensures the acpx
 //! session, and runs the agent in the project dir through acpx (or the
 //! agent's own argv template, [`command`]) in its own process group, with no
@@ -533,12 +534,15 @@ struct TurnReader<'a> {
     lines: u64,
     session: &'a str,
     changes: &'a dyn Fn() -> Vec<Change>,
+    /// This attempt's tool calls under way (the idle rule waits for them).
+    tools: acp::OpenTools,
 }
 
 impl TurnReader<'_> {
     fn reset(&mut self) {
         self.summary = Summary::default();
         self.plain.clear();
+        self.tools.clear();
     }
 
     /// Posts within the run's output cap; past it, one marker and nothing more.
@@ -607,6 +611,7 @@ impl attempt::Reader for TurnReader<'_> {
                 true
             }
             Line::Event(event) => {
+                self.tools.see(&event);
                 if self.post_events {
                     let size = serde_json::to_string(&event).map_or(0, |s| s.len());
                     self.post(Kind::Event(&event), size);
@@ -622,7 +627,7 @@ impl attempt::Reader for TurnReader<'_> {
     }
 
     fn idle_armed(&self) -> bool {
-        self.mode.acpx() && !self.summary.text.is_empty()
+        self.mode.acpx() && !self.summary.text.is_empty() && !self.tools.any()
     }
 
     fn idle(&mut self) {
@@ -657,7 +662,14 @@ impl Run<'_> {
         }
         if !self.invoke.repos.is_empty() {
             let results = self.project.sync_all(&self.invoke.repos, limits.git);
-            if let Some(failed) = results.iter().find(|r| !r.ok) {
+            // A clone that exists but could not be updated (the agent's own
+            // uncommitted edits, say) is used as it is; only a missing one fails the run.
+            for kept in results.iter().filter(|r| !r.ok && r.existed) {
+                let why = kept.error.as_deref().unwrap_or("failed");
+                let why = lock(self.events).redact(why).into_owned();
+                warn!("run {session}: repo {} not updated, the agent works on it as it is: {why}", kept.name);
+            }
+            if let Some(failed) = results.iter().find(|r| !r.ok && !r.existed) {
                 let why = failed.error.as_deref().unwrap_or("failed");
                 return self.error(&format!("repos.sync failed: {}: {why}", failed.name));
             }
@@ -700,6 +712,7 @@ impl Run<'_> {
             lines: 0,
             session: &session,
             changes: &changed,
+            tools: acp::OpenTools::default(),
         };
         let program = plan.argv[0].clone();
         let label = format!("project={} agent={}", self.project.config.id, agent.name);

@@ -298,7 +298,11 @@ impl App {
             }
             "git.status" => {
                 let root = self.workspace(p, args)?;
-                ok(&git::status(&root, self.limits.get().git).map_err(git_error)?)
+                // Not a repository: nothing to report, as the original answers.
+                match git::status(&root, self.limits.get().git) {
+                    Err(GitError::NotARepository) => ok(&json!([])),
+                    status => ok(&status.map_err(git_error)?),
+                }
             }
             "git.diff" => {
                 let paths = args.strings("paths")?;
@@ -306,8 +310,11 @@ impl App {
                 for path in &paths {
                     workspace::check_pathspec(&root, path, &p.sensitive).map_err(refusal)?;
                 }
-                let (diff, truncated) = git::diff(&root, &paths, &p.config.sensitive, self.limits.get().git)
-                    .map_err(git_error)?;
+                let (diff, truncated) =
+                    match git::diff(&root, &paths, &p.config.sensitive, self.limits.get().git) {
+                        Err(GitError::NotARepository) => (String::new(), false),
+                        diff => diff.map_err(git_error)?,
+                    };
                 if truncated {
                     ok(&json!({ "diff": diff, "truncated": true }))
                 } else {
@@ -384,14 +391,13 @@ impl App {
                 ok(&Output { ok: true, data, alive, dropped })
             }
             "terminal.resize" => {
-                let term = self.http_terminal(p, args)?;
                 // As the original, whose resize was a no-op: without sizes
-                // nothing changes; given, both must be valid.
-                match (args.dimension("cols")?, args.dimension("rows")?) {
-                    (None, None) => {}
-                    (Some(cols), Some(rows)) => {
-                        term.resize(cols, rows).map_err(|e| detail(500, "terminal failed", e.to_string()))?
-                    }
+                // nothing changes, and an unknown (or another project's)
+                // terminal is `{"ok":true}` too, resizing nothing; sizes
+                // given must both be valid.
+                let size = match (args.dimension("cols")?, args.dimension("rows")?) {
+                    (None, None) => None,
+                    (Some(cols), Some(rows)) => Some((cols, rows)),
                     (cols, _) => {
                         let k = if cols.is_none() { "cols" } else { "rows" };
                         return Err(detail(
@@ -400,6 +406,10 @@ impl App {
                             format!("payload.{k} is required with the other"),
                         ));
                     }
+                };
+                let id = args.string("sessionId")?.unwrap_or("");
+                if let (Some((cols, rows)), Some(term)) = (size, self.terminals.find_http(&p.config.id, id)) {
+                    term.resize(cols, rows).map_err(|e| detail(500, "terminal failed", e.to_string()))?
                 }
                 ok(&json!({ "ok": true }))
             }
@@ -522,7 +532,8 @@ impl App {
 
     /// The payload's `workspace`, else the first one mapped.
     fn workspace(&self, p: &ProjectState, args: &Payload<'_>) -> Result<PathBuf, Response> {
-        p.workspace(args.string("workspace")?).map_err(refusal)
+        // `""` is no name: the default workspace, as the original falls back.
+        p.workspace(args.string("workspace")?.filter(|w| !w.is_empty())).map_err(refusal)
     }
 
     fn sync(&self, p: &ProjectState, args: &Payload<'_>) -> Result<Response, Response> {

@@ -340,6 +340,10 @@ pub struct SyncResult {
     pub path: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The target already was a git repository (an update, not a clone): a
+    /// failed update leaves a usable clone behind. Not part of the answer.
+    #[serde(skip)]
+    pub existed: bool,
 }
 
 /// Why a repo spec is refused before git is run (the caller answers 400).
@@ -449,7 +453,9 @@ fn url_kind(url: &str) -> UrlKind {
 }
 
 /// Clones or fast-forwards one repository under `project_root`. Never
-/// discards work: local changes or divergence are reported, nothing is reset.
+/// discards work: local changes (when the work tree would have to move) or
+/// divergence are reported, nothing is reset. A dirty tree already at
+/// origin's head (or ahead of it) is fine.
 pub fn sync(project_root: &Path, spec: &RepoSpec, allow_file: bool, timeout: Duration) -> SyncResult {
     let target = if spec.dir == "." { project_root.to_path_buf() } else { project_root.join(&spec.dir) };
     let mut result = SyncResult {
@@ -460,11 +466,13 @@ pub fn sync(project_root: &Path, spec: &RepoSpec, allow_file: bool, timeout: Dur
         head: None,
         path: Some(target.display().to_string()),
         error: None,
+        existed: false,
     };
     let deadline = Instant::now() + timeout;
     let at = |cwd| Git { cwd, deadline, token: spec.token.as_deref(), allow_file };
     let meta = target.symlink_metadata();
     let is_repo = meta.as_ref().is_ok_and(|m| m.is_dir()) && target.join(".git").exists();
+    result.existed = is_repo;
     let outcome = match spec.url.as_deref() {
         Some(_) if meta.is_err() => clone(&at(project_root), spec, &target),
         Some(url) if is_repo => update(&at(&target), spec, url),
@@ -533,13 +541,18 @@ fn update(git: &Git<'_>, spec: &RepoSpec, url: &str) -> Result<&'static str, Git
             git.ok(&["remote", "add", "origin", url])?;
         }
     }
-    let dirty = git.ok(&["status", "--porcelain=v1", "-z", "--untracked-files=no"])?;
-    let dirty = parse_status(&dirty);
-    if !dirty.is_empty() {
-        let names: Vec<&str> = dirty.iter().take(5).map(|c| c.path.as_str()).collect();
-        return Err(GitError::Failed(format!("local changes ({}); not updated", names.join(", "))));
-    }
     git.ok(&["fetch", "--prune", "--no-recurse-submodules", "origin"])?;
+    // Local changes to tracked files matter only when the work tree must move
+    // (a checkout or a fast-forward); untracked files never do.
+    let refuse_if_dirty = || -> Result<(), GitError> {
+        let dirty = git.ok(&["status", "--porcelain=v1", "-z", "--untracked-files=no"])?;
+        let dirty = parse_status(&dirty);
+        if dirty.is_empty() {
+            return Ok(());
+        }
+        let names: Vec<&str> = dirty.iter().take(5).map(|c| c.path.as_str()).collect();
+        Err(GitError::Failed(format!("local changes ({}); not updated", names.join(", "))))
+    };
     let branch = match &spec.branch {
         Some(b) => b.clone(),
         None => remote_default(git)?,
@@ -551,6 +564,7 @@ fn update(git: &Git<'_>, spec: &RepoSpec, url: &str) -> Result<&'static str, Git
     let theirs = theirs.trim();
     let current = git.ok(&["symbolic-ref", "--short", "-q", "HEAD"]).unwrap_or_default();
     if current.trim() != branch {
+        refuse_if_dirty()?;
         let local_ref = format!("refs/heads/{branch}");
         if git.ok(&["rev-parse", "--verify", "-q", &local_ref]).is_ok() {
             git.ok(&["checkout", "-q", &branch, "--"])?;
@@ -566,6 +580,7 @@ fn update(git: &Git<'_>, spec: &RepoSpec, url: &str) -> Result<&'static str, Git
         git.run(&["merge-base", "--is-ancestor", a, b]).map(|o| o.status.and_then(|s| s.code()) == Some(0))
     };
     if is_ancestor("HEAD", theirs)? {
+        refuse_if_dirty()?;
         git.ok(&["merge", "--ff-only", "-q", theirs])?;
         Ok("updated")
     } else if is_ancestor(theirs, "HEAD")? {

@@ -177,16 +177,17 @@ fn diff_before_the_first_commit() {
 }
 
 #[test]
-fn not_a_git_repository_is_400() {
+fn not_a_git_repository_has_no_changes_as_the_original_answers() {
     let tmp = TempDir::new("norepo");
     let root = tmp.join("proj");
     write(root.join("f.txt"), "f");
     let srv = start(&tmp, &root, false);
     map(&srv, &["."]);
-    for action in ["git.status", "git.diff"] {
-        let (status, text) = srv.post(&request_body(TOKEN, action, json!({})));
-        assert_eq!(status, 400, "{action}: {text}");
-        assert_eq!(text, r#"{"error":"not a git repository"}"#, "{action}");
+    let (status, text) = srv.post(&request_body(TOKEN, "git.status", json!({})));
+    assert_eq!((status, text.as_str()), (200, "[]"), "git.status");
+    for payload in [json!({}), json!({"paths": ["f.txt"]})] {
+        let (status, text) = srv.post(&request_body(TOKEN, "git.diff", payload));
+        assert_eq!((status, text.as_str()), (200, r#"{"diff":""}"#), "git.diff");
     }
 }
 
@@ -228,7 +229,10 @@ fn workspaces_list_and_selection() {
         let (status, v) = srv.call(TOKEN, "files.read", json!({"workspace": ws, "path":"which.txt"}));
         assert_eq!((status, v["content"].as_str()), (200, Some(want)), "{ws}: {v}");
     }
-    for ws in ["nope", "notrepo", "../proj", "..", "zeta/..", ""] {
+    // An empty name is no name: the default, as the original falls back.
+    let (status, v) = srv.call(TOKEN, "files.read", json!({"workspace": "", "path":"which.txt"}));
+    assert_eq!((status, v["content"].as_str()), (200, Some("zeta")), "{v}");
+    for ws in ["nope", "notrepo", "../proj", "..", "zeta/.."] {
         let (status, text) =
             srv.post(&request_body(TOKEN, "files.read", json!({"workspace": ws, "path":"which.txt"})));
         assert_eq!(status, 404, "workspace {ws:?}: {text}");
@@ -465,7 +469,7 @@ fn sync_default_workspace_is_first_synced() {
 }
 
 #[test]
-fn sync_refuses_to_discard_local_changes() {
+fn sync_keeps_local_changes_and_refuses_only_a_fast_forward_over_them() {
     let tmp = TempDir::new("dirty");
     let up = Upstream::new(&tmp, "up", "main", "v1\n");
     let root = tmp.join("proj");
@@ -476,6 +480,10 @@ fn sync_refuses_to_discard_local_changes() {
     let cloned_head = git(&dest, &["rev-parse", "HEAD"]);
 
     write(dest.join("README"), "my local edit\n");
+    write(dest.join("untracked.txt"), "new\n");
+    // Dirty but already at origin's head: nothing to move, so that is fine.
+    let (status, v) = sync(&srv, json!([{"name":"r","url":up.url()}]));
+    assert_eq!((status, &v["repos"][0]["action"]), (200, &json!("unchanged")), "{v}");
     up.commit("README", "v2\n");
     let (status, v) = sync(&srv, json!([{"name":"r","url":up.url()}]));
     assert_eq!(status, 422, "{v}");
@@ -488,6 +496,18 @@ fn sync_refuses_to_discard_local_changes() {
     assert!(v["repos"][0]["error"].as_str().unwrap().contains("local changes"), "{v}");
     assert_eq!(std::fs::read_to_string(dest.join("README")).unwrap(), "my local edit\n");
     assert_eq!(git(&dest, &["rev-parse", "HEAD"]), cloned_head);
+
+    // A dirty clone the connector did not make (the original's, say) is
+    // refused the same way but mapped: it is there to work on.
+    let other = Upstream::new(&tmp, "other", "main", "o1\n");
+    let theirs = root.join("other");
+    git(&root, &["clone", "-q", &other.url(), theirs.to_str().unwrap()]);
+    write(theirs.join("README"), "their edit\n");
+    other.commit("README", "o2\n");
+    let (status, v) = sync(&srv, json!([{"name":"o","url":other.url()}]));
+    assert_eq!(status, 422, "{v}");
+    let (status, v) = srv.call(TOKEN, "files.read", json!({"workspace": "o", "path": "README"}));
+    assert_eq!((status, v["content"].as_str()), (200, Some("their edit\n")), "{v}");
 }
 
 #[test]

@@ -695,6 +695,48 @@ fn a_failed_repos_sync_is_an_error_event() {
 }
 
 #[test]
+fn a_clone_left_with_the_agents_edits_is_used_as_it_is_by_the_next_turns() {
+    let rig = Rig::new("dirtyrepo", fake(), json!({}));
+    let platform = Platform::start();
+    let origin = rig.dir.join("w");
+    std::fs::create_dir_all(&origin).unwrap();
+    git(&origin, &["init", "-q", "-b", "main"]);
+    write(origin.join("README"), "hi\n");
+    git(&origin, &["add", "."]);
+    git(&origin, &["commit", "-qm", "init"]);
+    let url = format!("file://{}", origin.display());
+    let turn = |session: &str, prompt: &str| {
+        rig.start(json!({
+            "agent": "fake", "prompt": prompt, "session": session, "callback": platform.url(),
+            "token": INVOKE_TOKEN, "repos": [{"name": "w", "url": url}],
+        }));
+        let bodies = check_run(&platform.wait_closed(session), TOKEN);
+        let last = bodies.last().unwrap().clone();
+        assert!(last.get("error").is_none(), "{session}: {last}");
+        last
+    };
+    // Turn 1 clones, and the agent leaves a tracked file modified.
+    let last = turn("t1", "write w/README");
+    assert_eq!(last["changed"], json!([{"status": "M", "path": "w/README"}]), "{last}");
+    // Turn 2: a dirty clone already at origin's head; the agent adds an untracked file.
+    let last = turn("t2", "write w/new.txt");
+    assert_eq!(last["summary"], "wrote w/new.txt", "{last}");
+    // Turn 3: origin moved on, so a fast-forward would be needed over the
+    // edits: the clone is left as it is, one WARN line, and the agent runs.
+    write(origin.join("README"), "v2\n");
+    git(&origin, &["commit", "-qam", "v2"]);
+    let last = turn("t3", "write w/third.txt");
+    assert_eq!(last["summary"], "wrote w/third.txt", "{last}");
+    assert_eq!(std::fs::read_to_string(rig.proj.join("w/README")).unwrap(), "written by fake acpx\n");
+    assert!(rig.proj.join("w/new.txt").exists() && rig.proj.join("w/third.txt").exists());
+    let log = rig.wait_log("repo w not updated");
+    let warn: Vec<&str> = log.lines().filter(|l| l.contains("repo w not updated")).collect();
+    assert_eq!(warn.len(), 1, "{log}");
+    assert!(warn[0].contains("WARN") && warn[0].contains("local changes (README)"), "{}", warn[0]);
+    rig.assert_no_tokens();
+}
+
+#[test]
 fn a_callback_down_for_a_while_loses_and_repeats_nothing() {
     let rig = Rig::new("down", fake(), json!({}));
     let port = free_port();
@@ -1201,6 +1243,20 @@ fn silence_after_some_text_ends_the_turn_and_a_blank_one_is_retried() {
     assert_eq!(rig.calls().iter().filter(|c| c.argv.last().unwrap() == "idle  ").count(), 3);
 }
 
+#[test]
+fn a_silent_tool_call_holds_the_idle_rule_until_it_completes() {
+    let rig = Rig::new("toolidle", fake(), json!({"turnIdleSeconds": 1, "stopGraceSeconds": 1}));
+    let platform = Platform::start();
+    // The tool call is silent for 3 s, three times the idle time.
+    rig.start(json!({"agent": "fake", "prompt": "tool 3", "session": "b", "callback": platform.url()}));
+    let bodies = check_run(&platform.wait_closed_within("b", Duration::from_secs(30)), TOKEN);
+    let last = bodies.last().unwrap();
+    assert_eq!(last["summary"], "working built", "the turn was taken as over inside the tool call: {last}");
+    // Silence after the tool call completed still ends the turn and the group.
+    rig.wait_log("run b: idle 1s: the turn is taken as over");
+    assert_group_gone(&rig, &rig.main_call("tool 3"), Duration::from_secs(10));
+}
+
 /// `aion-connector mcp` started as acpx starts it for the agent: with the
 /// command, args and env of the `aion` entry of the project's .acpxrc.json.
 fn mcp_from_acpxrc(
@@ -1291,4 +1347,61 @@ fn a_display_post_of_the_runs_mcp_server_takes_its_place_in_the_runs_sequence() 
     let _ = child.kill();
     let _ = child.wait();
     rig.assert_no_tokens();
+}
+
+#[test]
+fn a_background_process_started_by_a_run_outlives_it_until_stopped() {
+    let rig = Rig::new("bgrun", fake(), json!({"stopGraceSeconds": 1}));
+    let platform = Platform::start();
+    rig.start(json!({"agent": "fake", "prompt": "until go", "session": "g", "callback": platform.url()}));
+    poll("the first output", || platform.delivered().first().map(|_| ()));
+    let (mut child, mut stdin, rx) = mcp_from_acpxrc(&rig.proj);
+    let init = json!({"protocolVersion": "2024-11-05", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}});
+    mcp_call(&mut stdin, &rx, 1, "initialize", init);
+    let started = mcp_call(
+        &mut stdin,
+        &rx,
+        2,
+        "tools/call",
+        json!({"name": "run_background", "arguments": {"command": "sleep 300"}}),
+    );
+    let text = started["result"]["content"][0]["text"].as_str().unwrap_or_else(|| panic!("{started}"));
+    let pid: i32 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("PID: "))
+        .and_then(|p| p.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {text:?}"));
+    assert!(alive(pid), "{text}");
+    // The turn ends, the run closes with complete and its group is ended.
+    write(rig.proj.join("go"), "");
+    let bodies = check_run(&platform.wait_closed("g"), TOKEN);
+    assert_eq!(bodies.last().unwrap()["summary"], "waiting for gosaw go");
+    assert_group_gone(&rig, &rig.main_call("until go"), Duration::from_secs(10));
+    rig.wait_log("run g project=p ended");
+    // The background process is the connector's, not the run's: still there.
+    assert!(alive(pid), "the run's end took its background process {pid}");
+    let check = mcp_call(
+        &mut stdin,
+        &rx,
+        3,
+        "tools/call",
+        json!({"name": "check_background", "arguments": {"pid": pid}}),
+    );
+    let status = check["result"]["content"][0]["text"].as_str().unwrap_or_default();
+    assert!(status.contains("Status: running"), "{check}");
+    let stop = mcp_call(
+        &mut stdin,
+        &rx,
+        4,
+        "tools/call",
+        json!({"name": "stop_background", "arguments": {"pid": pid}}),
+    );
+    assert_eq!(stop["result"]["content"][0]["text"], format!("Process {pid} stopped."), "{stop}");
+    assert!(
+        eventually(Duration::from_secs(10), || !alive(pid) && group_members(pid).is_empty()),
+        "{pid} survived"
+    );
+    drop(stdin);
+    let _ = child.kill();
+    let _ = child.wait();
 }

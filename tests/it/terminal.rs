@@ -693,27 +693,40 @@ fn http_terminal_actions() {
     http_output_until(&srv, &id, "€");
 
     // the other project cannot use the id; unknown ids are 404, except for
-    // terminal.close, which is idempotent as the original's (and ends nothing)
+    // terminal.close and terminal.resize, which answer {"ok":true} as the
+    // original's (and end or resize nothing)
     let no = json!({"error": "no session"});
     for (token, sid) in [(TB, id.as_str()), (TA, "t-nope"), (TA, "")] {
-        for (action, extra) in [
-            ("terminal.input", json!({"data": "echo x\r"})),
-            ("terminal.output", json!({})),
-            ("terminal.resize", json!({"cols": 10, "rows": 10})),
-        ] {
+        for (action, extra) in
+            [("terminal.input", json!({"data": "echo x\r"})), ("terminal.output", json!({}))]
+        {
             let mut payload = extra;
             payload["sessionId"] = json!(sid);
             let (status, v) = srv.call(token, action, payload);
             assert_eq!((status, &v), (404, &no), "{action} {sid:?} with {token}");
         }
-        let (status, v) = srv.call(token, "terminal.close", json!({"sessionId": sid}));
-        assert_eq!((status, v), (200, json!({"ok": true})), "terminal.close {sid:?} with {token}");
+        for (action, payload) in [
+            ("terminal.resize", json!({"sessionId": sid, "cols": 10, "rows": 10})),
+            ("terminal.resize", json!({"sessionId": sid})),
+            ("terminal.close", json!({"sessionId": sid})),
+        ] {
+            let (status, v) = srv.call(token, action, payload);
+            assert_eq!((status, v), (200, json!({"ok": true})), "{action} {sid:?} with {token}");
+        }
     }
-    // resize without sizes is a no-op (the original ignored them); one size alone is a 400
+    // resize without sizes is a no-op (the original ignored them); one size
+    // alone or a bad one is a 400, also for an unknown id
     let (status, v) = srv.call(TA, "terminal.resize", json!({"sessionId": id}));
     assert_eq!((status, v), (200, json!({"ok": true})));
-    let (status, v) = srv.call(TA, "terminal.resize", json!({"sessionId": id, "cols": 50}));
-    assert_eq!((status, v["error"].clone()), (400, json!("bad payload")), "{v}");
+    for sid in [id.as_str(), "t-nope"] {
+        for bad in [json!({"cols": 50}), json!({"cols": 0, "rows": 10}), json!({"cols": "80", "rows": 10})] {
+            let mut payload = bad.clone();
+            payload["sessionId"] = json!(sid);
+            let (status, v) = srv.call(TA, "terminal.resize", payload);
+            assert_eq!((status, v["error"].clone()), (400, json!("bad payload")), "{sid} {bad}: {v}");
+        }
+    }
+    // Nothing above resized this project's terminal, not even B's call with its id.
     input("stty size\r");
     http_output_until(&srv, &id, "43 132");
 }
@@ -813,14 +826,13 @@ fn http_terminal_end_of_life() {
     assert!(alive(pid));
     let (status, v) = call("terminal.close", &id, json!({}));
     assert_eq!((status, v), (200, json!({"ok": true})));
-    for (action, extra) in [
-        ("terminal.input", json!({"data": "echo x\r"})),
-        ("terminal.output", json!({})),
-        ("terminal.resize", json!({"cols": 10, "rows": 10})),
-    ] {
+    for (action, extra) in [("terminal.input", json!({"data": "echo x\r"})), ("terminal.output", json!({}))] {
         let (status, v) = call(action, &id, extra);
         assert_eq!((status, &v), (404, &no), "{action} right after terminal.close");
     }
+    // resize and close of a closed terminal: {"ok":true}, as the original's
+    let (status, v) = call("terminal.resize", &id, json!({"cols": 10, "rows": 10}));
+    assert_eq!((status, v), (200, json!({"ok": true})), "terminal.resize after terminal.close");
     let (status, v) = call("terminal.close", &id, json!({}));
     assert_eq!((status, v), (200, json!({"ok": true})), "a second terminal.close");
     assert!(eventually(Duration::from_secs(5), || reaped(pid, srv.pid())), "shell {pid} left behind");
