@@ -158,6 +158,11 @@ impl Runs {
         if let Err(e) = &exe {
             warn!("cannot tell the path of this binary ({e}): agents run without the aion MCP server");
         }
+        let history = state_dir.join("runs");
+        let closed = history::close_interrupted(&history);
+        if closed > 0 {
+            info!("run history: {closed} run(s) cut by the previous connector closed as interrupted");
+        }
         Arc::new(Runs {
             outbox,
             limits,
@@ -167,7 +172,7 @@ impl Runs {
             next: AtomicU64::new(0),
             exe: exe.ok(),
             socket: state_dir.join("mcp.sock"),
-            history: state_dir.join("runs"),
+            history,
             displays: Mutex::new(HashMap::new()),
         })
     }

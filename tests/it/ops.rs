@@ -428,3 +428,67 @@ fn runs_lists_active_and_finished_runs_and_runs_output_pages_their_posts() {
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
     }
 }
+
+/// A run going when the connector is ended by `sig` is, after a restart on
+/// the same state dir, listed as finished with `outcome` (None: any) and
+/// read to its end by `runs.output`.
+fn run_history_survives(tag: &str, sig: nix::sys::signal::Signal, outcome: Option<&str>) {
+    let dir = TempDir::new(tag);
+    let proj = dir.join("proj");
+    std::fs::create_dir_all(&proj).unwrap();
+    let bin = fake_acpx_bin(dir.path());
+    let log = dir.join("acpx.log");
+    let cfg = config(json!({"p": {"token": TOKEN, "dir": proj, "agents": {"fake": {}}}}), None);
+    std::fs::write(dir.join("aion.config.json"), &cfg).unwrap();
+    let path = path_with(&bin);
+    let cfg_path = dir.join("aion.config.json");
+    let env = [("PATH", path.as_str()), ("FAKE_ACPX_LOG", log.to_str().unwrap()), ("SHELL", "/bin/sh")];
+    let mut server = Server::start_args(&[cfg_path.to_str().unwrap()], dir.path(), &env);
+    let platform = Platform::start();
+    let (code, body) = server.call(
+        TOKEN,
+        "invoke",
+        json!({"agent": "fake", "prompt": "until go", "session": "cut", "callback": platform.url()}),
+    );
+    assert_eq!(code, 200, "{body}");
+    poll("the run to post", || {
+        platform.delivered().iter().any(|p| p.json()["sessionId"] == json!("cut")).then_some(())
+    });
+    let (_, going) = server.call(TOKEN, "runs.output", json!({"session": "cut", "from": 0}));
+    assert_eq!(going["done"], json!(false), "{going}");
+    server.signal_and_wait(sig, std::time::Duration::from_secs(20));
+    drop(server);
+
+    let server = Server::start_args(&[cfg_path.to_str().unwrap()], dir.path(), &env);
+    let (code, list) = server.call(TOKEN, "runs", json!({}));
+    assert_eq!(code, 200, "{list}");
+    assert!(list["active"].as_array().unwrap().is_empty(), "{list}");
+    let finished = list["finished"].as_array().unwrap();
+    assert_eq!(finished.len(), 1, "the cut run is listed as finished: {list}");
+    assert_eq!(finished[0]["session"], json!("cut"));
+    if let Some(outcome) = outcome {
+        assert_eq!(finished[0]["outcome"], json!(outcome), "{list}");
+    }
+    assert!(finished[0]["endedMs"].as_u64() >= finished[0]["startedMs"].as_u64(), "{list}");
+    let (code, page) = server.call(TOKEN, "runs.output", json!({"session": "cut", "from": 0}));
+    assert_eq!(code, 200, "{page}");
+    assert_eq!(page["done"], json!(true), "{page}");
+    let posts = page["posts"].as_array().unwrap();
+    assert!(!posts.is_empty(), "{page}");
+    assert_eq!(posts[0]["text"], json!("waiting for go"), "{page}");
+    assert_eq!(finished[0]["posts"], json!(posts.len()), "{list}");
+    drop(server);
+    for pid in marked_processes(&format!("FAKE_ACPX_LOG={}", log.display())) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+    }
+}
+
+#[test]
+fn a_run_cut_by_sigterm_is_listed_finished_and_read_to_its_end_after_a_restart() {
+    run_history_survives("ops-history-term", nix::sys::signal::Signal::SIGTERM, None);
+}
+
+#[test]
+fn a_run_cut_by_sigkill_is_closed_as_interrupted_after_a_restart() {
+    run_history_survives("ops-history-kill", nix::sys::signal::Signal::SIGKILL, Some("interrupted"));
+}
