@@ -174,6 +174,10 @@ impl Drop for Guard {
 
 impl Leases {
     pub fn start(config: LeaseConfig) -> Leases {
+        // The test seam of the module doc, not a user setting (so not in the
+        // man page): the lease timers run in minutes, and the tests that
+        // check their order would otherwise take that long. Debug builds
+        // only, so no release binary's timing can be changed from outside.
         let scale = if cfg!(debug_assertions) {
             std::env::var("AION_LEASE_TIME_SCALE")
                 .ok()

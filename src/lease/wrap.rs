@@ -5,6 +5,14 @@
 //! Ctrl-C reach it as usual); SIGINT, SIGTERM and SIGHUP sent to the wrapper
 //! are forwarded to that group; the exit status is CMD's (128+N if killed by
 //! signal N). Without an Aion socket CMD still runs, after one warning.
+//!
+//! Threads: `signals`, the forwarder, started once CMD runs; owner: the
+//! wrapper's main thread (which waits for CMD). It takes SIGINT, SIGTERM and
+//! SIGHUP with `sigwait` and sends each to CMD's process group. It is never
+//! joined: it ends with the process, when the main thread returns CMD's
+//! status. If it cannot be started, CMD is sent SIGTERM (the signals would
+//! otherwise stay blocked and never reach it). The lease client's own
+//! threads are [`super`]'s.
 
 use crate::error::Error;
 use crate::lease::{LeaseConfig, Leases};
