@@ -72,7 +72,7 @@ impl Setup {
         let args = ["doctor", "--unit", unit.to_str().unwrap(), config];
         let runtime = self.tmp.join("run");
         let (code, out, err) =
-            run(&args, self.tmp.path(), &[("PATH", &path), ("XDG_RUNTIME_DIR", runtime.to_str().unwrap())]);
+            run(&args, self.tmp.path(), &[("PATH", path), ("XDG_RUNTIME_DIR", runtime.to_str().unwrap())]);
         assert!(!err.contains("panicked"), "{err}");
         assert!(!out.contains(TOKEN), "the token was printed:\n{out}");
         (code, out)
