@@ -14,38 +14,27 @@
 # contacted; each smoke run stops what it started.
 set -euo pipefail
 
-HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-ROOT=$(cd "$HERE/.." && pwd)
-TARGET=aarch64-unknown-linux-musl
-RUNS=${BENCH_RUNS:-5}
-PY=${PYTHON:-python3}
+# shellcheck source=bench/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+TARGET=aarch64-unknown-linux-musl # read by build_connector
+BUILD_FALLBACK=no                 # a host build is no aarch64 binary
+RUNS=$(setting BENCH_RUNS 5 1 50)
+command -v qemu-aarch64 >/dev/null || die "qemu-aarch64 not found (apt-get install qemu-user)"
+need file
 
-if ! [[ $RUNS =~ ^[0-9]+$ ]] || ((RUNS < 1 || RUNS > 50)); then
-    echo "arm64.sh: BENCH_RUNS must be an integer from 1 to 50" >&2
-    exit 2
-fi
-command -v qemu-aarch64 >/dev/null || { echo "arm64.sh: qemu-aarch64 not found (apt-get install qemu-user)" >&2; exit 1; }
+bench_init arm64
+start=$(date +%s)
+build_connector
+[[ -n ${BENCH_BIN:-} ]] || log "build took $(($(date +%s) - start)) s"
+[[ -f $BIN ]] || die "no binary at $BIN"
+file "$BIN" | grep -q 'ARM aarch64' || die "$BIN is not an aarch64 binary ($BUILD_KIND)"
 
-if [[ -n ${BENCH_BIN:-} ]]; then
-    BIN=$BENCH_BIN
-else
-    echo "[bench] cargo build --release --target $TARGET" >&2
-    start=$(date +%s)
-    (cd "$ROOT" && cargo build --release --target "$TARGET" >&2)
-    echo "[bench] build took $(($(date +%s) - start)) s" >&2
-    BIN=$ROOT/target/$TARGET/release/aion-connector
-fi
-[[ -f $BIN ]] || { echo "arm64.sh: no binary at $BIN" >&2; exit 1; }
-file "$BIN" | grep -q 'ARM aarch64' || { echo "arm64.sh: $BIN is not an aarch64 binary" >&2; exit 1; }
-
-TMP=$(mktemp -d "${TMPDIR:-/tmp}/aion-arm64.XXXXXX")
-trap 'rm -rf "$TMP"' EXIT
 for i in $(seq "$RUNS"); do
-    out=$("$PY" "$ROOT/.ci/smoke.py" "$BIN" qemu-aarch64) || { echo "$out" >&2; exit 1; }
+    out=$("$PY" "$ROOT/.ci/smoke.py" "$BIN" qemu-aarch64) || die "smoke run $i failed: $out"
     total=$(sed -n 's/^smoke: all ok in \([0-9.]*\) s$/\1/p' <<<"$out")
     listen=$(sed -n 's/^smoke: ok   start, listening on .* (\([0-9.]*\) s)$/\1/p' <<<"$out")
     echo "$total $listen" >>"$TMP/times"
-    echo "[bench] run $i: smoke $total s, start -> listening $listen s" >&2
+    log "run $i: smoke $total s, start -> listening $listen s"
 done
 
 stats() { # column -> "median / max"
@@ -54,6 +43,7 @@ stats() { # column -> "median / max"
         printf "%.2f s median, %.2f s max", m, v[NR] }'
 }
 
+printf '%-44s %s\n' "build" "$BUILD_KIND"
 printf '%-44s %s\n' "aarch64 static binary (stripped)" "$(wc -c <"$BIN") bytes ($(awk -v b="$(wc -c <"$BIN")" 'BEGIN{printf "%.2f MB", b/1e6}'))"
 printf '%-44s %s\n' "smoke test under qemu-aarch64 ($RUNS runs)" "$(stats 1)"
 printf '%-44s %s\n' "  of which start -> listening on" "$(stats 2)"

@@ -17,42 +17,23 @@
 # Only 127.0.0.1 is ever contacted. Every process started here is stopped on exit.
 set -euo pipefail
 
-HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-ROOT=$(cd "$HERE/.." && pwd)
-TARGET=x86_64-unknown-linux-musl
-RUNS=${BENCH_RUNS:-300}
-PY=${PYTHON:-python3}
-HELPER="$HERE/deliverybench.py"
-FAKE="$HERE/fake-acpx"
-
-if ! [[ $RUNS =~ ^[0-9]+$ ]] || (( RUNS < 1 || RUNS > 2000 )); then
-    echo "delivery.sh: BENCH_RUNS must be 1-2000" >&2
-    exit 2
-fi
-[[ -x $FAKE ]] || { echo "delivery.sh: $FAKE is not executable" >&2; exit 2; }
-
-TMP=$(mktemp -d "${TMPDIR:-/tmp}/aion-delivery.XXXXXX")
-MARK="AION_BENCH_MARK=$TMP"
-PIDS=()
-NOTES=()
-MOUNTS=()
-
 # shellcheck source=bench/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+RUNS=$(setting BENCH_RUNS 300 1 2000)
+HELPER="$HERE/deliverybench.py"
+FAKE="$HERE/fake-acpx"
+[[ -x $FAKE ]] || usage "$FAKE is not executable"
 
-cleanup() {
-    local pid m
-    stop_pids
-    for pid in $(marked); do
-        kill -KILL "$pid" 2>/dev/null || true
-    done
+bench_init delivery
+MOUNTS=()
+# The tmpfs mounts of the full-disk part, undone once every process is stopped.
+unmount_all() {
+    local m
     for m in "${MOUNTS[@]}"; do
         umount -l "$m" 2>/dev/null || true
     done
-    rm -rf "$TMP"
 }
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+CLEANUP_HOOKS+=(unmount_all)
 
 # ---------------------------------------------------------------- 0. tools
 command -v "$PY" >/dev/null || die "$PY not found"

@@ -22,11 +22,6 @@ set -euo pipefail
 
 # shellcheck source=bench/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
-HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-ROOT=$(cd "$HERE/.." && pwd)
-TARGET=x86_64-unknown-linux-musl # read by build_connector
-export TARGET
-PY=${PYTHON:-python3}
 NODE=${NODE:-node}
 HELPER="$HERE/httpbench.py"
 DURATION=${BENCH_DURATION:-10}
@@ -43,15 +38,7 @@ for v in DURATION ROUNDS IDLE SLOW ATTACK FLOOD; do
 done
 (( DURATION <= 60 && ATTACK <= 120 )) || { echo "http.sh: BENCH_DURATION <= 60, BENCH_ATTACK_SECONDS <= 120" >&2; exit 2; }
 
-TMP=$(mktemp -d "${TMPDIR:-/tmp}/aion-http.XXXXXX")
-PIDS=()
-NOTES=()
-cleanup() {
-    stop_pids
-    rm -rf "$TMP"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+bench_init http
 
 command -v "$PY" >/dev/null || die "$PY not found"
 if ! command -v wrk >/dev/null; then

@@ -20,6 +20,7 @@ HELPER=""       # the bench's Python helper
 HELPER_ENV=()   # NAME=value added to the helper's environment
 HELPER_TIMEOUT=1800
 HELPER_STDERR=note # note: helper stderr is a problem; log: it is progress, shown in the log
+CLEANUP_HOOKS=() # commands bench_cleanup runs after stopping every process, before removing $TMP
 ROW_W=44        # width of the first column of the table
 
 log() { printf '[bench] %s\n' "$*" >&2; }
@@ -48,7 +49,8 @@ setting() {
 }
 
 # bench_init NAME: the temp dir $TMP (aion-NAME.XXXXXX), $MARK, and the trap
-# that stops everything this bench starts, on any exit (Ctrl-C included).
+# that stops everything this bench starts, on any exit (Ctrl-C included); a
+# bench with more to undo adds a function to CLEANUP_HOOKS.
 bench_init() {
     TMP=$(mktemp -d "${TMPDIR:-/tmp}/aion-$1.XXXXXX")
     MARK="AION_BENCH_MARK=$TMP"
@@ -77,10 +79,13 @@ find_original() {
 }
 
 bench_cleanup() {
-    local pid
+    local pid hook
     stop_pids
     for pid in $(leftovers); do
         kill -KILL "$pid" 2>/dev/null || true
+    done
+    for hook in "${CLEANUP_HOOKS[@]}"; do
+        "$hook" || true
     done
     if [[ -n $TMP ]]; then rm -rf "$TMP"; fi
 }
@@ -236,7 +241,7 @@ want_wrk() {
 
 # build_connector: sets BIN and BUILD_KIND. BENCH_BIN if given, else the
 # static musl release build (the target added if missing), else the host
-# release build with a note.
+# release build with a note (BUILD_FALLBACK=no: no fallback, the failure ends the bench).
 build_connector() {
     if [[ -n ${BENCH_BIN:-} ]]; then
         BIN=$BENCH_BIN
@@ -255,6 +260,7 @@ build_connector() {
         return
     fi
     tail -n 8 "$TMP/build.log" >&2
+    [[ ${BUILD_FALLBACK:-yes} == yes ]] || die "cargo build --release --target $TARGET failed"
     note "musl build failed: FALLBACK to the host release build (not a static binary)"
     log "cargo build --release"
     if ! (cd "$ROOT" && timeout 900 cargo build --release) >"$TMP/build.log" 2>&1; then

@@ -15,36 +15,13 @@
 # stopped on exit.
 set -euo pipefail
 
-HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-ROOT=$(cd "$HERE/.." && pwd)
-TARGET=x86_64-unknown-linux-musl
-STARTS=${BENCH_STARTS:-200}
-CALLS=${BENCH_CALLS:-1000}
-PY=${PYTHON:-python3}
-HELPER="$HERE/mcpbench.py"
-
-for v in STARTS CALLS; do
-    if ! [[ ${!v} =~ ^[0-9]+$ ]] || (( ${!v} < 1 )); then
-        echo "mcp.sh: BENCH_$v must be a positive integer" >&2
-        exit 2
-    fi
-done
-(( STARTS <= 2000 )) || { echo "mcp.sh: BENCH_STARTS is capped at 2000" >&2; exit 2; }
-(( CALLS <= 100000 )) || { echo "mcp.sh: BENCH_CALLS is capped at 100000" >&2; exit 2; }
-
-TMP=$(mktemp -d "${TMPDIR:-/tmp}/aion-mcp.XXXXXX")
-PIDS=()
-NOTES=()
-
 # shellcheck source=bench/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+STARTS=$(setting BENCH_STARTS 200 1 2000)
+CALLS=$(setting BENCH_CALLS 1000 1 100000)
+HELPER="$HERE/mcpbench.py"
 
-cleanup() {
-    stop_pids
-    rm -rf "$TMP"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+bench_init mcp
 
 command -v "$PY" >/dev/null || die "$PY not found"
 

@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
 # bench/ops.sh: figures of running the connector like a service: a GET /metrics
 # scrape, a `status` round trip (on the socket, and the whole `aion-connector
-# status` command), a SIGHUP reload, with BENCH_PROJECTS projects served and
-# BENCH_TERMINALS terminals open.
+# status` command), a SIGHUP reload, the `runs` action, with BENCH_PROJECTS
+# projects served, BENCH_TERMINALS terminals open and the run history filled
+# first with BENCH_HISTORY runs of the fake acpx (bench/fake-acpx) spread over
+# BENCH_HISTORY_PROJECTS projects (the history keeps 20 per project).
 # See bench/README.md for what each figure means.
 #
 # Usage: bench/ops.sh             (from anywhere; about 20 s after the build)
 # Env:   BENCH_BIN=path           skip the build, measure this binary
 #        BENCH_PROJECTS=100       projects in the config
 #        BENCH_TERMINALS=20       terminals open while measuring
+#        BENCH_HISTORY=100        runs in the history before measuring
+#        BENCH_HISTORY_PROJECTS=5 projects they are spread over
+#        BENCH_RUNS_CALLS=1000    `runs` actions timed (on p0, one keep-alive connection)
 #        BENCH_SCRAPES=2000       /metrics scrapes over one keep-alive connection
 #        BENCH_STATUS=2000        status round trips on one socket connection
 #        BENCH_COMMANDS=50        `aion-connector status --json` runs
@@ -26,7 +31,12 @@ SCRAPES=$(setting BENCH_SCRAPES 2000 1 100000)
 STATUS=$(setting BENCH_STATUS 2000 1 100000)
 COMMANDS=$(setting BENCH_COMMANDS 50 1 1000)
 RELOADS=$(setting BENCH_RELOADS 50 1 1000)
+HISTORY=$(setting BENCH_HISTORY 100 0 10000)
+HISTORY_PROJECTS=$(setting BENCH_HISTORY_PROJECTS 5 1 "$PROJECTS")
+RUNS_CALLS=$(setting BENCH_RUNS_CALLS 1000 1 100000)
 HELPER="$HERE/opsbench.py"
+FAKE="$HERE/fake-acpx"
+[[ -x $FAKE ]] || usage "$FAKE is not executable"
 
 bench_init ops
 need_py
@@ -42,12 +52,20 @@ CONFIG="$TMP/aion.config.json"
     for ((i = 0; i < PROJECTS; i++)); do
         mkdir -p "$TMP/ws/p$i"
         if (( i == 0 )); then t=$TOKEN; else t=$(new_token); fi
-        printf '%s"p%d":{"token":"%s","dir":"%s"}' "$([[ $i == 0 ]] || echo ,)" "$i" "$t" "$TMP/ws/p$i"
+        agents='{}'
+        if (( i < HISTORY_PROJECTS )); then
+            agents='{"fake":{}}'
+            printf '%s\n' "$t" >>"$TMP/history-tokens"
+        fi
+        printf '%s"p%d":{"token":"%s","dir":"%s","agents":%s}' "$([[ $i == 0 ]] || echo ,)" "$i" "$t" \
+            "$TMP/ws/p$i" "$agents"
     done
     printf '}}\n'
 } >"$CONFIG"
 chmod 600 "$CONFIG"
-start_connector ops "$CONFIG"
+mkdir -p "$TMP/bin"
+ln -s "$FAKE" "$TMP/bin/acpx"
+start_connector ops "$CONFIG" PATH="$TMP/bin:$PATH" AION_BENCH_PY="$PYBIN"
 SOCKET="$TMP/state-ops/aion-connector/mcp.sock"
 [[ -S $SOCKET ]] || die "no socket at $SOCKET"
 for ((i = 0; i < TERMINALS; i++)); do
@@ -61,11 +79,21 @@ sys.exit(0 if r.status == 200 else 1)
 PY
 done
 
+# ---------------------------------------------------------------- run history
+if (( HISTORY > 0 )); then
+    log "$HISTORY runs into the history ($HISTORY_PROJECTS projects)"
+    HELPER_TIMEOUT=$((HISTORY * 10 + 60)) helper fill fill "$SRV_ADDR" "$TMP/history-tokens" "$HISTORY"
+    expect "$TMP/fill.kv" fill_failed 0 "history fill"
+fi
+KEPT=$(find "$TMP/state-ops/aion-connector/runs" -name '*.jsonl' 2>/dev/null | wc -l)
+
 # ---------------------------------------------------------------- measurements
 log "$SCRAPES scrapes of /metrics"
 helper scrape scrape "$SRV_ADDR" "$METRICS_TOKEN" "$SCRAPES"
 log "$STATUS status round trips on the socket"
 helper status status "$SOCKET" "$STATUS"
+log "$RUNS_CALLS runs actions"
+helper runs runs "$SRV_ADDR" "$TOKEN" "$RUNS_CALLS"
 
 log "$COMMANDS runs of aion-connector status --json"
 cmd_us=()
@@ -95,10 +123,12 @@ RSS=$(rss_kb "$SRV_PID")
 log_warns "$TMP/ops.err" connector
 
 # ---------------------------------------------------------------- summary
-table_start "aion-connector ops figures ($VERSION, $PROJECTS projects, $TERMINALS terminals)"
+table_start "aion-connector ops figures ($VERSION, $PROJECTS projects, $TERMINALS terminals, $KEPT runs in the history)"
+row "history fill ($HISTORY runs, $HISTORY_PROJECTS projects)" "$(kv "$TMP/fill.kv" fill_s) s, $(kv "$TMP/fill.kv" fill_failed) failed"
 row "GET /metrics (keep-alive), p50 / p99" "$(kv "$TMP/scrape.kv" scrape_p50_us) / $(kv "$TMP/scrape.kv" scrape_p99_us) us, $(kv "$TMP/scrape.kv" scrape_bytes) bytes"
 row "status on the socket, p50 / p99" "$(kv "$TMP/status.kv" status_p50_us) / $(kv "$TMP/status.kv" status_p99_us) us, $(kv "$TMP/status.kv" status_bytes) bytes"
 row "aion-connector status --json (exec), p50" "${CMD_P50} us"
+row "runs action (p0: $(kv "$TMP/runs.kv" runs_finished) finished), p50 / p99" "$(kv "$TMP/runs.kv" runs_p50_us) / $(kv "$TMP/runs.kv" runs_p99_us) us, $(kv "$TMP/runs.kv" runs_bytes) bytes"
 row "SIGHUP -> 'reloaded' logged, p50" "${HUP_P50} us (the connector's own ms=: ${RELOAD_MS})"
 row "connector RSS after" "$(mib "$RSS")"
 table_end

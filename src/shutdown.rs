@@ -4,6 +4,11 @@
 //! SIGINT exits at once. With [`install_with_reload`], SIGHUP is taken too:
 //! each one is a message on [`Shutdown::reloads`] (its receiver: push mode's
 //! `reload` thread); without, SIGHUP keeps its default action.
+//!
+//! Threads: `signals`, started by [`install`] / [`install_with_reload`]
+//! (owner: the mode's main thread, which never joins it). It loops on
+//! `sigwait` for the life of the process and ends with it — or ends the
+//! process itself, at once, on a second SIGINT.
 
 use crate::logging::{info, warn};
 use nix::sys::signal::{SigSet, Signal};

@@ -143,7 +143,33 @@ pub struct Outbox {
     dropped: AtomicU64,
     /// Posts that failed and are tried again.
     retried: AtomicU64,
+    /// The same three counts by callback origin ([`Outbox::origin_counts`]).
+    by_origin: Mutex<HashMap<String, OriginCounts>>,
     status_file: Mutex<Option<File>>,
+}
+
+/// Posts delivered, retried and dropped for one callback origin since this
+/// process started ([`Outbox::origin_counts`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OriginCounts {
+    pub delivered: u64,
+    pub retried: u64,
+    pub dropped: u64,
+}
+
+/// Origins counted one by one; past them the rest count as `other`.
+const COUNTED_ORIGINS: usize = 64;
+
+/// An origin as a metrics label: `scheme://host:port` only — never a path,
+/// a query or credentials (an unparsable callback URL counts as `other`).
+pub fn origin_label(origin: &str) -> String {
+    let rest = origin.strip_prefix("http://").or_else(|| origin.strip_prefix("https://"));
+    match rest {
+        Some(r) if !r.is_empty() && !r.contains(['/', '@', '?', '#']) && !r.contains(char::is_whitespace) => {
+            origin.to_string()
+        }
+        _ => "other".to_string(),
+    }
 }
 
 /// The backlog of one callback origin ([`Outbox::origins`]).
@@ -404,6 +430,7 @@ impl Outbox {
             delivered: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
             retried: AtomicU64::new(0),
+            by_origin: Mutex::new(HashMap::new()),
             status_file: Mutex::new(None),
         });
         let orphans = spool::orphans(dir)?;
@@ -980,6 +1007,7 @@ impl Outbox {
                 t.failures += 1;
                 t.last_error = Some(format!("answered {status}"));
                 self.retried.fetch_add(1, Ordering::Relaxed);
+                self.count(&s.origin, |c| c.retried += 1);
                 t.failing_since.get_or_insert_with(Instant::now);
                 let retry_after = retry_after.map(|r| r.min(Duration::from_secs(300)));
                 let wait = retry_after.unwrap_or_else(|| crate::nonce::jitter(t.backoff, 0.25));
@@ -999,6 +1027,7 @@ impl Outbox {
                     t.last_error = Some(crate::text::redact_userinfo(&e).chars().take(200).collect());
                 }
                 self.retried.fetch_add(1, Ordering::Relaxed);
+                self.count(&s.origin, |c| c.retried += 1);
                 Outcome::Down(e)
             }
         }
@@ -1075,6 +1104,7 @@ impl Outbox {
         t.next_seq = t.next_seq.max(record.seq + 1);
         (t.failing_since, t.backoff) = (None, FIRST_BACKOFF);
         self.delivered.fetch_add(1, Ordering::SeqCst);
+        self.count(&s.origin, |c| c.delivered += 1);
         if t.files && !record.last && t.pos == t.disk_len && t.disk_len >= COMPACT_AT {
             // The position first: a crash in between re-sends, never loses.
             let emptied = spool::write_pos(&self.dir, &s.id, 0, t.next_seq)
@@ -1111,6 +1141,24 @@ impl Outbox {
         }
     }
 
+    /// Adds to the counts of `origin` (one lock, held for the addition).
+    fn count(&self, origin: &str, f: impl FnOnce(&mut OriginCounts)) {
+        let mut map = lock(&self.by_origin);
+        let mut key = origin_label(origin);
+        if !map.contains_key(&key) && map.len() >= COUNTED_ORIGINS {
+            key = "other".to_string();
+        }
+        f(map.entry(key).or_default());
+    }
+
+    /// Posts delivered, retried and dropped since this process started, by
+    /// callback origin ([`origin_label`]), sorted.
+    pub fn origin_counts(&self) -> Vec<(String, OriginCounts)> {
+        let mut list: Vec<_> = lock(&self.by_origin).iter().map(|(k, v)| (k.clone(), *v)).collect();
+        list.sort_by(|a, b| a.0.cmp(&b.0));
+        list
+    }
+
     /// Out of time: the rest of the stream is dropped.
     fn give_up(&self, s: &Shared) {
         let left = {
@@ -1122,6 +1170,7 @@ impl Outbox {
             s.id, s.origin, self.window
         );
         self.dropped.fetch_add(left, Ordering::SeqCst);
+        self.count(&s.origin, |c| c.dropped += left);
         self.finish(s);
     }
 

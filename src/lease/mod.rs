@@ -172,8 +172,23 @@ impl Drop for Guard {
     }
 }
 
+/// How [`Leases::wait_granted`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Waited {
+    /// Every held app is granted.
+    Granted,
+    /// Each is granted or refused, or there is no Aion to ask.
+    Settled,
+    /// Some are still unanswered at the deadline.
+    TimedOut,
+}
+
 impl Leases {
     pub fn start(config: LeaseConfig) -> Leases {
+        // The test seam of the module doc, not a user setting (so not in the
+        // man page): the lease timers run in minutes, and the tests that
+        // check their order would otherwise take that long. Debug builds
+        // only, so no release binary's timing can be changed from outside.
         let scale = if cfg!(debug_assertions) {
             std::env::var("AION_LEASE_TIME_SCALE")
                 .ok()
@@ -225,19 +240,22 @@ impl Leases {
     }
 
     /// Waits up to `d` until every held app is granted or refused, or it is
-    /// clear there is no Aion to ask; true when all are granted.
-    pub fn wait_granted(&self, d: Duration) -> bool {
+    /// clear there is no Aion to ask.
+    pub fn wait_granted(&self, d: Duration) -> Waited {
         let deadline = Instant::now() + d;
         let mut apps = self.inner.apps();
         loop {
             let held = || apps.values().filter(|a| a.users > 0);
             if held().all(|a| a.granted_at.is_some()) {
-                return true;
+                return Waited::Granted;
             }
             let settled = held().all(|a| a.granted_at.is_some() || a.quiet_until.is_some());
+            if settled || *self.inner.link() == Link::Down {
+                return Waited::Settled;
+            }
             let left = deadline.saturating_duration_since(Instant::now());
-            if settled || left.is_zero() || *self.inner.link() == Link::Down {
-                return false;
+            if left.is_zero() {
+                return Waited::TimedOut;
             }
             apps = self
                 .inner

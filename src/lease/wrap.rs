@@ -5,14 +5,27 @@
 //! Ctrl-C reach it as usual); SIGINT, SIGTERM and SIGHUP sent to the wrapper
 //! are forwarded to that group; the exit status is CMD's (128+N if killed by
 //! signal N). Without an Aion socket CMD still runs, after one warning.
+//!
+//! Threads: `signals`, the forwarder, started once CMD runs; owner: the
+//! wrapper's main thread (which waits for CMD). It takes SIGINT, SIGTERM and
+//! SIGHUP with `sigwait` and sends each to CMD's process group. It is never
+//! joined: it ends with the process, when the main thread returns CMD's
+//! status. If it cannot be started, CMD is sent SIGTERM (the signals would
+//! otherwise stay blocked and never reach it). The lease client's own
+//! threads are [`super`]'s.
 
 use crate::error::Error;
 use crate::lease::{LeaseConfig, Leases};
+use crate::logging::info;
 use nix::sys::signal::{SigSet, Signal, killpg};
 use nix::unistd::Pid;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::PathBuf;
 use std::time::Duration;
+
+/// How long CMD waits, at most, for its leases to be granted or refused
+/// (past it CMD runs and a line says so).
+const WAIT: Duration = Duration::from_secs(1);
 
 pub const HELP: &str = "\
 aion-connector lease — hold Aion AI-protection leases while a command runs
@@ -125,7 +138,9 @@ pub fn run(args: &[&str]) -> Result<i32, Error> {
     let leases = Leases::start(LeaseConfig::new(args.socket.clone(), holder, name, args.seconds));
     let guards = leases.hold(&args.apps);
     // Protect the apps from the start, but never hold the command up for long.
-    leases.wait_granted(Duration::from_secs(1));
+    if leases.wait_granted(WAIT) == crate::lease::Waited::TimedOut {
+        info!("lease: Aion has not answered within {WAIT:?}; running {} anyway", args.command[0]);
+    }
     let mut cmd = std::process::Command::new(&args.command[0]);
     cmd.args(&args.command[1..]).process_group(0);
     crate::process::group::unblock_signals_in_child(&mut cmd);

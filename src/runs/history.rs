@@ -6,6 +6,14 @@
 //! [`MAX_BYTES`] (past it the posts are no longer kept and the footer says
 //! `"truncated":true`). The `runs` and `runs.output` actions read it.
 //!
+//! A run cut by a crash, a kill or a power cut leaves a file without a
+//! footer. At start (the state dir's lock held, before any run begins)
+//! [`close_interrupted`] gives each such file the footer
+//! `{"endedMs","outcome":"interrupted"}` (`endedMs`: the file's last write) —
+//! the history's word for the run the outbox's resume closes with the
+//! `error` post "the connector restarted" — and prunes each project dir, so
+//! these runs are listed, read to their end and dropped like any other.
+//!
 //! No thread of its own: the run thread writes (through [`super::events`])
 //! and prunes, request threads read.
 
@@ -98,6 +106,56 @@ impl Recorder {
             prune(dir);
         }
     }
+}
+
+/// The outcome of a run its connector did not live to finish.
+pub const INTERRUPTED: &str = "interrupted";
+
+/// Closes every run file under `root` (`<stateDir>/runs`) left without a
+/// footer by a connector that died, as [`INTERRUPTED`], then prunes each
+/// project dir. Only while no run of this connector is going. Returns how
+/// many it closed.
+pub fn close_interrupted(root: &Path) -> usize {
+    let mut closed = 0;
+    for dir in std::fs::read_dir(root).into_iter().flatten().filter_map(Result::ok).map(|e| e.path()) {
+        if !dir.is_dir() {
+            continue;
+        }
+        for (_, path) in runs_in(&dir) {
+            if read(&path).is_none_or(|r| r.foot.is_some()) {
+                continue;
+            }
+            match close(&path) {
+                Ok(()) => closed += 1,
+                Err(e) => warn!("run history: cannot close {}: {e}", path.display()),
+            }
+        }
+        prune(&dir);
+    }
+    closed
+}
+
+/// Appends the [`INTERRUPTED`] footer (after a newline if the last line was cut).
+fn close(path: &Path) -> std::io::Result<()> {
+    let meta = std::fs::metadata(path)?;
+    let ended = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or_else(now_ms, |d| d.as_millis() as u64);
+    let cut = {
+        use std::io::{Read as _, Seek, SeekFrom};
+        let mut f = File::open(path)?;
+        let mut last = [0u8; 1];
+        meta.len() > 0 && {
+            f.seek(SeekFrom::End(-1))?;
+            f.read_exact(&mut last)?;
+            last[0] != b'\n'
+        }
+    };
+    let foot = json!({"endedMs": ended, "outcome": INTERRUPTED});
+    let mut f = OpenOptions::new().append(true).open(path)?;
+    f.write_all(format!("{}{foot}\n", if cut { "\n" } else { "" }).as_bytes())
 }
 
 /// The run files of a dir, oldest first (ids begin with their start in ms).
@@ -233,6 +291,34 @@ mod tests {
         assert_eq!(page["done"], true);
         assert_eq!(page["next"], 2);
         assert_eq!(page["posts"].as_array().unwrap().len(), 1);
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn runs_cut_by_a_dead_connector_are_closed_as_interrupted_and_pruned() {
+        let root = std::env::temp_dir().join(format!("aion-history-cut-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        for i in 0..(KEEP + 2) {
+            let mut r = Recorder::start(&root, "p", &format!("{}-1-{i}", 1000 + i), &format!("s{i}"), "a");
+            r.post(br#"{"type":"output","sessionId":"s","text":"a","seq":0}"#);
+            // Dropped without a footer, as by a kill; the last one mid-line.
+            if i == KEEP + 1 {
+                r.post(br#"{"type":"output","sessionId":"s","te"#);
+                let mut f = OpenOptions::new().write(true).open(&r.path).unwrap();
+                let len = f.metadata().unwrap().len();
+                f.set_len(len - 1).unwrap();
+                f.flush().unwrap();
+            }
+        }
+        assert!(finished(&root, "p").is_empty());
+        assert_eq!(close_interrupted(&root), KEEP + 2);
+        let list = finished(&root, "p");
+        assert_eq!(list.len(), KEEP, "pruned to KEEP");
+        assert_eq!(list[0]["outcome"], INTERRUPTED);
+        let page = output(&root, "p", "s21", 0).unwrap();
+        assert_eq!(page["done"], true);
+        assert_eq!(page["posts"].as_array().unwrap().len(), 1, "{page}");
+        assert_eq!(close_interrupted(&root), 0, "closed once");
         let _ = std::fs::remove_dir_all(&root);
     }
 }

@@ -159,6 +159,11 @@ impl Runs {
         if let Err(e) = &exe {
             warn!("cannot tell the path of this binary ({e}): agents run without the aion MCP server");
         }
+        let history = state_dir.join("runs");
+        let closed = history::close_interrupted(&history);
+        if closed > 0 {
+            info!("run history: {closed} run(s) cut by the previous connector closed as interrupted");
+        }
         Arc::new(Runs {
             outbox,
             limits,
@@ -168,7 +173,7 @@ impl Runs {
             next: AtomicU64::new(0),
             exe: exe.ok(),
             socket: state_dir.join("mcp.sock"),
-            history: state_dir.join("runs"),
+            history,
             displays: Mutex::new(HashMap::new()),
         })
     }

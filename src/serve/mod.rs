@@ -113,6 +113,7 @@ pub fn run(explicit: Option<PathBuf>) -> Result<i32, Error> {
         background: Arc::clone(&background),
         outbox: Arc::clone(&outbox),
         leases: leases.clone(),
+        tls: tls.clone(),
         metrics_token: std::sync::Mutex::new(config.metrics_token.as_ref().map(|t| digest(&t.0))),
     });
     let socket = local::start(&state, Arc::clone(&parts))?;

@@ -86,6 +86,9 @@ fn text(a: &Value) -> String {
         age(&a["uptimeSeconds"]),
         str_of(&a["listen"])
     );
+    if let Some(fp) = a["tls"]["fingerprint"].as_str() {
+        let _ = writeln!(out, "tls on, certificate fingerprint {fp}");
+    }
     let _ = writeln!(out, "state dir {}", str_of(&a["stateDir"]));
     for p in a["projects"].as_array().into_iter().flatten() {
         let gone = if p["served"] == false { " (removed from the config; its work goes on)" } else { "" };

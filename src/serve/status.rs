@@ -5,7 +5,7 @@
 //! builds the answer with no lock held.
 
 use crate::background::Background;
-use crate::delivery::outbox::Outbox;
+use crate::delivery::outbox::{OriginCounts, OriginStats, Outbox, origin_label};
 use crate::lease::Leases;
 use crate::project::ProjectSet;
 use crate::runs::Runs;
@@ -27,6 +27,8 @@ pub struct Parts {
     pub background: Arc<Background>,
     pub outbox: Arc<Outbox>,
     pub leases: Option<Leases>,
+    /// The port's TLS when on (its fingerprint follows a reload of the files).
+    pub tls: Option<Arc<crate::net::tls::Tls>>,
     /// SHA-256 of the config's `metricsToken` (swapped by a reload).
     pub metrics_token: Mutex<Option<[u8; 32]>>,
 }
@@ -54,12 +56,11 @@ impl Parts {
 
     /// `GET /metrics`: the Prometheus text format (0.0.4).
     pub fn metrics(&self) -> String {
-        use crate::metrics::{counter, gauge, label};
+        use crate::metrics::{gauge, label};
         use std::fmt::Write as _;
         let runs = self.runs.snapshot();
         let terms = self.terminals.snapshot();
         let procs = self.background.all();
-        let stats = self.outbox.stats();
         let origins = self.outbox.origins();
         let mut out = String::with_capacity(8 << 10);
         out.push_str("# HELP aion_connector_build_info The connector's version.\n");
@@ -91,53 +92,56 @@ impl Parts {
             "Background processes of the agents still running.",
             procs.iter().filter(|(_, s)| matches!(s.status, crate::background::Status::Running)).count(),
         );
-        counter(
-            &mut out,
-            "aion_connector_posts_delivered_total",
-            "Callback posts delivered (or skipped for good).",
-            stats.delivered,
-        );
-        counter(
-            &mut out,
-            "aion_connector_posts_retried_total",
-            "Callback posts that failed and are tried again.",
-            stats.retried,
-        );
-        counter(
-            &mut out,
-            "aion_connector_posts_dropped_total",
-            "Callback posts given up after the delivery window.",
-            stats.dropped,
-        );
-        out.push_str(
-            "# HELP aion_connector_posts_pending Callback posts not yet delivered, by callback origin.\n",
-        );
-        out.push_str("# TYPE aion_connector_posts_pending gauge\n");
-        for o in &origins {
-            let _ = writeln!(
-                out,
-                "aion_connector_posts_pending{{origin=\"{}\"}} {}",
-                label(&o.origin),
+        let counts = self.outbox.origin_counts();
+        type Pick = fn(&OriginCounts) -> u64;
+        let per_origin: [(&str, &str, Pick); 3] = [
+            (
+                "aion_connector_posts_delivered_total",
+                "Callback posts delivered (or skipped for good), by callback origin.",
+                |c| c.delivered,
+            ),
+            (
+                "aion_connector_posts_retried_total",
+                "Callback posts that failed and are tried again, by callback origin.",
+                |c| c.retried,
+            ),
+            (
+                "aion_connector_posts_dropped_total",
+                "Callback posts given up after the delivery window, by callback origin.",
+                |c| c.dropped,
+            ),
+        ];
+        for (name, help, pick) in per_origin {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            for (origin, c) in &counts {
+                let _ = writeln!(out, "{name}{{origin=\"{}\"}} {}", label(origin), pick(c));
+            }
+        }
+        // The backlog by origin, the labels as above (origins() reports
+        // what the status shows; the label drops anything past the port).
+        type Gauge = fn(&OriginStats) -> u64;
+        let backlog: [(&str, &str, Gauge); 3] = [
+            ("aion_connector_posts_pending", "Callback posts not yet delivered, by callback origin.", |o| {
                 o.records
-            );
-        }
-        out.push_str(
-            "# HELP aion_connector_spool_bytes Bytes of undelivered posts on disk, by callback origin.\n",
-        );
-        out.push_str("# TYPE aion_connector_spool_bytes gauge\n");
-        for o in &origins {
-            let _ =
-                writeln!(out, "aion_connector_spool_bytes{{origin=\"{}\"}} {}", label(&o.origin), o.bytes);
-        }
-        out.push_str("# HELP aion_connector_origin_down Whether a callback origin answers nothing now.\n");
-        out.push_str("# TYPE aion_connector_origin_down gauge\n");
-        for o in &origins {
-            let _ = writeln!(
-                out,
-                "aion_connector_origin_down{{origin=\"{}\"}} {}",
-                label(&o.origin),
-                u8::from(o.down_for.is_some())
-            );
+            }),
+            ("aion_connector_spool_bytes", "Bytes of undelivered posts on disk, by callback origin.", |o| {
+                o.bytes
+            }),
+            ("aion_connector_origin_down", "Whether a callback origin answers nothing now.", |o| {
+                u64::from(o.down_for.is_some())
+            }),
+        ];
+        for (name, help, pick) in backlog {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+            let mut seen = BTreeSet::new();
+            for o in &origins {
+                let key = origin_label(&o.origin);
+                if seen.insert(key.clone()) {
+                    let sum: u64 = origins.iter().filter(|p| origin_label(&p.origin) == key).map(pick).sum();
+                    let sum = if name == "aion_connector_origin_down" { sum.min(1) } else { sum };
+                    let _ = writeln!(out, "{name}{{origin=\"{}\"}} {sum}", label(&key));
+                }
+            }
         }
         out.push_str(
             "# HELP aion_connector_lease_link The link to Aion's lease socket (1 on the current state).\n",
@@ -237,6 +241,7 @@ impl Parts {
             "pid": std::process::id(),
             "uptimeSeconds": self.started.elapsed().as_secs(),
             "listen": self.listen,
+            "tls": self.tls.as_ref().map(|t| json!({"fingerprint": t.fingerprint()})),
             "stateDir": self.state.display().to_string(),
             "projects": projects,
             "outbox": {

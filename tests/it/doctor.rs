@@ -1,7 +1,8 @@
 //! `aion-connector doctor`: the real binary against a setup that passes, then
 //! each FAIL provoked in turn (a config problem, the port taken by another
 //! program, an unwritable state dir, an unreachable spooled callback, acpx
-//! missing, an old node, the unit's user missing or not owning the config).
+//! missing, node missing or old, a host not on this machine, an expired
+//! certificate, the unit's user missing or not owning the config).
 
 use crate::util::*;
 use serde_json::json;
@@ -62,12 +63,16 @@ impl Setup {
     }
 
     fn doctor_with(&self, config: &str) -> (i32, String) {
+        self.doctor_on_path(config, &format!("{}:/usr/bin:/bin", self.bin.display()))
+    }
+
+    /// The same with this PATH.
+    fn doctor_on_path(&self, config: &str, path: &str) -> (i32, String) {
         let unit = self.tmp.join("no.service");
         let args = ["doctor", "--unit", unit.to_str().unwrap(), config];
-        let path = format!("{}:/usr/bin:/bin", self.bin.display());
         let runtime = self.tmp.join("run");
         let (code, out, err) =
-            run(&args, self.tmp.path(), &[("PATH", &path), ("XDG_RUNTIME_DIR", runtime.to_str().unwrap())]);
+            run(&args, self.tmp.path(), &[("PATH", path), ("XDG_RUNTIME_DIR", runtime.to_str().unwrap())]);
         assert!(!err.contains("panicked"), "{err}");
         assert!(!out.contains(TOKEN), "the token was printed:\n{out}");
         (code, out)
@@ -351,6 +356,44 @@ fn acpx_missing_or_an_old_node_fails() {
     assert!(has(&out, "SKIP", "acpx", "no agent runs through acpx"), "{out}");
 }
 
+/// acpx there but no node at all on PATH (the machine's own node is in
+/// /usr/bin, so PATH is our bin dir alone).
+#[test]
+fn node_missing_from_path_fails() {
+    let s = Setup::new("doc-nonode");
+    std::fs::remove_file(s.bin.join("node")).unwrap();
+    let (code, out) = s.doctor_on_path(&s.config_path(), s.bin.to_str().unwrap());
+    assert_eq!(code, 1, "{out}");
+    assert!(has(&out, "OK", "acpx", "acpx 0.19.1"), "{out}");
+    assert!(
+        has(
+            &out,
+            "FAIL",
+            "node",
+            "node is not on PATH: acpx needs Node.js 22+ — fix: install Node.js 22 or later"
+        ),
+        "{out}"
+    );
+}
+
+/// A host that is not an address of this machine (192.0.2.1, TEST-NET-1).
+#[test]
+fn a_host_not_on_this_machine_fails() {
+    let s = Setup::new("doc-host");
+    s.write_config(json!({"pi": {}}), json!({"host": "192.0.2.1"}));
+    let (code, out) = s.doctor();
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        has(
+            &out,
+            "FAIL",
+            "port",
+            "192.0.2.1 is not an address of this machine — fix: set \"host\" to 127.0.0.1"
+        ),
+        "{out}"
+    );
+}
+
 #[test]
 fn the_units_user_must_exist_and_own_the_config_and_state_dir() {
     let s = Setup::new("doc-unit");
@@ -444,12 +487,15 @@ fn tls_files_are_checked() {
     let (code, out) = s.doctor();
     assert_eq!(code, 1, "{out}");
     assert!(has(&out, "FAIL", "tls", "c.pem"), "{out}");
+    // Valid from 30 days ago until `days` from now (negative: expired).
     let pair = |days: i64| {
         let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
         let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
         let now = std::time::SystemTime::now();
-        params.not_before = (now - std::time::Duration::from_secs(86_400)).into();
-        params.not_after = (now + std::time::Duration::from_secs((days * 86_400) as u64)).into();
+        let day = std::time::Duration::from_secs(86_400);
+        params.not_before = (now - day * 30).into();
+        params.not_after =
+            if days >= 0 { now + day * days as u32 } else { now - day * days.unsigned_abs() as u32 }.into();
         (params.self_signed(&key).unwrap().pem(), key.serialize_pem())
     };
     let (cert, key) = pair(400);
@@ -466,4 +512,11 @@ fn tls_files_are_checked() {
     std::fs::write(s.tmp.join("k.pem"), &key).unwrap();
     let (_, out) = s.doctor();
     assert!(has(&out, "WARN", "tls", "expires in "), "{out}");
+    // Already expired (3 days ago, the hour it was made aside).
+    let (cert, key) = pair(-3);
+    std::fs::write(s.tmp.join("c.pem"), &cert).unwrap();
+    std::fs::write(s.tmp.join("k.pem"), &key).unwrap();
+    let (code, out) = s.doctor();
+    assert_eq!(code, 1, "{out}");
+    assert!(has(&out, "FAIL", "tls", "c.pem expired 3 day(s) ago — fix: renew it (certbot renew)"), "{out}");
 }

@@ -79,6 +79,7 @@ fn status_shows_runs_terminals_and_the_backlog_as_text_and_json() {
     assert!(origin["records"].as_u64() >= Some(1), "{origin}");
     assert!(origin["oldestPendingSeconds"].is_number(), "{origin}");
     assert!(answer["lease"].is_null(), "no agent has leaseApps");
+    assert!(answer["tls"].is_null(), "no tls section: {}", answer["tls"]);
     let text = answer.to_string();
     assert!(!text.contains(TOKEN), "the token leaked into status");
 
@@ -171,14 +172,23 @@ fn sample(samples: &[(String, Value, f64)], name: &str, labels: Value) -> Option
 #[test]
 fn metrics_parse_as_prometheus_text_and_move_with_traffic() {
     let dir = TempDir::new("ops-metrics");
+    let proj = dir.join("proj");
+    std::fs::create_dir_all(&proj).unwrap();
+    let bin = fake_acpx_bin(dir.path());
+    let log = dir.join("acpx.log");
     let metrics_token = "metrics-token-0123456789abcdef";
     let cfg = config(
-        json!({"p": {"token": TOKEN, "dir": dir.path()}}),
+        json!({"p": {"token": TOKEN, "dir": proj, "agents": {"fake": {}}}}),
         Some(json!({"metricsToken": metrics_token})),
     );
     std::fs::write(dir.join("aion.config.json"), &cfg).unwrap();
     let cfg_path = dir.join("aion.config.json");
-    let server = Server::start_args(&[cfg_path.to_str().unwrap()], dir.path(), &[("SHELL", "/bin/sh")]);
+    let path = path_with(&bin);
+    let server = Server::start_args(
+        &[cfg_path.to_str().unwrap()],
+        dir.path(),
+        &[("PATH", &path), ("FAKE_ACPX_LOG", log.to_str().unwrap()), ("SHELL", "/bin/sh")],
+    );
     assert_eq!(scrape(&server.addr, None).status, 401);
     assert_eq!(scrape(&server.addr, Some("Bearer wrong-token-wrong-token")).status, 403);
     assert_eq!(scrape(&server.addr, Some(&format!("Basic {TOKEN}"))).status, 403);
@@ -224,6 +234,57 @@ fn metrics_parse_as_prometheus_text_and_move_with_traffic() {
         "the scrape's own connection is open"
     );
     assert!(!second.text().contains(TOKEN) && !second.text().contains(metrics_token));
+
+    // One invoke to a fake platform: a run finished, its posts delivered to
+    // that origin (the label is the origin only: no path, no credentials).
+    let platform = Platform::start();
+    let origin = platform.url();
+    let complete = |s: &[(String, Value, f64)]| {
+        sample(s, "aion_connector_runs_finished_total", json!({"outcome": "complete"})).unwrap_or(0.0)
+    };
+    let delivered_to = |s: &[(String, Value, f64)], origin: &str| {
+        sample(s, "aion_connector_posts_delivered_total", json!({"origin": origin})).unwrap_or(0.0)
+    };
+    let callback =
+        format!("http://user:secret-pass@127.0.0.1:{}/some/path", &origin["http://127.0.0.1:".len()..]);
+    let (code, body) = server.call(
+        TOKEN,
+        "invoke",
+        json!({"agent": "fake", "prompt": "lines 3", "session": "m1", "callback": callback}),
+    );
+    assert_eq!(code, 200, "{body}");
+    let posts = platform.wait_closed("m1");
+    let third = poll("the run and its posts in /metrics", || {
+        let text = scrape(&server.addr, Some(&format!("Bearer {metrics_token}"))).text();
+        let s = parse_with_prometheus_client(&text).unwrap();
+        (complete(&s) - complete(&after) == 1.0 && delivered_to(&s, &origin) == posts.len() as f64)
+            .then_some(text)
+    });
+    assert!(!third.contains("secret-pass") && !third.contains("/some/path"), "{third}");
+
+    // A second one to an origin that is down: its posts wait, pending and spooled.
+    let dead = dead_callback();
+    let (code, body) = server.call(
+        TOKEN,
+        "invoke",
+        json!({"agent": "fake", "prompt": "lines 2", "session": "m2", "callback": dead}),
+    );
+    assert_eq!(code, 200, "{body}");
+    poll("the dead origin's backlog in /metrics", || {
+        let s = parse_with_prometheus_client(
+            &scrape(&server.addr, Some(&format!("Bearer {metrics_token}"))).text(),
+        )
+        .unwrap();
+        let pending = sample(&s, "aion_connector_posts_pending", json!({"origin": dead}))?;
+        let bytes = sample(&s, "aion_connector_spool_bytes", json!({"origin": dead}))?;
+        let retried = sample(&s, "aion_connector_posts_retried_total", json!({"origin": dead}))?;
+        (complete(&s) - complete(&after) == 2.0 && pending >= 1.0 && bytes > 0.0 && retried >= 1.0)
+            .then_some(())
+    });
+    drop(server);
+    for pid in marked_processes(&format!("FAKE_ACPX_LOG={}", log.display())) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+    }
 }
 
 const TOKEN_B: &str = "ops-token-b-7e6d5c4b3a29180716f5";
@@ -427,4 +488,68 @@ fn runs_lists_active_and_finished_runs_and_runs_output_pages_their_posts() {
     for pid in marked_processes(&format!("FAKE_ACPX_LOG={}", log.display())) {
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
     }
+}
+
+/// A run going when the connector is ended by `sig` is, after a restart on
+/// the same state dir, listed as finished with `outcome` (None: any) and
+/// read to its end by `runs.output`.
+fn run_history_survives(tag: &str, sig: nix::sys::signal::Signal, outcome: Option<&str>) {
+    let dir = TempDir::new(tag);
+    let proj = dir.join("proj");
+    std::fs::create_dir_all(&proj).unwrap();
+    let bin = fake_acpx_bin(dir.path());
+    let log = dir.join("acpx.log");
+    let cfg = config(json!({"p": {"token": TOKEN, "dir": proj, "agents": {"fake": {}}}}), None);
+    std::fs::write(dir.join("aion.config.json"), &cfg).unwrap();
+    let path = path_with(&bin);
+    let cfg_path = dir.join("aion.config.json");
+    let env = [("PATH", path.as_str()), ("FAKE_ACPX_LOG", log.to_str().unwrap()), ("SHELL", "/bin/sh")];
+    let mut server = Server::start_args(&[cfg_path.to_str().unwrap()], dir.path(), &env);
+    let platform = Platform::start();
+    let (code, body) = server.call(
+        TOKEN,
+        "invoke",
+        json!({"agent": "fake", "prompt": "until go", "session": "cut", "callback": platform.url()}),
+    );
+    assert_eq!(code, 200, "{body}");
+    poll("the run to post", || {
+        platform.delivered().iter().any(|p| p.json()["sessionId"] == json!("cut")).then_some(())
+    });
+    let (_, going) = server.call(TOKEN, "runs.output", json!({"session": "cut", "from": 0}));
+    assert_eq!(going["done"], json!(false), "{going}");
+    server.signal_and_wait(sig, std::time::Duration::from_secs(20));
+    drop(server);
+
+    let server = Server::start_args(&[cfg_path.to_str().unwrap()], dir.path(), &env);
+    let (code, list) = server.call(TOKEN, "runs", json!({}));
+    assert_eq!(code, 200, "{list}");
+    assert!(list["active"].as_array().unwrap().is_empty(), "{list}");
+    let finished = list["finished"].as_array().unwrap();
+    assert_eq!(finished.len(), 1, "the cut run is listed as finished: {list}");
+    assert_eq!(finished[0]["session"], json!("cut"));
+    if let Some(outcome) = outcome {
+        assert_eq!(finished[0]["outcome"], json!(outcome), "{list}");
+    }
+    assert!(finished[0]["endedMs"].as_u64() >= finished[0]["startedMs"].as_u64(), "{list}");
+    let (code, page) = server.call(TOKEN, "runs.output", json!({"session": "cut", "from": 0}));
+    assert_eq!(code, 200, "{page}");
+    assert_eq!(page["done"], json!(true), "{page}");
+    let posts = page["posts"].as_array().unwrap();
+    assert!(!posts.is_empty(), "{page}");
+    assert_eq!(posts[0]["text"], json!("waiting for go"), "{page}");
+    assert_eq!(finished[0]["posts"], json!(posts.len()), "{list}");
+    drop(server);
+    for pid in marked_processes(&format!("FAKE_ACPX_LOG={}", log.display())) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+    }
+}
+
+#[test]
+fn a_run_cut_by_sigterm_is_listed_finished_and_read_to_its_end_after_a_restart() {
+    run_history_survives("ops-history-term", nix::sys::signal::Signal::SIGTERM, None);
+}
+
+#[test]
+fn a_run_cut_by_sigkill_is_closed_as_interrupted_after_a_restart() {
+    run_history_survives("ops-history-kill", nix::sys::signal::Signal::SIGKILL, Some("interrupted"));
 }

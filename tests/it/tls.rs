@@ -182,6 +182,18 @@ impl Rig {
         (srv, fp)
     }
 
+    /// `status --json`'s `tls.fingerprint` and `status`'s text.
+    fn status(&self) -> (String, String) {
+        let cfg = self.cfg.to_str().unwrap();
+        let (code, out, err) = run(&["status", cfg, "--json"], self.dir.path(), &self.env());
+        assert_eq!(code, 0, "{err}");
+        let v: Value = serde_json::from_str(out.trim()).unwrap();
+        let fp = v["tls"]["fingerprint"].as_str().unwrap_or_else(|| panic!("no tls.fingerprint: {v}"));
+        let (code, text, err) = run(&["status", cfg], self.dir.path(), &self.env());
+        assert_eq!(code, 0, "{err}");
+        (fp.to_string(), text)
+    }
+
     fn fingerprint_command(&self) -> (i32, String, String) {
         run(&["fingerprint", self.cfg.to_str().unwrap()], self.dir.path(), &self.env())
     }
@@ -391,6 +403,10 @@ fn cert_files_are_rotated_on_sighup_without_dropping_connections() {
     assert_eq!(fp, pem_fingerprint(&cert1));
     let mut open = tls(&srv.addr, &fp);
     assert_ping(call_on(&mut open, "ping", json!({})));
+    // `status` shows the fingerprint served (JSON and text).
+    let (status_fp, text) = rig.status();
+    assert_eq!(status_fp, fp);
+    assert!(text.contains(&format!("tls on, certificate fingerprint {fp}")), "{text}");
 
     // certbot renews: new files, then SIGHUP.
     let (cert2, key2) = pair();
@@ -406,6 +422,7 @@ fn cert_files_are_rotated_on_sighup_without_dropping_connections() {
     assert!(try_tls(&srv.addr, &fp).is_err(), "a new connection still got the old certificate");
     let (code, out, _) = rig.fingerprint_command();
     assert_eq!((code, out.trim()), (0, format!("tls fingerprint {fp2}").as_str()));
+    assert_eq!(rig.status().0, fp2, "status shows the reloaded certificate");
 
     // A broken renewal (key of another cert) keeps the served pair.
     write(rig.dir.join("k.pem"), &key1);
