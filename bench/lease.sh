@@ -8,7 +8,8 @@
 #        BENCH_APPS=50            --app keys of the wrapper under load
 #        BENCH_CLOSES=1000        close checks pushed per run
 #        BENCH_INTERVAL_MS=2      milliseconds between close checks
-#        BENCH_SCALE=1000         AION_LEASE_TIME_SCALE of the loaded run
+#        BENCH_SCALE=1000         AION_LEASE_TIME_SCALE of the loaded run (a debug build:
+#                                 release builds ignore it)
 #        BENCH_OVERHEAD_RUNS=100  runs per command of the overhead figure
 #        PYTHON=python3
 #
@@ -36,13 +37,22 @@ unset AION_LEASE_TIME_SCALE
 
 # ---------------------------------------------------------------- 1. build
 bench_binary
+# The time scale is a debug-only test seam (src/lease/mod.rs): release builds
+# ignore AION_LEASE_TIME_SCALE, so the loaded run uses a debug build.
+DEBUG_BIN=$ROOT/target/debug/aion-connector
+log "cargo build (debug), for the loaded run's AION_LEASE_TIME_SCALE"
+(cd "$ROOT" && timeout 900 cargo build) >"$TMP/debug-build.log" 2>&1 \
+    || die "cargo build failed: $(tail -n 3 "$TMP/debug-build.log" | tr '\n' ' ')"
 
 # ---------------------------------------------------------------- 2. close checks
-# closes NAME SCALE: one wrapper with $APPS apps, $CLOSES close checks.
+# closes NAME SCALE BINARY: one wrapper with $APPS apps, $CLOSES close checks.
 closes() {
-    local name=$1 scale=$2 f="$TMP/$1.kv"
+    local name=$1 scale=$2 bin=$3 f="$TMP/$1.kv"
     log "close checks ($name): $APPS apps, $CLOSES checks every $INTERVAL_MS ms, AION_LEASE_TIME_SCALE=$scale"
-    helper "$name" closes "$BIN" "$TMP/$name.sock" "$APPS" "$CLOSES" "$scale" "$INTERVAL_MS"
+    helper "$name" closes "$bin" "$TMP/$name.sock" "$APPS" "$CLOSES" "$scale" "$INTERVAL_MS"
+    if (( scale > 1 )) && [[ $(kv "$f" renews_during) == 0 ]]; then
+        note "$name: no renewals at time scale $scale (is $bin a debug build?)"
+    fi
     [[ $(kv "$f" leased_apps) == "$APPS" ]] || note "$name: only $(kv "$f" leased_apps)/$APPS apps were leased"
     [[ $(kv "$f" early_exit) == - ]] || note "$name: the wrapper exited early with $(kv "$f" early_exit)"
     [[ $(kv "$f" closes_replied) == "$CLOSES" ]] \
@@ -61,8 +71,8 @@ closes() {
     warn=$(grep -cE '\[(WARN|ERROR)\]' "$TMP/$name.sock.stderr" 2>/dev/null || true)
     (( ${warn:-0} == 0 )) || note "$name: $warn WARN/ERROR lines from the wrapper, e.g. $(grep -m1 -E '\[(WARN|ERROR)\]' "$TMP/$name.sock.stderr")"
 }
-closes idle 1
-closes loaded "$SCALE"
+closes idle 1 "$BIN"
+closes loaded "$SCALE" "$DEBUG_BIN"
 
 # ---------------------------------------------------------------- 3. overhead
 log "wrapper overhead: $OVERHEAD_RUNS runs per command"
@@ -122,7 +132,7 @@ closerow() {
 }
 table_start "aion-connector lease bench  ($(date -u +%Y-%m-%dT%H:%M:%SZ), $(nproc) cores, ${VERSION:-version unknown})"
 closerow idle "a. close check -> reply, no renewals"
-closerow loaded "a. close check -> reply, scale $SCALE"
+closerow loaded "a. close check -> reply, scale $SCALE (debug build)"
 row "   ($APPS apps, $CLOSES checks, 1 in 10 not held)" "every $INTERVAL_MS ms, open loop, timed by a Python server"
 row "b. plain 'true'" "median $(kv "$o" plain_median_ms) ms, p90 $(kv "$o" plain_p90_ms) ms"
 row "   lease -- true, server answering" "median $(kv "$o" wrap_median_ms) ms, p90 $(kv "$o" wrap_p90_ms) ms ($(over wrap))"
