@@ -15,7 +15,9 @@ Subcommands:
   libcat ADDR FILE RUNS                  cat FILE over /ws with the `websockets` library's
                                          sync client (text frames decoded, as a browser does)
   libecho ADDR KEYS                      cooked keystroke echo with that same client
-The two lib* subcommands need the `websockets` package (pip install websockets;
+  aiocat ADDR FILE RUNS                  libcat with the library's asyncio client
+                                         (`websockets.connect`, its usual API)
+The lib* and aio* subcommands need the `websockets` package (pip install websockets;
 bench/vs-node-terminal.sh makes a venv for it); the rest is standard library only.
 The project token comes in the environment variable AION_TOKEN, never in argv.
 """
@@ -731,6 +733,50 @@ def cmd_libecho(addr: str, keys_s: str) -> None:
     emit_rtt("libecho", times)
 
 
+def cmd_aiocat(addr: str, path: str, runs_s: str) -> None:
+    import asyncio
+
+    import websockets
+
+    runs = max(1, min(int(runs_s), 10))
+    size = os.path.getsize(path)
+    check_loopback(addr)
+
+    async def drain(ws, quiet: float) -> None:
+        try:
+            while True:
+                await asyncio.wait_for(ws.recv(), quiet)
+        except TimeoutError:
+            pass
+
+    async def main() -> list[float]:
+        mbs = []
+        url = f"ws://{addr}/ws?token={token()}"
+        async with websockets.connect(url, max_size=None, compression=None) as ws:
+            await asyncio.wait_for(ws.recv(), IO_TIMEOUT)
+            await drain(ws, 0.2)
+            for i in range(runs):
+                tag = os.urandom(4).hex()
+                marker, tail = f"END{tag}", ""
+                t0 = time.perf_counter()
+                await ws.send(f"cat '{path}'; echo END''{tag}\n")
+                while True:
+                    msg = await asyncio.wait_for(ws.recv(), IO_TIMEOUT)
+                    if isinstance(msg, bytes):
+                        msg = msg.decode("latin-1")
+                    if marker in tail + msg[:64] or marker in msg:
+                        break
+                    tail = msg[-64:]
+                mbs.append(size / (time.perf_counter() - t0) / 1e6)
+                warn(f"aiocat run {i + 1}/{runs}: {mbs[-1]:.1f} MB/s")
+                await drain(ws, 0.1)
+        return mbs
+
+    mbs = asyncio.run(main())
+    out("aio_mbs", f"{statistics.median(mbs):.1f}")
+    out("aio_all", " ".join(f"{x:.0f}" for x in mbs))
+
+
 def main(argv: list[str]) -> None:
     cmds = {
         "mkfile": cmd_mkfile,
@@ -739,6 +785,7 @@ def main(argv: list[str]) -> None:
         "idle": cmd_idle,
         "libcat": cmd_libcat,
         "libecho": cmd_libecho,
+        "aiocat": cmd_aiocat,
     }
     if len(argv) < 2 or argv[1] not in cmds:
         sys.exit(__doc__)

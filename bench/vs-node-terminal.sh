@@ -2,8 +2,9 @@
 # bench/vs-node-terminal.sh: the terminal figures of issue 12 side by side, our
 # binary and the Node original (HeapVoid/aion-connector v0.3.3, dist/cli.js),
 # same machine, same clients, interleaved rounds, each server's log to a file:
-#   - `cat` of a file over /ws with the Python `websockets` library's client
-#     (text frames decoded, as a browser does) and with termbench's fast client,
+#   - `cat` of a file over /ws with the Python `websockets` library's clients
+#     (sync and asyncio; text frames decoded, as a browser does) and with
+#     termbench's fast client,
 #     each next to a bare PTY read of the same file in the same round;
 #   - keystroke echo round trip (cooked: `cat` in the shell, the tty echoes),
 #     with both clients.
@@ -98,6 +99,7 @@ for ((r = 1; r <= ROUNDS; r++)); do
         helper "$k-echo-$r" echo "${ADDR[$k]}" "$KEYS"
         if [[ -n $WSPY ]]; then
             PY=$WSPY helper "$k-lib-$r" libcat "${ADDR[$k]}" "$TMP/big.txt" 1
+            PY=$WSPY helper "$k-aio-$r" aiocat "${ADDR[$k]}" "$TMP/big.txt" 1
             PY=$WSPY helper "$k-libecho-$r" libecho "${ADDR[$k]}" "$KEYS"
         fi
         alive "${PID[$k]}" || die "$k died in round $r: $(tail -n 3 "$TMP/$k.err" | tr '\n' ' ')"
@@ -128,6 +130,7 @@ row "websockets client" "${WSPY:+websockets $WS_VERSION ($WSPY)}"
 row "load average 1/5/15 min, start / end" "$LOAD_START / $LOAD_END"
 for k in "${KEYS_[@]}"; do
     row "$k: cat ${FILE_MB} MB, websockets client" "$(med lib "$k" lib_mbs) MB/s (rounds: $(runs lib "$k" lib_mbs))"
+    row "   websockets asyncio client" "$(med aio "$k" aio_mbs) MB/s (rounds: $(runs aio "$k" aio_mbs))"
     row "   fast client (termbench)" "$(med tp "$k" tp_ws_mbs) MB/s (rounds: $(runs tp "$k" tp_ws_mbs)); bare PTY $(med tp "$k" tp_bare_mbs) MB/s; /ws : bare $(med tp "$k" tp_ratio) (rounds: $(runs tp "$k" tp_ratio))"
     row "   server CPU s per cat (fast client)" "$(med tp "$k" tp_ws_server_cpu_s); frames $(med tp "$k" tp_ws_frames)"
     row "   echo p50 / p99, websockets client" "$(med libecho "$k" libecho_p50_ms) / $(med libecho "$k" libecho_p99_ms) ms (p99 rounds: $(runs libecho "$k" libecho_p99_ms))"
@@ -135,6 +138,7 @@ for k in "${KEYS_[@]}"; do
 done
 if [[ -n $ORIG ]]; then
     row "ours / Node: cat, websockets client" "$(ratio "$(med lib ours lib_mbs)" "$(med lib node lib_mbs)") x the MB/s  (goal >= 1.5)"
+    row "ours / Node: cat, websockets asyncio" "$(ratio "$(med aio ours aio_mbs)" "$(med aio node aio_mbs)") x the MB/s  (goal >= 1.5)"
     row "ours / Node: cat, fast client" "$(ratio "$(med tp ours tp_ws_mbs)" "$(med tp node tp_ws_mbs)") x the MB/s"
     row "ours / Node: echo p99, websockets client" "$(ratio "$(med libecho ours libecho_p99_ms)" "$(med libecho node libecho_p99_ms)") x  (goal <= 0.5)"
     row "ours / Node: echo p99, fast client" "$(ratio "$(med echo ours echo_tty_p99_ms)" "$(med echo node echo_tty_p99_ms)") x  (goal <= 0.5)"
