@@ -36,8 +36,8 @@ use crossbeam_channel::{Receiver, Sender, TrySendError};
 use std::collections::HashMap;
 use std::fmt::{self, Write as _};
 use std::io::Write;
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
@@ -158,24 +158,51 @@ fn start() -> Option<Logger> {
 }
 
 /// One line of a kind per period at most (a `static` per kind): the lines in
-/// between are counted, and the next line written says how many.
+/// between are counted, and the next line written says how many. When no
+/// next line comes, the `log-writer` thread writes the count once the period
+/// is over (`"<what>: N more line(s) in the last P s, not shown"`), so a flood
+/// that stops is not left uncounted.
 pub struct Sampled {
+    what: &'static str,
     period: u64,
     /// Seconds since the epoch when the last line was let through (0: never).
     last: AtomicU64,
     skipped: AtomicU64,
+    /// In [`SAMPLED`], for the writer to report a count that no line took.
+    listed: AtomicBool,
+}
+
+/// Kinds with lines left out, for the `log-writer` thread to report.
+static SAMPLED: Mutex<Vec<&'static Sampled>> = Mutex::new(Vec::new());
+
+fn sampled() -> std::sync::MutexGuard<'static, Vec<&'static Sampled>> {
+    SAMPLED.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn epoch_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 impl Sampled {
-    pub const fn new(period: Duration) -> Sampled {
-        Sampled { period: period.as_secs(), last: AtomicU64::new(0), skipped: AtomicU64::new(0) }
+    /// `what` names the kind in the writer's count line (e.g. "tls: failed handshakes").
+    pub const fn new(what: &'static str, period: Duration) -> Sampled {
+        Sampled {
+            what,
+            period: period.as_secs(),
+            last: AtomicU64::new(0),
+            skipped: AtomicU64::new(0),
+            listed: AtomicBool::new(false),
+        }
     }
 
     /// Whether a line may be written now: `Some(lines left out since the
     /// last one)`, or None (counted).
-    pub fn admit(&self) -> Option<u64> {
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        self.admit_at(now)
+    pub fn admit(&'static self) -> Option<u64> {
+        let admitted = self.admit_at(epoch_secs());
+        if admitted.is_none() && !self.listed.swap(true, Ordering::AcqRel) {
+            sampled().push(self);
+        }
+        admitted
     }
 
     fn admit_at(&self, now: u64) -> Option<u64> {
@@ -187,6 +214,39 @@ impl Sampled {
             self.skipped.fetch_add(1, Ordering::Relaxed);
             None
         }
+    }
+
+    /// The count line when the period is over and lines were left out
+    /// (called by the writer); the kind then leaves the list.
+    fn overdue(&self, now: u64) -> Option<Option<String>> {
+        let last = self.last.load(Ordering::Relaxed);
+        if now < last.saturating_add(self.period) {
+            return None; // not yet: a line may still come and take the count
+        }
+        self.listed.store(false, Ordering::Release);
+        let n = self.skipped.swap(0, Ordering::Relaxed);
+        // The period restarts, so that the count line is the period's one line.
+        self.last.store(now.max(1), Ordering::Relaxed);
+        Some(
+            (n > 0)
+                .then(|| format!("{}: {n} more line(s) in the last {} s, not shown", self.what, self.period)),
+        )
+    }
+}
+
+/// Writes the count of every sampled kind whose period is over.
+fn report_sampled(out: &mut Vec<u8>, journal: bool) {
+    let now = epoch_secs();
+    let mut lines = Vec::new();
+    sampled().retain(|kind| match kind.overdue(now) {
+        None => true,
+        Some(line) => {
+            lines.extend(line);
+            false
+        }
+    });
+    for line in lines {
+        frame(out, journal, Level::Info, SystemTime::now(), &line);
     }
 }
 
@@ -280,7 +340,7 @@ fn writer(rx: &Receiver<ToWriter>, free: &Sender<String>, journal: bool) {
     let mut acks: Vec<Sender<()>> = Vec::new();
     let stderr = std::io::stderr();
     loop {
-        let first = if limiter.is_empty() {
+        let first = if limiter.is_empty() && sampled().is_empty() {
             rx.recv().ok()
         } else {
             match rx.recv_timeout(Duration::from_secs(1)) {
@@ -316,6 +376,7 @@ fn writer(rx: &Receiver<ToWriter>, free: &Sender<String>, journal: bool) {
             }
         }
         limiter.expire(Instant::now(), &mut out, journal);
+        report_sampled(&mut out, journal);
         let wrote = !out.is_empty();
         if wrote {
             let mut err = stderr.lock();
@@ -504,13 +565,29 @@ mod tests {
 
     #[test]
     fn a_sampled_kind_writes_one_line_a_period_and_counts_the_rest() {
-        let kind = Sampled::new(Duration::from_secs(10));
+        let kind = Sampled::new("k", Duration::from_secs(10));
         assert_eq!(kind.admit_at(100), Some(0));
         assert_eq!((0..199).filter_map(|_| kind.admit_at(105)).count(), 0);
         assert_eq!(kind.admit_at(109), None);
         assert_eq!(kind.admit_at(110), Some(200));
         assert_eq!(kind.admit_at(111), None);
         assert_eq!(kind.admit_at(125), Some(1));
+    }
+
+    #[test]
+    fn a_count_no_line_took_is_written_when_the_period_is_over() {
+        let kind = Sampled::new("tls: failed handshakes", Duration::from_secs(10));
+        assert_eq!(kind.admit_at(100), Some(0));
+        assert_eq!((0..5).filter_map(|_| kind.admit_at(101)).count(), 0);
+        assert_eq!(kind.overdue(109), None, "the period is not over: a line may still take the count");
+        assert_eq!(
+            kind.overdue(110),
+            Some(Some("tls: failed handshakes: 5 more line(s) in the last 10 s, not shown".to_string()))
+        );
+        // The count line was the period's line; nothing is counted twice.
+        assert_eq!(kind.admit_at(111), None);
+        assert_eq!(kind.admit_at(120), Some(1));
+        assert_eq!(kind.overdue(130), Some(None));
     }
 
     #[test]

@@ -24,7 +24,8 @@ pub const HANDSHAKE_LOG_PERIOD: std::time::Duration = crate::logging::WINDOW;
 /// One info line per [`HANDSHAKE_LOG_PERIOD`] at most, with the number of
 /// failures left out since the last one.
 pub fn handshake_failed(peer: SocketAddr, e: &io::Error) {
-    static KIND: crate::logging::Sampled = crate::logging::Sampled::new(HANDSHAKE_LOG_PERIOD);
+    static KIND: crate::logging::Sampled =
+        crate::logging::Sampled::new("tls: failed handshakes", HANDSHAKE_LOG_PERIOD);
     if let Some(skipped) = KIND.admit() {
         let more = if skipped > 0 {
             format!(" (and {skipped} more since the last such line)")

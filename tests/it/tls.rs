@@ -611,23 +611,45 @@ fn a_flood_of_garbage_handshakes_is_logged_in_a_few_lines() {
     assert_ping(call_tls(&srv.addr, &fp, "ping", json!({})));
     let err = srv.wait_stderr("the first failed handshake's line", |e| lines(e) >= 1);
     assert!(lines(&err) <= 3, "{} lines for 200 failed handshakes:\n{err}", lines(&err));
-    // After the period, the next failure's line counts those left out (time
+    // After the period, those left out are counted: by the next failure's
+    // line, or by the log writer's count line, whichever comes first (time
     // passing is the test: one more garbage handshake every 500 ms).
+    let count = |l: &str| {
+        let n = match l.split_once("tls: failed handshakes: ") {
+            Some((_, n)) => n,
+            None => l.split_once("failed: ")?.1.split_once("(and ")?.1,
+        };
+        n.split(' ').next()?.parse::<u64>().ok()
+    };
     let deadline = Instant::now() + Duration::from_secs(30);
     let skipped = loop {
         assert!(Instant::now() < deadline, "no line with the count:\n{}", srv.stderr());
         garbage_handshake(&srv.addr);
-        let err = srv.stderr();
-        let count = err.lines().find_map(|l| {
-            let (_, rest) = l.split_once("failed: ")?;
-            let (_, n) = rest.split_once("(and ")?;
-            n.split(' ').next()?.parse::<u64>().ok()
-        });
-        if let Some(n) = count {
+        if let Some(n) = srv.stderr().lines().find_map(count) {
             break n;
         }
         std::thread::sleep(Duration::from_millis(500));
     };
     assert!(skipped >= 199, "{skipped} left out of 200");
+    // A flood that stops: its count comes from the log writer once the
+    // period is over, without another failure to carry it.
+    for _ in 0..20 {
+        garbage_handshake(&srv.addr);
+    }
+    let before = srv.stderr().lines().count();
+    // The period restarted with the last count: its end is up to 10 s away.
+    let mut err = String::new();
+    let seen = eventually(Duration::from_secs(30), || {
+        err = srv.stderr();
+        err.lines()
+            .skip(before)
+            .any(|l| l.contains("tls: failed handshakes: ") && l.contains(" more line(s) in the last 10 s"))
+    });
+    assert!(seen, "no count of the flood that stopped:\n{err}");
+    // Each of the 20 has its own line, or is counted in a later one.
+    let tail: Vec<&str> = err.lines().skip(before).collect();
+    let lines = tail.iter().filter(|l| l.contains("tls: handshake with 127.0.0.1 failed")).count() as u64;
+    let counted: u64 = tail.iter().filter_map(|l| count(l)).sum();
+    assert!(lines + counted >= 20, "{lines} lines + {counted} counted of the last 20:\n{err}");
     assert_ping(call_tls(&srv.addr, &fp, "ping", json!({})));
 }
