@@ -126,7 +126,7 @@ pub fn run(args: Vec<OsString>) -> Result<i32, Error> {
         ["fingerprint", path] if !path.starts_with('-') => fingerprint(Path::new(path)),
         ["fingerprint", ..] => Err(Error::Usage("usage: aion-connector fingerprint [CONFIG]".into())),
         ["doctor", rest @ ..] => crate::doctor::run(rest),
-        ["status", rest @ ..] => crate::serve::report::run(rest),
+        ["status", rest @ ..] => crate::report::run(rest),
         ["poll", rest @ ..] => poll(rest),
         ["lease", rest @ ..] => crate::lease::wrap::run(rest),
         ["mcp", "-h" | "--help"] => {
