@@ -82,3 +82,17 @@ impl Runtime {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_server_is_shown_as_its_origin_only() {
+        let shown = |url: &str| origin_label(&origin(url));
+        assert_eq!(shown("https://agent:s3cret@Example.COM/base/path?t=1"), "https://example.com:443");
+        assert_eq!(shown("http://127.0.0.1:8080"), "http://127.0.0.1:8080");
+        assert_eq!(shown("http://[::1]:9/x"), "http://[::1]:9");
+        assert!(!shown("http://u:p@h:99999/x").contains("p@"));
+    }
+}
