@@ -196,7 +196,14 @@ pub fn run(mut config: PollConfig, shutdown: Arc<Shutdown>) -> Result<i32, Error
         refused: AtomicBool::new(false),
         config,
     });
-    let socket = status::start(&state, Arc::clone(&rt))?;
+    // Without its socket poll mode still works; only `status` cannot reach it.
+    let socket = match status::start(&state, Arc::clone(&rt)) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            warn!("cannot serve the status socket ({e}): `aion-connector status` cannot reach this agent");
+            None
+        }
+    };
     info!("Polling server at {}", crate::text::redact_userinfo(&rt.config.server_url));
     let status = {
         let rt = Arc::clone(&rt);
@@ -220,7 +227,9 @@ pub fn run(mut config: PollConfig, shutdown: Arc<Shutdown>) -> Result<i32, Error
         l.stop(Duration::from_secs(1));
     }
     rt.outbox.drain(Instant::now() + Duration::from_secs(10));
-    socket.stop();
+    if let Some(socket) = socket {
+        socket.stop();
+    }
     drop(status);
     info!("Agent stopped");
     Ok(0)

@@ -10,19 +10,19 @@
 use super::Runtime;
 use crate::delivery::outbox::{origin, origin_label};
 use crate::delivery::report::secs;
-use crate::error::Error;
 use crate::logging::info;
 use crate::net::local::{self, Unkeyed, refusal};
 use serde_json::{Value, json};
+use std::io;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 /// Binds `<state>/poll.sock` and serves it until the server is stopped.
-pub(super) fn start(state: &Path, rt: Arc<Runtime>) -> Result<local::Server, Error> {
+pub(super) fn start(state: &Path, rt: Arc<Runtime>) -> io::Result<local::Server> {
     let path = state.join(local::POLL_SOCKET_FILE);
-    let fail = |source| Error::StateDir { path: path.clone(), source };
+    let fail = |e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", path.display()));
     let listener = local::bind(&path).map_err(fail)?;
     local::serve(listener, &path, Arc::new(move |line: &[u8]| handle(&rt, line))).map_err(fail)
 }

@@ -991,7 +991,7 @@ fn sessions_hold_the_lease_apps_while_they_run() {
     assert!(!agent.stderr().contains(TOKEN));
 }
 
-// ---------------------------------------------------------------- status
+// ---------------------------------------------------------------- `aion-connector status` (poll.sock)
 
 /// `aion-connector status` of the poll agent whose state dir is `state`
 /// (through poll mode's config file naming it), with `extra` arguments.
@@ -1005,7 +1005,7 @@ fn poll_status(dir: &std::path::Path, state: &std::path::Path, extra: &[&str]) -
 
 #[test]
 fn status_shows_the_poll_sessions_and_exits_3_once_stopped() {
-    let mut rig = Rig::new("poll-status", &[]);
+    let mut rig = Rig::new("poll-local-status", &[]);
     let state = rig.dir.join("state");
     rig.start_sh("i1", "st1", "echo hello; sleep 300");
     let pid = rig.wait_event("st1", "started")["pid"].as_i64().unwrap();
@@ -1083,7 +1083,7 @@ fn status_shows_the_poll_sessions_and_exits_3_once_stopped() {
 
 #[test]
 fn status_exits_3_after_a_killed_poll_agent() {
-    let mut rig = Rig::new("poll-status-kill", &[]);
+    let mut rig = Rig::new("poll-local-status-kill", &[]);
     let state = rig.dir.join("state");
     poll("the agent's socket", || state.join("poll.sock").exists().then_some(()));
     let (code, _, err) = poll_status(rig.dir.path(), &state, &["--json"]);
@@ -1109,4 +1109,32 @@ fn status_exits_3_after_a_killed_poll_agent() {
     assert_eq!(v["mode"], "poll");
     let st = next.signal_and_wait(Signal::SIGTERM, Duration::from_secs(20));
     assert_eq!(st.code(), Some(0), "{}", next.stderr());
+}
+
+#[test]
+fn an_agent_that_cannot_bind_its_socket_still_polls() {
+    let dir = TempDir::new("poll-no-socket");
+    let state = dir.join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    write(state.join("poll.sock"), "not a socket");
+    let server = PollServer::start(TOKEN);
+    let url = server.url();
+    let env = [
+        ("SERVER_URL", url.as_str()),
+        ("AGENT_TOKEN", TOKEN),
+        ("POLL_INTERVAL", "100"),
+        ("AION_SESSION_COMMAND", SH),
+        ("AION_STATE_DIR", state.to_str().unwrap()),
+    ];
+    let mut agent = PollAgent::start(&[], dir.path(), &env);
+    server.push(json!({"id": "n1", "type": "start_session", "sessionId": "ns", "args": ["echo hi"]}));
+    server.wait_event("ns", "exited", DEADLINE);
+    let log = agent.stderr();
+    assert!(log.contains("cannot serve the status socket") && log.contains("not a socket"), "{log}");
+    assert_eq!(std::fs::read_to_string(state.join("poll.sock")).unwrap(), "not a socket", "left alone");
+    let (code, out, err) =
+        run(&["status", "--json"], dir.path(), &[("AION_STATE_DIR", state.to_str().unwrap())]);
+    assert_eq!(code, 3, "stdout {out}\nstderr {err}");
+    let st = agent.signal_and_wait(Signal::SIGTERM, Duration::from_secs(20));
+    assert_eq!(st.code(), Some(0), "{}", agent.stderr());
 }
