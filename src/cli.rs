@@ -30,8 +30,10 @@ Usage:
                                    line per check, OK/WARN/FAIL and the fix
   aion-connector status [CONFIG] [--json]
                                    the running connector's runs, terminals,
-                                   background processes, outbox backlog and
-                                   leases (exit 3: none runs on CONFIG's state dir)
+                                   background processes (poll mode: sessions),
+                                   outbox backlog and leases (exit 3: none runs
+                                   on CONFIG's state dir); CONFIG may be poll
+                                   mode's config file
   aion-connector poll [--config FILE]
                                    poll mode: take instructions from a server
   aion-connector lease --app KEY [--app KEY…] [--seconds N] [--socket PATH]
@@ -74,7 +76,8 @@ Settings (file key / environment variable, the environment wins):
   statusInterval / STATUS_INTERVAL                ms, default 30000
   sessionCommand / AION_SESSION_COMMAND           argv as a JSON array, default
       [\"claude\",\"-p\",\"--input-format\",\"stream-json\",\"--output-format\",\"stream-json\",\"--verbose\"]
-  stateDir / AION_STATE_DIR                       undelivered output waits here
+  stateDir / AION_STATE_DIR                       undelivered output waits here;
+                                                  poll.sock answers `status`
   deliverySeconds / DELIVERY_SECONDS              retry window, default 86400
 
 See aion-connector(1), POLL MODE.
@@ -126,7 +129,7 @@ pub fn run(args: Vec<OsString>) -> Result<i32, Error> {
         ["fingerprint", path] if !path.starts_with('-') => fingerprint(Path::new(path)),
         ["fingerprint", ..] => Err(Error::Usage("usage: aion-connector fingerprint [CONFIG]".into())),
         ["doctor", rest @ ..] => crate::doctor::run(rest),
-        ["status", rest @ ..] => crate::serve::report::run(rest),
+        ["status", rest @ ..] => crate::report::run(rest),
         ["poll", rest @ ..] => poll(rest),
         ["lease", rest @ ..] => crate::lease::wrap::run(rest),
         ["mcp", "-h" | "--help"] => {

@@ -29,6 +29,7 @@ mod nonce;
 mod poll;
 mod process;
 mod project;
+mod report;
 mod runs;
 mod serve;
 mod shutdown;

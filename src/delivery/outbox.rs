@@ -1468,8 +1468,8 @@ impl Drop for Stream {
 
 /// `scheme://host:port` of a URL (the default port filled in, userinfo
 /// dropped, lowercased): what one worker serves at a time. A URL the client
-/// would refuse is its own origin.
-fn origin(url: &str) -> String {
+/// would refuse is its own origin (see [`origin_label`] before showing it).
+pub fn origin(url: &str) -> String {
     let scheme =
         if url.get(..8).is_some_and(|p| p.eq_ignore_ascii_case("https://")) { "https" } else { "http" };
     match super::client::http_origin(url) {

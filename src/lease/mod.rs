@@ -147,6 +147,18 @@ pub struct LeaseSnapshot {
     pub apps: Vec<LeaseApp>,
 }
 
+impl LeaseSnapshot {
+    /// `{"link","apps":[{"app","users","granted"}]}`, as `status` shows it.
+    pub fn json(&self) -> serde_json::Value {
+        let apps: Vec<serde_json::Value> = self
+            .apps
+            .iter()
+            .map(|a| serde_json::json!({"app": a.app, "users": a.users, "granted": a.granted}))
+            .collect();
+        serde_json::json!({"link": self.link, "apps": apps})
+    }
+}
+
 /// One app leased now: how many runs use it, and whether Aion granted it.
 #[derive(Clone, Debug)]
 pub struct LeaseApp {

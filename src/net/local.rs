@@ -6,6 +6,7 @@
 //! operations); the socket is the connector's, mode 0600, and each request
 //! names its project and carries that project's MCP key, but for the
 //! [`Unkeyed`] ones (`status`), whose authentication is being able to connect.
+//! Poll mode serves [`POLL_SOCKET_FILE`] the same way, for `status` only.
 //!
 //! Threads: `local-accept` (started by [`serve`], owned by the [`Server`],
 //! ends on [`Server::stop`]) accepts; one `local-conn-N` per connection
@@ -28,6 +29,9 @@ use std::time::Duration;
 /// The socket's file name in the state dir (`AION_CONNECTOR_SOCKET` of the
 /// MCP servers is its absolute path).
 pub const SOCKET_FILE: &str = "mcp.sock";
+/// Poll mode's socket in its state dir: it answers only the [`Unkeyed`] ops
+/// (a poll connector and a push one may share the default state dir).
+pub const POLL_SOCKET_FILE: &str = "poll.sock";
 /// The longest request line; past it the connection gets an error and is closed.
 pub const MAX_REQUEST: usize = 64 << 10;
 /// The longest answer line a client reads.

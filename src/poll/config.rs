@@ -179,6 +179,29 @@ pub fn load(file: Option<&Path>, env: &dyn Fn(&str) -> Option<String>) -> Result
     })
 }
 
+/// Where poll mode with these settings keeps its state (and its socket):
+/// `$AION_STATE_DIR`, else the file's `stateDir`, else the default. For
+/// `aion-connector status`; nothing else of the settings is checked.
+pub fn state_dir(file: Option<&Path>, env: &dyn Fn(&str) -> Option<String>) -> Result<PathBuf, Error> {
+    if let Some(dir) = env("AION_STATE_DIR").filter(|v| !v.is_empty()) {
+        return Ok(PathBuf::from(dir));
+    }
+    let (path, explicit) = match file {
+        Some(p) => (p.to_path_buf(), true),
+        None => (PathBuf::from("config.json"), false),
+    };
+    let configured = match std::fs::read_to_string(&path) {
+        Ok(text) => match serde_json::from_str::<Value>(&text) {
+            Ok(Value::Object(doc)) => doc.get("stateDir").and_then(Value::as_str).map(PathBuf::from),
+            Ok(_) => return Err(Error::Config { path, problems: vec!["expected a JSON object".into()] }),
+            Err(e) => return Err(Error::Config { path, problems: vec![format!("invalid JSON: {e}")] }),
+        },
+        Err(e) if !explicit && e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(source) => return Err(Error::ConfigRead { path, source }),
+    };
+    Ok(crate::config::state_dir(configured.as_deref()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

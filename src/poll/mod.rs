@@ -8,7 +8,8 @@
 //! The wire API is PROTOCOL.md §2.
 //!
 //! Settings are read by [`config`]; a session's process is a
-//! [`supervise::Child`].
+//! [`supervise::Child`]. `<stateDir>/poll.sock` answers `aion-connector
+//! status` ([`status`]).
 //!
 //! Threads, all named, each ending by itself:
 //! - the poll loop (the main thread), until SIGINT/SIGTERM;
@@ -21,9 +22,11 @@
 //!   joins the readers, sends [`Msg::Ended`]), `poll-stdin-PID` (writes
 //!   commands, ends with the session's input channel), and on terminate
 //!   `poll-end-PID` (TERM → grace → KILL, ends when the group is gone);
-//! - the outbox's and the lease client's threads (see their modules).
+//! - the outbox's and the lease client's threads (see their modules), and
+//!   the local socket's (see [`crate::net::local`]; stopped at the end).
 
 pub mod config;
+mod status;
 
 use crate::delivery::client::{Answer, Client};
 use crate::delivery::outbox::{Fallback, Outbox, Record, Signer, Stream};
@@ -40,7 +43,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::{ChildStdin, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -93,6 +96,11 @@ enum Msg {
 struct Session {
     pid: i32,
     started_at: u128,
+    since: Instant,
+    /// Its outbox stream's id, and the posts queued on it so far (events
+    /// and output; its streamer counts them).
+    stream: String,
+    posts: Arc<AtomicU64>,
     group: Arc<Group>,
     /// Lines for the session's stdin; its writer thread owns the receiver,
     /// so a session that does not read blocks only that thread.
@@ -151,6 +159,7 @@ pub struct Runtime {
     shutdown: Arc<Shutdown>,
     sessions: Mutex<HashMap<String, Session>>,
     started: Instant,
+    state: PathBuf,
     /// Ids of instructions already taken (the newest 10,000).
     seen: Mutex<(HashSet<String>, VecDeque<String>)>,
     status_now: (Sender<()>, Receiver<()>),
@@ -181,11 +190,20 @@ pub fn run(mut config: PollConfig, shutdown: Arc<Shutdown>) -> Result<i32, Error
         shutdown,
         sessions: Mutex::new(HashMap::new()),
         started: Instant::now(),
+        state: state.clone(),
         seen: Mutex::new((HashSet::new(), VecDeque::new())),
         status_now: crossbeam_channel::bounded(1),
         refused: AtomicBool::new(false),
         config,
     });
+    // Without its socket poll mode still works; only `status` cannot reach it.
+    let socket = match status::start(&state, Arc::clone(&rt)) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            warn!("cannot serve the status socket ({e}): `aion-connector status` cannot reach this agent");
+            None
+        }
+    };
     info!("Polling server at {}", crate::text::redact_userinfo(&rt.config.server_url));
     let status = {
         let rt = Arc::clone(&rt);
@@ -209,6 +227,9 @@ pub fn run(mut config: PollConfig, shutdown: Arc<Shutdown>) -> Result<i32, Error
         l.stop(Duration::from_secs(1));
     }
     rt.outbox.drain(Instant::now() + Duration::from_secs(10));
+    if let Some(socket) = socket {
+        socket.stop();
+    }
     drop(status);
     info!("Agent stopped");
     Ok(0)
@@ -441,7 +462,7 @@ impl Runtime {
 
     /// `start_session`: over the cap → `rejected`; else spawn → `started`.
     fn start(self: &Arc<Self>, session: &str, ins: &Value) {
-        let mut stream = self.stream(session);
+        let (stream_id, mut stream) = self.stream(session);
         let mut seq_holder = 0u64;
         let busy = self.sessions().contains_key(session);
         if busy || self.sessions().len() >= self.config.max_sessions {
@@ -524,11 +545,16 @@ impl Runtime {
             }
         }
         let terminating = Arc::new(AtomicBool::new(false));
+        // The `started` event below is the first post.
+        let posts = Arc::new(AtomicU64::new(seq_holder + 1));
         self.sessions().insert(
             session.to_string(),
             Session {
                 pid,
                 started_at: now_ms(),
+                since: Instant::now(),
+                stream: stream_id,
+                posts: Arc::clone(&posts),
                 group: Arc::clone(&group),
                 input,
                 terminating: Arc::clone(&terminating),
@@ -590,7 +616,7 @@ impl Runtime {
         let spawned = std::thread::Builder::new()
             .name(format!("poll-stream-{pid}"))
             .stack_size(256 << 10)
-            .spawn(move || rt.stream_output(&session, stream, seq_holder, &rx));
+            .spawn(move || rt.stream_output(&session, stream, seq_holder, &posts, &rx));
         if let Err(e) = spawned {
             // No streamer: end the process and forget the session, so that it
             // neither holds a slot nor lingers unreported.
@@ -600,14 +626,16 @@ impl Runtime {
         }
     }
 
-    fn stream(&self, session: &str) -> Stream {
+    /// A new outbox stream for `session`, and its id.
+    fn stream(&self, session: &str) -> (String, Stream) {
         let id = format!("{}-{}-{:x}", now_ms(), std::process::id(), crate::nonce::nonce());
         let mut body = serde_json::Map::new();
         body.insert("sessionId".into(), session.into());
         body.insert("event".into(), "failed".into());
         body.insert("message".into(), "the agent stopped before the session ended".into());
         let fallback = Fallback { url: self.url("/api/agent/events"), key: "agent".into(), body };
-        self.outbox.stream(&id, &fallback)
+        let stream = self.outbox.stream(&id, &fallback);
+        (id, stream)
     }
 
     /// Queues an event (events are posted in order with the output).
@@ -622,7 +650,14 @@ impl Runtime {
 
     /// The streamer: output batched for `outputFlushInterval`, chunks
     /// numbered from 0, then the closing event.
-    fn stream_output(&self, session: &str, mut stream: Stream, mut record_seq: u64, rx: &Receiver<Msg>) {
+    fn stream_output(
+        &self,
+        session: &str,
+        mut stream: Stream,
+        mut record_seq: u64,
+        posts: &AtomicU64,
+        rx: &Receiver<Msg>,
+    ) {
         #[derive(Serialize)]
         struct Chunk {
             seq: u64,
@@ -659,6 +694,7 @@ impl Runtime {
             };
             *record_seq += 1;
             stream.push(&record);
+            posts.store(*record_seq, Ordering::SeqCst);
             pending.clear();
             *pending_bytes = 0;
         };

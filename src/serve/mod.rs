@@ -15,7 +15,6 @@ mod channel;
 mod guard;
 mod local;
 mod reload;
-pub mod report;
 mod status;
 
 use crate::background::Background;

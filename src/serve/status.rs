@@ -6,6 +6,7 @@
 
 use crate::background::Background;
 use crate::delivery::outbox::{OriginCounts, OriginStats, Outbox, origin_label};
+use crate::delivery::report::secs;
 use crate::lease::Leases;
 use crate::project::ProjectSet;
 use crate::runs::Runs;
@@ -14,7 +15,7 @@ use serde_json::{Value, json};
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// The push-mode connector's parts, as the reports see them.
 pub struct Parts {
@@ -31,10 +32,6 @@ pub struct Parts {
     pub tls: Option<Arc<crate::net::tls::Tls>>,
     /// SHA-256 of the config's `metricsToken` (swapped by a reload).
     pub metrics_token: Mutex<Option<[u8; 32]>>,
-}
-
-fn secs(d: Duration) -> f64 {
-    (d.as_secs_f64() * 10.0).round() / 10.0
 }
 
 impl Parts {
@@ -160,9 +157,6 @@ impl Parts {
         let runs = self.runs.snapshot();
         let terms = self.terminals.snapshot();
         let procs = self.background.all();
-        let stats = self.outbox.stats();
-        let origins = self.outbox.origins();
-        let lease = self.leases.as_ref().map(Leases::snapshot);
         let served: Vec<String> = self.projects.current().iter().map(|p| p.config.id.clone()).collect();
         // Projects served, then any that a reload removed while their work goes on.
         let mut ids = served.clone();
@@ -221,22 +215,9 @@ impl Parts {
                 })
             })
             .collect();
-        let origins: Vec<Value> = origins
-            .iter()
-            .map(|o| {
-                json!({
-                    "origin": o.origin,
-                    "streams": o.streams,
-                    "records": o.records,
-                    "bytes": o.bytes,
-                    "oldestPendingSeconds": o.oldest_failing.map(secs),
-                    "lastError": o.last_error,
-                    "downSeconds": o.down_for.map(secs),
-                })
-            })
-            .collect();
         json!({
             "ok": true,
+            "mode": "push",
             "version": crate::version::VERSION,
             "pid": std::process::id(),
             "uptimeSeconds": self.started.elapsed().as_secs(),
@@ -244,21 +225,8 @@ impl Parts {
             "tls": self.tls.as_ref().map(|t| json!({"fingerprint": t.fingerprint()})),
             "stateDir": self.state.display().to_string(),
             "projects": projects,
-            "outbox": {
-                "streams": stats.streams,
-                "delivered": stats.delivered,
-                "retried": stats.retried,
-                "dropped": stats.dropped,
-                "spooledRecords": stats.spooled_records,
-                "spooledBytes": stats.spooled_bytes,
-                "memoryRecords": stats.memory_records,
-                "diskError": stats.disk_error,
-                "origins": origins,
-            },
-            "lease": lease.map(|l| json!({
-                "link": l.link,
-                "apps": l.apps.iter().map(|a| json!({"app": a.app, "users": a.users, "granted": a.granted})).collect::<Vec<_>>(),
-            })),
+            "outbox": crate::delivery::report::outbox(&self.outbox),
+            "lease": self.leases.as_ref().map(|l| l.snapshot().json()),
         })
     }
 }

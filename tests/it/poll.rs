@@ -967,6 +967,17 @@ fn sessions_hold_the_lease_apps_while_they_run() {
     server.wait_event("ls", "started", DEADLINE);
     let begin = aion.wait_received("lease.begin", APP, 0, DEADLINE);
     assert_eq!(begin.msg["holderId"], "poll-h");
+    // `status` with poll mode's config file (no stateDir: $AION_STATE_DIR) shows the lease
+    let cfg = dir.join("config.json");
+    let lease = poll("the lease in status", || {
+        let state_env = [("AION_STATE_DIR", state.to_str().unwrap())];
+        let (code, out, err) = run(&["status", cfg.to_str().unwrap(), "--json"], dir.path(), &state_env);
+        assert_eq!(code, 0, "status: {err}");
+        let v: Value = serde_json::from_str(out.trim()).expect("status --json prints JSON");
+        let l = v["lease"].clone();
+        (l["link"] == "up" && l["apps"][0]["app"] == APP).then_some(l)
+    });
+    assert_eq!(lease["apps"].as_array().unwrap().len(), 1, "{lease}");
     let (reply, took) = aion.can_close(APP).unwrap();
     assert_eq!(reply["result"], "extend_lease", "while the session runs");
     assert!(took < Duration::from_secs(3), "{took:?}");
@@ -978,4 +989,152 @@ fn sessions_hold_the_lease_apps_while_they_run() {
     assert_eq!(reply["result"], "allow_close", "after the session");
     assert!(aion.violations().is_empty(), "{:?}", aion.violations());
     assert!(!agent.stderr().contains(TOKEN));
+}
+
+// ---------------------------------------------------------------- `aion-connector status` (poll.sock)
+
+/// `aion-connector status` of the poll agent whose state dir is `state`
+/// (through poll mode's config file naming it), with `extra` arguments.
+fn poll_status(dir: &std::path::Path, state: &std::path::Path, extra: &[&str]) -> (i32, String, String) {
+    let cfg = dir.join("status-config.json");
+    write(&cfg, json!({"stateDir": state}).to_string());
+    let mut args = vec!["status", cfg.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    run(&args, dir, &[])
+}
+
+#[test]
+fn status_shows_the_poll_sessions_and_exits_3_once_stopped() {
+    let mut rig = Rig::new("poll-local-status", &[]);
+    let state = rig.dir.join("state");
+    rig.start_sh("i1", "st1", "echo hello; sleep 300");
+    let pid = rig.wait_event("st1", "started")["pid"].as_i64().unwrap();
+    rig.server.wait_for("the first output", DEADLINE, |s| s.text("st1", "stdout").contains("hello"));
+
+    // JSON: the session, its posts all delivered (started + the output)
+    let v = poll("the session's posts delivered in status", || {
+        let (code, out, err) = poll_status(rig.dir.path(), &state, &["--json"]);
+        assert_eq!(code, 0, "status --json: {err}");
+        let v: Value = serde_json::from_str(out.trim()).expect("status --json prints JSON");
+        let s = &v["sessions"][0];
+        (s["posts"].as_u64() >= Some(2) && s["pending"] == 0).then_some(v)
+    });
+    assert_eq!(v["ok"], true, "{v}");
+    assert_eq!(v["mode"], "poll", "{v}");
+    assert_eq!(v["server"], rig.server.url(), "{v}");
+    assert_eq!(v["pid"], rig.agent.pid(), "{v}");
+    assert_eq!(v["version"], env!("CARGO_PKG_VERSION"), "{v}");
+    assert_eq!(v["maxConcurrentSessions"], 5, "{v}");
+    assert!(v["uptimeSeconds"].is_u64(), "{v}");
+    let sessions = v["sessions"].as_array().unwrap();
+    assert_eq!(sessions.len(), 1, "{v}");
+    let s = &sessions[0];
+    assert_eq!(s["id"], "st1", "{v}");
+    assert_eq!(s["state"], "running", "{v}");
+    assert_eq!(s["pid"], pid, "{v}");
+    assert_eq!(s["delivered"], s["posts"], "{v}");
+    assert!(s["ageSeconds"].is_number(), "{v}");
+    let origin = &v["outbox"]["origins"];
+    assert!(origin.as_array().is_some_and(|o| o.iter().all(|g| g["origin"] == rig.server.url())), "{v}");
+    assert!(v["outbox"]["delivered"].as_u64() >= Some(2), "{v}");
+    assert!(v["lease"].is_null(), "no lease client without leaseApps: {v}");
+    assert!(!v.to_string().contains(TOKEN), "the token in status: {v}");
+    // the socket is the agent's alone
+    let socket = state.join("poll.sock");
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&socket).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600, "{}", socket.display());
+
+    // text
+    let (code, out, err) = poll_status(rig.dir.path(), &state, &[]);
+    assert_eq!(code, 0, "status: {err}");
+    let head = format!("poll mode (pid {}) up ", rig.agent.pid());
+    let line = format!("session st1 pid {pid} running ");
+    for want in [head.as_str(), &format!("polling {}", rig.server.url()), "sessions: 1 of at most 5", &line] {
+        assert!(out.contains(want), "status lacks {want:?}:\n{out}");
+    }
+    assert!(out.contains("leases: none configured"), "{out}");
+    assert!(!out.contains(TOKEN), "{out}");
+
+    // no CONFIG: poll mode's defaults ($AION_STATE_DIR) are asked too
+    let (code, out, err) =
+        run(&["status", "--json"], rig.dir.path(), &[("AION_STATE_DIR", state.to_str().unwrap())]);
+    assert_eq!(code, 0, "status --json without CONFIG: {err}");
+    assert!(out.contains("\"mode\":\"poll\""), "{out}");
+
+    // the session ends: it leaves the list
+    rig.server.push(json!({"id": "i2", "type": "terminate_session", "sessionId": "st1"}));
+    rig.wait_event("st1", "terminated");
+    poll("the ended session to leave status", || {
+        let (code, out, _) = poll_status(rig.dir.path(), &state, &["--json"]);
+        let v: Value = serde_json::from_str(out.trim()).ok()?;
+        (code == 0 && v["sessions"] == json!([])).then_some(())
+    });
+
+    // stopped: nobody answers, the socket is gone
+    let st = rig.agent.signal_and_wait(Signal::SIGTERM, Duration::from_secs(20));
+    assert_eq!(st.code(), Some(0), "{}", rig.agent.stderr());
+    assert!(!socket.exists(), "the socket outlived the agent");
+    let (code, out, err) = poll_status(rig.dir.path(), &state, &["--json"]);
+    assert_eq!(code, 3, "stdout {out}\nstderr {err}");
+    assert!(err.contains("no connector running"), "{err}");
+    assert!(out.is_empty(), "{out}");
+    rig.finish();
+}
+
+#[test]
+fn status_exits_3_after_a_killed_poll_agent() {
+    let mut rig = Rig::new("poll-local-status-kill", &[]);
+    let state = rig.dir.join("state");
+    poll("the agent's socket", || state.join("poll.sock").exists().then_some(()));
+    let (code, _, err) = poll_status(rig.dir.path(), &state, &["--json"]);
+    assert_eq!(code, 0, "{err}");
+    // SIGKILL leaves the socket file: a stale socket is no connector
+    let _ = rig.agent.signal_and_wait(Signal::SIGKILL, Duration::from_secs(5));
+    let (code, _, err) = poll_status(rig.dir.path(), &state, &[]);
+    assert_eq!(code, 3, "{err}");
+    // the next agent on the state dir replaces the stale socket
+    let url = rig.server.url();
+    let env = [
+        ("SERVER_URL", url.as_str()),
+        ("AGENT_TOKEN", TOKEN),
+        ("AION_STATE_DIR", state.to_str().unwrap()),
+        ("AION_SESSION_COMMAND", SH),
+    ];
+    let mut next = PollAgent::start(&[], rig.dir.path(), &env);
+    let v = poll("the next agent in status", || {
+        let (code, out, _) = poll_status(rig.dir.path(), &state, &["--json"]);
+        let v: Value = serde_json::from_str(out.trim()).ok()?;
+        (code == 0 && v["pid"] == next.pid()).then_some(v)
+    });
+    assert_eq!(v["mode"], "poll");
+    let st = next.signal_and_wait(Signal::SIGTERM, Duration::from_secs(20));
+    assert_eq!(st.code(), Some(0), "{}", next.stderr());
+}
+
+#[test]
+fn an_agent_that_cannot_bind_its_socket_still_polls() {
+    let dir = TempDir::new("poll-no-socket");
+    let state = dir.join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    write(state.join("poll.sock"), "not a socket");
+    let server = PollServer::start(TOKEN);
+    let url = server.url();
+    let env = [
+        ("SERVER_URL", url.as_str()),
+        ("AGENT_TOKEN", TOKEN),
+        ("POLL_INTERVAL", "100"),
+        ("AION_SESSION_COMMAND", SH),
+        ("AION_STATE_DIR", state.to_str().unwrap()),
+    ];
+    let mut agent = PollAgent::start(&[], dir.path(), &env);
+    server.push(json!({"id": "n1", "type": "start_session", "sessionId": "ns", "args": ["echo hi"]}));
+    server.wait_event("ns", "exited", DEADLINE);
+    let log = agent.stderr();
+    assert!(log.contains("cannot serve the status socket") && log.contains("not a socket"), "{log}");
+    assert_eq!(std::fs::read_to_string(state.join("poll.sock")).unwrap(), "not a socket", "left alone");
+    let (code, out, err) =
+        run(&["status", "--json"], dir.path(), &[("AION_STATE_DIR", state.to_str().unwrap())]);
+    assert_eq!(code, 3, "stdout {out}\nstderr {err}");
+    let st = agent.signal_and_wait(Signal::SIGTERM, Duration::from_secs(20));
+    assert_eq!(st.code(), Some(0), "{}", agent.stderr());
 }

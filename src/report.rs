@@ -1,11 +1,19 @@
 //! `aion-connector status [CONFIG] [--json]`: asks the connector serving
-//! CONFIG's state dir for its state on `<stateDir>/mcp.sock` (the `status`
-//! op, [`crate::net::local::Unkeyed`]) and prints it, as text or as the JSON
+//! CONFIG's state dir for its state (the `status` op,
+//! [`crate::net::local::Unkeyed`]) and prints it, as text or as the JSON
 //! answer. Exit 0; 3 when no connector answers there.
+//!
+//! Push mode answers on `<stateDir>/mcp.sock`, poll mode on
+//! `<stateDir>/poll.sock`; both are asked, push first. CONFIG is a push
+//! config (it has `projects`) or poll mode's file (`poll --config FILE`; its
+//! `stateDir`, `$AION_STATE_DIR` winning). Without CONFIG, the state dirs of
+//! `./aion.config.json` (or the default) and of poll mode's defaults
+//! (`$AION_STATE_DIR`, `./config.json`) are asked, in that order.
 
 use crate::config::{self, DEFAULT_CONFIG};
 use crate::error::Error;
 use crate::net::local::{self, Unkeyed};
+use crate::poll;
 use serde_json::Value;
 use std::fmt::Write as _;
 use std::io::ErrorKind;
@@ -30,21 +38,49 @@ pub fn run(args: &[&str]) -> Result<i32, Error> {
             _ => return Err(Error::Usage("usage: aion-connector status [CONFIG] [--json]".into())),
         }
     }
-    let path = PathBuf::from(path.unwrap_or(DEFAULT_CONFIG));
-    let state = if path.exists() || path != Path::new(DEFAULT_CONFIG) {
-        let (config, _) = config::load(&path)?;
-        config::state_dir(config.state_dir.as_deref())
-    } else {
-        config::state_dir(None)
-    };
-    let socket = state.join(local::SOCKET_FILE);
-    let answer = match local::call(&socket, &Unkeyed::Status {}, Duration::from_secs(10)) {
-        Ok(answer) => answer,
-        Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::ConnectionRefused) => {
-            eprintln!("aion-connector status: no connector running on {} ({e})", state.display());
-            return Ok(NOT_RUNNING);
+    let env = |k: &str| std::env::var(k).ok();
+    let mut dirs = Vec::new();
+    match path {
+        Some(p) if !is_push_config(Path::new(p)) => {
+            dirs.push(poll::config::state_dir(Some(Path::new(p)), &env)?)
         }
-        Err(e) => return Err(Error::Io { what: "asking the connector", source: e }),
+        Some(p) => dirs.push(push_state_dir(Path::new(p))?),
+        None => {
+            let default = Path::new(DEFAULT_CONFIG);
+            dirs.push(if default.exists() { push_state_dir(default)? } else { config::state_dir(None) });
+            // Poll mode's defaults; a ./config.json that is not poll mode's is no error here.
+            if let Ok(dir) = poll::config::state_dir(None, &env)
+                && !dirs.contains(&dir)
+            {
+                dirs.push(dir);
+            }
+        }
+    }
+    let mut answer = None;
+    let mut tried = Vec::new();
+    'ask: for dir in &dirs {
+        for file in [local::SOCKET_FILE, local::POLL_SOCKET_FILE] {
+            let socket = dir.join(file);
+            match local::call(&socket, &Unkeyed::Status {}, Duration::from_secs(10)) {
+                Ok(a) => {
+                    answer = Some(a);
+                    break 'ask;
+                }
+                Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::ConnectionRefused) => {
+                    tried.push(format!("{} ({e})", socket.display()));
+                }
+                Err(e) => return Err(Error::Io { what: "asking the connector", source: e }),
+            }
+        }
+    }
+    let Some(answer) = answer else {
+        let dirs: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
+        eprintln!(
+            "aion-connector status: no connector running on {} (tried {})",
+            dirs.join(" or "),
+            tried.join(", ")
+        );
+        return Ok(NOT_RUNNING);
     };
     if answer["ok"] != true {
         let why = answer["error"].as_str().unwrap_or("no reason given");
@@ -59,6 +95,23 @@ pub fn run(args: &[&str]) -> Result<i32, Error> {
         print!("{}", text(&answer));
     }
     Ok(0)
+}
+
+/// Whether `path` is a push config (a JSON object with `projects`, or not a
+/// JSON object at all: push's loader then names the problem) rather than
+/// poll mode's file.
+fn is_push_config(path: &Path) -> bool {
+    let Ok(text) = std::fs::read_to_string(path) else { return true };
+    match serde_json::from_str::<Value>(&text) {
+        Ok(Value::Object(doc)) => doc.contains_key("projects"),
+        _ => true,
+    }
+}
+
+/// The state dir a push connector with this config serves.
+fn push_state_dir(path: &Path) -> Result<PathBuf, Error> {
+    let (config, _) = config::load(path)?;
+    Ok(config::state_dir(config.state_dir.as_deref()))
 }
 
 /// `3725` → `1h02m`, `75` → `1m15s`, `9.5` → `9s`.
@@ -78,6 +131,51 @@ fn str_of(v: &Value) -> &str {
 /// The answer as lines for a person.
 fn text(a: &Value) -> String {
     let mut out = String::new();
+    if a["mode"] == "poll" {
+        poll_text(a, &mut out);
+    } else {
+        push_text(a, &mut out);
+    }
+    backlog_text(a, &mut out);
+    out
+}
+
+/// Poll mode's part: the server and the sessions.
+fn poll_text(a: &Value, out: &mut String) {
+    let _ = writeln!(
+        out,
+        "aion-connector {} poll mode (pid {}) up {}, polling {}",
+        str_of(&a["version"]),
+        a["pid"],
+        age(&a["uptimeSeconds"]),
+        str_of(&a["server"])
+    );
+    let _ = writeln!(out, "state dir {}", str_of(&a["stateDir"]));
+    let sessions = a["sessions"].as_array().cloned().unwrap_or_default();
+    let _ = writeln!(
+        out,
+        "
+sessions: {} of at most {}",
+        sessions.len(),
+        a["maxConcurrentSessions"]
+    );
+    for s in &sessions {
+        let _ = writeln!(
+            out,
+            "  session {} pid {} {} {}, {} post(s), {} delivered, {} pending",
+            str_of(&s["id"]),
+            s["pid"],
+            str_of(&s["state"]),
+            age(&s["ageSeconds"]),
+            s["posts"],
+            s["delivered"],
+            s["pending"]
+        );
+    }
+}
+
+/// Push mode's part: the listener and each project's work.
+fn push_text(a: &Value, out: &mut String) {
     let _ = writeln!(
         out,
         "aion-connector {} (pid {}) up {}, listening on {}",
@@ -140,6 +238,10 @@ fn text(a: &Value) -> String {
             let _ = writeln!(out, "  background {} {status}: {command}", b["pid"]);
         }
     }
+}
+
+/// Both modes' part: the outbox's backlog and the leases.
+fn backlog_text(a: &Value, out: &mut String) {
     let o = &a["outbox"];
     let _ = writeln!(
         out,
@@ -181,5 +283,4 @@ fn text(a: &Value) -> String {
             let _ = writeln!(out, "leases: Aion link {}, {held}", str_of(&l["link"]));
         }
     }
-    out
 }
