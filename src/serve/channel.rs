@@ -21,6 +21,7 @@ use crate::project::{ProjectSet, ProjectState};
 use crate::runs::{Delivery, Invoke, Refused, Runs, prompt};
 use crate::serve::status::Parts;
 use crate::terminal::{self, Terminals};
+use crate::text::PeerText;
 use crate::workspace::git::{self, GitError, RepoSpec, SyncResult};
 use crate::workspace::{self, Refusal};
 use serde_json::{Map, Value, json};
@@ -123,6 +124,9 @@ impl Handler for App {
         let t0 = Instant::now();
         let mut out = self.dispatch(req);
         // Its connection keeps the idle timeout from now on (see net::http).
+        if out.resp.status == 500 && out.resp.body.is_empty() {
+            out.resp = err(500, "internal error");
+        }
         let project = out.project.as_ref().map_or("-", |p| p.config.id.as_str());
         out.resp.authenticated = project != "-" || (out.action == "metrics" && out.resp.status == 200);
         crate::metrics::request(&out.action, out.resp.status, t0.elapsed());
@@ -135,7 +139,7 @@ impl Handler for App {
                 out.action,
                 out.resp.status,
                 t0.elapsed().as_secs_f64() * 1e3,
-                req.peer
+                PeerText(req.peer)
             );
             return out.resp;
         }
@@ -145,10 +149,17 @@ impl Handler for App {
             project,
             out.resp.status,
             t0.elapsed().as_secs_f64() * 1e3,
-            req.peer
+            PeerText(req.peer)
         );
         out.resp
     }
+}
+
+/// What a request is answered if no path of the router set an answer: the
+/// 500 `internal error`, made in [`App::handle`] only then (this one costs no
+/// allocation per request, where the router sets another).
+fn unanswered() -> Response {
+    Response::text(500, "application/json", Vec::new())
 }
 
 fn err(status: u16, reason: &str) -> Response {
@@ -214,12 +225,8 @@ fn loggable(action: &str) -> &str {
 
 impl App {
     fn dispatch<'r>(&self, req: &'r Request) -> Outcome<'r> {
-        let mut out = Outcome {
-            action: Cow::Borrowed("-"),
-            project: None,
-            resp: err(500, "internal error"),
-            failed_token: false,
-        };
+        let mut out =
+            Outcome { action: Cow::Borrowed("-"), project: None, resp: unanswered(), failed_token: false };
         let path = req.target.split('?').next().unwrap_or("");
         if req.method == "GET" && path == "/healthz" {
             out.action = Cow::Borrowed("healthz");
@@ -487,7 +494,7 @@ impl App {
         let mut out = Outcome {
             action: Cow::Borrowed("terminal.ws"),
             project: None,
-            resp: err(500, "internal error"),
+            resp: unanswered(),
             failed_token: false,
         };
         if let (Some(allowed), Some(origin)) = (&self.origins, req.header("origin")) {
