@@ -1,7 +1,8 @@
 //! Small text helpers shared by several concerns: UTF-8 decoding of a byte
 //! stream cut at arbitrary points, credentials taken out of URLs before
-//! a log line or an error message shows them, and known secrets replaced by
-//! `[redacted]` before text leaves the machine.
+//! a log line or an error message shows them, known secrets replaced by
+//! `[redacted]` before text leaves the machine, and decimal numbers appended
+//! to a buffer without `core::fmt` (the request path).
 
 use std::borrow::Cow;
 
@@ -12,6 +13,62 @@ pub const MIN_SECRET: usize = 8;
 
 /// What replaces a secret.
 pub const REDACTED: &str = "[redacted]";
+
+/// `n` in decimal appended to `out`: one copy, where `write!` makes one per
+/// piece (a call each in musl's `memcpy`).
+pub fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at..]);
+}
+
+/// A socket address as its `Display` writes it, handed on in one piece:
+/// `Display` of an IPv4 address writes every number and dot apart (each a
+/// `memcpy` call on musl), and the log line of every request shows the peer.
+pub struct PeerText(pub std::net::SocketAddr);
+
+impl std::fmt::Display for PeerText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let std::net::SocketAddr::V4(addr) = self.0 else {
+            return std::fmt::Display::fmt(&self.0, f);
+        };
+        // `255.255.255.255:65535` at most; digits stored one by one.
+        let mut buf = [0u8; 21];
+        let mut at = 0;
+        for (i, octet) in addr.ip().octets().into_iter().enumerate() {
+            if i > 0 {
+                buf[at] = b'.';
+                at += 1;
+            }
+            at = put_digits(&mut buf, at, u32::from(octet));
+        }
+        buf[at] = b':';
+        at = put_digits(&mut buf, at + 1, u32::from(addr.port()));
+        f.write_str(std::str::from_utf8(&buf[..at]).unwrap_or_default())
+    }
+}
+
+/// `n` in decimal into `buf` at `at`; returns where it ends.
+fn put_digits(buf: &mut [u8], at: usize, mut n: u32) -> usize {
+    let mut len = 1;
+    while len < 10 && 10u32.pow(len) <= n {
+        len += 1;
+    }
+    let end = at + len as usize;
+    for i in (at..end).rev() {
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+    }
+    end
+}
 
 /// The values worth redacting: at least [`MIN_SECRET`] bytes, each once,
 /// longest first (so a secret that contains another goes whole).
@@ -202,6 +259,31 @@ mod tests {
         // Text that cannot begin a secret goes at once, whole.
         let (_, posts) = streamed(&["hello ", "world sk-", "live-1234 done"], &s);
         assert_eq!(posts, ["hello ", "world ", "[redacted] done"]);
+    }
+
+    #[test]
+    fn peers_as_display_writes_them() {
+        for peer in [
+            "0.0.0.0:0",
+            "127.0.0.1:8080",
+            "255.255.255.255:65535",
+            "10.2.30.4:9",
+            "[::1]:443",
+            "[fe80::1]:1",
+        ] {
+            let addr: std::net::SocketAddr = peer.parse().unwrap();
+            assert_eq!(PeerText(addr).to_string(), addr.to_string());
+            assert_eq!(PeerText(addr).to_string(), peer);
+        }
+    }
+
+    #[test]
+    fn decimals_as_format_writes_them() {
+        for n in [0, 1, 9, 10, 99, 100, 404, 65535, 1 << 32, u64::MAX - 1, u64::MAX] {
+            let mut out = b"x".to_vec();
+            push_decimal(&mut out, n);
+            assert_eq!(out, format!("x{n}").into_bytes());
+        }
     }
 
     #[test]

@@ -52,6 +52,7 @@ use crate::logging::{error, warn};
 use crate::net::stream::Stream;
 use crate::net::tls::Tls;
 use crate::shutdown::Shutdown;
+use crate::text::push_decimal;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 #[cfg(any(target_os = "linux", target_os = "android"))]
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
@@ -157,8 +158,13 @@ impl Response {
     }
 
     /// `{"error":"<reason>"}`, byte for byte.
+    /// `{"error":REASON}`, as `json!` writes it, without building a map.
     pub fn error(status: u16, reason: &str) -> Response {
-        Response::json(status, &serde_json::json!({ "error": reason }))
+        let mut body = Vec::with_capacity(16 + reason.len());
+        body.extend_from_slice(b"{\"error\":");
+        serde_json::to_writer(&mut body, reason).expect("a string serializes");
+        body.push(b'}');
+        Response::text(status, JSON, body)
     }
 }
 
@@ -1176,17 +1182,24 @@ fn keep_alive(headers: &[(String, String)], minor: u8) -> bool {
 }
 
 /// The status line, headers and body of a JSON answer into `out` (one write).
+/// Without `write!`: a copy per piece either way, but no formatting machinery
+/// and no growth of `out` on the way (it is reserved for the whole answer).
 fn encode(out: &mut Vec<u8>, resp: &Response, keep_alive: bool) {
     out.clear();
-    let _ = write!(
-        out,
-        "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: {}\r\n\r\n",
-        resp.status,
-        reason(resp.status),
-        resp.content_type,
-        resp.body.len(),
-        if keep_alive { "keep-alive" } else { "close" }
-    );
+    out.reserve(128 + resp.content_type.len() + resp.body.len());
+    out.extend_from_slice(b"HTTP/1.1 ");
+    push_decimal(out, u64::from(resp.status));
+    out.push(b' ');
+    out.extend_from_slice(reason(resp.status).as_bytes());
+    out.extend_from_slice(b"\r\nContent-Type: ");
+    out.extend_from_slice(resp.content_type.as_bytes());
+    out.extend_from_slice(b"\r\nContent-Length: ");
+    push_decimal(out, resp.body.len() as u64);
+    out.extend_from_slice(if keep_alive {
+        b"\r\nConnection: keep-alive\r\n\r\n".as_slice()
+    } else {
+        b"\r\nConnection: close\r\n\r\n".as_slice()
+    });
     out.extend_from_slice(&resp.body);
 }
 

@@ -21,10 +21,12 @@ use crate::project::{ProjectSet, ProjectState};
 use crate::runs::{Delivery, Invoke, Refused, Runs, prompt};
 use crate::serve::status::Parts;
 use crate::terminal::{self, Terminals};
+use crate::text::PeerText;
 use crate::workspace::git::{self, GitError, RepoSpec, SyncResult};
 use crate::workspace::{self, Refusal};
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
+use std::borrow::Cow;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
@@ -70,7 +72,12 @@ impl App {
     /// The project of the token the request brings (`None`: none, or a wrong
     /// one), or the refusal of a peer past its failed tokens. A failure is
     /// counted and marked for the log line.
-    fn project_of(&self, req: &Request, token: Option<&str>, out: &mut Outcome) -> Option<Arc<ProjectState>> {
+    fn project_of(
+        &self,
+        req: &Request,
+        token: Option<&str>,
+        out: &mut Outcome<'_>,
+    ) -> Option<Arc<ProjectState>> {
         if self.failures.blocked(canonical(req.peer.ip())) {
             out.failed_token = true;
             out.resp = err(429, "too many failed tokens");
@@ -99,10 +106,14 @@ impl App {
     }
 }
 
-/// What a request came to, for its log line.
-struct Outcome {
-    action: String,
-    project: String,
+/// What a request came to, for its log line. Nothing in it is allocated
+/// per request: the action is a literal or borrowed from the request body.
+struct Outcome<'r> {
+    /// `-`, or the action fit for a log line ([`loggable`]); owned only when
+    /// the client wrote it with escapes.
+    action: Cow<'r, str>,
+    /// The project the token proved (`-` in the log line when none).
+    project: Option<Arc<ProjectState>>,
     resp: Response,
     /// Refused for its token (403) or for the peer's failed tokens (429).
     failed_token: bool,
@@ -113,7 +124,11 @@ impl Handler for App {
         let t0 = Instant::now();
         let mut out = self.dispatch(req);
         // Its connection keeps the idle timeout from now on (see net::http).
-        out.resp.authenticated = out.project != "-" || (out.action == "metrics" && out.resp.status == 200);
+        if out.resp.status == 500 && out.resp.body.is_empty() {
+            out.resp = err(500, "internal error");
+        }
+        let project = out.project.as_ref().map_or("-", |p| p.config.id.as_str());
+        out.resp.authenticated = project != "-" || (out.action == "metrics" && out.resp.status == 200);
         crate::metrics::request(&out.action, out.resp.status, t0.elapsed());
         if out.failed_token {
             // The fail2ban filter in the README matches this line. INFO, as
@@ -124,20 +139,27 @@ impl Handler for App {
                 out.action,
                 out.resp.status,
                 t0.elapsed().as_secs_f64() * 1e3,
-                req.peer
+                PeerText(req.peer)
             );
             return out.resp;
         }
         info!(
             "{} project={} status={} ms={:.2} peer={}",
             out.action,
-            out.project,
+            project,
             out.resp.status,
             t0.elapsed().as_secs_f64() * 1e3,
-            req.peer
+            PeerText(req.peer)
         );
         out.resp
     }
+}
+
+/// What a request is answered if no path of the router set an answer: the
+/// 500 `internal error`, made in [`App::handle`] only then (this one costs no
+/// allocation per request, where the router sets another).
+fn unanswered() -> Response {
+    Response::text(500, "application/json", Vec::new())
 }
 
 fn err(status: u16, reason: &str) -> Response {
@@ -164,6 +186,26 @@ struct Pong {
     uptime: u64,
 }
 
+/// The answer to `ping`, as serde_json writes [`Pong`], in one buffer of the
+/// right size: serde_json writes it a byte or a few at a time, and the ping is
+/// the request a platform sends most.
+fn pong(uptime: u64) -> Response {
+    static HEAD: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    let head = HEAD.get_or_init(|| {
+        let mut head =
+            serde_json::to_vec(&Pong { ok: true, v: 1, version: crate::version::VERSION, uptime: 0 })
+                .expect("answers serialize");
+        // Up to the uptime's digits: `…,"uptime":`.
+        head.truncate(head.len() - "0}".len());
+        head
+    });
+    let mut body = Vec::with_capacity(head.len() + 21);
+    body.extend_from_slice(head);
+    crate::text::push_decimal(&mut body, uptime);
+    body.push(b'}');
+    Response::text(200, "application/json", body)
+}
+
 #[derive(serde::Serialize)]
 struct AgentEntry<'a> {
     name: &'a str,
@@ -175,28 +217,24 @@ fn ok<T: serde::Serialize>(value: &T) -> Response {
 }
 
 /// An action name fit for a log line (it comes from the client).
-fn loggable(action: &str) -> String {
+fn loggable(action: &str) -> &str {
     let clean =
         action.len() <= 40 && action.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_');
-    if clean && !action.is_empty() { action.to_string() } else { "?".into() }
+    if clean && !action.is_empty() { action } else { "?" }
 }
 
 impl App {
-    fn dispatch(&self, req: &Request) -> Outcome {
-        let mut out = Outcome {
-            action: "-".into(),
-            project: "-".into(),
-            resp: err(500, "internal error"),
-            failed_token: false,
-        };
+    fn dispatch<'r>(&self, req: &'r Request) -> Outcome<'r> {
+        let mut out =
+            Outcome { action: Cow::Borrowed("-"), project: None, resp: unanswered(), failed_token: false };
         let path = req.target.split('?').next().unwrap_or("");
         if req.method == "GET" && path == "/healthz" {
-            out.action = "healthz".into();
+            out.action = Cow::Borrowed("healthz");
             out.resp = Response::json(200, &json!({ "ok": true }));
             return out;
         }
         if req.method == "GET" && path == "/metrics" {
-            out.action = "metrics".into();
+            out.action = Cow::Borrowed("metrics");
             out.resp = self.metrics(req);
             return out;
         }
@@ -209,14 +247,14 @@ impl App {
             out.resp = err(405, "POST only");
             return out;
         }
-        let body: Value = match serde_json::from_slice(&req.body) {
-            Ok(v @ Value::Object(_)) => v,
-            _ => {
+        let body: Envelope<'_> = match serde_json::from_slice(&req.body) {
+            Ok(body) => body,
+            Err(_) => {
                 out.resp = err(400, "invalid json");
                 return out;
             }
         };
-        match body.get("v") {
+        match &body.v {
             None | Some(Value::Null) => {}
             Some(Value::Number(n)) if n.as_f64().is_some_and(|v| v <= 1.0) => {}
             Some(v) => {
@@ -224,16 +262,16 @@ impl App {
                 return out;
             }
         }
-        let token = match (bearer(req), body.get("token").and_then(Value::as_str)) {
+        let token = match (bearer(req), body.token.as_deref()) {
             (Some(a), Some(b)) if a != b => None,
             (a, b) => a.or(b),
         };
         let Some(project) = self.project_of(req, token, &mut out) else {
             return out;
         };
-        out.project.clone_from(&project.config.id);
+        out.project = Some(Arc::clone(&project));
         let empty = Map::new();
-        let payload = match body.get("payload") {
+        let payload = match &body.payload {
             None | Some(Value::Null) => &empty,
             Some(Value::Object(m)) => m,
             Some(_) => {
@@ -247,8 +285,11 @@ impl App {
             out.resp = err(403, "token/project mismatch");
             return out;
         }
-        let action = body.get("action").and_then(Value::as_str).unwrap_or("");
-        out.action = loggable(action);
+        let action = body.action.as_deref().unwrap_or("");
+        out.action = match &body.action {
+            Some(Cow::Borrowed(a)) => Cow::Borrowed(loggable(a)),
+            _ => Cow::Owned(loggable(action).to_string()),
+        };
         let args = Payload(payload);
         out.resp = match self.act(&project, action, &args) {
             Ok(resp) | Err(resp) => resp,
@@ -258,12 +299,7 @@ impl App {
 
     fn act(&self, p: &Arc<ProjectState>, action: &str, args: &Payload<'_>) -> Result<Response, Response> {
         Ok(match action {
-            "ping" => ok(&Pong {
-                ok: true,
-                v: 1,
-                version: crate::version::VERSION,
-                uptime: self.started.elapsed().as_secs(),
-            }),
+            "ping" => pong(self.started.elapsed().as_secs()),
             "agents" => {
                 let agents: Vec<AgentEntry<'_>> = p
                     .config
@@ -454,11 +490,11 @@ impl App {
     /// `aion` when the client offered it (so the token is not sent back),
     /// else that entry itself (a browser fails a handshake that answers none
     /// of the protocols it offered).
-    fn websocket(&self, req: &Request) -> Outcome {
+    fn websocket<'r>(&self, req: &'r Request) -> Outcome<'r> {
         let mut out = Outcome {
-            action: "terminal.ws".into(),
-            project: "-".into(),
-            resp: err(500, "internal error"),
+            action: Cow::Borrowed("terminal.ws"),
+            project: None,
+            resp: unanswered(),
             failed_token: false,
         };
         if let (Some(allowed), Some(origin)) = (&self.origins, req.header("origin")) {
@@ -487,7 +523,7 @@ impl App {
         let Some(project) = self.project_of(req, token, &mut out) else {
             return out;
         };
-        out.project.clone_from(&project.config.id);
+        out.project = Some(Arc::clone(&project));
         let header_has =
             |h: &str, word: &str| req.header(h).is_some_and(|v| v.to_ascii_lowercase().contains(word));
         let key = req.header("sec-websocket-key").map(str::trim).filter(|k| !k.is_empty());
@@ -771,6 +807,132 @@ fn git_error(e: GitError) -> Response {
 }
 
 /// Typed access to the payload; a wrong type is a 400 naming the key.
+/// The body of a POST as far as the router reads it before the action: what
+/// `serde_json::from_slice::<Value>` of the body and `get` of these members
+/// gave, without building a map of the whole body. It accepts exactly the
+/// bodies that parse as a JSON object (anything else is an error, as every
+/// other member is still parsed and checked, never kept); of a member given
+/// twice the last counts; a `token` or `action` that is not a string is
+/// `None`. The strings are borrowed from the body unless they hold escapes.
+#[derive(Default)]
+struct Envelope<'a> {
+    v: Option<Value>,
+    token: Option<Cow<'a, str>>,
+    action: Option<Cow<'a, str>>,
+    payload: Option<Value>,
+}
+
+impl<'de> serde::Deserialize<'de> for Envelope<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Object;
+        impl<'de> serde::de::Visitor<'de> for Object {
+            type Value = Envelope<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Envelope<'de>, A::Error> {
+                let mut body = Envelope::default();
+                while let Some(key) = map.next_key::<Member>()? {
+                    match key {
+                        Member::V => body.v = Some(map.next_value()?),
+                        Member::Token => body.token = map.next_value::<AnyStr<'de>>()?.0,
+                        Member::Action => body.action = map.next_value::<AnyStr<'de>>()?.0,
+                        Member::Payload => body.payload = Some(map.next_value()?),
+                        Member::Other => {
+                            map.next_value::<AnyStr<'de>>()?;
+                        }
+                    }
+                }
+                Ok(body)
+            }
+        }
+        d.deserialize_map(Object)
+    }
+}
+
+/// A member name of the envelope (the others are [`Member::Other`]).
+enum Member {
+    V,
+    Token,
+    Action,
+    Payload,
+    Other,
+}
+
+impl<'de> serde::Deserialize<'de> for Member {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Name;
+        impl serde::de::Visitor<'_> for Name {
+            type Value = Member;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a member name")
+            }
+            fn visit_str<E: serde::de::Error>(self, name: &str) -> Result<Member, E> {
+                Ok(match name {
+                    "v" => Member::V,
+                    "token" => Member::Token,
+                    "action" => Member::Action,
+                    "payload" => Member::Payload,
+                    _ => Member::Other,
+                })
+            }
+        }
+        d.deserialize_str(Name)
+    }
+}
+
+/// Any JSON value, parsed and checked as [`Value`] would be (numbers in range,
+/// escapes valid, nesting limited), kept only when it is a string.
+struct AnyStr<'a>(Option<Cow<'a, str>>);
+
+impl<'de> serde::Deserialize<'de> for AnyStr<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Any;
+        impl<'de> serde::de::Visitor<'de> for Any {
+            type Value = AnyStr<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_borrowed_str<E: serde::de::Error>(self, s: &'de str) -> Result<AnyStr<'de>, E> {
+                Ok(AnyStr(Some(Cow::Borrowed(s))))
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<AnyStr<'de>, E> {
+                Ok(AnyStr(Some(Cow::Owned(s.to_string()))))
+            }
+            fn visit_string<E: serde::de::Error>(self, s: String) -> Result<AnyStr<'de>, E> {
+                Ok(AnyStr(Some(Cow::Owned(s))))
+            }
+            fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<AnyStr<'de>, E> {
+                Ok(AnyStr(None))
+            }
+            fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<AnyStr<'de>, E> {
+                Ok(AnyStr(None))
+            }
+            fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<AnyStr<'de>, E> {
+                Ok(AnyStr(None))
+            }
+            fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<AnyStr<'de>, E> {
+                Ok(AnyStr(None))
+            }
+            fn visit_unit<E: serde::de::Error>(self) -> Result<AnyStr<'de>, E> {
+                Ok(AnyStr(None))
+            }
+            fn visit_none<E: serde::de::Error>(self) -> Result<AnyStr<'de>, E> {
+                Ok(AnyStr(None))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<AnyStr<'de>, A::Error> {
+                while seq.next_element::<AnyStr<'de>>()?.is_some() {}
+                Ok(AnyStr(None))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<AnyStr<'de>, A::Error> {
+                while map.next_entry::<AnyStr<'de>, AnyStr<'de>>()?.is_some() {}
+                Ok(AnyStr(None))
+            }
+        }
+        d.deserialize_any(Any)
+    }
+}
+
 struct Payload<'a>(&'a Map<String, Value>);
 
 impl Payload<'_> {
@@ -813,6 +975,72 @@ impl Payload<'_> {
 
 #[cfg(test)]
 mod tests {
+    use serde_json::Value;
+
+    #[test]
+    fn pong_is_what_serde_json_writes() {
+        for uptime in [0, 7, 86_400, u64::MAX] {
+            let pong = super::Pong { ok: true, v: 1, version: crate::version::VERSION, uptime };
+            let resp = super::pong(uptime);
+            assert_eq!(resp.body, serde_json::to_vec(&pong).unwrap());
+            assert_eq!((resp.status, resp.content_type), (200, "application/json"));
+        }
+    }
+
+    /// The envelope reads what parsing the body into a `Value` and `get`
+    /// gave: the same bodies refused, the same members (the last of a
+    /// repeated one), strings borrowed unless escaped.
+    #[test]
+    fn envelope_reads_what_a_value_gave() {
+        let deep = format!("{{\"x\":{}1{}}}", "[".repeat(200), "]".repeat(200));
+        let bodies = [
+            r#"{"v":1,"action":"ping","token":"t"}"#,
+            r#" { "token" : "t" , "action" : "ping" } "#,
+            r#"{}"#,
+            r#"{"v":null,"token":null,"action":3,"payload":null}"#,
+            r#"{"v":2,"v":1,"token":"a","token":"b","action":"x","action":{"a":1}}"#,
+            r#"{"token":"t","token":7}"#,
+            r#"{"v":"1","payload":[1],"x":{"y":[1,{"z":"\u00e9"}]}}"#,
+            r#"{"v":{"b":1,"a":2},"payload":{"project":"p","n":1.5}}"#,
+            r#"{"\u0074oken":"t\n","act\u0069on":"p\u0069ng"}"#,
+            r#"{"v":-0.5,"w":1e400}"#,
+            r#"{"x":1e400}"#,
+            r#"{"x":"\ud800"}"#,
+            r#"{"x":"\q"}"#,
+            r#"{"x":1,}"#,
+            r#"{"x":1}x"#,
+            r#"{"x":18446744073709551616}"#,
+            r#"{"x":-9223372036854775809,"v":1.0}"#,
+            "{\"x\":\"a\u{7f}\u{e9}\"}",
+            "{\"x\":\"a\u{1}\"}",
+            r#"[{"token":"t"}]"#,
+            r#""{}""#,
+            "null",
+            "",
+            "{",
+            &deep,
+        ];
+        for body in bodies {
+            let value = match serde_json::from_slice::<Value>(body.as_bytes()) {
+                Ok(v @ Value::Object(_)) => Some(v),
+                _ => None,
+            };
+            let envelope = serde_json::from_slice::<super::Envelope<'_>>(body.as_bytes()).ok();
+            let (Some(value), Some(envelope)) = (&value, &envelope) else {
+                assert_eq!(value.is_some(), envelope.is_some(), "{body}");
+                continue;
+            };
+            assert_eq!(value.get("v"), envelope.v.as_ref(), "{body}");
+            assert_eq!(value.get("payload"), envelope.payload.as_ref(), "{body}");
+            assert_eq!(value.get("token").and_then(Value::as_str), envelope.token.as_deref(), "{body}");
+            assert_eq!(value.get("action").and_then(Value::as_str), envelope.action.as_deref(), "{body}");
+        }
+        let body = br#"{"action":"ping","token":"abc"}"#;
+        let envelope: super::Envelope<'_> = serde_json::from_slice(body).expect("parses");
+        assert!(matches!(envelope.token, Some(std::borrow::Cow::Borrowed("abc"))));
+        assert!(matches!(envelope.action, Some(std::borrow::Cow::Borrowed("ping"))));
+    }
+
     #[test]
     fn callback_urls_need_a_host_and_a_real_port() {
         for good in

@@ -226,6 +226,9 @@ fn a_terminal_left_by_a_crashed_connector_ends_on_the_next_start() {
     ws.send_text("sleep 300 & echo BG$((1+1))=$!\r");
     let bg: i32 = ws.expect_value("BG2=").trim().parse().unwrap();
     let mark = instance_mark(pid).unwrap_or_else(|| panic!("shell {pid} carries no AION_CONNECTOR"));
+    // Right after `$!` the job may still be in its exec, when /proc/PID/environ
+    // reads empty: wait for a reading that has the variable.
+    eventually(Duration::from_secs(5), || instance_mark(bg).is_some());
     assert_eq!(instance_mark(bg).as_deref(), Some(mark.as_str()), "the background job's mark");
     srv.signal_and_wait(Signal::SIGKILL, Duration::from_secs(5));
     drop(ws);
