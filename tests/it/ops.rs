@@ -25,21 +25,29 @@ fn status(dir: &Path, extra: &[&str]) -> (i32, String, String) {
     run(&args, dir, &[])
 }
 
-#[test]
-fn status_shows_runs_terminals_and_the_backlog_as_text_and_json() {
-    let dir = TempDir::new("ops-status");
+/// Project `p` (token `TOKEN`) in `dir/proj` with the fake acpx as agent
+/// `fake`, `extra` at the config's top level: the config file's path and the
+/// connector's environment for it (PATH with the fake first, its log, SHELL).
+fn fake_project(dir: &TempDir, extra: Option<Value>) -> (std::path::PathBuf, Vec<(&'static str, String)>) {
     let proj = dir.join("proj");
     std::fs::create_dir_all(&proj).unwrap();
     let bin = fake_acpx_bin(dir.path());
-    let log = dir.join("acpx.log");
-    let cfg = config(json!({"p": {"token": TOKEN, "dir": proj, "agents": {"fake": {}}}}), None);
-    std::fs::write(dir.join("aion.config.json"), &cfg).unwrap();
-    let path = path_with(&bin);
-    let server = Server::start_args(
-        &[dir.join("aion.config.json").to_str().unwrap()],
-        dir.path(),
-        &[("PATH", &path), ("FAKE_ACPX_LOG", log.to_str().unwrap()), ("SHELL", "/bin/sh")],
-    );
+    let cfg_path = dir.join("aion.config.json");
+    let cfg = config(json!({"p": {"token": TOKEN, "dir": proj, "agents": {"fake": {}}}}), extra);
+    std::fs::write(&cfg_path, cfg).unwrap();
+    let log = dir.join("acpx.log").to_str().unwrap().to_string();
+    (cfg_path, vec![("PATH", path_with(&bin)), ("FAKE_ACPX_LOG", log), ("SHELL", "/bin/sh".to_string())])
+}
+
+fn env_refs<'a>(env: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
+    env.iter().map(|(k, v)| (*k, v.as_str())).collect()
+}
+
+#[test]
+fn status_shows_runs_terminals_and_the_backlog_as_text_and_json() {
+    let dir = TempDir::new("ops-status");
+    let (cfg_path, env) = fake_project(&dir, None);
+    let server = Server::start_args(&[cfg_path.to_str().unwrap()], dir.path(), &env_refs(&env));
     let callback = dead_callback();
     let (code, body) = server.call(
         TOKEN,
@@ -97,7 +105,7 @@ fn status_shows_runs_terminals_and_the_backlog_as_text_and_json() {
     let (code, body) = server.call(TOKEN, "stop", json!({"session": "s1"}));
     assert_eq!(code, 200, "{body}");
     drop(server);
-    for pid in marked_processes(&format!("FAKE_ACPX_LOG={}", log.display())) {
+    for pid in marked_processes(&format!("FAKE_ACPX_LOG={}", dir.join("acpx.log").display())) {
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
     }
 }
@@ -282,7 +290,7 @@ fn metrics_parse_as_prometheus_text_and_move_with_traffic() {
             .then_some(())
     });
     drop(server);
-    for pid in marked_processes(&format!("FAKE_ACPX_LOG={}", log.display())) {
+    for pid in marked_processes(&format!("FAKE_ACPX_LOG={}", dir.join("acpx.log").display())) {
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
     }
 }
@@ -406,7 +414,7 @@ fn sighup_reloads_projects_and_tokens_keeping_runs_and_terminals() {
     assert_eq!((code, &out["alive"]), (200, &json!(true)), "{out}");
     assert!(!server.stderr().contains(TOKEN_A2) && !server.stderr().contains(TOKEN_B), "a token in the log");
     drop(server);
-    for pid in marked_processes(&format!("FAKE_ACPX_LOG={}", log.display())) {
+    for pid in marked_processes(&format!("FAKE_ACPX_LOG={}", dir.join("acpx.log").display())) {
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
     }
 }
@@ -414,18 +422,8 @@ fn sighup_reloads_projects_and_tokens_keeping_runs_and_terminals() {
 #[test]
 fn runs_lists_active_and_finished_runs_and_runs_output_pages_their_posts() {
     let dir = TempDir::new("ops-history");
-    let proj = dir.join("proj");
-    std::fs::create_dir_all(&proj).unwrap();
-    let bin = fake_acpx_bin(dir.path());
-    let log = dir.join("acpx.log");
-    let cfg = config(json!({"p": {"token": TOKEN, "dir": proj, "agents": {"fake": {}}}}), None);
-    std::fs::write(dir.join("aion.config.json"), &cfg).unwrap();
-    let path = path_with(&bin);
-    let server = Server::start_args(
-        &[dir.join("aion.config.json").to_str().unwrap()],
-        dir.path(),
-        &[("PATH", &path), ("FAKE_ACPX_LOG", log.to_str().unwrap()), ("SHELL", "/bin/sh")],
-    );
+    let (cfg_path, env) = fake_project(&dir, None);
+    let server = Server::start_args(&[cfg_path.to_str().unwrap()], dir.path(), &env_refs(&env));
     let platform = Platform::start();
     let invoke_token = "invoke-token-kept-out-of-the-history";
     let invoke = |session: &str, prompt: &str| {
@@ -477,7 +475,7 @@ fn runs_lists_active_and_finished_runs_and_runs_output_pages_their_posts() {
     assert_eq!(server.call(TOKEN, "runs.output", json!({})).0, 400);
     assert_eq!(server.call(TOKEN, "runs.output", json!({"session": "done", "from": -1})).0, 400);
 
-    std::fs::write(proj.join("go"), "").unwrap();
+    std::fs::write(dir.join("proj").join("go"), "").unwrap();
     platform.wait_closed("going");
     poll("the going run to be listed as finished", || {
         let (_, list) = server.call(TOKEN, "runs", json!({}));
@@ -485,7 +483,7 @@ fn runs_lists_active_and_finished_runs_and_runs_output_pages_their_posts() {
             .then_some(())
     });
     drop(server);
-    for pid in marked_processes(&format!("FAKE_ACPX_LOG={}", log.display())) {
+    for pid in marked_processes(&format!("FAKE_ACPX_LOG={}", dir.join("acpx.log").display())) {
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
     }
 }
@@ -495,15 +493,8 @@ fn runs_lists_active_and_finished_runs_and_runs_output_pages_their_posts() {
 /// read to its end by `runs.output`.
 fn run_history_survives(tag: &str, sig: nix::sys::signal::Signal, outcome: Option<&str>) {
     let dir = TempDir::new(tag);
-    let proj = dir.join("proj");
-    std::fs::create_dir_all(&proj).unwrap();
-    let bin = fake_acpx_bin(dir.path());
-    let log = dir.join("acpx.log");
-    let cfg = config(json!({"p": {"token": TOKEN, "dir": proj, "agents": {"fake": {}}}}), None);
-    std::fs::write(dir.join("aion.config.json"), &cfg).unwrap();
-    let path = path_with(&bin);
-    let cfg_path = dir.join("aion.config.json");
-    let env = [("PATH", path.as_str()), ("FAKE_ACPX_LOG", log.to_str().unwrap()), ("SHELL", "/bin/sh")];
+    let (cfg_path, env) = fake_project(&dir, None);
+    let env = env_refs(&env);
     let mut server = Server::start_args(&[cfg_path.to_str().unwrap()], dir.path(), &env);
     let platform = Platform::start();
     let (code, body) = server.call(
@@ -539,7 +530,7 @@ fn run_history_survives(tag: &str, sig: nix::sys::signal::Signal, outcome: Optio
     assert_eq!(posts[0]["text"], json!("waiting for go"), "{page}");
     assert_eq!(finished[0]["posts"], json!(posts.len()), "{list}");
     drop(server);
-    for pid in marked_processes(&format!("FAKE_ACPX_LOG={}", log.display())) {
+    for pid in marked_processes(&format!("FAKE_ACPX_LOG={}", dir.join("acpx.log").display())) {
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
     }
 }
