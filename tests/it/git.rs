@@ -383,6 +383,17 @@ fn sync(srv: &Server, repos: Value) -> (u16, Value) {
     srv.call(TOKEN, "repos.sync", json!({ "repos": repos }))
 }
 
+/// A project (file urls allowed) whose repo `r` is a clone of upstream `up`
+/// (one commit, README `v1`) at `proj/up`: the upstream, the server and the clone.
+fn cloned(tmp: &TempDir) -> (Upstream, Server, PathBuf) {
+    let up = Upstream::new(tmp, "up", "main", "v1\n");
+    let root = tmp.join("proj");
+    let srv = start(tmp, &root, true);
+    let (status, v) = sync(&srv, json!([{"name":"r","url":up.url()}]));
+    assert_eq!(status, 200, "{v}");
+    (up, srv, root.join("up"))
+}
+
 fn assert_head(got: &Value, full: &str) {
     let h = got.as_str().unwrap_or_else(|| panic!("head {got}"));
     assert!(h.len() >= 7 && full.starts_with(h), "head {h} vs {full}");
@@ -471,12 +482,8 @@ fn sync_default_workspace_is_first_synced() {
 #[test]
 fn sync_keeps_local_changes_and_refuses_only_a_fast_forward_over_them() {
     let tmp = TempDir::new("dirty");
-    let up = Upstream::new(&tmp, "up", "main", "v1\n");
+    let (up, srv, dest) = cloned(&tmp);
     let root = tmp.join("proj");
-    let srv = start(&tmp, &root, true);
-    let dest = root.join("up");
-    let (status, v) = sync(&srv, json!([{"name":"r","url":up.url()}]));
-    assert_eq!(status, 200, "{v}");
     let cloned_head = git(&dest, &["rev-parse", "HEAD"]);
 
     write(dest.join("README"), "my local edit\n");
@@ -513,12 +520,7 @@ fn sync_keeps_local_changes_and_refuses_only_a_fast_forward_over_them() {
 #[test]
 fn sync_refuses_diverged_history() {
     let tmp = TempDir::new("diverged");
-    let up = Upstream::new(&tmp, "up", "main", "v1\n");
-    let root = tmp.join("proj");
-    let srv = start(&tmp, &root, true);
-    let dest = root.join("up");
-    let (status, v) = sync(&srv, json!([{"name":"r","url":up.url()}]));
-    assert_eq!(status, 200, "{v}");
+    let (up, srv, dest) = cloned(&tmp);
 
     write(dest.join("local.txt"), "mine\n");
     git(&dest, &["add", "local.txt"]);
@@ -737,11 +739,7 @@ fn credentials_in_a_repo_url_travel_like_a_token() {
 fn a_clone_s_git_config_is_owner_only() {
     use std::os::unix::fs::PermissionsExt;
     let tmp = TempDir::new("cfgmode");
-    let up = Upstream::new(&tmp, "up", "main", "v1\n");
-    let root = tmp.join("proj");
-    let srv = start(&tmp, &root, true);
-    let (status, v) = sync(&srv, json!([{"name":"r","url":up.url()}]));
-    assert_eq!(status, 200, "{v}");
-    let mode = std::fs::metadata(root.join("up/.git/config")).unwrap().permissions().mode();
+    let (_up, _srv, dest) = cloned(&tmp);
+    let mode = std::fs::metadata(dest.join(".git/config")).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600, "{mode:o}");
 }
