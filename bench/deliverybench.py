@@ -22,7 +22,6 @@ Subcommands:
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import sys
@@ -30,6 +29,7 @@ import time
 
 sys.dont_write_bytecode = True
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchcli  # noqa: E402
 from pushbench import out  # noqa: E402
 from runsbench import FINAL_PATHS, Callback, invoke, realtime_ns  # noqa: E402
 
@@ -117,14 +117,7 @@ def cmd_status(path: str, cond: str, timeout: str, remove: str = "") -> None:
 
 def main(argv: list[str]) -> None:
     cmds = {"runs": cmd_runs, "deliver": cmd_deliver, "status": cmd_status}
-    if len(argv) < 2 or argv[1] not in cmds:
-        sys.exit(__doc__)
-    fn = cmds[argv[1]]
-    try:
-        inspect.signature(fn).bind(*argv[2:])
-    except TypeError as e:
-        sys.exit(f"deliverybench {argv[1]}: {e}\n{__doc__}")
-    fn(*argv[2:])
+    benchcli.dispatch("deliverybench", __doc__, cmds, argv)
 
 
 if __name__ == "__main__":

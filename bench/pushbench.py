@@ -15,7 +15,6 @@ Subcommands:
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import os
@@ -26,6 +25,10 @@ import statistics
 import subprocess
 import sys
 import time
+
+sys.dont_write_bytecode = True  # no bench/__pycache__ from importing benchcli
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchcli  # noqa: E402
 
 IO_TIMEOUT = 5.0  # seconds, for any single socket operation or startup wait
 
@@ -343,14 +346,7 @@ def cmd_freeport() -> None:
 def main(argv: list[str]) -> None:
     cmds = {"ping": cmd_ping, "startup": cmd_startup, "idle": cmd_idle,
             "wrk": cmd_wrk, "freeport": cmd_freeport}
-    if len(argv) < 2 or argv[1] not in cmds:
-        sys.exit(__doc__)
-    fn = cmds[argv[1]]
-    try:
-        inspect.signature(fn).bind(*argv[2:])
-    except TypeError as e:
-        sys.exit(f"pushbench {argv[1]}: {e}\n{__doc__}")
-    fn(*argv[2:])
+    benchcli.dispatch("pushbench", __doc__, cmds, argv)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import inspect
 import json
 import os
 import re
@@ -42,6 +41,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 sys.dont_write_bytecode = True  # no bench/__pycache__ from importing pushbench
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchcli  # noqa: E402
 from pushbench import check_loopback, out, pct, read_response  # noqa: E402
 
 FINAL_PATHS = ("/internal/agent-complete", "/internal/agent-error")
@@ -626,14 +626,7 @@ def cmd_reference(count: str) -> None:
 def main(argv: list[str]) -> None:
     cmds = {"burst": cmd_burst, "paced": cmd_paced, "outage": cmd_outage, "startup": cmd_startup,
             "spawn": cmd_spawn, "reference": cmd_reference, "endturn": cmd_endturn}
-    if len(argv) < 2 or argv[1] not in cmds:
-        sys.exit(__doc__)
-    fn = cmds[argv[1]]
-    try:
-        inspect.signature(fn).bind(*argv[2:])
-    except TypeError as e:
-        sys.exit(f"runsbench {argv[1]}: {e}\n{__doc__}")
-    fn(*argv[2:])
+    benchcli.dispatch("runsbench", __doc__, cmds, argv)
 
 
 if __name__ == "__main__":
