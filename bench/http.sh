@@ -189,13 +189,10 @@ LOGGED=$(( $(kv "$TMP/flood-log.kv" log_answer_lines) + $(kv "$TMP/flood-log.kv"
 (( LOGGED >= FLOOD )) || note "flood: $LOGGED answer lines written or counted as dropped, fewer than $FLOOD requests"
 
 # ---------------------------------------------------------------- summary
-row() { printf '%-44s %s\n' "$1" "$2"; }
 a=$TMP/attack.kv
 f=$TMP/flood.kv
-echo
-echo "aion-connector HTTP bench ($(date -u +%Y-%m-%dT%H:%M:%SZ), $(nproc) cores, load average $LOAD_START at the start, $(cut -d' ' -f1-3 /proc/loadavg) at the end)"
-printf '%s\n' "--------------------------------------------------------------------------------------------"
-row "binary" "$("$BIN" --version 2>/dev/null | head -n1) ($BUILD_KIND)"
+table_start "aion-connector HTTP bench ($(date -u +%Y-%m-%dT%H:%M:%SZ), $(nproc) cores, load average $LOAD_START at the start, $(cut -d' ' -f1-3 /proc/loadavg) at the end)"
+row "binary" "$("$BIN" --version 2>/dev/null | head -n1)"
 for ((r = 1; r <= ROUNDS; r++)); do
     row "$r. ours, ping, log to a file" "$(figures "ours$r"), RSS peak $(kv "$TMP/ours$r.kv" hwm_kb) kB"
     if [[ $NODE_OK == yes ]]; then
@@ -209,10 +206,4 @@ row "   wrk ping meanwhile" "$(figures attack-wrk)"
 row "   server RSS / threads (peak)" "$(kv "$a" attack_rss_peak_kb) kB / $(kv "$a" attack_threads_peak); connections reopened by the attacker: $(kv "$a" attack_reopened)"
 row "flood: $FLOOD bad requests" "$(kv "$f" flood_rps) req/s; a ping meanwhile: p50 $(kv "$f" flood_ping_p50_ms) ms, p99 $(kv "$f" flood_ping_p99_ms) ms, max $(kv "$f" flood_ping_max_ms) ms ($(kv "$f" flood_pings) pings)"
 row "   log lines written / counted as dropped" "$(kv "$TMP/flood-log.kv" log_answer_lines) / $(kv "$TMP/flood-log.kv" log_dropped)"
-printf '%s\n' "--------------------------------------------------------------------------------------------"
-if (( ${#NOTES[@]} )); then
-    echo "problems / notes:"
-    printf '  - %s\n' "${NOTES[@]}"
-else
-    echo "problems / notes: none"
-fi
+table_end

@@ -71,25 +71,14 @@ SRV_THREADS=$(threads "$SRV_PID")
 
 stop "$SRV_PID"
 [[ $STOP_CODE == 0 ]] || note "connector: SIGTERM gave exit code $STOP_CODE"
-warns=$(grep -cE '\[(WARN|ERROR)\]' "$TMP/srv.err" || true)
-(( warns == 0 )) || note "connector: $warns WARN/ERROR log lines, e.g.: $(grep -E '\[(WARN|ERROR)\]' "$TMP/srv.err" | head -n 1)"
+log_warns "$TMP/srv.err" connector
 
 # ---------------------------------------------------------------- summary
-row() { printf '%-44s %s\n' "$1" "$2"; }
 s=$TMP/starts.kv
 c=$TMP/calls.kv
-echo
-echo "aion-connector mcp bench  ($(date -u +%Y-%m-%dT%H:%M:%SZ), $(nproc) cores, ${VERSION:-version unknown})"
-printf '%s\n' "--------------------------------------------------------------------------------------------"
-row "build" "$BUILD_KIND"
+table_start "aion-connector mcp bench  ($(date -u +%Y-%m-%dT%H:%M:%SZ), $(nproc) cores, ${VERSION:-version unknown})"
 row "1. exec 'mcp' -> initialize answered" "p50 $(kv "$s" starts_p50_ms) ms, p99 $(kv "$s" starts_p99_ms) ms (min $(kv "$s" starts_min_ms), max $(kv "$s" starts_max_ms); n=$(kv "$s" starts_runs), failed $(kv "$s" starts_failures))"
 row "   peak RSS of one mcp process" "$(kv "$s" starts_hwm_kb) kB ($(mib "$(kv "$s" starts_hwm_kb)"))"
 row "2. tools/call round trip (socket)" "p50 $(kv "$c" calls_p50_ms) ms, p99 $(kv "$c" calls_p99_ms) ms (min $(kv "$c" calls_min_ms), max $(kv "$c" calls_max_ms); n=$(kv "$c" calls_count))"
 row "   connector after the calls" "$SRV_RSS kB ($(mib "$SRV_RSS")), $SRV_THREADS threads"
-printf '%s\n' "--------------------------------------------------------------------------------------------"
-if (( ${#NOTES[@]} )); then
-    echo "problems / notes:"
-    printf '  - %s\n' "${NOTES[@]}"
-else
-    echo "problems / notes: none"
-fi
+table_end
