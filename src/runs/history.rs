@@ -113,7 +113,8 @@ pub const INTERRUPTED: &str = "interrupted";
 
 /// Closes every run file under `root` (`<stateDir>/runs`) left without a
 /// footer by a connector that died, as [`INTERRUPTED`], then prunes each
-/// project dir. Only while no run of this connector is going. Returns how
+/// project dir where it closed one (the others were pruned when their last
+/// run finished). Only while no run of this connector is going. Returns how
 /// many it closed.
 pub fn close_interrupted(root: &Path) -> usize {
     let mut closed = 0;
@@ -121,6 +122,7 @@ pub fn close_interrupted(root: &Path) -> usize {
         if !dir.is_dir() {
             continue;
         }
+        let before = closed;
         for (_, path) in runs_in(&dir) {
             if read(&path).is_none_or(|r| r.foot.is_some()) {
                 continue;
@@ -130,7 +132,9 @@ pub fn close_interrupted(root: &Path) -> usize {
                 Err(e) => warn!("run history: cannot close {}: {e}", path.display()),
             }
         }
-        prune(&dir);
+        if closed > before {
+            prune(&dir);
+        }
     }
     closed
 }
