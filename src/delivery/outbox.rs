@@ -162,13 +162,13 @@ const COUNTED_ORIGINS: usize = 64;
 
 /// An origin as a metrics label: `scheme://host:port` only — never a path,
 /// a query or credentials (an unparsable callback URL counts as `other`).
-pub fn origin_label(origin: &str) -> String {
+pub fn origin_label(origin: &str) -> &str {
     let rest = origin.strip_prefix("http://").or_else(|| origin.strip_prefix("https://"));
     match rest {
         Some(r) if !r.is_empty() && !r.contains(['/', '@', '?', '#']) && !r.contains(char::is_whitespace) => {
-            origin.to_string()
+            origin
         }
-        _ => "other".to_string(),
+        _ => "other",
     }
 }
 
@@ -1141,14 +1141,18 @@ impl Outbox {
         }
     }
 
-    /// Adds to the counts of `origin` (one lock, held for the addition).
+    /// Adds to the counts of `origin` (one lock, held for the addition; a
+    /// key is allocated only for an origin not counted before).
     fn count(&self, origin: &str, f: impl FnOnce(&mut OriginCounts)) {
         let mut map = lock(&self.by_origin);
         let mut key = origin_label(origin);
-        if !map.contains_key(&key) && map.len() >= COUNTED_ORIGINS {
-            key = "other".to_string();
+        if let Some(c) = map.get_mut(key) {
+            return f(c);
         }
-        f(map.entry(key).or_default());
+        if map.len() >= COUNTED_ORIGINS {
+            key = "other";
+        }
+        f(map.entry(key.to_string()).or_default());
     }
 
     /// Posts delivered, retried and dropped since this process started, by

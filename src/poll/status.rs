@@ -89,7 +89,7 @@ mod tests {
 
     #[test]
     fn the_server_is_shown_as_its_origin_only() {
-        let shown = |url: &str| origin_label(&origin(url));
+        let shown = |url: &str| origin_label(&origin(url)).to_string();
         assert_eq!(shown("https://agent:s3cret@Example.COM/base/path?t=1"), "https://example.com:443");
         assert_eq!(shown("http://127.0.0.1:8080"), "http://127.0.0.1:8080");
         assert_eq!(shown("http://[::1]:9/x"), "http://[::1]:9");

@@ -12,7 +12,7 @@ use crate::project::ProjectSet;
 use crate::runs::Runs;
 use crate::terminal::Terminals;
 use serde_json::{Value, json};
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -128,16 +128,19 @@ impl Parts {
                 u64::from(o.down_for.is_some())
             }),
         ];
-        for (name, help, pick) in backlog {
+        // Origins that share a label (`other`) are summed; down if any is.
+        let mut by_label: BTreeMap<&str, [u64; 3]> = BTreeMap::new();
+        for o in &origins {
+            let g = by_label.entry(origin_label(&o.origin)).or_default();
+            for (i, (_, _, pick)) in backlog.iter().enumerate() {
+                g[i] += pick(o);
+            }
+        }
+        for (i, (name, help, _)) in backlog.iter().enumerate() {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
-            let mut seen = BTreeSet::new();
-            for o in &origins {
-                let key = origin_label(&o.origin);
-                if seen.insert(key.clone()) {
-                    let sum: u64 = origins.iter().filter(|p| origin_label(&p.origin) == key).map(pick).sum();
-                    let sum = if name == "aion_connector_origin_down" { sum.min(1) } else { sum };
-                    let _ = writeln!(out, "{name}{{origin=\"{}\"}} {sum}", label(&key));
-                }
+            for (key, g) in &by_label {
+                let v = if *name == "aion_connector_origin_down" { g[i].min(1) } else { g[i] };
+                let _ = writeln!(out, "{name}{{origin=\"{}\"}} {v}", label(key));
             }
         }
         out.push_str(
