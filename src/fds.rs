@@ -30,6 +30,15 @@ pub fn fit(nofile: u64, each: u64) -> usize {
     (nofile.saturating_sub(reserve(nofile)) / each.max(1)).max(1) as usize
 }
 
+/// When `wanted` things of `each` descriptors do not fit in the open-file
+/// limit `nofile` (see [`fit`]): the limit and how many fit, for the
+/// caller's warning. None when they fit or the limit is unknown.
+pub fn short(wanted: usize, nofile: Option<u64>, each: u64) -> Option<(u64, usize)> {
+    let nofile = nofile?;
+    let fits = fit(nofile, each);
+    (wanted > fits).then_some((nofile, fits))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

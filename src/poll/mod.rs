@@ -136,11 +136,7 @@ const SESSION_FDS: u64 = 6;
 /// limit leaves after the reserve, so that a `rejected` at the cap, not
 /// EMFILE, is what a session meets.
 fn session_cap(configured: usize, nofile: Option<u64>) -> usize {
-    let Some(nofile) = nofile else { return configured };
-    let fits = crate::fds::fit(nofile, SESSION_FDS);
-    if configured <= fits {
-        return configured;
-    }
+    let Some((nofile, fits)) = crate::fds::short(configured, nofile, SESSION_FDS) else { return configured };
     warn!(
         "maxConcurrentSessions is {configured} but the open-file limit (nofile) is {nofile}: running at most \
          {fits} sessions ({SESSION_FDS} descriptors each, {} kept for the rest); raise the limit \

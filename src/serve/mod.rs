@@ -218,16 +218,12 @@ fn digest(token: &str) -> [u8; 32] {
 /// limit leaves after the reserve, so that the 503 at the cap, not EMFILE,
 /// is what a client meets.
 fn connection_cap(configured: usize, nofile: Option<u64>) -> usize {
-    let Some(nofile) = nofile else { return configured };
-    let reserve = crate::fds::reserve(nofile);
-    let fits = crate::fds::fit(nofile, 1);
-    if configured <= fits {
-        return configured;
-    }
+    let Some((nofile, fits)) = crate::fds::short(configured, nofile, 1) else { return configured };
     warn!(
         "limits.connections is {configured} but the open-file limit (nofile) is {nofile}: \
-         serving at most {fits} connections ({reserve} descriptors kept for git, agents and spool files); \
-         raise the limit (ulimit -n, LimitNOFILE=) to serve more"
+         serving at most {fits} connections ({} descriptors kept for git, agents and spool files); \
+         raise the limit (ulimit -n, LimitNOFILE=) to serve more",
+        crate::fds::reserve(nofile)
     );
     fits
 }
@@ -239,12 +235,8 @@ const TERMINAL_FDS: u64 = 2;
 /// its PTY and its connection, would not fit in the open-file limit (the
 /// cap is left as configured: few setups open them all). Whether it warned.
 fn terminal_budget(per_project: usize, projects: usize, nofile: Option<u64>) -> bool {
-    let Some(nofile) = nofile else { return false };
     let all = per_project.saturating_mul(projects);
-    let fits = crate::fds::fit(nofile, TERMINAL_FDS);
-    if all <= fits {
-        return false;
-    }
+    let Some((nofile, fits)) = crate::fds::short(all, nofile, TERMINAL_FDS) else { return false };
     warn!(
         "limits.terminalsPerProject is {per_project} for {projects} project(s), {all} terminals, but the \
          open-file limit (nofile) is {nofile}: only {fits} fit (each holds a PTY and a connection); \
