@@ -16,18 +16,21 @@ pub const REDACTED: &str = "[redacted]";
 
 /// `n` in decimal appended to `out`: one copy, where `write!` makes one per
 /// piece (a call each in musl's `memcpy`).
-pub fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
-    let mut digits = [0u8; 20];
-    let mut at = digits.len();
+pub fn push_decimal(out: &mut Vec<u8>, n: u64) {
+    out.extend_from_slice(digits(n, &mut [0u8; 20]));
+}
+
+/// `n` in decimal, written at the end of `buf`.
+fn digits(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut at = buf.len();
     loop {
         at -= 1;
-        digits[at] = b'0' + (n % 10) as u8;
+        buf[at] = b'0' + (n % 10) as u8;
         n /= 10;
         if n == 0 {
-            break;
+            return &buf[at..];
         }
     }
-    out.extend_from_slice(&digits[at..]);
 }
 
 /// A socket address as its `Display` writes it, handed on in one piece:
@@ -57,17 +60,11 @@ impl std::fmt::Display for PeerText {
 }
 
 /// `n` in decimal into `buf` at `at`; returns where it ends.
-fn put_digits(buf: &mut [u8], at: usize, mut n: u32) -> usize {
-    let mut len = 1;
-    while len < 10 && 10u32.pow(len) <= n {
-        len += 1;
-    }
-    let end = at + len as usize;
-    for i in (at..end).rev() {
-        buf[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-    }
-    end
+fn put_digits(buf: &mut [u8], at: usize, n: u32) -> usize {
+    let mut tmp = [0u8; 20];
+    let d = digits(u64::from(n), &mut tmp);
+    buf[at..at + d.len()].copy_from_slice(d);
+    at + d.len()
 }
 
 /// The values worth redacting: at least [`MIN_SECRET`] bytes, each once,

@@ -116,7 +116,7 @@ pub struct Response {
 
 pub type Upgrade = Box<dyn FnOnce(Stream) + Send>;
 
-const JSON: &str = "application/json";
+pub const JSON: &str = "application/json";
 
 impl Response {
     pub fn json(status: u16, body: &impl serde::Serialize) -> Response {
@@ -157,7 +157,6 @@ impl Response {
         }
     }
 
-    /// `{"error":"<reason>"}`, byte for byte.
     /// `{"error":REASON}`, as `json!` writes it, without building a map.
     pub fn error(status: u16, reason: &str) -> Response {
         let mut body = Vec::with_capacity(16 + reason.len());

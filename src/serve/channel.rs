@@ -123,11 +123,11 @@ impl Handler for App {
     fn handle(&self, req: &Request) -> Response {
         let t0 = Instant::now();
         let mut out = self.dispatch(req);
-        // Its connection keeps the idle timeout from now on (see net::http).
         if out.resp.status == 500 && out.resp.body.is_empty() {
             out.resp = err(500, "internal error");
         }
         let project = out.project.as_ref().map_or("-", |p| p.config.id.as_str());
+        // Its connection keeps the idle timeout from now on (see net::http).
         out.resp.authenticated = project != "-" || (out.action == "metrics" && out.resp.status == 200);
         crate::metrics::request(&out.action, out.resp.status, t0.elapsed());
         if out.failed_token {
@@ -159,7 +159,7 @@ impl Handler for App {
 /// 500 `internal error`, made in [`App::handle`] only then (this one costs no
 /// allocation per request, where the router sets another).
 fn unanswered() -> Response {
-    Response::text(500, "application/json", Vec::new())
+    Response::text(500, crate::net::http::JSON, Vec::new())
 }
 
 fn err(status: u16, reason: &str) -> Response {
@@ -203,7 +203,7 @@ fn pong(uptime: u64) -> Response {
     body.extend_from_slice(head);
     crate::text::push_decimal(&mut body, uptime);
     body.push(b'}');
-    Response::text(200, "application/json", body)
+    Response::text(200, crate::net::http::JSON, body)
 }
 
 #[derive(serde::Serialize)]
