@@ -4,7 +4,7 @@
 
 use crate::error::Error;
 use crate::logging::warn;
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -31,27 +31,7 @@ pub struct PollConfig {
 /// Reads `--config FILE` (default ./config.json, optional) and the
 /// environment, which wins. Every problem is reported at once.
 pub fn load(file: Option<&Path>, env: &dyn Fn(&str) -> Option<String>) -> Result<PollConfig, Error> {
-    let (path, explicit) = match file {
-        Some(p) => (p.to_path_buf(), true),
-        None => (PathBuf::from("config.json"), false),
-    };
-    let mut problems = Vec::new();
-    let doc: Value = match std::fs::read_to_string(&path) {
-        Ok(text) => serde_json::from_str(&text).unwrap_or_else(|e| {
-            problems.push(format!("invalid JSON: {e}"));
-            Value::Null
-        }),
-        Err(e) if !explicit && e.kind() == std::io::ErrorKind::NotFound => json!({}),
-        Err(source) => return Err(Error::ConfigRead { path, source }),
-    };
-    let doc = match doc {
-        Value::Object(m) => m,
-        Value::Null => Default::default(),
-        _ => {
-            problems.push("expected a JSON object".into());
-            Default::default()
-        }
-    };
+    let (path, doc, mut problems) = read_doc(file)?;
     let known = [
         "serverUrl",
         "agentToken",
@@ -186,20 +166,42 @@ pub fn state_dir(file: Option<&Path>, env: &dyn Fn(&str) -> Option<String>) -> R
     if let Some(dir) = env("AION_STATE_DIR").filter(|v| !v.is_empty()) {
         return Ok(PathBuf::from(dir));
     }
+    let (path, doc, problems) = read_doc(file)?;
+    if !problems.is_empty() {
+        return Err(Error::Config { path, problems });
+    }
+    let configured = doc.get("stateDir").and_then(Value::as_str).map(PathBuf::from);
+    Ok(crate::config::state_dir(configured.as_deref()))
+}
+
+/// The config file's path, its object (empty when there is none to read)
+/// and the problems of its syntax.
+type Doc = (PathBuf, Map<String, Value>, Vec<String>);
+
+/// The config file (`file`, else an optional ./config.json) as a JSON object.
+fn read_doc(file: Option<&Path>) -> Result<Doc, Error> {
     let (path, explicit) = match file {
         Some(p) => (p.to_path_buf(), true),
         None => (PathBuf::from("config.json"), false),
     };
-    let configured = match std::fs::read_to_string(&path) {
-        Ok(text) => match serde_json::from_str::<Value>(&text) {
-            Ok(Value::Object(doc)) => doc.get("stateDir").and_then(Value::as_str).map(PathBuf::from),
-            Ok(_) => return Err(Error::Config { path, problems: vec!["expected a JSON object".into()] }),
-            Err(e) => return Err(Error::Config { path, problems: vec![format!("invalid JSON: {e}")] }),
-        },
-        Err(e) if !explicit && e.kind() == std::io::ErrorKind::NotFound => None,
+    let mut problems = Vec::new();
+    let doc: Value = match std::fs::read_to_string(&path) {
+        Ok(text) => serde_json::from_str(&text).unwrap_or_else(|e| {
+            problems.push(format!("invalid JSON: {e}"));
+            Value::Null
+        }),
+        Err(e) if !explicit && e.kind() == std::io::ErrorKind::NotFound => json!({}),
         Err(source) => return Err(Error::ConfigRead { path, source }),
     };
-    Ok(crate::config::state_dir(configured.as_deref()))
+    let doc = match doc {
+        Value::Object(m) => m,
+        Value::Null => Default::default(),
+        _ => {
+            problems.push("expected a JSON object".into());
+            Default::default()
+        }
+    };
+    Ok((path, doc, problems))
 }
 
 #[cfg(test)]
