@@ -89,6 +89,9 @@ enum ToWriter {
     Line(Line),
     /// Answer once everything queued before this is written.
     Flush(Sender<()>),
+    /// A sampled kind has lines left out: the writer, perhaps waiting
+    /// without a timeout, is to report them when their period is over.
+    Sampled,
 }
 
 struct Line {
@@ -201,6 +204,10 @@ impl Sampled {
         let admitted = self.admit_at(epoch_secs());
         if admitted.is_none() && !self.listed.swap(true, Ordering::AcqRel) {
             sampled().push(self);
+            if let Some(logger) = logger() {
+                // Full: lines are queued, so the writer is awake anyway.
+                let _ = logger.tx.try_send(ToWriter::Sampled);
+            }
         }
         admitted
     }
@@ -368,6 +375,7 @@ fn writer(rx: &Receiver<ToWriter>, free: &Sender<String>, journal: bool) {
                 }
             }
             ToWriter::Flush(ack) => acks.push(ack),
+            ToWriter::Sampled => {} // the loop now waits with a timeout
         };
         if let Some(m) = first {
             handle(m, &mut out);
