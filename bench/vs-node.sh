@@ -2,7 +2,10 @@
 # bench/vs-node.sh: figure 4 of push.sh (ping over keep-alive, wrk -t2 -c16)
 # side by side: our binary and the Node original it replaces (HeapVoid/
 # aion-connector, dist/cli.js), same config, same token, same wrk run, each
-# server's log going to a file. See bench/README.md.
+# server's log going to a file. A third column, the floor, is bench/floor.c
+# (built with the system's cc when there is one): a fixed answer from one
+# epoll thread, no parsing, no log. What wrk measures against it is this
+# machine's share, not a server's. See bench/README.md.
 #
 # Usage: ORIG_CLI=/path/to/dist/cli.js bench/vs-node.sh   (about 50 s after the build)
 # Env:   ORIG_CLI=path            the original's dist/cli.js, its node_modules (ws,
@@ -12,6 +15,7 @@
 #        BENCH_DURATION=10        wrk seconds per run
 #        BENCH_ROUNDS=2           runs per server, alternating ours / Node
 #        PYTHON=python3
+#        CC=cc                    builds the floor; missing: no floor column
 #
 # The original is only run from where it is: never copy it into this repository.
 # Only 127.0.0.1 is ever contacted. Every server started here is stopped on exit.
@@ -55,6 +59,18 @@ if [[ -n $ORIG ]]; then
     ADDR[node]=$SRV_ADDR
     PID[node]=$SRV_PID
 fi
+FLOOR_SKIP=""
+if ! command -v "${CC:-cc}" >/dev/null; then
+    FLOOR_SKIP="skipped: no C compiler (${CC:-cc}; set CC)"
+elif ! "${CC:-cc}" -O2 -o "$TMP/floor" "$HERE/floor.c" 2>"$TMP/floor-cc.err"; then
+    FLOOR_SKIP="skipped: bench/floor.c did not build ($(head -n 1 "$TMP/floor-cc.err"))"
+else
+    KEYS+=(floor)
+    start_server floor env "$MARK" "$TMP/floor"
+    ADDR[floor]=$SRV_ADDR
+    PID[floor]=$SRV_PID
+fi
+[[ -z $FLOOR_SKIP ]] || note "floor $FLOOR_SKIP"
 for k in "${KEYS[@]}"; do
     "$PY" "$HELPER" ping "${ADDR[$k]}" "$TOKEN" 1 >"$TMP/$k-ping.kv"
     [[ $(kv "$TMP/$k-ping.kv" ping_statuses) == 200x1 ]] \
@@ -96,6 +112,9 @@ med() { # med KEY COLUMN: median of that column of $TMP/KEY.runs (req/s whole, m
 each() { # each KEY: "rps / p99 ms (load)" of every run
     awk '{printf "%s%s / %s ms (load %s)", (NR > 1 ? "; " : ""), $1, $3, $4}' "$TMP/$1.runs"
 }
+ratio() { # ratio A B: A's median req/s and p99 over B's
+    echo "$(awk -v a="$(med "$1" 1)" -v b="$(med "$2" 1)" 'BEGIN{printf "%.2f", a/b}') x the req/s, $(awk -v a="$(med "$1" 3)" -v b="$(med "$2" 3)" 'BEGIN{printf "%.2f", a/b}') x the p99"
+}
 peak() { sort -g "$TMP/$1.runs" -k5 | tail -n 1 | cut -d' ' -f5; }
 column() { # column KEY LABEL
     local k=$1 reqs
@@ -111,6 +130,13 @@ row "load average 1/5/15 min, start / end" "$LOAD_START / $LOAD_END"
 column ours "ours (wrk -t2 -c16 ${DURATION}s, ping)"
 if [[ -n $ORIG ]]; then
     column node "Node original (same wrk run)"
-    row "ours / Node original" "$(awk -v a="$(med ours 1)" -v b="$(med node 1)" 'BEGIN{printf "%.2f", a/b}') x the req/s, $(awk -v a="$(med ours 3)" -v b="$(med node 3)" 'BEGIN{printf "%.2f", a/b}') x the p99"
+    row "ours / Node original" "$(ratio ours node)"
+fi
+if [[ -z $FLOOR_SKIP ]]; then
+    column floor "floor: bench/floor.c (same wrk run)"
+    row "ours / floor" "$(ratio ours floor)"
+    if [[ -n $ORIG ]]; then row "Node original / floor" "$(ratio node floor)"; fi
+else
+    row "floor" "$FLOOR_SKIP"
 fi
 table_end
