@@ -5,7 +5,9 @@
 # server's log going to a file. A third column, the floor, is bench/floor.c
 # (built with the system's cc when there is one): a fixed answer from one
 # epoll thread, no parsing, no log. What wrk measures against it is this
-# machine's share, not a server's. See bench/README.md.
+# machine's share, not a server's. Then each server gets pings at fixed rates
+# (bench/rate.c, open loop: a platform's pace, not wrk's saturation), timed
+# from when each was due. See bench/README.md.
 #
 # Usage: ORIG_CLI=/path/to/dist/cli.js bench/vs-node.sh   (about 50 s after the build)
 # Env:   ORIG_CLI=path            the original's dist/cli.js, its node_modules (ws,
@@ -15,7 +17,10 @@
 #        BENCH_DURATION=10        wrk seconds per run
 #        BENCH_ROUNDS=2           runs per server, alternating ours / Node
 #        PYTHON=python3
-#        CC=cc                    builds the floor; missing: no floor column
+#        CC=cc                    builds the floor and the fixed-rate client;
+#                                 missing: neither is measured
+#        BENCH_RATES="2000 10000 20000"  fixed rates (pings/s), each for
+#                                 BENCH_RATE_SECONDS=6, 16 connections, ROUNDS times
 #
 # The original is only run from where it is: never copy it into this repository.
 # Only 127.0.0.1 is ever contacted. Every server started here is stopped on exit.
@@ -25,6 +30,11 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 DURATION=$(setting BENCH_DURATION 10 1 60)
 ROUNDS=$(setting BENCH_ROUNDS 2 1 10)
+RATE_SECONDS=$(setting BENCH_RATE_SECONDS 6 1 60)
+RATES=${BENCH_RATES-2000 10000 20000}
+for rate in $RATES; do
+    [[ $rate =~ ^[1-9][0-9]{0,5}$ ]] || { echo "BENCH_RATES: $rate is not a rate of 1-999999 pings/s" >&2; exit 2; }
+done
 HELPER="$HERE/pushbench.py"
 bench_init vs-node
 
@@ -59,11 +69,23 @@ if [[ -n $ORIG ]]; then
     ADDR[node]=$SRV_ADDR
     PID[node]=$SRV_PID
 fi
+# build NAME: bench/NAME.c to $TMP/NAME; false (and why in BUILD_SKIP) if it cannot be
+build() {
+    BUILD_SKIP=""
+    if ! command -v "${CC:-cc}" >/dev/null; then
+        BUILD_SKIP="skipped: no C compiler (${CC:-cc}; set CC)"
+    elif ! "${CC:-cc}" -O2 -o "$TMP/$1" "$HERE/$1.c" 2>"$TMP/$1-cc.err"; then
+        BUILD_SKIP="skipped: bench/$1.c did not build ($(head -n 1 "$TMP/$1-cc.err"))"
+    fi
+    [[ -z $BUILD_SKIP ]]
+}
 FLOOR_SKIP=""
-if ! command -v "${CC:-cc}" >/dev/null; then
-    FLOOR_SKIP="skipped: no C compiler (${CC:-cc}; set CC)"
-elif ! "${CC:-cc}" -O2 -o "$TMP/floor" "$HERE/floor.c" 2>"$TMP/floor-cc.err"; then
-    FLOOR_SKIP="skipped: bench/floor.c did not build ($(head -n 1 "$TMP/floor-cc.err"))"
+RATE_SKIP=""
+build rate || RATE_SKIP=$BUILD_SKIP
+[[ -n $RATES ]] || RATE_SKIP="skipped: BENCH_RATES is empty"
+[[ -z $RATE_SKIP ]] || note "fixed rates $RATE_SKIP"
+if ! build floor; then
+    FLOOR_SKIP=$BUILD_SKIP
 else
     KEYS+=(floor)
     start_server floor env "$MARK" "$TMP/floor"
@@ -95,6 +117,28 @@ measure() {
 for ((r = 1; r <= ROUNDS; r++)); do
     for k in "${KEYS[@]}"; do measure "$k" "$r"; done
 done
+
+# ---------------------------------------------------------------- 4. fixed rates
+# at_rate KEY RATE ROUND: one run of bench/rate.c; a line "achieved p50 p99 p99.9
+# load1" in $TMP/KEY-rate-RATE.runs.
+at_rate() {
+    local k=$1 rate=$2 r=$3 load f=$TMP/$1-rate-$2-$3.kv
+    load=$(cut -d' ' -f1 /proc/loadavg)
+    log "$k, fixed rate $rate/s, run $r/$ROUNDS: ${RATE_SECONDS}s over 16 connections (load average $load)"
+    AION_TOKEN=$TOKEN timeout $((RATE_SECONDS + 20)) "$TMP/rate" "${ADDR[$k]}" "$rate" "$RATE_SECONDS" 16 \
+        >"$f" 2>"$TMP/$k-rate.err" || note "$k at $rate/s: $(head -n 1 "$TMP/$k-rate.err") (not every ping answered)"
+    alive "${PID[$k]}" || die "$k died at $rate pings/s: $(tail -n 3 "$TMP/$k.err" | tr '\n' ' ')"
+    [[ $(kv "$f" rate_non200) == 0 ]] || note "$k at $rate/s: $(kv "$f" rate_non200) answers were not 200"
+    printf '%s %s %s %s %s\n' "$(kv "$f" rate_achieved)" "$(kv "$f" rate_p50_ms)" "$(kv "$f" rate_p99_ms)" \
+        "$(kv "$f" rate_p999_ms)" "$load" >>"$TMP/$k-rate-$rate.runs"
+}
+if [[ -z $RATE_SKIP ]]; then
+    for ((r = 1; r <= ROUNDS; r++)); do
+        for rate in $RATES; do
+            for k in "${KEYS[@]}"; do at_rate "$k" "$rate" "$r"; done
+        done
+    done
+fi
 LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)
 
 declare -A STOP_AS
@@ -139,4 +183,21 @@ if [[ -z $FLOOR_SKIP ]]; then
 else
     row "floor" "$FLOOR_SKIP"
 fi
+rule
+echo
+echo "the same servers at fixed rates: bench/rate.c, 16 connections, ${RATE_SECONDS}s a run, timed from when each ping was due"
+rule
+if [[ -n $RATE_SKIP ]]; then
+    row "fixed rates" "$RATE_SKIP"
+fi
+for rate in $RATES; do
+    [[ -z $RATE_SKIP ]] || break
+    for k in "${KEYS[@]}"; do
+        row "$rate/s: $k" "p50 $(med "$k-rate-$rate" 2) ms, p99 $(med "$k-rate-$rate" 3) ms, p99.9 $(med "$k-rate-$rate" 4) ms; sent $(med "$k-rate-$rate" 1)/s"
+        row "   each run: p99 (load average)" "$(awk '{printf "%s%s ms (load %s)", (NR > 1 ? "; " : ""), $3, $5}' "$TMP/$k-rate-$rate.runs")"
+    done
+    if [[ -n $ORIG ]]; then
+        row "$rate/s: ours / Node original" "$(awk -v a="$(med "ours-rate-$rate" 3)" -v b="$(med "node-rate-$rate" 3)" 'BEGIN{printf "%.2f", a/b}') x the p99"
+    fi
+done
 table_end
