@@ -52,14 +52,18 @@ LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 
 TOKEN=$(od -An -N32 -tx1 /dev/urandom | tr -d ' \n')
 mkdir -p "$TMP/ws"
-# config FILE PORT: one project "bench"; the same file serves the Node original.
+# config FILE PORT [LIMITS]: one project "bench"; the same file serves the Node
+# original. LIMITS, a JSON object, is the config's "limits".
 config() {
     cat >"$1" <<EOF
-{"port":$2,"host":"127.0.0.1","projects":{"bench":{"token":"$TOKEN","dir":"$TMP/ws","agents":{"claude":{"description":"Claude Code"}}}}}
+{"port":$2,"host":"127.0.0.1",${3:+\"limits\":$3,}"projects":{"bench":{"token":"$TOKEN","dir":"$TMP/ws","agents":{"claude":{"description":"Claude Code"}}}}}
 EOF
     chmod 600 "$1"
 }
 config "$TMP/aion.json" 0
+# The flood's wrong tokens come from 127.0.0.1, as its pings do: with the
+# failed-token limit on, the pings too would get 429 after the first 100.
+config "$TMP/flood.json" 0 '{"failedTokensExemptLoopback":true}'
 
 # listening NAME: waits up to 10 s for "listening on ADDR" in $TMP/NAME.out; sets SRV_ADDR.
 listening() {
@@ -76,13 +80,13 @@ listening() {
 
 # start_ours NAME file|pipe: our server, its log into $TMP/NAME.err directly or
 # through a pipe read by the slow reader; sets SRV_PID, SRV_ADDR.
-start_ours() {
-    local name=$1 env=(env XDG_STATE_HOME="$TMP/state-$1" AION_BENCH_MARK="$TMP")
+start_ours() { # start_ours NAME file|pipe [CONFIG]
+    local name=$1 env=(env XDG_STATE_HOME="$TMP/state-$1" AION_BENCH_MARK="$TMP") cfg=${3:-$TMP/aion.json}
     if [[ $2 == pipe ]]; then
-        (cd "$TMP" && exec "${env[@]}" "$BIN" "$TMP/aion.json" 2> >(exec "$PY" "$HELPER" slowread "$TMP/$name.err")) \
+        (cd "$TMP" && exec "${env[@]}" "$BIN" "$cfg" 2> >(exec "$PY" "$HELPER" slowread "$TMP/$name.err")) \
             >"$TMP/$name.out" &
     else
-        (cd "$TMP" && exec "${env[@]}" "$BIN" "$TMP/aion.json") >"$TMP/$name.out" 2>"$TMP/$name.err" &
+        (cd "$TMP" && exec "${env[@]}" "$BIN" "$cfg") >"$TMP/$name.out" 2>"$TMP/$name.err" &
     fi
     SRV_PID=$!
     PIDS+=("$SRV_PID")
@@ -179,9 +183,10 @@ stop "$SRV_PID"
 
 # ---------------------------------------------------------------- 4. flood of bad requests
 log "ours, $FLOOD bad requests, log to the slow pipe, a ping every 5 ms timed meanwhile"
-start_ours flood pipe
+start_ours flood pipe "$TMP/flood.json"
 "$PY" "$HELPER" flood "$SRV_ADDR" "$TOKEN" "$FLOOD" >"$TMP/flood.kv" 2>"$TMP/flood.herr" \
     || note "flood helper failed: $(head -n 3 "$TMP/flood.herr" | tr '\n' ' ')"
+[[ $(kv "$TMP/flood.kv" flood_errors) == none ]] || note "flood: $(kv "$TMP/flood.kv" flood_errors)"
 stop "$SRV_PID" 15
 sleep 1
 "$PY" "$HELPER" loglines "$TMP/flood.err" >"$TMP/flood-log.kv"
