@@ -181,6 +181,10 @@ int main(int argc, char **argv) {
             c->have += (size_t)r;
             int good = 0;
             size_t used = answer(c, &good);
+            if (used && !c->busy) {
+                fprintf(stderr, "rate: an answer to no request\n");
+                return 1;
+            }
             if (used) {
                 double took = now() - c->due;
                 lat[done++] = took * 1e3;
