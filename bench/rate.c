@@ -141,6 +141,7 @@ int main(int argc, char **argv) {
         /* Every request that is due goes out on an idle connection; one due
          * while none is idle waits, and its wait counts. */
         double t = now();
+        int stalled = 0; /* a ping is due and every connection is busy */
         while (sent < total && start + (double)sent / rate <= t) {
             int k = -1;
             for (int j = 0; j < nconn; j++) {
@@ -150,8 +151,10 @@ int main(int argc, char **argv) {
                     break;
                 }
             }
-            if (k < 0)
+            if (k < 0) {
+                stalled = 1;
                 break;
+            }
             next_idle = (k + 1) % nconn;
             if (write(conns[k].fd, req, (size_t)rlen) != rlen) {
                 errors++;
@@ -162,7 +165,9 @@ int main(int argc, char **argv) {
             conns[k].due = start + (double)sent / rate;
             sent++;
         }
-        double wait = sent < total ? start + (double)sent / rate - now() : 0.1;
+        /* Stalled, nothing can go out before an answer frees a connection:
+         * wait for one instead of spinning beside the server. */
+        double wait = stalled ? end_by - now() : sent < total ? start + (double)sent / rate - now() : 0.1;
         if (wait < 0)
             wait = 0;
         struct timespec ts = {.tv_sec = (time_t)wait, .tv_nsec = (long)((wait - (double)(time_t)wait) * 1e9)};
