@@ -126,7 +126,8 @@ at_rate() {
     load=$(cut -d' ' -f1 /proc/loadavg)
     log "$k, fixed rate $rate/s, run $r/$ROUNDS: ${RATE_SECONDS}s over 16 connections (load average $load)"
     AION_TOKEN=$TOKEN timeout $((RATE_SECONDS + 20)) "$TMP/rate" "${ADDR[$k]}" "$rate" "$RATE_SECONDS" 16 \
-        >"$f" 2>"$TMP/$k-rate.err" || note "$k at $rate/s: $(head -n 1 "$TMP/$k-rate.err") (not every ping answered)"
+        >"$f" 2>"$TMP/$k-rate.err" || note "$k at $rate/s: not every ping was answered"
+    [[ ! -s $TMP/$k-rate.err ]] || note "$k at $rate/s: $(head -n 1 "$TMP/$k-rate.err")"
     alive "${PID[$k]}" || die "$k died at $rate pings/s: $(tail -n 3 "$TMP/$k.err" | tr '\n' ' ')"
     [[ $(kv "$f" rate_non200) == 0 ]] || note "$k at $rate/s: $(kv "$f" rate_non200) answers were not 200"
     printf '%s %s %s %s %s\n' "$(kv "$f" rate_achieved)" "$(kv "$f" rate_p50_ms)" "$(kv "$f" rate_p99_ms)" \
