@@ -53,8 +53,6 @@ connector() {
 instance_of() { tr '\0' '\n' <"/proc/$1/environ" 2>/dev/null | grep -m1 '^AION_CONNECTOR=' || true; }
 posted() { grep -q " $1 $2 " "$POSTS"; } # posted PATH SESSION
 first_output() { grep -q " /internal/agent-stream $1 " "$POSTS"; }
-median() { printf '%s\n' "$@" | sort -n | awk '{v[NR]=$1} END {if (NR) print v[int((NR+1)/2)]; else print "-"}'; }
-maximum() { printf '%s\n' "$@" | sort -n | tail -n 1; }
 
 LISTEN=() GONE=() POSTED=() OLDN=() LEFT=() CLOSING=()
 connector r0
@@ -117,10 +115,10 @@ log_warns "$TMP/r$ROUNDS.err" "the last connector" 'ended [0-9]+ process\(es\) l
 
 table_start "crash -> restart -> old processes gone: $ROUNDS rounds (median / max, ms from the kill -9)"
 row "connector" "$VERSION"
-row "processes of the old instance at the kill" "$(median "${OLDN[@]}") / $(maximum "${OLDN[@]}")"
-row "restarted connector listening" "$(median "${LISTEN[@]}") / $(maximum "${LISTEN[@]}")"
-row "no process of the old instance left" "$(median "${GONE[@]}") / $(maximum "${GONE[@]}")"
-row "closing error post at the callback" "$(median "${POSTED[@]}") / $(maximum "${POSTED[@]}")"
+row "processes of the old instance at the kill" "$(median -l "${OLDN[@]}") / $(maximum "${OLDN[@]}")"
+row "restarted connector listening" "$(median -l "${LISTEN[@]}") / $(maximum "${LISTEN[@]}")"
+row "no process of the old instance left" "$(median -l "${GONE[@]}") / $(maximum "${GONE[@]}")"
+row "closing error post at the callback" "$(median -l "${POSTED[@]}") / $(maximum "${POSTED[@]}")"
 row "old processes left after 30 s (max)" "$(maximum "${LEFT[@]}")"
 row "closing posts per run (want 1)" "$(printf '%s ' "${CLOSING[@]}")"
 table_end

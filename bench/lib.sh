@@ -439,6 +439,48 @@ threads() { status_kb "$1" Threads; }
 mib() { awk -v k="$1" 'BEGIN{ if (k ~ /^[0-9]+$/) printf "%.1f MiB", k/1024; else printf "-" }'; }
 mb() { awk -v b="$1" 'BEGIN{ if (b ~ /^[0-9]+$/) printf "%.1f MB", b/1e6; else printf "-" }'; }
 
+# numbers VALUE...: the VALUEs that are decimal numbers (1, -2, 0.5, .5), one a
+# line; "-", "" and anything else (a missing kv) is left out.
+numbers() {
+    local v
+    for v in "$@"; do
+        if [[ $v =~ ^-?([0-9]+[.]?[0-9]*|[.][0-9]+)$ ]]; then printf '%s\n' "$v"; fi
+    done
+}
+
+# median [-l] [-f FORMAT] VALUE...: the median of the VALUEs that are numbers,
+# "-" when none is. An even count gives the mean of the two middle values, or
+# with -l the lower of them (then the median is always one of the values). The
+# value is printed as given (a mean with awk's %.6g) unless FORMAT (an awk
+# printf format, e.g. %.3g) is given.
+median() {
+    local low=0 fmt=""
+    while (( $# )); do
+        case $1 in
+            -l) low=1; shift ;;
+            -f) fmt=$2; shift 2 ;;
+            *) break ;;
+        esac
+    done
+    numbers "$@" | sort -g | awk -v low="$low" -v fmt="$fmt" '{ v[NR] = $1 } END {
+        if (!NR) { print "-"; exit }
+        m = (NR % 2 || low) ? v[int((NR + 1) / 2)] : (v[NR / 2] + v[NR / 2 + 1]) / 2
+        if (fmt != "") printf fmt "\n", m; else print m }'
+}
+
+# maximum VALUE...: the largest of the VALUEs that are numbers, as given; "-" when none is.
+maximum() { numbers "$@" | sort -g | awk '{ m = $1 } END { if (NR) print m; else print "-" }'; }
+
+# ratio A B [FORMAT]: A/B (awk printf FORMAT, default %.2f); "-" unless both are
+# positive numbers.
+ratio() {
+    if [[ $(numbers "$1" "$2" | wc -l) == 2 ]]; then
+        awk -v a="$1" -v b="$2" -v f="${3:-%.2f}" 'BEGIN { if (a + 0 > 0 && b + 0 > 0) printf f "\n", a / b; else print "-" }'
+    else
+        echo -
+    fi
+}
+
 row() { printf '%-*s %s\n' "$ROW_W" "$1" "$2"; }
 rule() { printf '%s\n' "--------------------------------------------------------------------------------------------"; }
 

@@ -102,7 +102,7 @@ for ((i = 0; i < COMMANDS; i++)); do
     XDG_STATE_HOME="$TMP/state-ops" "$BIN" status "$CONFIG" --json >"$TMP/status.json" || die "status failed"
     cmd_us+=($(( $(now_us) - t0 )))
 done
-CMD_P50=$(printf '%s\n' "${cmd_us[@]}" | sort -n | awk '{a[NR]=$1} END{print a[int((NR+1)/2)]}')
+CMD_P50=$(median -l "${cmd_us[@]}")
 
 log "$RELOADS reloads"
 reloads_logged() { (( $(grep -c 'reloaded ' "$TMP/ops.err" || true) >= $1 )); }
@@ -116,9 +116,9 @@ for ((i = 1; i <= RELOADS; i++)); do
     done
     hup_us+=($(( $(now_us) - t0 )))
 done
-HUP_P50=$(printf '%s\n' "${hup_us[@]}" | sort -n | awk '{a[NR]=$1} END{print a[int((NR+1)/2)]}')
-RELOAD_MS=$(grep -o 'reloaded .* ms=[0-9.]*' "$TMP/ops.err" | sed 's/.*ms=//' | sort -n |
-    awk '{a[NR]=$1} END{print a[int((NR+1)/2)]}')
+HUP_P50=$(median -l "${hup_us[@]}")
+mapfile -t reload_ms < <(grep -o 'reloaded .* ms=[0-9.]*' "$TMP/ops.err" | sed 's/.*ms=//')
+RELOAD_MS=$(median -l "${reload_ms[@]}")
 RSS=$(rss_kb "$SRV_PID")
 log_warns "$TMP/ops.err" connector
 
