@@ -43,10 +43,8 @@ CALLBACK="http://127.0.0.1:$(kv "$TMP/callback.kv" port)"
 
 # connector NAME: a connector on the shared state dir $TMP/state.
 connector() {
-    [[ -e $TMP/$1.out ]] || : >"$TMP/$1.out"
-    start_server "$1" env XDG_STATE_HOME="$TMP/state" "$MARK" PATH="$TMP/bin:$PATH" AION_BENCH_PY="$PYBIN" \
-        AION_TOKEN= "$BIN" "$TMP/crash.json"
-    SRV_PIDS+=("$SRV_PID")
+    CONNECTOR_STATE="$TMP/state" start_connector "$1" "$TMP/crash.json" PATH="$TMP/bin:$PATH" \
+        AION_BENCH_PY="$PYBIN" AION_TOKEN=
 }
 
 # instance_of PID: the AION_CONNECTOR=… line of a process's environment.
@@ -72,7 +70,6 @@ for ((r = 1; r <= ROUNDS; r++)); do
     mapfile -t old < <(env_pids "$OLD")
     OLDN+=("${#old[@]}")
 
-    : >"$TMP/r$r.out"
     env "${HELPER_ENV[@]}" "$PY" "$HELPER" watch "$OLD" "$TMP/r$r.out" 30 >"$TMP/watch$r.kv" 2>"$TMP/watch$r.herr" &
     watch=$!
     PIDS+=("$watch")

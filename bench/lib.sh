@@ -330,12 +330,14 @@ start_server() {
 }
 
 # start_connector NAME CONFIG [NAME=value...]: start_server with $BIN CONFIG, its
-# own state dir $TMP/state-NAME (a spool directory takes one connector), $MARK and
-# the given variables in its environment; "listening on ADDR" must be its first line.
+# own state dir $TMP/state-NAME (a spool directory takes one connector; a bench
+# whose connectors take over one another's state sets CONNECTOR_STATE to the dir
+# they share), $MARK and the given variables in its environment; "listening on
+# ADDR" must be its first line.
 start_connector() {
     local name=$1 config=$2
     shift 2
-    start_server "$name" env XDG_STATE_HOME="$TMP/state-$name" "$MARK" "$@" "$BIN" "$config"
+    start_server "$name" env XDG_STATE_HOME="${CONNECTOR_STATE:-$TMP/state-$name}" "$MARK" "$@" "$BIN" "$config"
     SRV_PIDS+=("$SRV_PID")
     if (( LISTEN_AT != 1 )) || [[ $LISTEN_LINE != "listening on "* ]]; then
         die "server $name printed '$LISTEN_LINE' as line $LISTEN_AT, expected 'listening on ADDR' first"
