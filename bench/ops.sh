@@ -12,7 +12,7 @@
 #        BENCH_PROJECTS=100       projects in the config
 #        BENCH_TERMINALS=20       terminals open while measuring
 #        BENCH_HISTORY=100        runs in the history before measuring
-#        BENCH_HISTORY_PROJECTS=5 projects they are spread over
+#        BENCH_HISTORY_PROJECTS=5 projects they are spread over (at most BENCH_PROJECTS)
 #        BENCH_RUNS_CALLS=1000    `runs` actions timed (on p0, one keep-alive connection)
 #        BENCH_SCRAPES=2000       /metrics scrapes over one keep-alive connection
 #        BENCH_STATUS=2000        status round trips on one socket connection
@@ -32,7 +32,7 @@ STATUS=$(setting BENCH_STATUS 2000 1 100000)
 COMMANDS=$(setting BENCH_COMMANDS 50 1 1000)
 RELOADS=$(setting BENCH_RELOADS 50 1 1000)
 HISTORY=$(setting BENCH_HISTORY 100 0 10000)
-HISTORY_PROJECTS=$(setting BENCH_HISTORY_PROJECTS 5 1 "$PROJECTS")
+HISTORY_PROJECTS=$(setting BENCH_HISTORY_PROJECTS $((PROJECTS < 5 ? PROJECTS : 5)) 1 "$PROJECTS")
 RUNS_CALLS=$(setting BENCH_RUNS_CALLS 1000 1 100000)
 HELPER="$HERE/opsbench.py"
 FAKE="$HERE/fake-acpx"
