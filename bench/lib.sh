@@ -271,9 +271,36 @@ build_connector() {
     BUILD_KIND="host release (FALLBACK, musl build failed)"
 }
 
+# build_debug: sets DEBUG_BIN and DEBUG_KIND: BENCH_DEBUG_BIN if given, else the
+# host debug build (`cargo build`; for the debug-only test seams such as
+# AION_LEASE_TIME_SCALE). A failed build ends the bench.
+build_debug() {
+    if [[ -n ${BENCH_DEBUG_BIN:-} ]]; then
+        DEBUG_BIN=$BENCH_DEBUG_BIN
+        DEBUG_KIND="given (BENCH_DEBUG_BIN)"
+        [[ -x $DEBUG_BIN ]] || die "BENCH_DEBUG_BIN=$DEBUG_BIN is not executable"
+        return
+    fi
+    log "cargo build (debug)"
+    (cd "$ROOT" && timeout 900 cargo build) >"$TMP/debug-build.log" 2>&1 \
+        || die "cargo build failed: $(tail -n 3 "$TMP/debug-build.log" | tr '\n' ' ')"
+    DEBUG_BIN="$ROOT/target/debug/aion-connector"
+    DEBUG_KIND="host debug"
+}
+
 # bench_binary: build_connector, then BIN is a copy in $TMP (a rebuild during the
 # run changes nothing) and BIN_BUILT the original; sets VERSION.
+# bench_binary debug: the same for build_debug: DEBUG_BIN is a copy in $TMP and
+# DEBUG_BIN_BUILT the original; BIN and VERSION are left alone.
+# shellcheck disable=SC2120 # the argument is optional
 bench_binary() {
+    if [[ ${1:-} == debug ]]; then
+        build_debug
+        DEBUG_BIN_BUILT=$DEBUG_BIN
+        DEBUG_BIN="$TMP/aion-connector-debug"
+        cp "$DEBUG_BIN_BUILT" "$DEBUG_BIN"
+        return
+    fi
     build_connector
     BIN_BUILT=$BIN
     BIN="$TMP/aion-connector"
