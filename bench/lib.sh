@@ -312,6 +312,9 @@ bench_binary() {
 
 new_token() { od -An -N32 -tx1 /dev/urandom | tr -d ' \n'; }
 
+# free_port: a 127.0.0.1 TCP port free at the time of asking.
+free_port() { "$PY" "$HERE/pushbench.py" freeport; }
+
 # write_config FILE AGENTS_JSON [MEMBERS]: one project "bench" with $TOKEN, dir
 # $TMP/ws and these agents, on 127.0.0.1 port $CONFIG_PORT (default 0: any free
 # port); MEMBERS (e.g. "limits":{…}) go into the top level. Mode 600.
