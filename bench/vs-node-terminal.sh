@@ -83,7 +83,7 @@ ADDR[ours]=$SRV_ADDR
 PID[ours]=$SRV_PID
 if [[ -n $ORIG ]]; then
     KEYS_+=(node)
-    CONFIG_PORT=$("$PY" "$HERE/pushbench.py" freeport) # the original takes 0 for 7777
+    CONFIG_PORT=$(free_port) # the original takes 0 for 7777
     write_config "$TMP/node.json" "$AGENTS"
     unset CONFIG_PORT
     start_server node env "$MARK" SHELL=/bin/sh "$NODE" "$ORIG" "$TMP/node.json"
