@@ -43,18 +43,14 @@ CALLBACK="http://127.0.0.1:$(kv "$TMP/callback.kv" port)"
 
 # connector NAME: a connector on the shared state dir $TMP/state.
 connector() {
-    [[ -e $TMP/$1.out ]] || : >"$TMP/$1.out"
-    start_server "$1" env XDG_STATE_HOME="$TMP/state" "$MARK" PATH="$TMP/bin:$PATH" AION_BENCH_PY="$PYBIN" \
-        AION_TOKEN= "$BIN" "$TMP/crash.json"
-    SRV_PIDS+=("$SRV_PID")
+    CONNECTOR_STATE="$TMP/state" start_connector "$1" "$TMP/crash.json" PATH="$TMP/bin:$PATH" \
+        AION_BENCH_PY="$PYBIN" AION_TOKEN=
 }
 
 # instance_of PID: the AION_CONNECTOR=… line of a process's environment.
 instance_of() { tr '\0' '\n' <"/proc/$1/environ" 2>/dev/null | grep -m1 '^AION_CONNECTOR=' || true; }
 posted() { grep -q " $1 $2 " "$POSTS"; } # posted PATH SESSION
 first_output() { grep -q " /internal/agent-stream $1 " "$POSTS"; }
-median() { printf '%s\n' "$@" | sort -n | awk '{v[NR]=$1} END {if (NR) print v[int((NR+1)/2)]; else print "-"}'; }
-maximum() { printf '%s\n' "$@" | sort -n | tail -n 1; }
 
 LISTEN=() GONE=() POSTED=() OLDN=() LEFT=() CLOSING=()
 connector r0
@@ -74,7 +70,6 @@ for ((r = 1; r <= ROUNDS; r++)); do
     mapfile -t old < <(env_pids "$OLD")
     OLDN+=("${#old[@]}")
 
-    : >"$TMP/r$r.out"
     env "${HELPER_ENV[@]}" "$PY" "$HELPER" watch "$OLD" "$TMP/r$r.out" 30 >"$TMP/watch$r.kv" 2>"$TMP/watch$r.herr" &
     watch=$!
     PIDS+=("$watch")
@@ -117,10 +112,10 @@ log_warns "$TMP/r$ROUNDS.err" "the last connector" 'ended [0-9]+ process\(es\) l
 
 table_start "crash -> restart -> old processes gone: $ROUNDS rounds (median / max, ms from the kill -9)"
 row "connector" "$VERSION"
-row "processes of the old instance at the kill" "$(median "${OLDN[@]}") / $(maximum "${OLDN[@]}")"
-row "restarted connector listening" "$(median "${LISTEN[@]}") / $(maximum "${LISTEN[@]}")"
-row "no process of the old instance left" "$(median "${GONE[@]}") / $(maximum "${GONE[@]}")"
-row "closing error post at the callback" "$(median "${POSTED[@]}") / $(maximum "${POSTED[@]}")"
+row "processes of the old instance at the kill" "$(median -l "${OLDN[@]}") / $(maximum "${OLDN[@]}")"
+row "restarted connector listening" "$(median -l "${LISTEN[@]}") / $(maximum "${LISTEN[@]}")"
+row "no process of the old instance left" "$(median -l "${GONE[@]}") / $(maximum "${GONE[@]}")"
+row "closing error post at the callback" "$(median -l "${POSTED[@]}") / $(maximum "${POSTED[@]}")"
 row "old processes left after 30 s (max)" "$(maximum "${LEFT[@]}")"
 row "closing posts per run (want 1)" "$(printf '%s ' "${CLOSING[@]}")"
 table_end

@@ -34,6 +34,7 @@ import time
 
 sys.dont_write_bytecode = True
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchcli  # noqa: E402
 from pushbench import out  # noqa: E402
 from runsbench import Callback, invoke  # noqa: E402
 from termbench import open_terminal, token  # noqa: E402
@@ -123,15 +124,12 @@ def cmd_watch(mark: str, path: str, limit: str) -> None:
 
 def main(argv: list[str]) -> None:
     cmds = {
-        "callback": (cmd_callback, 3),
-        "invoke": (cmd_invoke, 3),
-        "terminal": (cmd_terminal, 2),
-        "watch": (cmd_watch, 3),
+        "callback": cmd_callback,
+        "invoke": cmd_invoke,
+        "terminal": cmd_terminal,
+        "watch": cmd_watch,
     }
-    if len(argv) < 2 or argv[1] not in cmds or len(argv) - 2 != cmds[argv[1]][1]:
-        sys.exit(__doc__)
-    fn, _ = cmds[argv[1]]
-    fn(*argv[2:])
+    benchcli.dispatch("crashbench", __doc__, cmds, argv)
 
 
 if __name__ == "__main__":

@@ -36,9 +36,7 @@ unmount_all() {
 CLEANUP_HOOKS+=(unmount_all)
 
 # ---------------------------------------------------------------- 0. tools
-command -v "$PY" >/dev/null || die "$PY not found"
-"$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))' || die "$PY is older than 3.11"
-PYBIN=$("$PY" -c 'import sys; print(sys.executable)')
+need_py
 HAVE_PRLIMIT=no
 if command -v prlimit >/dev/null; then HAVE_PRLIMIT=yes; else note "prlimit missing: the 256-descriptor figures are skipped"; fi
 
@@ -54,47 +52,27 @@ fi
 
 mkdir -p "$TMP/bin" "$TMP/ws"
 ln -s "$FAKE" "$TMP/bin/acpx"
-TOKEN=$(od -An -N32 -tx1 /dev/urandom | tr -d ' \n')
+TOKEN=$(new_token)
 export AION_TOKEN=$TOKEN # for the helper only; never in argv
 
-# write_config NAME: $TMP/NAME.json, stateDir $TMP/NAME-state, 16 runs at once.
-write_config() {
+# delivery_config NAME: $TMP/NAME.json, stateDir $TMP/NAME-state, 16 runs at once.
+delivery_config() {
     mkdir -p "$TMP/$1-state"
-    cat >"$TMP/$1.json" <<EOF
-{"port":0,"host":"127.0.0.1","stateDir":"$TMP/$1-state","limits":{"runsPerProject":16,"shutdownSeconds":2,"stopGraceSeconds":1},"projects":{"bench":{"token":"$TOKEN","dir":"$TMP/ws","agents":{"pi":{"description":"Pi"}}}}}
-EOF
-    chmod 600 "$TMP/$1.json"
+    write_config "$TMP/$1.json" '{"pi":{"description":"Pi"}}' \
+        "\"stateDir\":\"$TMP/$1-state\",\"limits\":{\"runsPerProject\":16,\"shutdownSeconds\":2,\"stopGraceSeconds\":1}"
 }
 
-# start_server NAME BIN [NOFILE]: sets SRV_PID and SRV_ADDR.
-start_server() {
-    local name=$1 bin=$2 nofile=${3:-} i line="" pre=()
-    [[ -n $nofile ]] && pre=(prlimit "--nofile=$nofile:$nofile" --)
-    (cd "$TMP" && exec env PATH="$TMP/bin:$PATH" "$MARK" AION_BENCH_PY="$PYBIN" AION_TOKEN= \
-        "${pre[@]}" "$TMP/$bin" "$TMP/$name.json") >"$TMP/$name.out" 2>"$TMP/$name.err" &
-    SRV_PID=$!
-    PIDS+=("$SRV_PID")
-    for ((i = 0; i < 200; i++)); do
-        if [[ -s $TMP/$name.out ]]; then
-            IFS= read -r line <"$TMP/$name.out" || true
-            [[ $line == *:* ]] && break
-        fi
-        alive "$SRV_PID" || break
-        sleep 0.05
-    done
-    [[ $line == "listening on "* ]] || { tail -n 5 "$TMP/$name.err" >&2; die "server $name did not start"; }
-    SRV_ADDR=${line#listening on }
+# serve NAME BIN [NOFILE]: start_server with $TMP/BIN $TMP/NAME.json (under
+# prlimit --nofile=NOFILE when given); sets SRV_PID and SRV_ADDR.
+serve() {
+    local name=$1 bin=$2 nofile=${3:-} pre=()
+    if [[ -n $nofile ]]; then pre=(prlimit "--nofile=$nofile:$nofile" --); fi
+    start_server "$name" env PATH="$TMP/bin:$PATH" "$MARK" AION_BENCH_PY="$PYBIN" AION_TOKEN= \
+        "${pre[@]}" "$TMP/$bin" "$TMP/$name.json"
 }
 
-helper() { # helper NAME ARGS...: output in $TMP/NAME.kv
-    local name=$1 code=0
-    shift
-    "$PY" "$HELPER" "$@" >"$TMP/$name.kv" 2>"$TMP/$name.herr" &
-    local hp=$!
-    PIDS+=("$hp")
-    wait "$hp" || code=$?
-    (( code == 0 )) || note "helper $name exited with code $code: $(tail -n 3 "$TMP/$name.herr" | tr '\n' ' ')"
-}
+# lib.sh's helper; the helpers' stderr (in $TMP/NAME.herr) is progress, not a problem
+HELPER_STDERR=log
 
 # wait_log NAME REGEX COUNT SECONDS: until the server log has COUNT matching lines.
 wait_log() {
@@ -110,17 +88,16 @@ wait_log() {
 
 fds() { find "/proc/$1/fd" -mindepth 1 -maxdepth 1 2>/dev/null | wc -l; }
 emfile() { grep -cE 'os error 2[34]|Too many open files|No file descriptors' "$TMP/$1.err" || true; }
-free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 declare -A R # results: R[bin.key]
 
 # ---------------------------------------------------------------- 2. 300 undelivered runs
 for b in "${BINS[@]}"; do
     name="idle-$b"
-    write_config "$name"
+    delivery_config "$name"
     port=$(free_port)
     log "$b: $RUNS runs against a dead callback (port $port)"
-    start_server "$name" "$b"
+    serve "$name" "$b"
     pid=$SRV_PID
     R[$b.threads0]=$(threads "$pid")
     R[$b.fds0]=$(fds "$pid")
@@ -142,10 +119,10 @@ done
 if [[ $HAVE_PRLIMIT == yes ]]; then
     for b in "${BINS[@]}"; do
         name="fd256-$b"
-        write_config "$name"
+        delivery_config "$name"
         port=$(free_port)
         log "$b: $RUNS runs against a dead callback, nofile 256"
-        start_server "$name" "$b" 256
+        serve "$name" "$b" 256
         pid=$SRV_PID
         helper "$name-runs" runs "$SRV_ADDR" "$RUNS" fd "lines=2 interval_us=0" "http://127.0.0.1:$port"
         R[$b.fd_invoked]=$(kv "$TMP/$name-runs.kv" invoked)
@@ -164,7 +141,7 @@ fi
 HAVE_TMPFS=no
 for b in "${BINS[@]}"; do
     name="full-$b"
-    write_config "$name"
+    delivery_config "$name"
     if ! mount -t tmpfs -o size=4m tmpfs "$TMP/$name-state" 2>/dev/null; then
         note "cannot mount a tmpfs (root only): the full-disk figures are skipped"
         break
@@ -175,7 +152,7 @@ for b in "${BINS[@]}"; do
     head -c $((free - 256 * 1024)) /dev/zero >"$TMP/$name-state/ballast" 2>/dev/null || true
     port=$(free_port)
     log "$b: 3 runs of 1500 lines, 256 KiB free, callback down"
-    start_server "$name" "$b"
+    serve "$name" "$b"
     pid=$SRV_PID
     helper "$name-runs" runs "$SRV_ADDR" 3 full "lines=1500 interval_us=0" "http://127.0.0.1:$port"
     wait_log "$name" '\] run .* ended: ' 3 60 || true
@@ -211,35 +188,35 @@ g() { printf '%s' "${R[$1]:--}"; }
     printf '%-58s' "figure"
     for b in "${BINS[@]}"; do printf '%-22s' "$b"; done
     echo
-    row() { # row LABEL KEY
+    figure() { # figure LABEL KEY
         printf '%-58s' "$1"
         for b in "${BINS[@]}"; do printf '%-22s' "$(g "$b.$2")"; done
         echo
     }
-    row "threads, idle" threads0
-    row "descriptors, idle" fds0
-    row "threads, $RUNS runs undelivered" threads
-    row "descriptors, $RUNS runs undelivered" fds
-    row "RSS kB, $RUNS runs undelivered" rss
-    row "callback back: ms until all $RUNS closed" deliver_ms
-    row "callback back: runs closed" closed
-    row "callback back: posts repeated" repeated
+    figure "threads, idle" threads0
+    figure "descriptors, idle" fds0
+    figure "threads, $RUNS runs undelivered" threads
+    figure "descriptors, $RUNS runs undelivered" fds
+    figure "RSS kB, $RUNS runs undelivered" rss
+    figure "callback back: ms until all $RUNS closed" deliver_ms
+    figure "callback back: runs closed" closed
+    figure "callback back: posts repeated" repeated
     if [[ $HAVE_PRLIMIT == yes ]]; then
-        row "nofile 256: runs invoked" fd_invoked
-        row "nofile 256: runs ended complete" fd_ended
-        row "nofile 256: EMFILE/ENFILE log lines" emfile
-        row "nofile 256: runs closed after the callback is back (60 s)" fd_closed
-        row "nofile 256: posts repeated" fd_repeated
+        figure "nofile 256: runs invoked" fd_invoked
+        figure "nofile 256: runs ended complete" fd_ended
+        figure "nofile 256: EMFILE/ENFILE log lines" emfile
+        figure "nofile 256: runs closed after the callback is back (60 s)" fd_closed
+        figure "nofile 256: posts repeated" fd_repeated
     fi
     if [[ $HAVE_TMPFS == yes ]]; then
-        row "full disk: posts kept in memory" mem_records
-        row "full disk: ENOSPC log lines" disk_errors
-        row "full disk: ms from space freed to all spooled" spool_ms
-        row "full disk: callback back -> first post, ms" full_first_ms
-        row "full disk: callback back -> 3 runs closed, ms (30 s max)" full_ms
-        row "full disk: runs closed" full_closed
-        row "full disk: posts received" full_posts
-        row "full disk: posts repeated" full_repeated
+        figure "full disk: posts kept in memory" mem_records
+        figure "full disk: ENOSPC log lines" disk_errors
+        figure "full disk: ms from space freed to all spooled" spool_ms
+        figure "full disk: callback back -> first post, ms" full_first_ms
+        figure "full disk: callback back -> 3 runs closed, ms (30 s max)" full_ms
+        figure "full disk: runs closed" full_closed
+        figure "full disk: posts received" full_posts
+        figure "full disk: posts repeated" full_repeated
     fi
     if ((${#NOTES[@]})); then
         echo

@@ -24,33 +24,21 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 NODE=${NODE:-node}
 HELPER="$HERE/httpbench.py"
-DURATION=${BENCH_DURATION:-10}
-ROUNDS=${BENCH_ROUNDS:-2}
-IDLE=${BENCH_IDLE_CONNS:-2000}
-SLOW=${BENCH_SLOW_CONNS:-300}
-ATTACK=${BENCH_ATTACK_SECONDS:-20}
-FLOOD=${BENCH_FLOOD:-50000}
-for v in DURATION ROUNDS IDLE SLOW ATTACK FLOOD; do
-    if ! [[ ${!v} =~ ^[0-9]{1,7}$ ]] || (( ${!v} < 1 )); then
-        echo "http.sh: $v must be a positive integer" >&2
-        exit 2
-    fi
-done
-(( DURATION <= 60 && ATTACK <= 120 )) || { echo "http.sh: BENCH_DURATION <= 60, BENCH_ATTACK_SECONDS <= 120" >&2; exit 2; }
+DURATION=$(setting BENCH_DURATION 10 1 60)
+ROUNDS=$(setting BENCH_ROUNDS 2 1)
+IDLE=$(setting BENCH_IDLE_CONNS 2000 1)
+SLOW=$(setting BENCH_SLOW_CONNS 300 1)
+ATTACK=$(setting BENCH_ATTACK_SECONDS 20 1 120)
+FLOOD=$(setting BENCH_FLOOD 50000 1)
 
 bench_init http
 
-command -v "$PY" >/dev/null || die "$PY not found"
-if ! command -v wrk >/dev/null; then
-    log "wrk missing: apt-get install -y wrk"
-    timeout 300 apt-get install -y wrk >"$TMP/apt.log" 2>&1 || die "wrk could not be installed"
-fi
-build_connector
-cp "$BIN" "$TMP/aion-connector"
-BIN="$TMP/aion-connector"
+need "$PY"
+want_wrk || die "wrk could not be installed"
+bench_binary
 LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 
-TOKEN=$(od -An -N32 -tx1 /dev/urandom | tr -d ' \n')
+TOKEN=$(new_token)
 mkdir -p "$TMP/ws"
 # config FILE PORT [LIMITS]: one project "bench"; the same file serves the Node
 # original. LIMITS, a JSON object, is the config's "limits".
@@ -65,8 +53,9 @@ config "$TMP/aion.json" 0
 # failed-token limit on, the pings too would get 429 after the first 100.
 config "$TMP/flood.json" 0 '{"failedTokensExemptLoopback":true}'
 
-# listening NAME: waits up to 10 s for "listening on ADDR" in $TMP/NAME.out; sets SRV_ADDR.
-listening() {
+# wait_listening NAME: waits up to 10 s for "listening on 127.0.0.1:PORT" anywhere
+# in $TMP/NAME.out (the Node original's line too); sets SRV_ADDR.
+wait_listening() {
     local i line=""
     for ((i = 0; i < 200; i++)); do
         line=$(grep -m1 -o 'listening on 127\.0\.0\.1:[0-9]*' "$TMP/$1.out" 2>/dev/null || true)
@@ -90,17 +79,17 @@ start_ours() { # start_ours NAME file|pipe [CONFIG]
     fi
     SRV_PID=$!
     PIDS+=("$SRV_PID")
-    listening "$name"
+    wait_listening "$name"
 }
 
 start_node() {
     local port
-    port=$("$PY" -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])')
+    port=$(free_port)
     config "$TMP/node.json" "$port"
     (cd "$TMP" && exec "$NODE" "$ORIG_CLI" "$TMP/node.json") >"$TMP/$1.out" 2>"$TMP/$1.err" &
     SRV_PID=$!
     PIDS+=("$SRV_PID")
-    listening "$1"
+    wait_listening "$1"
 }
 
 cpu_ticks() { awk '{print $14, $15}' "/proc/$1/stat"; }
@@ -197,7 +186,7 @@ LOGGED=$(( $(kv "$TMP/flood-log.kv" log_answer_lines) + $(kv "$TMP/flood-log.kv"
 a=$TMP/attack.kv
 f=$TMP/flood.kv
 table_start "aion-connector HTTP bench ($(date -u +%Y-%m-%dT%H:%M:%SZ), $(nproc) cores, load average $LOAD_START at the start, $(cut -d' ' -f1-3 /proc/loadavg) at the end)"
-row "binary" "$("$BIN" --version 2>/dev/null | head -n1)"
+row "binary" "$VERSION"
 for ((r = 1; r <= ROUNDS; r++)); do
     row "$r. ours, ping, log to a file" "$(figures "ours$r"), RSS peak $(kv "$TMP/ours$r.kv" hwm_kb) kB"
     if [[ $NODE_OK == yes ]]; then

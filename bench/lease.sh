@@ -5,6 +5,8 @@
 #
 # Usage: bench/lease.sh            (from anywhere; about 30 s after the build)
 # Env:   BENCH_BIN=path           skip the build, measure this binary
+#        BENCH_DEBUG_BIN=path     skip the debug build, use this debug binary for the
+#                                 loaded run (it must honour AION_LEASE_TIME_SCALE)
 #        BENCH_APPS=50            --app keys of the wrapper under load
 #        BENCH_CLOSES=1000        close checks pushed per run
 #        BENCH_INTERVAL_MS=2      milliseconds between close checks
@@ -38,11 +40,8 @@ unset AION_LEASE_TIME_SCALE
 # ---------------------------------------------------------------- 1. build
 bench_binary
 # The time scale is a debug-only test seam (src/lease/mod.rs): release builds
-# ignore AION_LEASE_TIME_SCALE, so the loaded run uses a debug build.
-DEBUG_BIN=$ROOT/target/debug/aion-connector
-log "cargo build (debug), for the loaded run's AION_LEASE_TIME_SCALE"
-(cd "$ROOT" && timeout 900 cargo build) >"$TMP/debug-build.log" 2>&1 \
-    || die "cargo build failed: $(tail -n 3 "$TMP/debug-build.log" | tr '\n' ' ')"
+# ignore AION_LEASE_TIME_SCALE, so the loaded run uses a debug build (DEBUG_BIN).
+bench_binary debug
 
 # ---------------------------------------------------------------- 2. close checks
 # closes NAME SCALE BINARY: one wrapper with $APPS apps, $CLOSES close checks.

@@ -271,9 +271,36 @@ build_connector() {
     BUILD_KIND="host release (FALLBACK, musl build failed)"
 }
 
+# build_debug: sets DEBUG_BIN and DEBUG_KIND: BENCH_DEBUG_BIN if given, else the
+# host debug build (`cargo build`; for the debug-only test seams such as
+# AION_LEASE_TIME_SCALE). A failed build ends the bench.
+build_debug() {
+    if [[ -n ${BENCH_DEBUG_BIN:-} ]]; then
+        DEBUG_BIN=$BENCH_DEBUG_BIN
+        DEBUG_KIND="given (BENCH_DEBUG_BIN)"
+        [[ -x $DEBUG_BIN ]] || die "BENCH_DEBUG_BIN=$DEBUG_BIN is not executable"
+        return
+    fi
+    log "cargo build (debug)"
+    (cd "$ROOT" && timeout 900 cargo build) >"$TMP/debug-build.log" 2>&1 \
+        || die "cargo build failed: $(tail -n 3 "$TMP/debug-build.log" | tr '\n' ' ')"
+    DEBUG_BIN="$ROOT/target/debug/aion-connector"
+    DEBUG_KIND="host debug"
+}
+
 # bench_binary: build_connector, then BIN is a copy in $TMP (a rebuild during the
 # run changes nothing) and BIN_BUILT the original; sets VERSION.
+# bench_binary debug: the same for build_debug: DEBUG_BIN is a copy in $TMP and
+# DEBUG_BIN_BUILT the original; BIN and VERSION are left alone.
+# shellcheck disable=SC2120 # the argument is optional
 bench_binary() {
+    if [[ ${1:-} == debug ]]; then
+        build_debug
+        DEBUG_BIN_BUILT=$DEBUG_BIN
+        DEBUG_BIN="$TMP/aion-connector-debug"
+        cp "$DEBUG_BIN_BUILT" "$DEBUG_BIN"
+        return
+    fi
     build_connector
     BIN_BUILT=$BIN
     BIN="$TMP/aion-connector"
@@ -284,6 +311,9 @@ bench_binary() {
 # ---------------------------------------------------------------- configs, servers
 
 new_token() { od -An -N32 -tx1 /dev/urandom | tr -d ' \n'; }
+
+# free_port: a 127.0.0.1 TCP port free at the time of asking.
+free_port() { "$PY" "$HERE/pushbench.py" freeport; }
 
 # write_config FILE AGENTS_JSON [MEMBERS]: one project "bench" with $TOKEN, dir
 # $TMP/ws and these agents, on 127.0.0.1 port $CONFIG_PORT (default 0: any free
@@ -330,12 +360,14 @@ start_server() {
 }
 
 # start_connector NAME CONFIG [NAME=value...]: start_server with $BIN CONFIG, its
-# own state dir $TMP/state-NAME (a spool directory takes one connector), $MARK and
-# the given variables in its environment; "listening on ADDR" must be its first line.
+# own state dir $TMP/state-NAME (a spool directory takes one connector; a bench
+# whose connectors take over one another's state sets CONNECTOR_STATE to the dir
+# they share), $MARK and the given variables in its environment; "listening on
+# ADDR" must be its first line.
 start_connector() {
     local name=$1 config=$2
     shift 2
-    start_server "$name" env XDG_STATE_HOME="$TMP/state-$name" "$MARK" "$@" "$BIN" "$config"
+    start_server "$name" env XDG_STATE_HOME="${CONNECTOR_STATE:-$TMP/state-$name}" "$MARK" "$@" "$BIN" "$config"
     SRV_PIDS+=("$SRV_PID")
     if (( LISTEN_AT != 1 )) || [[ $LISTEN_LINE != "listening on "* ]]; then
         die "server $name printed '$LISTEN_LINE' as line $LISTEN_AT, expected 'listening on ADDR' first"
@@ -438,6 +470,48 @@ hwm_kb() { status_kb "$1" VmHWM; }
 threads() { status_kb "$1" Threads; }
 mib() { awk -v k="$1" 'BEGIN{ if (k ~ /^[0-9]+$/) printf "%.1f MiB", k/1024; else printf "-" }'; }
 mb() { awk -v b="$1" 'BEGIN{ if (b ~ /^[0-9]+$/) printf "%.1f MB", b/1e6; else printf "-" }'; }
+
+# numbers VALUE...: the VALUEs that are decimal numbers (1, -2, 0.5, .5), one a
+# line; "-", "" and anything else (a missing kv) is left out.
+numbers() {
+    local v
+    for v in "$@"; do
+        if [[ $v =~ ^-?([0-9]+[.]?[0-9]*|[.][0-9]+)$ ]]; then printf '%s\n' "$v"; fi
+    done
+}
+
+# median [-l] [-f FORMAT] VALUE...: the median of the VALUEs that are numbers,
+# "-" when none is. An even count gives the mean of the two middle values, or
+# with -l the lower of them (then the median is always one of the values). The
+# value is printed as given (a mean with awk's %.6g) unless FORMAT (an awk
+# printf format, e.g. %.3g) is given.
+median() {
+    local low=0 fmt=""
+    while (( $# )); do
+        case $1 in
+            -l) low=1; shift ;;
+            -f) fmt=$2; shift 2 ;;
+            *) break ;;
+        esac
+    done
+    numbers "$@" | sort -g | awk -v low="$low" -v fmt="$fmt" '{ v[NR] = $1 } END {
+        if (!NR) { print "-"; exit }
+        m = (NR % 2 || low) ? v[int((NR + 1) / 2)] : (v[NR / 2] + v[NR / 2 + 1]) / 2
+        if (fmt != "") printf fmt "\n", m; else print m }'
+}
+
+# maximum VALUE...: the largest of the VALUEs that are numbers, as given; "-" when none is.
+maximum() { numbers "$@" | sort -g | awk '{ m = $1 } END { if (NR) print m; else print "-" }'; }
+
+# ratio A B [FORMAT]: A/B (awk printf FORMAT, default %.2f); "-" unless both are
+# positive numbers.
+ratio() {
+    if [[ $(numbers "$1" "$2" | wc -l) == 2 ]]; then
+        awk -v a="$1" -v b="$2" -v f="${3:-%.2f}" 'BEGIN { if (a + 0 > 0 && b + 0 > 0) printf f "\n", a / b; else print "-" }'
+    else
+        echo -
+    fi
+}
 
 row() { printf '%-*s %s\n' "$ROW_W" "$1" "$2"; }
 rule() { printf '%s\n' "--------------------------------------------------------------------------------------------"; }

@@ -12,7 +12,7 @@
 #        BENCH_PROJECTS=100       projects in the config
 #        BENCH_TERMINALS=20       terminals open while measuring
 #        BENCH_HISTORY=100        runs in the history before measuring
-#        BENCH_HISTORY_PROJECTS=5 projects they are spread over
+#        BENCH_HISTORY_PROJECTS=5 projects they are spread over (at most BENCH_PROJECTS)
 #        BENCH_RUNS_CALLS=1000    `runs` actions timed (on p0, one keep-alive connection)
 #        BENCH_SCRAPES=2000       /metrics scrapes over one keep-alive connection
 #        BENCH_STATUS=2000        status round trips on one socket connection
@@ -32,7 +32,7 @@ STATUS=$(setting BENCH_STATUS 2000 1 100000)
 COMMANDS=$(setting BENCH_COMMANDS 50 1 1000)
 RELOADS=$(setting BENCH_RELOADS 50 1 1000)
 HISTORY=$(setting BENCH_HISTORY 100 0 10000)
-HISTORY_PROJECTS=$(setting BENCH_HISTORY_PROJECTS 5 1 "$PROJECTS")
+HISTORY_PROJECTS=$(setting BENCH_HISTORY_PROJECTS $((PROJECTS < 5 ? PROJECTS : 5)) 1 "$PROJECTS")
 RUNS_CALLS=$(setting BENCH_RUNS_CALLS 1000 1 100000)
 HELPER="$HERE/opsbench.py"
 FAKE="$HERE/fake-acpx"
@@ -102,7 +102,7 @@ for ((i = 0; i < COMMANDS; i++)); do
     XDG_STATE_HOME="$TMP/state-ops" "$BIN" status "$CONFIG" --json >"$TMP/status.json" || die "status failed"
     cmd_us+=($(( $(now_us) - t0 )))
 done
-CMD_P50=$(printf '%s\n' "${cmd_us[@]}" | sort -n | awk '{a[NR]=$1} END{print a[int((NR+1)/2)]}')
+CMD_P50=$(median -l "${cmd_us[@]}")
 
 log "$RELOADS reloads"
 reloads_logged() { (( $(grep -c 'reloaded ' "$TMP/ops.err" || true) >= $1 )); }
@@ -116,9 +116,9 @@ for ((i = 1; i <= RELOADS; i++)); do
     done
     hup_us+=($(( $(now_us) - t0 )))
 done
-HUP_P50=$(printf '%s\n' "${hup_us[@]}" | sort -n | awk '{a[NR]=$1} END{print a[int((NR+1)/2)]}')
-RELOAD_MS=$(grep -o 'reloaded .* ms=[0-9.]*' "$TMP/ops.err" | sed 's/.*ms=//' | sort -n |
-    awk '{a[NR]=$1} END{print a[int((NR+1)/2)]}')
+HUP_P50=$(median -l "${hup_us[@]}")
+mapfile -t reload_ms < <(grep -o 'reloaded .* ms=[0-9.]*' "$TMP/ops.err" | sed 's/.*ms=//')
+RELOAD_MS=$(median -l "${reload_ms[@]}")
 RSS=$(rss_kb "$SRV_PID")
 log_warns "$TMP/ops.err" connector
 

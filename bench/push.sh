@@ -125,7 +125,7 @@ REF="skipped (no nginx: put it on PATH or set BENCH_NGINX)"
 [[ $REFERENCE == 0 ]] && REF="skipped (BENCH_REFERENCE=0)"
 if [[ $REFERENCE != 0 && -n $NGINX && -x $NGINX ]] && command -v wrk >/dev/null; then
     log "reference: nginx returning a fixed 200 (2 workers), same wrk run"
-    PORT=$("$PY" "$HELPER" freeport)
+    PORT=$(free_port)
     mkdir -p "$TMP/nginx"
     cat >"$TMP/nginx/nginx.conf" <<EOF
 daemon off;

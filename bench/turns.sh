@@ -75,7 +75,12 @@ serve() {
         AION_BENCH_STARTS="$TMP/$2.starts" AION_BENCH_PY="$PYBIN" AION_TOKEN=
 }
 
-median() { tr ' ' '\n' | grep -E '^[0-9.]+$' | sort -g | awk '{a[NR]=$1} END{ if (NR) print a[int((NR+1)/2)]; else print "-" }'; }
+# med "V1 V2 …": the lower median of the space-separated values (lib.sh median -l)
+med() {
+    local -a v
+    read -ra v <<<"$1"
+    median -l "${v[@]}"
+}
 
 declare -A TOTAL RATE RSS
 for who in ours base; do
@@ -116,7 +121,7 @@ BUILD_KIND="ours: $OURS_KIND; base: $BASE_DESC"
 table_start "aion-connector turns bench ($(uname -m), $(nproc) cores)"
 for who in ours base; do
     row "1. $LINES chunks, invoke -> complete ($who)" \
-        "median $(median <<<"${TOTAL[$who]}") s, $(median <<<"${RATE[$who]}") posts/s, peak RSS $(median <<<"${RSS[$who]}") kB (runs: ${TOTAL[$who]% }s; RSS ${RSS[$who]% })"
+        "median $(med "${TOTAL[$who]}") s, $(med "${RATE[$who]}") posts/s, peak RSS $(med "${RSS[$who]}") kB (runs: ${TOTAL[$who]% }s; RSS ${RSS[$who]% })"
 done
 for who in ours base; do
     e="$TMP/$who-e.kv"

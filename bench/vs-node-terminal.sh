@@ -83,7 +83,7 @@ ADDR[ours]=$SRV_ADDR
 PID[ours]=$SRV_PID
 if [[ -n $ORIG ]]; then
     KEYS_+=(node)
-    CONFIG_PORT=$("$PY" "$HERE/pushbench.py" freeport) # the original takes 0 for 7777
+    CONFIG_PORT=$(free_port) # the original takes 0 for 7777
     write_config "$TMP/node.json" "$AGENTS"
     unset CONFIG_PORT
     start_server node env "$MARK" SHELL=/bin/sh "$NODE" "$ORIG" "$TMP/node.json"
@@ -117,13 +117,13 @@ all() {
     local r
     for ((r = 1; r <= ROUNDS; r++)); do kv "$TMP/$2-$1-$r.kv" "$3"; echo; done
 }
-# med KIND KEY NAME: their median; runs KIND KEY NAME: them, space-separated
+# med KIND KEY NAME: their median (lib.sh, to 3 digits); runs KIND KEY NAME: them, space-separated
 med() {
-    all "$@" | grep -E '^[0-9.]+$' | sort -g | awk '{v[NR]=$1} END{ if (!NR) {print "-"; exit}
-        printf "%.3g", (NR % 2) ? v[(NR+1)/2] : (v[NR/2]+v[NR/2+1])/2 }'
+    local -a v
+    mapfile -t v < <(all "$@")
+    median -f %.3g "${v[@]}"
 }
 runs() { all "$@" | paste -sd' '; }
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN{ if (a+0 > 0 && b+0 > 0) printf "%.2f", a/b; else print "-" }'; }
 table_start "aion-connector vs the Node original: the /ws terminal  ($(date -u +%Y-%m-%dT%H:%M:%SZ), $(nproc) cores, ${VERSION:-version unknown})"
 row "Node original" "${ORIG:-$ORIG_SKIP}${ORIG:+ ($NODE $NODE_VERSION)}"
 row "websockets client" "${WSPY:+websockets $WS_VERSION ($WSPY)}"
