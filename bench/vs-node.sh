@@ -150,15 +150,16 @@ for k in "${KEYS[@]}"; do
 done
 
 # ---------------------------------------------------------------- summary
-med() { # med KEY COLUMN: median of that column of $TMP/KEY.runs (req/s whole, ms to 3 places)
-    cut -d' ' -f"$2" "$TMP/$1.runs" | sort -g | awk -v f="$([[ $2 == 1 ]] && echo %.0f || echo %.3f)" \
-        '{v[NR]=$1} END{ printf f, (NR % 2) ? v[(NR+1)/2] : (v[NR/2]+v[NR/2+1])/2 }'
+med() { # med KEY COLUMN: median of that column of $TMP/KEY.runs (req/s whole, ms to 3 places; "-": none)
+    local values
+    mapfile -t values < <(cut -d' ' -f"$2" "$TMP/$1.runs")
+    median -f "$([[ $2 == 1 ]] && echo %.0f || echo %.3f)" "${values[@]}"
 }
 each() { # each KEY: "rps / p99 ms (load)" of every run
     awk '{printf "%s%s / %s ms (load %s)", (NR > 1 ? "; " : ""), $1, $3, $4}' "$TMP/$1.runs"
 }
-ratio() { # ratio A B: A's median req/s and p99 over B's
-    echo "$(awk -v a="$(med "$1" 1)" -v b="$(med "$2" 1)" 'BEGIN{printf "%.2f", a/b}') x the req/s, $(awk -v a="$(med "$1" 3)" -v b="$(med "$2" 3)" 'BEGIN{printf "%.2f", a/b}') x the p99"
+ratios() { # ratios A B: A's median req/s and p99 over B's
+    echo "$(ratio "$(med "$1" 1)" "$(med "$2" 1)") x the req/s, $(ratio "$(med "$1" 3)" "$(med "$2" 3)") x the p99"
 }
 peak() { sort -g "$TMP/$1.runs" -k5 | tail -n 1 | cut -d' ' -f5; }
 column() { # column KEY LABEL
@@ -175,12 +176,12 @@ row "load average 1/5/15 min, start / end" "$LOAD_START / $LOAD_END"
 column ours "ours (wrk -t2 -c16 ${DURATION}s, ping)"
 if [[ -n $ORIG ]]; then
     column node "Node original (same wrk run)"
-    row "ours / Node original" "$(ratio ours node)"
+    row "ours / Node original" "$(ratios ours node)"
 fi
 if [[ -z $FLOOR_SKIP ]]; then
     column floor "floor: bench/floor.c (same wrk run)"
-    row "ours / floor" "$(ratio ours floor)"
-    if [[ -n $ORIG ]]; then row "Node original / floor" "$(ratio node floor)"; fi
+    row "ours / floor" "$(ratios ours floor)"
+    if [[ -n $ORIG ]]; then row "Node original / floor" "$(ratios node floor)"; fi
 else
     row "floor" "$FLOOR_SKIP"
 fi
@@ -198,7 +199,7 @@ for rate in $RATES; do
         row "   each run: p99 (load average)" "$(awk '{printf "%s%s ms (load %s)", (NR > 1 ? "; " : ""), $3, $5}' "$TMP/$k-rate-$rate.runs")"
     done
     if [[ -n $ORIG ]]; then
-        row "$rate/s: ours / Node original" "$(awk -v a="$(med "ours-rate-$rate" 3)" -v b="$(med "node-rate-$rate" 3)" 'BEGIN{printf "%.2f", a/b}') x the p99"
+        row "$rate/s: ours / Node original" "$(ratio "$(med "ours-rate-$rate" 3)" "$(med "node-rate-$rate" 3)") x the p99"
     fi
 done
 table_end
