@@ -592,12 +592,7 @@ fn changed_lists_the_working_tree_and_the_commits_of_the_run() {
     let rig = Rig::new("changed", fake(), json!({}));
     let platform = Platform::start();
     let p = &rig.proj;
-    git(p, &["init", "-q"]);
-    for f in ["a.txt", "b.txt", "d.txt"] {
-        write(p.join(f), format!("{f}\n"));
-    }
-    git(p, &["add", "."]);
-    git(p, &["commit", "-qm", "init"]);
+    repo_with(p, &[("a.txt", "a.txt\n"), ("b.txt", "b.txt\n"), ("d.txt", "d.txt\n")]);
     write(p.join("a.txt"), "modified\n");
     git(p, &["mv", "b.txt", "b2.txt"]);
     std::fs::remove_file(p.join("d.txt")).unwrap();
@@ -643,11 +638,7 @@ fn payload_repos_are_synced_first_the_agent_runs_in_the_project_dir_and_changed_
     write(p.join("top.txt"), "top\n");
     // Cloned into the url's last segment: `…/w` → `proj/w`.
     let origin = rig.dir.join("w");
-    std::fs::create_dir_all(&origin).unwrap();
-    git(&origin, &["init", "-q"]);
-    write(origin.join("README"), "hi\n");
-    git(&origin, &["add", "."]);
-    git(&origin, &["commit", "-qm", "init"]);
+    repo_with(&origin, &[("README", "hi\n")]);
     let url = format!("file://{}", origin.display());
     rig.start(json!({
         "agent": "fake", "prompt": "commit w/c.txt", "session": "r", "callback": platform.url(),
@@ -699,11 +690,7 @@ fn a_clone_left_with_the_agents_edits_is_used_as_it_is_by_the_next_turns() {
     let rig = Rig::new("dirtyrepo", fake(), json!({}));
     let platform = Platform::start();
     let origin = rig.dir.join("w");
-    std::fs::create_dir_all(&origin).unwrap();
-    git(&origin, &["init", "-q", "-b", "main"]);
-    write(origin.join("README"), "hi\n");
-    git(&origin, &["add", "."]);
-    git(&origin, &["commit", "-qm", "init"]);
+    repo_with(&origin, &[("README", "hi\n")]);
     let url = format!("file://{}", origin.display());
     let turn = |session: &str, prompt: &str| {
         rig.start(json!({

@@ -374,11 +374,7 @@ fn a_secret_split_across_two_chunks_arrives_redacted() {
 fn repo_tokens_and_url_credentials_the_agent_prints_arrive_redacted() {
     let rig = agent_rig_with("sec-repo", json!({"allowFileUrls": true, "agents": {"a": {}}}));
     let upstream = rig._dir.join("upstream");
-    std::fs::create_dir_all(&upstream).unwrap();
-    git(&upstream, &["init", "-q"]);
-    write(upstream.join("a.txt"), "a\n");
-    git(&upstream, &["add", "-A"]);
-    git(&upstream, &["commit", "-qm", "init"]);
+    repo_with(&upstream, &[("a.txt", "a\n")]);
     let platform = Platform::start();
     const TOK: &str = "ghp_0123456789abcdefGHIJ";
     const PASSWORD: &str = "glpat-9z8y7x6w5v4u";

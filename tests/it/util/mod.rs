@@ -493,6 +493,18 @@ pub fn git(dir: &Path, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
+/// A fresh repository at `path` (created if missing) with `files` (and
+/// whatever is already there) committed as `init` on `main`.
+pub fn repo_with(path: &Path, files: &[(&str, &str)]) {
+    std::fs::create_dir_all(path).unwrap();
+    git(path, &["init", "-q"]);
+    for (name, content) in files {
+        write(path.join(name), content);
+    }
+    git(path, &["add", "-A"]);
+    git(path, &["commit", "-qm", "init"]);
+}
+
 /// VmRSS of a process in kB.
 pub fn rss_kb(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
