@@ -128,10 +128,7 @@ impl Drop for Rig {
         let _ = self.server.child.kill();
         let _ = self.server.child.wait();
         // Whatever the fake acpx left (a killed connector leaves its runs behind).
-        for pid in marked_processes(&format!("FAKE_ACPX_LOG={}", self.log.display())) {
-            let _ =
-                nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
-        }
+        kill_marked(&format!("FAKE_ACPX_LOG={}", self.log.display()));
     }
 }
 
@@ -1070,9 +1067,7 @@ fn events_true_posts_every_other_acp_update_in_seq_order_and_streams_them() {
         assert_eq!(l["seq"].as_u64(), Some(i as u64));
     }
     assert_eq!(lines[2]["event"]["sessionUpdate"], "tool_call");
-    for pid in marked_processes(&format!("FAKE_ACPX_LOG={}", log.display())) {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
-    }
+    kill_marked(&format!("FAKE_ACPX_LOG={}", log.display()));
 }
 
 #[test]

@@ -587,6 +587,14 @@ pub fn marked_processes(marker: &str) -> Vec<i32> {
         .collect()
 }
 
+/// SIGKILL to every live process with `NAME=value` (`marker`) in its
+/// environment: what a test's children left behind.
+pub fn kill_marked(marker: &str) {
+    for pid in marked_processes(marker) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+    }
+}
+
 /// The connector-instance mark a process carries (`AION_CONNECTOR=…`, the
 /// whole `NAME=value` entry, as `marked_processes` takes it), if any.
 pub fn instance_mark(pid: i32) -> Option<String> {

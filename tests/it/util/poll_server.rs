@@ -11,7 +11,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
 
-use super::{BIN, COUNTER, DEADLINE, Spawned, drained, eventually, hmac_sha256, marked_processes, wait_exit};
+use super::{
+    BIN, COUNTER, DEADLINE, Spawned, drained, eventually, hmac_sha256, kill_marked, marked_processes,
+    wait_exit,
+};
 
 /// One request the fake poll server received, recorded once it was read whole
 /// (before it is answered), in arrival order.
@@ -615,10 +618,7 @@ impl Drop for PollAgent {
                 let _ = self.child.wait();
             }
         }
-        for pid in marked_processes(&self.mark) {
-            let _ =
-                nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
-        }
+        kill_marked(&self.mark);
     }
 }
 
