@@ -1348,11 +1348,7 @@ fn a_background_process_started_by_a_run_outlives_it_until_stopped() {
         json!({"name": "run_background", "arguments": {"command": "sleep 300"}}),
     );
     let text = started["result"]["content"][0]["text"].as_str().unwrap_or_else(|| panic!("{started}"));
-    let pid: i32 = text
-        .lines()
-        .find_map(|l| l.strip_prefix("PID: "))
-        .and_then(|p| p.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no pid in {text:?}"));
+    let pid = pid_of(text);
     assert!(alive(pid), "{text}");
     // The turn ends, the run closes with complete and its group is ended.
     write(rig.proj.join("go"), "");

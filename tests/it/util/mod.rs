@@ -572,6 +572,14 @@ pub fn group_members(pgid: i32) -> Vec<i32> {
         .collect()
 }
 
+/// `PID: N` in a text (as the MCP tools `run_background` and co. print it).
+pub fn pid_of(text: &str) -> i32 {
+    text.lines()
+        .find_map(|l| l.strip_prefix("PID: "))
+        .and_then(|p| p.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no PID in {text:?}"))
+}
+
 /// Live processes with `NAME=value` in their environment.
 pub fn marked_processes(marker: &str) -> Vec<i32> {
     let me = std::process::id() as i32;
