@@ -800,33 +800,18 @@ fn an_open_file_limit_below_the_session_cap_lowers_the_cap_with_a_warning() {
     }
     let server = PollServer::start(TOKEN);
     let dir = TempDir::new("poll-nofile");
-    let mark = format!("AION_POLL_TEST_MARK={}#nofile", dir.path().display());
-    let mut cmd = std::process::Command::new("prlimit");
-    cmd.args(["--nofile=64:64", "--", BIN, "poll"]).current_dir(dir.path());
-    cmd.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null());
-    cmd.stderr(std::process::Stdio::piped());
-    for v in POLL_VARS {
-        cmd.env_remove(v);
-    }
-    cmd.env("SERVER_URL", server.url())
-        .env("AGENT_TOKEN", TOKEN)
-        .env("POLL_INTERVAL", "100")
-        .env("STATUS_INTERVAL", "60000")
-        .env("MAX_CONCURRENT_SESSIONS", "100")
-        .env("AION_SESSION_COMMAND", SH)
-        .env("AION_STATE_DIR", dir.join("state"))
-        .env(mark.split_once('=').unwrap().0, mark.split_once('=').unwrap().1);
-    let mut child = cmd.spawn().unwrap();
-    let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-    let mut pipe = child.stderr.take().unwrap();
-    let sink = stderr.clone();
-    thread::spawn(move || {
-        use std::io::Read;
-        let mut buf = [0u8; 4096];
-        while let Ok(n @ 1..) = pipe.read(&mut buf) {
-            sink.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
-        }
-    });
+    let (url, state) = (server.url(), dir.join("state"));
+    let env = [
+        ("SERVER_URL", url.as_str()),
+        ("AGENT_TOKEN", TOKEN),
+        ("POLL_INTERVAL", "100"),
+        ("STATUS_INTERVAL", "60000"),
+        ("MAX_CONCURRENT_SESSIONS", "100"),
+        ("AION_SESSION_COMMAND", SH),
+        ("AION_STATE_DIR", state.to_str().unwrap()),
+    ];
+    // Its drop kills what is left of the sessions, at the end or in a panic.
+    let mut agent = PollAgent::start_under(&["prlimit", "--nofile=64:64", "--"], &[], dir.path(), &env);
     let check = || -> Result<(), String> {
         first_get(&server, DEADLINE);
         for i in 0..7 {
@@ -838,7 +823,7 @@ fn an_open_file_limit_below_the_session_cap_lowers_the_cap_with_a_warning() {
         let names: Vec<Vec<String>> = (0..7).map(|i| server.event_names(&format!("s{i}"))).collect();
         let started = names.iter().filter(|n| n.as_slice() == ["started"]).count();
         let rejected = names.iter().filter(|n| n.as_slice() == ["rejected"]).count();
-        let log = stderr.lock().unwrap().clone();
+        let log = agent.stderr();
         let warning = "[WARN] maxConcurrentSessions is 100 but the open-file limit (nofile) is 64: running at most 5 sessions";
         if log.matches(warning).count() != 1 || (started, rejected) != (5, 2) {
             return Err(format!("started {started}, rejected {rejected} ({names:?}); log:\n{log}"));
@@ -853,11 +838,8 @@ fn an_open_file_limit_below_the_session_cap_lowers_the_cap_with_a_warning() {
         Ok(())
     };
     let result = check();
-    let _ = child.kill();
-    let _ = child.wait();
-    for pid in marked_processes(&mark) {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
-    }
+    let _ = agent.child.kill();
+    let _ = agent.child.wait();
     if let Err(e) = result {
         panic!("{e}");
     }
