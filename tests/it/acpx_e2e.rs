@@ -236,7 +236,5 @@ fn real_acpx_runs_the_mock_agent_continues_its_session_and_cancels() {
     eprintln!("e2e done after {:?}; stop took {took:?} ({ticks} ticks)", t0.elapsed());
     drop(server);
     // Hygiene: nothing of ours may outlive the test.
-    for pid in marked_processes(&format!("HOME={}", home.display())) {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
-    }
+    kill_marked(&format!("HOME={}", home.display()));
 }

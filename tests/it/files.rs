@@ -82,10 +82,7 @@ fn tree_git_repo_uses_tracked_and_untracked_not_ignored() {
     let root = tmp.join("proj");
     let repo = root.join("repo");
     populate(&repo);
-    write(repo.join(".gitignore"), "*.log\n");
-    git(&repo, &["init", "-q"]);
-    git(&repo, &["add", "-A"]);
-    git(&repo, &["commit", "-qm", "init"]);
+    repo_with(&repo, &[(".gitignore", "*.log\n")]);
     // untracked but not ignored: listed; ignored: not listed
     write(repo.join("new.txt"), "new");
     write(repo.join("build.log"), "noise");

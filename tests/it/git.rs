@@ -29,17 +29,6 @@ fn map(srv: &Server, names: &[&str]) {
     assert_eq!(status, 200, "{v}");
 }
 
-/// A fresh repository with `files` committed.
-fn repo_with(path: &Path, files: &[(&str, &str)]) {
-    std::fs::create_dir_all(path).unwrap();
-    git(path, &["init", "-q"]);
-    for (name, content) in files {
-        write(path.join(name), content);
-    }
-    git(path, &["add", "-A"]);
-    git(path, &["commit", "-qm", "init"]);
-}
-
 fn sorted_status(v: &Value) -> Vec<(String, String)> {
     let arr = v.as_array().unwrap_or_else(|| panic!("not a bare array: {v}"));
     let mut out: Vec<(String, String)> = arr

@@ -854,9 +854,7 @@ impl Drop for Rig {
     fn drop(&mut self) {
         let _ = self.server.child.kill();
         let _ = self.server.child.wait();
-        for pid in marked_processes(&format!("FAKE_ACPX_LOG={}", self.log.display())) {
-            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-        }
+        kill_marked(&format!("FAKE_ACPX_LOG={}", self.log.display()));
     }
 }
 

@@ -93,14 +93,6 @@ fn rig_config(dir: &TempDir, limits: &Value) -> String {
     )
 }
 
-/// `PID: N` in a tool's text.
-fn pid_of(text: &str) -> i32 {
-    text.lines()
-        .find_map(|l| l.strip_prefix("PID: "))
-        .and_then(|p| p.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no PID in {text:?}"))
-}
-
 /// `aion-connector mcp` with stdin and stdout piped; answers read by a thread.
 struct Mcp {
     child: Child,

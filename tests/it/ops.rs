@@ -39,6 +39,23 @@ fn fake_project(dir: &TempDir, extra: Option<Value>) -> (std::path::PathBuf, Vec
     (cfg_path, vec![("PATH", path_with(&bin)), ("FAKE_ACPX_LOG", log), ("SHELL", "/bin/sh".to_string())])
 }
 
+/// Kills, on drop, what the fake acpx logging to `dir/acpx.log` left running
+/// (a run cut with the connector leaves its acpx behind), whether the test
+/// passed or not. Made right after `dir`, so that it drops after the server.
+struct Leftovers(String);
+
+impl Leftovers {
+    fn of(dir: &TempDir) -> Leftovers {
+        Leftovers(format!("FAKE_ACPX_LOG={}", dir.join("acpx.log").display()))
+    }
+}
+
+impl Drop for Leftovers {
+    fn drop(&mut self) {
+        kill_marked(&self.0);
+    }
+}
+
 fn env_refs<'a>(env: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
     env.iter().map(|(k, v)| (*k, v.as_str())).collect()
 }
@@ -46,6 +63,7 @@ fn env_refs<'a>(env: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str
 #[test]
 fn status_shows_runs_terminals_and_the_backlog_as_text_and_json() {
     let dir = TempDir::new("ops-status");
+    let _leftovers = Leftovers::of(&dir);
     let (cfg_path, env) = fake_project(&dir, None);
     let server = Server::start_args(&[cfg_path.to_str().unwrap()], dir.path(), &env_refs(&env));
     let callback = dead_callback();
@@ -104,10 +122,6 @@ fn status_shows_runs_terminals_and_the_backlog_as_text_and_json() {
     // The run ends; its fake acpx's leftovers are killed whatever happens.
     let (code, body) = server.call(TOKEN, "stop", json!({"session": "s1"}));
     assert_eq!(code, 200, "{body}");
-    drop(server);
-    for pid in marked_processes(&format!("FAKE_ACPX_LOG={}", dir.join("acpx.log").display())) {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
-    }
 }
 
 #[test]
@@ -180,23 +194,10 @@ fn sample(samples: &[(String, Value, f64)], name: &str, labels: Value) -> Option
 #[test]
 fn metrics_parse_as_prometheus_text_and_move_with_traffic() {
     let dir = TempDir::new("ops-metrics");
-    let proj = dir.join("proj");
-    std::fs::create_dir_all(&proj).unwrap();
-    let bin = fake_acpx_bin(dir.path());
-    let log = dir.join("acpx.log");
+    let _leftovers = Leftovers::of(&dir);
     let metrics_token = "metrics-token-0123456789abcdef";
-    let cfg = config(
-        json!({"p": {"token": TOKEN, "dir": proj, "agents": {"fake": {}}}}),
-        Some(json!({"metricsToken": metrics_token})),
-    );
-    std::fs::write(dir.join("aion.config.json"), &cfg).unwrap();
-    let cfg_path = dir.join("aion.config.json");
-    let path = path_with(&bin);
-    let server = Server::start_args(
-        &[cfg_path.to_str().unwrap()],
-        dir.path(),
-        &[("PATH", &path), ("FAKE_ACPX_LOG", log.to_str().unwrap()), ("SHELL", "/bin/sh")],
-    );
+    let (cfg_path, env) = fake_project(&dir, Some(json!({"metricsToken": metrics_token})));
+    let server = Server::start_args(&[cfg_path.to_str().unwrap()], dir.path(), &env_refs(&env));
     assert_eq!(scrape(&server.addr, None).status, 401);
     assert_eq!(scrape(&server.addr, Some("Bearer wrong-token-wrong-token")).status, 403);
     assert_eq!(scrape(&server.addr, Some(&format!("Basic {TOKEN}"))).status, 403);
@@ -289,10 +290,6 @@ fn metrics_parse_as_prometheus_text_and_move_with_traffic() {
         (complete(&s) - complete(&after) == 2.0 && pending >= 1.0 && bytes > 0.0 && retried >= 1.0)
             .then_some(())
     });
-    drop(server);
-    for pid in marked_processes(&format!("FAKE_ACPX_LOG={}", dir.join("acpx.log").display())) {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
-    }
 }
 
 const TOKEN_B: &str = "ops-token-b-7e6d5c4b3a29180716f5";
@@ -309,6 +306,7 @@ fn hup(server: &Server, n: usize, word: &str) -> String {
 #[test]
 fn sighup_reloads_projects_and_tokens_keeping_runs_and_terminals() {
     let dir = TempDir::new("ops-reload");
+    let _leftovers = Leftovers::of(&dir);
     let (a, b) = (dir.join("a"), dir.join("b"));
     std::fs::create_dir_all(&a).unwrap();
     std::fs::create_dir_all(&b).unwrap();
@@ -413,15 +411,12 @@ fn sighup_reloads_projects_and_tokens_keeping_runs_and_terminals() {
     let (code, out) = server.call(TOKEN_A2, "terminal.output", json!({"sessionId": term_id}));
     assert_eq!((code, &out["alive"]), (200, &json!(true)), "{out}");
     assert!(!server.stderr().contains(TOKEN_A2) && !server.stderr().contains(TOKEN_B), "a token in the log");
-    drop(server);
-    for pid in marked_processes(&format!("FAKE_ACPX_LOG={}", dir.join("acpx.log").display())) {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
-    }
 }
 
 #[test]
 fn runs_lists_active_and_finished_runs_and_runs_output_pages_their_posts() {
     let dir = TempDir::new("ops-history");
+    let _leftovers = Leftovers::of(&dir);
     let (cfg_path, env) = fake_project(&dir, None);
     let server = Server::start_args(&[cfg_path.to_str().unwrap()], dir.path(), &env_refs(&env));
     let platform = Platform::start();
@@ -482,10 +477,6 @@ fn runs_lists_active_and_finished_runs_and_runs_output_pages_their_posts() {
         (list["finished"].as_array().unwrap().len() == 2 && list["active"].as_array().unwrap().is_empty())
             .then_some(())
     });
-    drop(server);
-    for pid in marked_processes(&format!("FAKE_ACPX_LOG={}", dir.join("acpx.log").display())) {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
-    }
 }
 
 /// A run going when the connector is ended by `sig` is, after a restart on
@@ -493,6 +484,7 @@ fn runs_lists_active_and_finished_runs_and_runs_output_pages_their_posts() {
 /// read to its end by `runs.output`.
 fn run_history_survives(tag: &str, sig: nix::sys::signal::Signal, outcome: Option<&str>) {
     let dir = TempDir::new(tag);
+    let _leftovers = Leftovers::of(&dir);
     let (cfg_path, env) = fake_project(&dir, None);
     let env = env_refs(&env);
     let mut server = Server::start_args(&[cfg_path.to_str().unwrap()], dir.path(), &env);
@@ -529,10 +521,6 @@ fn run_history_survives(tag: &str, sig: nix::sys::signal::Signal, outcome: Optio
     assert!(!posts.is_empty(), "{page}");
     assert_eq!(posts[0]["text"], json!("waiting for go"), "{page}");
     assert_eq!(finished[0]["posts"], json!(posts.len()), "{list}");
-    drop(server);
-    for pid in marked_processes(&format!("FAKE_ACPX_LOG={}", dir.join("acpx.log").display())) {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
-    }
 }
 
 #[test]

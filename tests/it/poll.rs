@@ -23,6 +23,8 @@ struct Rig {
     dir: TempDir,
     server: PollServer,
     agent: PollAgent,
+    /// The agent's environment (the defaults and the test's own), for `restart`.
+    env: Vec<(String, String)>,
 }
 
 impl Rig {
@@ -31,21 +33,42 @@ impl Rig {
     }
 
     fn with_server(tag: &str, server: PollServer, env: &[(&str, &str)]) -> Rig {
-        let dir = TempDir::new(tag);
+        Rig::in_dir(TempDir::new(tag), server, env)
+    }
+
+    /// The agent in `dir`, which the test has prepared (a config file, a state
+    /// dir), state dir `dir/state`, polling `server`; `env` comes after the
+    /// defaults and overrides them.
+    fn in_dir(dir: TempDir, server: PollServer, env: &[(&str, &str)]) -> Rig {
         let url = server.url();
         let state = dir.join("state");
-        let mut all: Vec<(&str, &str)> = vec![
-            ("SERVER_URL", &url),
+        let all: Vec<(String, String)> = [
+            ("SERVER_URL", url.as_str()),
             ("AGENT_TOKEN", TOKEN),
             ("POLL_INTERVAL", "100"),
             ("OUTPUT_FLUSH_INTERVAL", "200"),
             ("STATUS_INTERVAL", "60000"),
             ("AION_SESSION_COMMAND", SH),
             ("AION_STATE_DIR", state.to_str().unwrap()),
-        ];
-        all.extend_from_slice(env);
-        let agent = PollAgent::start(&[], dir.path(), &all);
-        Rig { dir, server, agent }
+        ]
+        .iter()
+        .chain(env)
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let agent = Rig::spawn(&dir, &all);
+        Rig { dir, server, agent, env: all }
+    }
+
+    fn spawn(dir: &TempDir, env: &[(String, String)]) -> PollAgent {
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        PollAgent::start(&[], dir.path(), &env)
+    }
+
+    /// Starts the next agent on the same dir, state dir, server and
+    /// environment, and hands back the old one: its drop (SIGTERM, then
+    /// SIGKILL to its sessions' processes) comes when the caller chooses.
+    fn restart(&mut self) -> PollAgent {
+        std::mem::replace(&mut self.agent, Rig::spawn(&self.dir, &self.env))
     }
 
     /// Hands out start_session `id` for `session` running `sh -c script`.
@@ -692,15 +715,7 @@ fn posts_spooled_while_the_server_is_down_are_delivered_after_a_restart() {
 
     // the next start resumes the spool
     rig.server.up();
-    let state = rig.dir.join("state");
-    let url = rig.server.url();
-    let env = [
-        ("SERVER_URL", url.as_str()),
-        ("AGENT_TOKEN", TOKEN),
-        ("POLL_INTERVAL", "100"),
-        ("AION_STATE_DIR", state.to_str().unwrap()),
-    ];
-    rig.agent = PollAgent::start(&[], rig.dir.path(), &env);
+    drop(rig.restart());
     if !eventually(Duration::from_secs(15), || rig.server.event_names("sp").contains(&"exited".to_string())) {
         panic!(
             "the restarted agent did not deliver the spooled posts; requests since the restart:\n{}\nagent stderr:\n{}",
@@ -755,17 +770,9 @@ fn a_crashed_agent_closes_the_session_on_the_next_start() {
     rig.agent.signal_and_wait(Signal::SIGKILL, Duration::from_secs(5));
     let old = marked_processes(&mark);
     assert!(old.contains(&session), "the session {session} died with the connector; old instance: {old:?}");
-    let state = rig.dir.join("state");
-    let url = rig.server.url();
-    let env = [
-        ("SERVER_URL", url.as_str()),
-        ("AGENT_TOKEN", TOKEN),
-        ("POLL_INTERVAL", "100"),
-        ("AION_STATE_DIR", state.to_str().unwrap()),
-    ];
     // The old harness stays alive (its drop would kill the session) until
     // the new connector has been seen to end the old instance itself.
-    let old_agent = std::mem::replace(&mut rig.agent, PollAgent::start(&[], rig.dir.path(), &env));
+    let old_agent = rig.restart();
     let gone = eventually(DEADLINE, || marked_processes(&mark).is_empty());
     assert!(
         gone,
@@ -793,33 +800,18 @@ fn an_open_file_limit_below_the_session_cap_lowers_the_cap_with_a_warning() {
     }
     let server = PollServer::start(TOKEN);
     let dir = TempDir::new("poll-nofile");
-    let mark = format!("AION_POLL_TEST_MARK={}#nofile", dir.path().display());
-    let mut cmd = std::process::Command::new("prlimit");
-    cmd.args(["--nofile=64:64", "--", BIN, "poll"]).current_dir(dir.path());
-    cmd.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null());
-    cmd.stderr(std::process::Stdio::piped());
-    for v in POLL_VARS {
-        cmd.env_remove(v);
-    }
-    cmd.env("SERVER_URL", server.url())
-        .env("AGENT_TOKEN", TOKEN)
-        .env("POLL_INTERVAL", "100")
-        .env("STATUS_INTERVAL", "60000")
-        .env("MAX_CONCURRENT_SESSIONS", "100")
-        .env("AION_SESSION_COMMAND", SH)
-        .env("AION_STATE_DIR", dir.join("state"))
-        .env(mark.split_once('=').unwrap().0, mark.split_once('=').unwrap().1);
-    let mut child = cmd.spawn().unwrap();
-    let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-    let mut pipe = child.stderr.take().unwrap();
-    let sink = stderr.clone();
-    thread::spawn(move || {
-        use std::io::Read;
-        let mut buf = [0u8; 4096];
-        while let Ok(n @ 1..) = pipe.read(&mut buf) {
-            sink.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
-        }
-    });
+    let (url, state) = (server.url(), dir.join("state"));
+    let env = [
+        ("SERVER_URL", url.as_str()),
+        ("AGENT_TOKEN", TOKEN),
+        ("POLL_INTERVAL", "100"),
+        ("STATUS_INTERVAL", "60000"),
+        ("MAX_CONCURRENT_SESSIONS", "100"),
+        ("AION_SESSION_COMMAND", SH),
+        ("AION_STATE_DIR", state.to_str().unwrap()),
+    ];
+    // Its drop kills what is left of the sessions, at the end or in a panic.
+    let mut agent = PollAgent::start_under(&["prlimit", "--nofile=64:64", "--"], &[], dir.path(), &env);
     let check = || -> Result<(), String> {
         first_get(&server, DEADLINE);
         for i in 0..7 {
@@ -831,7 +823,7 @@ fn an_open_file_limit_below_the_session_cap_lowers_the_cap_with_a_warning() {
         let names: Vec<Vec<String>> = (0..7).map(|i| server.event_names(&format!("s{i}"))).collect();
         let started = names.iter().filter(|n| n.as_slice() == ["started"]).count();
         let rejected = names.iter().filter(|n| n.as_slice() == ["rejected"]).count();
-        let log = stderr.lock().unwrap().clone();
+        let log = agent.stderr();
         let warning = "[WARN] maxConcurrentSessions is 100 but the open-file limit (nofile) is 64: running at most 5 sessions";
         if log.matches(warning).count() != 1 || (started, rejected) != (5, 2) {
             return Err(format!("started {started}, rejected {rejected} ({names:?}); log:\n{log}"));
@@ -846,11 +838,8 @@ fn an_open_file_limit_below_the_session_cap_lowers_the_cap_with_a_warning() {
         Ok(())
     };
     let result = check();
-    let _ = child.kill();
-    let _ = child.wait();
-    for pid in marked_processes(&mark) {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
-    }
+    let _ = agent.child.kill();
+    let _ = agent.child.wait();
     if let Err(e) = result {
         panic!("{e}");
     }
@@ -952,17 +941,8 @@ fn sessions_hold_the_lease_apps_while_they_run() {
     let aion = LeaseServer::start(&dir.join("aion.sock"));
     let config = json!({"leaseApps": [APP], "lease": {"socket": aion.path_str(), "holderId": "poll-h"}});
     write(dir.join("config.json"), config.to_string());
-    let server = PollServer::start(TOKEN);
-    let url = server.url();
-    let state = dir.join("state");
-    let env = [
-        ("SERVER_URL", url.as_str()),
-        ("AGENT_TOKEN", TOKEN),
-        ("POLL_INTERVAL", "100"),
-        ("AION_SESSION_COMMAND", SH),
-        ("AION_STATE_DIR", state.to_str().unwrap()),
-    ];
-    let agent = PollAgent::start(&[], dir.path(), &env);
+    let rig = Rig::in_dir(dir, PollServer::start(TOKEN), &[]);
+    let (dir, server, state) = (&rig.dir, &rig.server, rig.dir.join("state"));
     server.push(json!({"id": "l1", "type": "start_session", "sessionId": "ls", "args": ["sleep 300"]}));
     server.wait_event("ls", "started", DEADLINE);
     let begin = aion.wait_received("lease.begin", APP, 0, DEADLINE);
@@ -988,7 +968,7 @@ fn sessions_hold_the_lease_apps_while_they_run() {
     let (reply, _) = aion.can_close(APP).unwrap();
     assert_eq!(reply["result"], "allow_close", "after the session");
     assert!(aion.violations().is_empty(), "{:?}", aion.violations());
-    assert!(!agent.stderr().contains(TOKEN));
+    assert!(!rig.agent.stderr().contains(TOKEN));
 }
 
 // ---------------------------------------------------------------- `aion-connector status` (poll.sock)
@@ -1093,14 +1073,8 @@ fn status_exits_3_after_a_killed_poll_agent() {
     let (code, _, err) = poll_status(rig.dir.path(), &state, &[]);
     assert_eq!(code, 3, "{err}");
     // the next agent on the state dir replaces the stale socket
-    let url = rig.server.url();
-    let env = [
-        ("SERVER_URL", url.as_str()),
-        ("AGENT_TOKEN", TOKEN),
-        ("AION_STATE_DIR", state.to_str().unwrap()),
-        ("AION_SESSION_COMMAND", SH),
-    ];
-    let mut next = PollAgent::start(&[], rig.dir.path(), &env);
+    drop(rig.restart());
+    let next = &mut rig.agent;
     let v = poll("the next agent in status", || {
         let (code, out, _) = poll_status(rig.dir.path(), &state, &["--json"]);
         let v: Value = serde_json::from_str(out.trim()).ok()?;
@@ -1117,16 +1091,8 @@ fn an_agent_that_cannot_bind_its_socket_still_polls() {
     let state = dir.join("state");
     std::fs::create_dir_all(&state).unwrap();
     write(state.join("poll.sock"), "not a socket");
-    let server = PollServer::start(TOKEN);
-    let url = server.url();
-    let env = [
-        ("SERVER_URL", url.as_str()),
-        ("AGENT_TOKEN", TOKEN),
-        ("POLL_INTERVAL", "100"),
-        ("AION_SESSION_COMMAND", SH),
-        ("AION_STATE_DIR", state.to_str().unwrap()),
-    ];
-    let mut agent = PollAgent::start(&[], dir.path(), &env);
+    let mut rig = Rig::in_dir(dir, PollServer::start(TOKEN), &[]);
+    let (dir, server, agent) = (&rig.dir, &rig.server, &mut rig.agent);
     server.push(json!({"id": "n1", "type": "start_session", "sessionId": "ns", "args": ["echo hi"]}));
     server.wait_event("ns", "exited", DEADLINE);
     let log = agent.stderr();

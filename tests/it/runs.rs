@@ -128,10 +128,7 @@ impl Drop for Rig {
         let _ = self.server.child.kill();
         let _ = self.server.child.wait();
         // Whatever the fake acpx left (a killed connector leaves its runs behind).
-        for pid in marked_processes(&format!("FAKE_ACPX_LOG={}", self.log.display())) {
-            let _ =
-                nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
-        }
+        kill_marked(&format!("FAKE_ACPX_LOG={}", self.log.display()));
     }
 }
 
@@ -592,12 +589,7 @@ fn changed_lists_the_working_tree_and_the_commits_of_the_run() {
     let rig = Rig::new("changed", fake(), json!({}));
     let platform = Platform::start();
     let p = &rig.proj;
-    git(p, &["init", "-q"]);
-    for f in ["a.txt", "b.txt", "d.txt"] {
-        write(p.join(f), format!("{f}\n"));
-    }
-    git(p, &["add", "."]);
-    git(p, &["commit", "-qm", "init"]);
+    repo_with(p, &[("a.txt", "a.txt\n"), ("b.txt", "b.txt\n"), ("d.txt", "d.txt\n")]);
     write(p.join("a.txt"), "modified\n");
     git(p, &["mv", "b.txt", "b2.txt"]);
     std::fs::remove_file(p.join("d.txt")).unwrap();
@@ -643,11 +635,7 @@ fn payload_repos_are_synced_first_the_agent_runs_in_the_project_dir_and_changed_
     write(p.join("top.txt"), "top\n");
     // Cloned into the url's last segment: `…/w` → `proj/w`.
     let origin = rig.dir.join("w");
-    std::fs::create_dir_all(&origin).unwrap();
-    git(&origin, &["init", "-q"]);
-    write(origin.join("README"), "hi\n");
-    git(&origin, &["add", "."]);
-    git(&origin, &["commit", "-qm", "init"]);
+    repo_with(&origin, &[("README", "hi\n")]);
     let url = format!("file://{}", origin.display());
     rig.start(json!({
         "agent": "fake", "prompt": "commit w/c.txt", "session": "r", "callback": platform.url(),
@@ -699,11 +687,7 @@ fn a_clone_left_with_the_agents_edits_is_used_as_it_is_by_the_next_turns() {
     let rig = Rig::new("dirtyrepo", fake(), json!({}));
     let platform = Platform::start();
     let origin = rig.dir.join("w");
-    std::fs::create_dir_all(&origin).unwrap();
-    git(&origin, &["init", "-q", "-b", "main"]);
-    write(origin.join("README"), "hi\n");
-    git(&origin, &["add", "."]);
-    git(&origin, &["commit", "-qm", "init"]);
+    repo_with(&origin, &[("README", "hi\n")]);
     let url = format!("file://{}", origin.display());
     let turn = |session: &str, prompt: &str| {
         rig.start(json!({
@@ -1083,9 +1067,7 @@ fn events_true_posts_every_other_acp_update_in_seq_order_and_streams_them() {
         assert_eq!(l["seq"].as_u64(), Some(i as u64));
     }
     assert_eq!(lines[2]["event"]["sessionUpdate"], "tool_call");
-    for pid in marked_processes(&format!("FAKE_ACPX_LOG={}", log.display())) {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
-    }
+    kill_marked(&format!("FAKE_ACPX_LOG={}", log.display()));
 }
 
 #[test]
@@ -1366,11 +1348,7 @@ fn a_background_process_started_by_a_run_outlives_it_until_stopped() {
         json!({"name": "run_background", "arguments": {"command": "sleep 300"}}),
     );
     let text = started["result"]["content"][0]["text"].as_str().unwrap_or_else(|| panic!("{started}"));
-    let pid: i32 = text
-        .lines()
-        .find_map(|l| l.strip_prefix("PID: "))
-        .and_then(|p| p.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no pid in {text:?}"));
+    let pid = pid_of(text);
     assert!(alive(pid), "{text}");
     // The turn ends, the run closes with complete and its group is ended.
     write(rig.proj.join("go"), "");

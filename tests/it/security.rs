@@ -280,15 +280,11 @@ fn an_agent_env_value_the_agent_prints_arrives_redacted() {
         json!({"leaky": {"env": {"API_KEY": KEY, "SHORT": "abc"}}, "short": {"env": {"SHORT": "abc"}}}),
     );
     let platform = Platform::start();
-    let (status, body) = rig.server.call(
-        TOKEN,
-        "invoke",
-        json!({"agent": "leaky", "prompt": "say-env API_KEY", "session": "r1", "callback": platform.url()}),
+    let (bodies, all) = invoke_to_close(
+        &rig,
+        &platform,
+        json!({"agent": "leaky", "prompt": "say-env API_KEY", "session": "r1"}),
     );
-    assert_eq!(status, 200, "{body}");
-    let posts = platform.wait_closed("r1");
-    let bodies = check_run(&posts, TOKEN);
-    let all: String = posts.iter().map(|p| String::from_utf8_lossy(&p.body).into_owned()).collect();
     assert!(!all.contains(KEY), "the key was posted: {all}");
     let said = "API_KEY=[redacted] again [redacted]";
     assert!(bodies.iter().any(|b| b["text"] == said), "{bodies:?}");
@@ -327,9 +323,23 @@ fn an_agent_env_value_the_agent_prints_arrives_redacted() {
 
 const KEY: &str = "sk-test-5f4e3d2c1b0a99887766";
 
-/// The texts of a run's output posts, joined, and the posts' bodies.
+/// The texts of a run's output posts (from their bodies), joined.
 fn streamed_text(bodies: &[Value]) -> String {
     bodies.iter().filter_map(|b| b["text"].as_str()).collect()
+}
+
+/// Invokes `payload` with `platform` as the callback (answered 200) and waits
+/// for the run to close: the bodies of its posts (through `check_run`) and
+/// the posts as they were sent, joined.
+fn invoke_to_close(rig: &AgentRig, platform: &Platform, mut payload: Value) -> (Vec<Value>, String) {
+    let session = payload["session"].as_str().unwrap().to_string();
+    payload["callback"] = json!(platform.url());
+    let (status, body) = rig.server.call(TOKEN, "invoke", payload);
+    assert_eq!(status, 200, "{body}");
+    let posts = platform.wait_closed(&session);
+    let bodies = check_run(&posts, TOKEN);
+    let all: String = posts.iter().map(|p| String::from_utf8_lossy(&p.body).into_owned()).collect();
+    (bodies, all)
 }
 
 #[test]
@@ -340,15 +350,8 @@ fn a_secret_split_across_two_chunks_arrives_redacted() {
     for (n, cut) in [1, 5, 14, KEY.len() - 1].into_iter().enumerate() {
         let session = format!("s{n}");
         let prompt = format!("chunks before {}|{} after|!", &KEY[..cut], &KEY[cut..]);
-        let (status, body) = rig.server.call(
-            TOKEN,
-            "invoke",
-            json!({"agent": "leaky", "prompt": prompt, "session": session, "callback": platform.url()}),
-        );
-        assert_eq!(status, 200, "{body}");
-        let posts = platform.wait_closed(&session);
-        let bodies = check_run(&posts, TOKEN);
-        let all: String = posts.iter().map(|p| String::from_utf8_lossy(&p.body).into_owned()).collect();
+        let (bodies, all) =
+            invoke_to_close(&rig, &platform, json!({"agent": "leaky", "prompt": prompt, "session": session}));
         assert!(!all.contains(&KEY[..cut.max(KEY.len() - cut)]), "a part of the key was posted: {all}");
         assert_eq!(streamed_text(&bodies), "before [redacted] after!", "{bodies:?}");
         assert_eq!(bodies.last().unwrap()["summary"], "before [redacted] after!", "{bodies:?}");
@@ -374,11 +377,7 @@ fn a_secret_split_across_two_chunks_arrives_redacted() {
 fn repo_tokens_and_url_credentials_the_agent_prints_arrive_redacted() {
     let rig = agent_rig_with("sec-repo", json!({"allowFileUrls": true, "agents": {"a": {}}}));
     let upstream = rig._dir.join("upstream");
-    std::fs::create_dir_all(&upstream).unwrap();
-    git(&upstream, &["init", "-q"]);
-    write(upstream.join("a.txt"), "a\n");
-    git(&upstream, &["add", "-A"]);
-    git(&upstream, &["commit", "-qm", "init"]);
+    repo_with(&upstream, &[("a.txt", "a\n")]);
     let platform = Platform::start();
     const TOK: &str = "ghp_0123456789abcdefGHIJ";
     const PASSWORD: &str = "glpat-9z8y7x6w5v4u";
@@ -392,15 +391,11 @@ fn repo_tokens_and_url_credentials_the_agent_prints_arrive_redacted() {
         &PASSWORD[..3],
         &PASSWORD[3..]
     );
-    let (status, body) = rig.server.call(
-        TOKEN,
-        "invoke",
-        json!({"agent": "a", "prompt": prompt, "session": "r1", "callback": platform.url(), "repos": repos}),
+    let (bodies, all) = invoke_to_close(
+        &rig,
+        &platform,
+        json!({"agent": "a", "prompt": prompt, "session": "r1", "repos": repos}),
     );
-    assert_eq!(status, 200, "{body}");
-    let posts = platform.wait_closed("r1");
-    let bodies = check_run(&posts, TOKEN);
-    let all: String = posts.iter().map(|p| String::from_utf8_lossy(&p.body).into_owned()).collect();
     assert!(!all.contains(TOK) && !all.contains(PASSWORD), "a credential was posted: {all}");
     let said = "token [redacted] and password [redacted].";
     assert_eq!(streamed_text(&bodies), said, "{bodies:?}");
@@ -412,15 +407,11 @@ fn an_event_carrying_a_secret_arrives_redacted() {
     let rig =
         agent_rig_with("sec-event", json!({"events": true, "agents": {"leaky": {"env": {"API_KEY": KEY}}}}));
     let platform = Platform::start();
-    let (status, body) = rig.server.call(
-        TOKEN,
-        "invoke",
-        json!({"agent": "leaky", "prompt": format!("event run with {KEY} now"), "session": "e1", "callback": platform.url()}),
+    let (bodies, all) = invoke_to_close(
+        &rig,
+        &platform,
+        json!({"agent": "leaky", "prompt": format!("event run with {KEY} now"), "session": "e1"}),
     );
-    assert_eq!(status, 200, "{body}");
-    let posts = platform.wait_closed("e1");
-    let bodies = check_run(&posts, TOKEN);
-    let all: String = posts.iter().map(|p| String::from_utf8_lossy(&p.body).into_owned()).collect();
     assert!(!all.contains(KEY), "the key was posted: {all}");
     let event =
         bodies.iter().find(|b| b.get("event").is_some()).unwrap_or_else(|| panic!("no event: {bodies:?}"));

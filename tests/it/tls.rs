@@ -506,9 +506,7 @@ fn wss_a_client_that_stops_reading_keeps_server_memory_bounded() {
 fn every_other_action_works_over_tls() {
     let rig = Rig::new("tls-actions", json!({"selfSigned": true}));
     let proj = rig.dir.join("proj");
-    git(&proj, &["init", "-q"]);
-    git(&proj, &["add", "-A"]);
-    git(&proj, &["commit", "-qm", "init"]);
+    repo_with(&proj, &[]);
     write(proj.join("hello.txt"), "changed over tls\n");
     let (srv, fp) = rig.start();
     let addr = srv.addr.clone();

@@ -493,6 +493,18 @@ pub fn git(dir: &Path, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
+/// A fresh repository at `path` (created if missing) with `files` (and
+/// whatever is already there) committed as `init` on `main`.
+pub fn repo_with(path: &Path, files: &[(&str, &str)]) {
+    std::fs::create_dir_all(path).unwrap();
+    git(path, &["init", "-q"]);
+    for (name, content) in files {
+        write(path.join(name), content);
+    }
+    git(path, &["add", "-A"]);
+    git(path, &["commit", "-qm", "init"]);
+}
+
 /// VmRSS of a process in kB.
 pub fn rss_kb(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -560,6 +572,14 @@ pub fn group_members(pgid: i32) -> Vec<i32> {
         .collect()
 }
 
+/// `PID: N` in a text (as the MCP tools `run_background` and co. print it).
+pub fn pid_of(text: &str) -> i32 {
+    text.lines()
+        .find_map(|l| l.strip_prefix("PID: "))
+        .and_then(|p| p.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no PID in {text:?}"))
+}
+
 /// Live processes with `NAME=value` in their environment.
 pub fn marked_processes(marker: &str) -> Vec<i32> {
     let me = std::process::id() as i32;
@@ -573,6 +593,14 @@ pub fn marked_processes(marker: &str) -> Vec<i32> {
                 .is_ok_and(|env| env.split(|&b| b == 0).any(|var| var == marker.as_bytes()))
         })
         .collect()
+}
+
+/// SIGKILL to every live process with `NAME=value` (`marker`) in its
+/// environment: what a test's children left behind.
+pub fn kill_marked(marker: &str) {
+    for pid in marked_processes(marker) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+    }
 }
 
 /// The connector-instance mark a process carries (`AION_CONNECTOR=…`, the

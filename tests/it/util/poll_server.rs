@@ -11,7 +11,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
 
-use super::{BIN, COUNTER, DEADLINE, Spawned, drained, eventually, hmac_sha256, marked_processes, wait_exit};
+use super::{
+    BIN, COUNTER, DEADLINE, Spawned, drained, eventually, hmac_sha256, kill_marked, marked_processes,
+    wait_exit,
+};
 
 /// One request the fake poll server received, recorded once it was read whole
 /// (before it is answered), in arrival order.
@@ -481,13 +484,22 @@ pub const POLL_VARS: &[&str] = &[
 /// `aion-connector poll ARGS` in `cwd` with a clean poll environment plus `env`
 /// (XDG_STATE_HOME = cwd/state).
 pub fn spawn_poll(args: &[&str], cwd: &Path, env: &[(&str, &str)]) -> Spawned {
-    spawn_poll_marked(args, cwd, env).0
+    spawn_poll_marked(&[], args, cwd, env).0
 }
 
 /// `spawn_poll`, plus the `AION_POLL_TEST_MARK=<unique>` variable its sessions
-/// inherit, by which `PollAgent`'s drop finds what is left of them.
-fn spawn_poll_marked(args: &[&str], cwd: &Path, env: &[(&str, &str)]) -> (Spawned, String) {
-    let mut cmd = Command::new(BIN);
+/// inherit, by which `PollAgent`'s drop finds what is left of them. A
+/// non-empty `wrapper` (a program and its arguments, which must exec the
+/// command it is given, as `prlimit ... --` does) runs the binary.
+fn spawn_poll_marked(wrapper: &[&str], args: &[&str], cwd: &Path, env: &[(&str, &str)]) -> (Spawned, String) {
+    let mut cmd = match wrapper {
+        [] => Command::new(BIN),
+        [program, rest @ ..] => {
+            let mut cmd = Command::new(program);
+            cmd.args(rest).arg(BIN);
+            cmd
+        }
+    };
     cmd.arg("poll")
         .args(args)
         .current_dir(cwd)
@@ -558,7 +570,13 @@ pub struct PollAgent {
 
 impl PollAgent {
     pub fn start(args: &[&str], cwd: &Path, env: &[(&str, &str)]) -> PollAgent {
-        let (sp, mark) = spawn_poll_marked(args, cwd, env);
+        PollAgent::start_under(&[], args, cwd, env)
+    }
+
+    /// `start`, the binary run by `wrapper` (a program and its arguments that
+    /// execs the command it is given, e.g. `["prlimit", "--nofile=64:64", "--"]`).
+    pub fn start_under(wrapper: &[&str], args: &[&str], cwd: &Path, env: &[(&str, &str)]) -> PollAgent {
+        let (sp, mark) = spawn_poll_marked(wrapper, args, cwd, env);
         PollAgent { child: sp.child, stderr: sp.stderr, mark: format!("AION_POLL_TEST_MARK={mark}") }
     }
 
@@ -615,10 +633,7 @@ impl Drop for PollAgent {
                 let _ = self.child.wait();
             }
         }
-        for pid in marked_processes(&self.mark) {
-            let _ =
-                nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
-        }
+        kill_marked(&self.mark);
     }
 }
 
