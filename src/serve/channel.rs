@@ -334,11 +334,7 @@ impl App {
             }
             "git.status" => {
                 let root = self.workspace(p, args)?;
-                // Not a repository: nothing to report, as the original answers.
-                match git::status(&root, self.limits.get().git) {
-                    Err(GitError::NotARepository) => ok(&json!([])),
-                    status => ok(&status.map_err(git_error)?),
-                }
+                ok(&git::status(&root, self.limits.get().git).map_err(git_error)?)
             }
             "git.diff" => {
                 let paths = args.strings("paths")?;
@@ -346,11 +342,8 @@ impl App {
                 for path in &paths {
                     workspace::check_pathspec(&root, path, &p.sensitive).map_err(refusal)?;
                 }
-                let (diff, truncated) =
-                    match git::diff(&root, &paths, &p.config.sensitive, self.limits.get().git) {
-                        Err(GitError::NotARepository) => (String::new(), false),
-                        diff => diff.map_err(git_error)?,
-                    };
+                let (diff, truncated) = git::diff(&root, &paths, &p.config.sensitive, self.limits.get().git)
+                    .map_err(git_error)?;
                 if truncated {
                     ok(&json!({ "diff": diff, "truncated": true }))
                 } else {
@@ -800,7 +793,6 @@ fn refusal(r: Refusal) -> Response {
 
 fn git_error(e: GitError) -> Response {
     match e {
-        GitError::NotARepository => err(400, "not a git repository"),
         GitError::TimedOut => err(504, "git timed out"),
         GitError::Failed(msg) => detail(500, "git failed", msg),
     }
