@@ -842,35 +842,17 @@ impl<'de> serde::Deserialize<'de> for Envelope<'de> {
     }
 }
 
-/// A member name of the envelope (the others are [`Member::Other`]).
+/// A member name of the envelope (the others are [`Member::Other`]); an
+/// escaped name (`"\u0074oken"`) is matched once unescaped.
+#[derive(serde::Deserialize)]
+#[serde(field_identifier, rename_all = "lowercase")]
 enum Member {
     V,
     Token,
     Action,
     Payload,
+    #[serde(other)]
     Other,
-}
-
-impl<'de> serde::Deserialize<'de> for Member {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct Name;
-        impl serde::de::Visitor<'_> for Name {
-            type Value = Member;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("a member name")
-            }
-            fn visit_str<E: serde::de::Error>(self, name: &str) -> Result<Member, E> {
-                Ok(match name {
-                    "v" => Member::V,
-                    "token" => Member::Token,
-                    "action" => Member::Action,
-                    "payload" => Member::Payload,
-                    _ => Member::Other,
-                })
-            }
-        }
-        d.deserialize_str(Name)
-    }
 }
 
 /// Any JSON value, parsed and checked as [`Value`] would be (numbers in range,
