@@ -157,6 +157,14 @@ pub struct OriginCounts {
     pub dropped: u64,
 }
 
+/// Which of the counts [`Outbox::count`] adds to.
+#[derive(Clone, Copy)]
+enum Tally {
+    Delivered,
+    Retried,
+    Dropped,
+}
+
 /// Origins counted one by one; past them the rest count as `other`.
 const COUNTED_ORIGINS: usize = 64;
 
@@ -1006,8 +1014,7 @@ impl Outbox {
                 }
                 t.failures += 1;
                 t.last_error = Some(format!("answered {status}"));
-                self.retried.fetch_add(1, Ordering::Relaxed);
-                self.count(&s.origin, |c| c.retried += 1);
+                self.count(&s.origin, Tally::Retried, 1);
                 t.failing_since.get_or_insert_with(Instant::now);
                 let retry_after = retry_after.map(|r| r.min(Duration::from_secs(300)));
                 let wait = retry_after.unwrap_or_else(|| crate::nonce::jitter(t.backoff, 0.25));
@@ -1026,8 +1033,7 @@ impl Outbox {
                     t.failures += 1;
                     t.last_error = Some(crate::text::redact_userinfo(&e).chars().take(200).collect());
                 }
-                self.retried.fetch_add(1, Ordering::Relaxed);
-                self.count(&s.origin, |c| c.retried += 1);
+                self.count(&s.origin, Tally::Retried, 1);
                 Outcome::Down(e)
             }
         }
@@ -1103,8 +1109,7 @@ impl Outbox {
         }
         t.next_seq = t.next_seq.max(record.seq + 1);
         (t.failing_since, t.backoff) = (None, FIRST_BACKOFF);
-        self.delivered.fetch_add(1, Ordering::SeqCst);
-        self.count(&s.origin, |c| c.delivered += 1);
+        self.count(&s.origin, Tally::Delivered, 1);
         if t.files && !record.last && t.pos == t.disk_len && t.disk_len >= COMPACT_AT {
             // The position first: a crash in between re-sends, never loses.
             let emptied = spool::write_pos(&self.dir, &s.id, 0, t.next_seq)
@@ -1141,18 +1146,39 @@ impl Outbox {
         }
     }
 
-    /// Adds to the counts of `origin` (one lock, held for the addition; a
-    /// key is allocated only for an origin not counted before).
-    fn count(&self, origin: &str, f: impl FnOnce(&mut OriginCounts)) {
+    /// Adds `n` to one of the three totals and to the same count of
+    /// `origin`, so the counts by origin always sum to the totals (one lock,
+    /// held for the addition; a key is allocated only for an origin not
+    /// counted before, and once for `other`).
+    fn count(&self, origin: &str, tally: Tally, n: u64) {
+        let field: fn(&mut OriginCounts) -> &mut u64 = match tally {
+            Tally::Delivered => {
+                self.delivered.fetch_add(n, Ordering::SeqCst);
+                |c| &mut c.delivered
+            }
+            Tally::Retried => {
+                self.retried.fetch_add(n, Ordering::Relaxed);
+                |c| &mut c.retried
+            }
+            Tally::Dropped => {
+                self.dropped.fetch_add(n, Ordering::SeqCst);
+                |c| &mut c.dropped
+            }
+        };
         let mut map = lock(&self.by_origin);
         let mut key = origin_label(origin);
         if let Some(c) = map.get_mut(key) {
-            return f(c);
+            *field(c) += n;
+            return;
         }
         if map.len() >= COUNTED_ORIGINS {
+            if let Some(c) = map.get_mut("other") {
+                *field(c) += n;
+                return;
+            }
             key = "other";
         }
-        f(map.entry(key.to_string()).or_default());
+        *field(map.entry(key.to_string()).or_default()) += n;
     }
 
     /// Posts delivered, retried and dropped since this process started, by
@@ -1173,8 +1199,7 @@ impl Outbox {
             "outbox: {}: no delivery to {} for {:?}; dropping the rest of this stream ({left} post(s))",
             s.id, s.origin, self.window
         );
-        self.dropped.fetch_add(left, Ordering::SeqCst);
-        self.count(&s.origin, |c| c.dropped += left);
+        self.count(&s.origin, Tally::Dropped, left);
         self.finish(s);
     }
 
@@ -1494,5 +1519,39 @@ mod tests {
         assert_eq!(origin("http://example.com"), "http://example.com:80");
         assert_eq!(origin("http://[::1]:9/x"), "http://[::1]:9");
         assert_eq!(origin("http://[::1]/x"), "http://[::1]:80");
+    }
+
+    #[test]
+    fn counts_by_origin_sum_to_the_totals_and_past_the_cap_go_to_other() {
+        struct NoKeys;
+        impl Signer for NoKeys {
+            fn headers(&self, _: &str, _: &str, _: &[u8]) -> Option<Vec<(String, String)>> {
+                Some(Vec::new())
+            }
+        }
+        let dir = std::env::temp_dir().join(format!(
+            "aion-outbox-counts-{}-{:x}",
+            std::process::id(),
+            crate::nonce::nonce()
+        ));
+        let outbox = Outbox::open(&dir, Arc::new(NoKeys), Duration::from_secs(60)).unwrap();
+        for i in 0..COUNTED_ORIGINS + 10 {
+            outbox.count(&format!("http://h{i}:80"), Tally::Delivered, 1);
+        }
+        outbox.count("http://h0:80", Tally::Retried, 2);
+        outbox.count("http://late:80", Tally::Dropped, 3);
+        let counts = outbox.origin_counts();
+        assert_eq!(counts.len(), COUNTED_ORIGINS + 1);
+        let get = |k: &str| counts.iter().find(|(o, _)| o == k).map(|(_, c)| *c);
+        assert_eq!(get("other"), Some(OriginCounts { delivered: 10, retried: 0, dropped: 3 }));
+        assert_eq!(get("http://h0:80"), Some(OriginCounts { delivered: 1, retried: 2, dropped: 0 }));
+        let st = outbox.stats();
+        let sum = |f: fn(&OriginCounts) -> u64| counts.iter().map(|(_, c)| f(c)).sum::<u64>();
+        assert_eq!(
+            (sum(|c| c.delivered), sum(|c| c.retried), sum(|c| c.dropped)),
+            (st.delivered, st.retried, st.dropped)
+        );
+        assert_eq!((st.delivered, st.retried, st.dropped), (COUNTED_ORIGINS as u64 + 10, 2, 3));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

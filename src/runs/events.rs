@@ -243,12 +243,22 @@ impl Events {
             return self.send(kind);
         }
         if let Kind::Output(t) = kind {
+            if self.held.is_empty() {
+                // Nothing waits: cut the piece itself, copying only its held end.
+                let cut = text::held_tail(t, &self.secrets);
+                self.held.push_str(&t[cut..]);
+                if cut > 0 {
+                    let redacted = self.redact(&t[..cut]);
+                    self.send(Kind::Output(&redacted));
+                }
+                return;
+            }
             let mut text = std::mem::take(&mut self.held);
             text.push_str(t);
             let cut = text::held_tail(&text, &self.secrets);
             self.held = text.split_off(cut);
             if !text.is_empty() {
-                let redacted = self.redact(&text).into_owned();
+                let redacted = self.redact(&text);
                 self.send(Kind::Output(&redacted));
             }
             return;
@@ -261,7 +271,7 @@ impl Events {
     fn flush(&mut self) {
         if !self.held.is_empty() {
             let text = std::mem::take(&mut self.held);
-            let redacted = self.redact(&text).into_owned();
+            let redacted = self.redact(&text);
             self.send(Kind::Output(&redacted));
         }
     }

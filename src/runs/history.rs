@@ -124,10 +124,11 @@ pub fn close_interrupted(root: &Path) -> usize {
         }
         let before = closed;
         for (_, path) in runs_in(&dir) {
-            if read(&path).is_none_or(|r| r.foot.is_some()) {
+            let Some(end) = footer(&path) else { continue };
+            if end.foot.is_some() {
                 continue;
             }
-            match close(&path) {
+            match close(&path, end.cut) {
                 Ok(()) => closed += 1,
                 Err(e) => warn!("run history: cannot close {}: {e}", path.display()),
             }
@@ -139,24 +140,14 @@ pub fn close_interrupted(root: &Path) -> usize {
     closed
 }
 
-/// Appends the [`INTERRUPTED`] footer (after a newline if the last line was cut).
-fn close(path: &Path) -> std::io::Result<()> {
-    let meta = std::fs::metadata(path)?;
-    let ended = meta
+/// Appends the [`INTERRUPTED`] footer (after a newline if the last line was
+/// `cut`, as [`footer`] found it).
+fn close(path: &Path, cut: bool) -> std::io::Result<()> {
+    let ended = std::fs::metadata(path)?
         .modified()
         .ok()
         .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
         .map_or_else(now_ms, |d| d.as_millis() as u64);
-    let cut = {
-        use std::io::{Read as _, Seek, SeekFrom};
-        let mut f = File::open(path)?;
-        let mut last = [0u8; 1];
-        meta.len() > 0 && {
-            f.seek(SeekFrom::End(-1))?;
-            f.read_exact(&mut last)?;
-            last[0] != b'\n'
-        }
-    };
     let foot = json!({"endedMs": ended, "outcome": INTERRUPTED});
     let mut f = OpenOptions::new().append(true).open(path)?;
     f.write_all(format!("{}{foot}\n", if cut { "\n" } else { "" }).as_bytes())
@@ -202,12 +193,56 @@ fn read(path: &Path) -> Option<Read> {
     Some(Read { head, foot, posts })
 }
 
+/// Bytes of a run file's end read at first to find its last line: a footer
+/// is about 60 bytes, unless its outcome carries an error message.
+const TAIL: u64 = 1 << 10;
+
+/// What the end of a run file says: its footer (None while it runs) and
+/// whether its last line was cut (no newline after it).
+struct End {
+    foot: Option<Value>,
+    cut: bool,
+}
+
+/// As [`read`] finds the footer, without reading the posts: None when the
+/// header line does not parse, else the last line after the header, read
+/// from the end ([`TAIL`] bytes, twice as many while the last line begins
+/// before them).
+fn footer(path: &Path) -> Option<End> {
+    use std::io::{Read as _, Seek, SeekFrom};
+    let mut f = File::open(path).ok()?;
+    let mut head = String::new();
+    BufReader::with_capacity(TAIL as usize, &f).read_line(&mut head).ok()?;
+    serde_json::from_str::<Value>(&head).ok()?;
+    let len = f.metadata().ok()?.len();
+    let mut want = TAIL;
+    loop {
+        let start = len.saturating_sub(want);
+        f.seek(SeekFrom::Start(start)).ok()?;
+        let mut tail = Vec::with_capacity((len - start) as usize);
+        (&f).take(len - start).read_to_end(&mut tail).ok()?;
+        let body = tail.strip_suffix(b"\n").unwrap_or(&tail);
+        let last = match body.iter().rposition(|&b| b == b'\n') {
+            Some(i) => Some(&body[i + 1..]),
+            // The header is the only line.
+            None if start == 0 => None,
+            None => {
+                want *= 2;
+                continue;
+            }
+        };
+        let foot =
+            last.and_then(|l| serde_json::from_slice::<Value>(l).ok()).filter(|v| v.get("endedMs").is_some());
+        return Some(End { foot, cut: tail.last().is_some_and(|&b| b != b'\n') });
+    }
+}
+
 /// Keeps the newest [`KEEP`] finished runs of a project dir.
 fn prune(dir: &Path) {
     let finished: Vec<PathBuf> = runs_in(dir)
         .into_iter()
         .map(|(_, p)| p)
-        .filter(|p| read(p).is_some_and(|r| r.foot.is_some()))
+        .filter(|p| footer(p).is_some_and(|end| end.foot.is_some()))
         .collect();
     if finished.len() > KEEP {
         for p in &finished[..finished.len() - KEEP] {
@@ -323,6 +358,22 @@ mod tests {
         assert_eq!(page["done"], true);
         assert_eq!(page["posts"].as_array().unwrap().len(), 1, "{page}");
         assert_eq!(close_interrupted(&root), 0, "closed once");
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn a_footer_longer_than_the_tail_read_first_is_still_found() {
+        let root = std::env::temp_dir().join(format!("aion-history-long-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let mut r = Recorder::start(&root, "p", "1000-1-0", "s0", "a");
+        r.post(br#"{"type":"output","sessionId":"s","text":"a","seq":0}"#);
+        let outcome = format!("error ({})", "x".repeat(3 * TAIL as usize));
+        r.finish(&outcome);
+        assert_eq!(close_interrupted(&root), 0, "already closed");
+        let list = finished(&root, "p");
+        assert_eq!(list.len(), 1);
+        assert_eq!(list[0]["outcome"], outcome.as_str());
+        assert_eq!(list[0]["posts"], 1);
         let _ = std::fs::remove_dir_all(&root);
     }
 }

@@ -334,11 +334,7 @@ impl App {
             }
             "git.status" => {
                 let root = self.workspace(p, args)?;
-                // Not a repository: nothing to report, as the original answers.
-                match git::status(&root, self.limits.get().git) {
-                    Err(GitError::NotARepository) => ok(&json!([])),
-                    status => ok(&status.map_err(git_error)?),
-                }
+                ok(&git::status(&root, self.limits.get().git).map_err(git_error)?)
             }
             "git.diff" => {
                 let paths = args.strings("paths")?;
@@ -346,11 +342,8 @@ impl App {
                 for path in &paths {
                     workspace::check_pathspec(&root, path, &p.sensitive).map_err(refusal)?;
                 }
-                let (diff, truncated) =
-                    match git::diff(&root, &paths, &p.config.sensitive, self.limits.get().git) {
-                        Err(GitError::NotARepository) => (String::new(), false),
-                        diff => diff.map_err(git_error)?,
-                    };
+                let (diff, truncated) = git::diff(&root, &paths, &p.config.sensitive, self.limits.get().git)
+                    .map_err(git_error)?;
                 if truncated {
                     ok(&json!({ "diff": diff, "truncated": true }))
                 } else {
@@ -800,7 +793,6 @@ fn refusal(r: Refusal) -> Response {
 
 fn git_error(e: GitError) -> Response {
     match e {
-        GitError::NotARepository => err(400, "not a git repository"),
         GitError::TimedOut => err(504, "git timed out"),
         GitError::Failed(msg) => detail(500, "git failed", msg),
     }
@@ -850,35 +842,17 @@ impl<'de> serde::Deserialize<'de> for Envelope<'de> {
     }
 }
 
-/// A member name of the envelope (the others are [`Member::Other`]).
+/// A member name of the envelope (the others are [`Member::Other`]); an
+/// escaped name (`"\u0074oken"`) is matched once unescaped.
+#[derive(serde::Deserialize)]
+#[serde(field_identifier, rename_all = "lowercase")]
 enum Member {
     V,
     Token,
     Action,
     Payload,
+    #[serde(other)]
     Other,
-}
-
-impl<'de> serde::Deserialize<'de> for Member {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct Name;
-        impl serde::de::Visitor<'_> for Name {
-            type Value = Member;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("a member name")
-            }
-            fn visit_str<E: serde::de::Error>(self, name: &str) -> Result<Member, E> {
-                Ok(match name {
-                    "v" => Member::V,
-                    "token" => Member::Token,
-                    "action" => Member::Action,
-                    "payload" => Member::Payload,
-                    _ => Member::Other,
-                })
-            }
-        }
-        d.deserialize_str(Name)
-    }
 }
 
 /// Any JSON value, parsed and checked as [`Value`] would be (numbers in range,

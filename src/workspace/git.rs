@@ -20,7 +20,6 @@ pub const DIFF_CAP: usize = 8 << 20;
 
 #[derive(Debug)]
 pub enum GitError {
-    NotARepository,
     /// git failed; the text is safe to show (credentials scrubbed).
     Failed(String),
     TimedOut,
@@ -29,7 +28,6 @@ pub enum GitError {
 impl std::fmt::Display for GitError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            GitError::NotARepository => f.write_str("not a git repository"),
             GitError::Failed(msg) => f.write_str(msg),
             GitError::TimedOut => f.write_str("git timed out"),
         }
@@ -143,8 +141,8 @@ fn local(cwd: &Path, timeout: Duration) -> Git<'_> {
     Git { cwd, deadline: Instant::now() + timeout, token: None, allow_file: false }
 }
 
-fn require_repo(dir: &Path) -> Result<(), GitError> {
-    if dir.join(".git").exists() { Ok(()) } else { Err(GitError::NotARepository) }
+fn is_repo(dir: &Path) -> bool {
+    dir.join(".git").exists()
 }
 
 #[derive(Serialize, Debug, PartialEq)]
@@ -154,8 +152,11 @@ pub struct Change {
 }
 
 /// `git status`: untracked files one by one, renames under their new path.
+/// Not a repository: nothing changed, as the original answers.
 pub fn status(dir: &Path, timeout: Duration) -> Result<Vec<Change>, GitError> {
-    require_repo(dir)?;
+    if !is_repo(dir) {
+        return Ok(Vec::new());
+    }
     let out = local(dir, timeout).ok(&["status", "--porcelain=v1", "-z", "--untracked-files=all"])?;
     Ok(parse_status(&out))
 }
@@ -207,7 +208,9 @@ pub fn committed(dir: &Path, from: &str, to: &str, timeout: Duration) -> Vec<Cha
 /// `dir`, a linked worktree's too) unless a line already says it. Ok(true):
 /// added.
 pub fn exclude(dir: &Path, pattern: &str, timeout: Duration) -> Result<bool, GitError> {
-    require_repo(dir)?;
+    if !is_repo(dir) {
+        return Err(GitError::Failed("not a git repository".into()));
+    }
     let out = local(dir, timeout).ok(&["rev-parse", "--git-path", "info/exclude"])?;
     let file = dir.join(out.trim_end_matches('\n'));
     let io = |e: std::io::Error| GitError::Failed(format!("{}: {e}", file.display()));
@@ -280,14 +283,17 @@ fn exclusions(sensitive_extra: &[String]) -> Vec<String> {
 }
 
 /// `git diff HEAD` (staged and unstaged; against the empty tree before the
-/// first commit), sensitive files left out, cut at [`DIFF_CAP`].
+/// first commit), sensitive files left out, cut at [`DIFF_CAP`]. Not a
+/// repository: an empty diff, as the original answers.
 pub fn diff(
     dir: &Path,
     paths: &[String],
     extra: &[String],
     timeout: Duration,
 ) -> Result<(String, bool), GitError> {
-    require_repo(dir)?;
+    if !is_repo(dir) {
+        return Ok((String::new(), false));
+    }
     let git = local(dir, timeout);
     let base = match git.ok(&["rev-parse", "--verify", "-q", "HEAD"]) {
         Ok(head) => head.trim().to_string(),
