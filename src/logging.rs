@@ -36,8 +36,8 @@ use crossbeam_channel::{Receiver, Sender, TrySendError};
 use std::collections::HashMap;
 use std::fmt::{self, Write as _};
 use std::io::Write;
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
@@ -90,8 +90,8 @@ enum ToWriter {
     /// Answer once everything queued before this is written.
     Flush(Sender<()>),
     /// A sampled kind has lines left out: the writer, perhaps waiting
-    /// without a timeout, lists it to report them when their period is over.
-    Sampled(&'static Sampled),
+    /// without a timeout, is to report them when their period is over.
+    Sampled,
 }
 
 struct Line {
@@ -171,9 +171,15 @@ pub struct Sampled {
     /// Seconds since the epoch when the last line was let through (0: never).
     last: AtomicU64,
     skipped: AtomicU64,
-    /// Sent to the writer ([`ToWriter::Sampled`]) and not yet reported by
-    /// it, for the writer to report a count that no line took.
+    /// In [`SAMPLED`], for the writer to report a count that no line took.
     listed: AtomicBool,
+}
+
+/// Kinds with lines left out, for the `log-writer` thread to report.
+static SAMPLED: Mutex<Vec<&'static Sampled>> = Mutex::new(Vec::new());
+
+fn sampled() -> std::sync::MutexGuard<'static, Vec<&'static Sampled>> {
+    SAMPLED.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn epoch_secs() -> u64 {
@@ -197,11 +203,10 @@ impl Sampled {
     pub fn admit(&'static self) -> Option<u64> {
         let admitted = self.admit_at(epoch_secs());
         if admitted.is_none() && !self.listed.swap(true, Ordering::AcqRel) {
-            let sent = logger().is_some_and(|l| l.tx.try_send(ToWriter::Sampled(self)).is_ok());
-            if !sent {
-                // Not sent (the queue is full): the count stays in `skipped`, and the
-                // next line left out (or let through) takes it.
-                self.listed.store(false, Ordering::Release);
+            sampled().push(self);
+            if let Some(logger) = logger() {
+                // Full: lines are queued, so the writer is awake anyway.
+                let _ = logger.tx.try_send(ToWriter::Sampled);
             }
         }
         admitted
@@ -236,19 +241,20 @@ impl Sampled {
     }
 }
 
-/// Writes the count of every listed sampled kind whose period is over; those
-/// leave the list.
-fn report_sampled(kinds: &mut Vec<&'static Sampled>, out: &mut Vec<u8>, journal: bool) {
+/// Writes the count of every sampled kind whose period is over.
+fn report_sampled(out: &mut Vec<u8>, journal: bool) {
     let now = epoch_secs();
-    kinds.retain(|kind| match kind.overdue(now) {
+    let mut lines = Vec::new();
+    sampled().retain(|kind| match kind.overdue(now) {
         None => true,
         Some(line) => {
-            if let Some(line) = line {
-                frame(out, journal, Level::Info, SystemTime::now(), &line);
-            }
+            lines.extend(line);
             false
         }
     });
+    for line in lines {
+        frame(out, journal, Level::Info, SystemTime::now(), &line);
+    }
 }
 
 /// Logs one line (use the `info!`, `warn!`, `error!` macros). Never blocks on
@@ -339,11 +345,9 @@ fn writer(rx: &Receiver<ToWriter>, free: &Sender<String>, journal: bool) {
     let mut out: Vec<u8> = Vec::with_capacity(64 << 10);
     let mut limiter = Limiter::default();
     let mut acks: Vec<Sender<()>> = Vec::new();
-    // Sampled kinds with lines left out ([`ToWriter::Sampled`]).
-    let mut kinds: Vec<&'static Sampled> = Vec::new();
     let stderr = std::io::stderr();
     loop {
-        let first = if limiter.is_empty() && kinds.is_empty() {
+        let first = if limiter.is_empty() && sampled().is_empty() {
             rx.recv().ok()
         } else {
             match rx.recv_timeout(Duration::from_secs(1)) {
@@ -371,7 +375,7 @@ fn writer(rx: &Receiver<ToWriter>, free: &Sender<String>, journal: bool) {
                 }
             }
             ToWriter::Flush(ack) => acks.push(ack),
-            ToWriter::Sampled(kind) => kinds.push(kind), // the loop now waits with a timeout
+            ToWriter::Sampled => {} // the loop now waits with a timeout
         };
         if let Some(m) = first {
             handle(m, &mut out);
@@ -380,7 +384,7 @@ fn writer(rx: &Receiver<ToWriter>, free: &Sender<String>, journal: bool) {
             }
         }
         limiter.expire(Instant::now(), &mut out, journal);
-        report_sampled(&mut kinds, &mut out, journal);
+        report_sampled(&mut out, journal);
         let wrote = !out.is_empty();
         if wrote {
             let mut err = stderr.lock();
